@@ -1,0 +1,519 @@
+//! The job state machine: `decide(state, command) -> events` and `apply(state, event)`.
+//!
+//! States: queued → leased → running → succeeded | failed | cancelled, and back to queued when
+//! an attempt fails (or its lease expires) with attempts left. Every lease bumps the job's
+//! `epoch`; executor commands carry the epoch of their lease and anything but the current one is
+//! refused, which fences off an executor that lost its lease but is still running.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::event::{
+    DatasetRegistered, Event, IngestResult, JobArtefactRecorded, JobAttemptFailed, JobCancelRequested,
+    JobCancelled, JobLeaseExpired, JobLeased, JobOutput, JobProgress, JobResult, JobStarted,
+    JobSubmitted, JobSucceeded,
+};
+use crate::ids::{Actor, BlobHash, DatasetId, ExperimentId, JobId, Millis, StreamName};
+use crate::spec::{JobKind, JobSpec, JobSubmission};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Leased,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Queued,
+        JobStatus::Leased,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+    }
+
+    /// Held by an executor: its epoch is the one that may act.
+    pub fn is_held(self) -> bool {
+        matches!(self, JobStatus::Leased | JobStatus::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Leased => "leased",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// One lease of the job and how it ended.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Attempt {
+    pub epoch: u64,
+    pub executor: String,
+    pub leased_at: Millis,
+    pub started_at: Option<Millis>,
+    pub ended_at: Option<Millis>,
+    /// Why the attempt failed, if it did (a lease expiry reads "lease expired").
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Progress {
+    pub message: String,
+    pub fraction: Option<f64>,
+    pub counters: BTreeMap<String, f64>,
+    pub at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Artefact {
+    pub name: String,
+    pub blob: BlobHash,
+    pub bytes: u64,
+    pub epoch: u64,
+}
+
+/// The projection of one job stream.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct JobState {
+    pub id: JobId,
+    pub kind: JobKind,
+    pub experiment: Option<ExperimentId>,
+    pub submission: JobSubmission,
+    pub status: JobStatus,
+    /// Epoch of the latest lease; 0 before the first.
+    pub epoch: u64,
+    pub attempts: Vec<Attempt>,
+    /// A queued job waiting out its retry backoff is not leased before this time.
+    pub not_before: Option<Millis>,
+    pub cancel_requested: Option<String>,
+    pub progress: Option<Progress>,
+    pub artefacts: Vec<Artefact>,
+    pub result: Option<JobResult>,
+    pub submitted_by: Actor,
+    pub submitted_at: Millis,
+    pub updated_at: Millis,
+    /// Number of events in the job's stream (its stream version).
+    pub version: u64,
+}
+
+/// An executor or user request against one job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobCommand {
+    Lease { executor: String, now: Millis },
+    Start { epoch: u64 },
+    Progress { epoch: u64, message: String, fraction: Option<f64>, counters: BTreeMap<String, f64> },
+    RecordArtefact { epoch: u64, name: String, blob: BlobHash, bytes: u64 },
+    /// `dataset` is minted by the caller for stages that register one.
+    Complete { epoch: u64, output: JobOutput, dataset: DatasetId },
+    Fail { epoch: u64, error: String, retryable: bool, now: Millis },
+    ExpireLease { epoch: u64, now: Millis },
+    Cancel { reason: String },
+}
+
+impl JobCommand {
+    fn name(&self) -> &'static str {
+        match self {
+            JobCommand::Lease { .. } => "lease",
+            JobCommand::Start { .. } => "start",
+            JobCommand::Progress { .. } => "progress",
+            JobCommand::RecordArtefact { .. } => "record an artefact for",
+            JobCommand::Complete { .. } => "complete",
+            JobCommand::Fail { .. } => "fail",
+            JobCommand::ExpireLease { .. } => "expire the lease of",
+            JobCommand::Cancel { .. } => "cancel",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("job {job}: epoch {given} is stale, the current lease has epoch {current}")]
+    StaleEpoch { job: JobId, given: u64, current: u64 },
+    #[error("job {job} is {status}: cannot {action} it")]
+    InvalidState { job: JobId, status: &'static str, action: &'static str },
+    #[error("job {job} waits for its retry backoff until {not_before}")]
+    NotYetEligible { job: JobId, not_before: Millis },
+}
+
+/// Events that start a job's stream.
+pub fn submit(id: JobId, submission: JobSubmission) -> Vec<(StreamName, Event)> {
+    vec![(StreamName::Job(id.clone()), Event::JobSubmitted(JobSubmitted { id, submission }))]
+}
+
+impl JobState {
+    fn stream(&self) -> StreamName {
+        StreamName::Job(self.id.clone())
+    }
+
+    fn invalid(&self, cmd: &JobCommand) -> Rejection {
+        Rejection::InvalidState { job: self.id.clone(), status: self.status.as_str(), action: cmd.name() }
+    }
+
+    fn check_epoch(&self, cmd: &JobCommand, epoch: u64) -> Result<(), Rejection> {
+        if !self.status.is_held() {
+            return Err(self.invalid(cmd));
+        }
+        if epoch != self.epoch {
+            return Err(Rejection::StaleEpoch { job: self.id.clone(), given: epoch, current: self.epoch });
+        }
+        Ok(())
+    }
+
+    /// When a failed attempt `epoch` is retried, or `None` when the failure is final.
+    fn retry_at(&self, retryable: bool, now: Millis) -> Option<Millis> {
+        let retry = &self.submission.retry;
+        (retryable && (self.epoch as u32) < retry.max_attempts)
+            .then(|| now.saturating_add(retry.backoff_ms(self.epoch as u32) as i64))
+    }
+
+    /// Decides which events a command produces. Pure: same state and command, same events.
+    pub fn decide(&self, cmd: JobCommand) -> Result<Vec<(StreamName, Event)>, Rejection> {
+        let one = |e: Event| Ok(vec![(self.stream(), e)]);
+        match cmd {
+            JobCommand::Lease { ref executor, now } => {
+                if self.status != JobStatus::Queued {
+                    return Err(self.invalid(&cmd));
+                }
+                if let Some(not_before) = self.not_before.filter(|t| *t > now) {
+                    return Err(Rejection::NotYetEligible { job: self.id.clone(), not_before });
+                }
+                one(Event::JobLeased(JobLeased { epoch: self.epoch + 1, executor: executor.clone() }))
+            }
+            JobCommand::Start { epoch } => {
+                self.check_epoch(&cmd, epoch)?;
+                if self.status == JobStatus::Running {
+                    return Ok(Vec::new()); // a retried start is a no-op
+                }
+                one(Event::JobStarted(JobStarted { epoch }))
+            }
+            JobCommand::Progress { epoch, ref message, fraction, ref counters } => {
+                self.check_epoch(&cmd, epoch)?;
+                one(Event::JobProgress(JobProgress {
+                    epoch,
+                    message: message.clone(),
+                    fraction,
+                    counters: counters.clone(),
+                }))
+            }
+            JobCommand::RecordArtefact { epoch, ref name, blob, bytes } => {
+                self.check_epoch(&cmd, epoch)?;
+                one(Event::JobArtefactRecorded(JobArtefactRecorded { epoch, name: name.clone(), blob, bytes }))
+            }
+            JobCommand::Complete { epoch, ref output, ref dataset } => {
+                self.check_epoch(&cmd, epoch)?;
+                match (&self.submission.spec, output) {
+                    (JobSpec::Ingest(spec), JobOutput::Ingest(out)) => Ok(vec![
+                        (
+                            self.stream(),
+                            Event::JobSucceeded(JobSucceeded {
+                                epoch,
+                                result: JobResult::Ingest(IngestResult {
+                                    dataset: dataset.clone(),
+                                    output: out.clone(),
+                                }),
+                            }),
+                        ),
+                        (
+                            StreamName::Dataset(dataset.clone()),
+                            Event::DatasetRegistered(DatasetRegistered {
+                                id: dataset.clone(),
+                                name: spec.dataset.clone(),
+                                job: self.id.clone(),
+                                manifest: out.manifest,
+                                images: out.images,
+                                instances: out.instances,
+                                categories: out.categories,
+                            }),
+                        ),
+                    ]),
+                }
+            }
+            JobCommand::Fail { epoch, ref error, retryable, now } => {
+                self.check_epoch(&cmd, epoch)?;
+                if self.cancel_requested.is_some() {
+                    return one(Event::JobCancelled(JobCancelled { epoch: Some(epoch) }));
+                }
+                one(Event::JobAttemptFailed(JobAttemptFailed {
+                    epoch,
+                    error: error.clone(),
+                    retryable,
+                    retry_at: self.retry_at(retryable, now),
+                }))
+            }
+            JobCommand::ExpireLease { epoch, now } => {
+                self.check_epoch(&cmd, epoch)?;
+                if self.cancel_requested.is_some() {
+                    return one(Event::JobCancelled(JobCancelled { epoch: Some(epoch) }));
+                }
+                one(Event::JobLeaseExpired(JobLeaseExpired { epoch, retry_at: self.retry_at(true, now) }))
+            }
+            JobCommand::Cancel { ref reason } => match self.status {
+                JobStatus::Queued => one(Event::JobCancelled(JobCancelled { epoch: None })),
+                JobStatus::Leased | JobStatus::Running if self.cancel_requested.is_some() => Ok(Vec::new()),
+                JobStatus::Leased | JobStatus::Running => {
+                    one(Event::JobCancelRequested(JobCancelRequested { reason: reason.clone() }))
+                }
+                _ => Err(self.invalid(&cmd)),
+            },
+        }
+    }
+
+    /// Starts a job's state from its first event.
+    pub fn from_submitted(e: &JobSubmitted, actor: &str, ts: Millis) -> JobState {
+        JobState {
+            id: e.id.clone(),
+            kind: e.submission.kind(),
+            experiment: e.submission.experiment.clone(),
+            submission: e.submission.clone(),
+            status: JobStatus::Queued,
+            epoch: 0,
+            attempts: Vec::new(),
+            not_before: None,
+            cancel_requested: None,
+            progress: None,
+            artefacts: Vec::new(),
+            result: None,
+            submitted_by: actor.to_owned(),
+            submitted_at: ts,
+            updated_at: ts,
+            version: 1,
+        }
+    }
+
+    fn end_attempt(&mut self, ts: Millis, error: Option<String>) {
+        if let Some(a) = self.attempts.last_mut() {
+            a.ended_at = Some(ts);
+            a.error = error;
+        }
+    }
+
+    fn after_failure(&mut self, retry_at: Option<Millis>) {
+        self.progress = None;
+        match retry_at {
+            Some(t) => {
+                self.status = JobStatus::Queued;
+                self.not_before = Some(t);
+            }
+            None => self.status = JobStatus::Failed,
+        }
+    }
+
+    /// Folds one event of this job's stream into the state.
+    pub fn apply(&mut self, event: &Event, ts: Millis) {
+        self.version += 1;
+        self.updated_at = ts;
+        match event {
+            Event::JobLeased(e) => {
+                self.status = JobStatus::Leased;
+                self.epoch = e.epoch;
+                self.not_before = None;
+                self.attempts.push(Attempt {
+                    epoch: e.epoch,
+                    executor: e.executor.clone(),
+                    leased_at: ts,
+                    started_at: None,
+                    ended_at: None,
+                    error: None,
+                });
+            }
+            Event::JobStarted(_) => {
+                self.status = JobStatus::Running;
+                if let Some(a) = self.attempts.last_mut() {
+                    a.started_at = Some(ts);
+                }
+            }
+            Event::JobProgress(e) => {
+                self.progress = Some(Progress {
+                    message: e.message.clone(),
+                    fraction: e.fraction,
+                    counters: e.counters.clone(),
+                    at: ts,
+                });
+            }
+            Event::JobArtefactRecorded(e) => self.artefacts.push(Artefact {
+                name: e.name.clone(),
+                blob: e.blob,
+                bytes: e.bytes,
+                epoch: e.epoch,
+            }),
+            Event::JobSucceeded(e) => {
+                self.status = JobStatus::Succeeded;
+                self.result = Some(e.result.clone());
+                self.end_attempt(ts, None);
+            }
+            Event::JobAttemptFailed(e) => {
+                self.end_attempt(ts, Some(e.error.clone()));
+                self.after_failure(e.retry_at);
+            }
+            Event::JobLeaseExpired(e) => {
+                self.end_attempt(ts, Some("lease expired".to_owned()));
+                self.after_failure(e.retry_at);
+            }
+            Event::JobCancelRequested(e) => self.cancel_requested = Some(e.reason.clone()),
+            Event::JobCancelled(e) => {
+                if e.epoch.is_some() {
+                    self.end_attempt(ts, Some("cancelled".to_owned()));
+                }
+                self.status = JobStatus::Cancelled;
+            }
+            // Other streams' events never reach a job; JobSubmitted only starts one.
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::IngestOutput;
+    use crate::spec::{IngestSource, IngestSpec, Requirements, RetryPolicy};
+
+    fn given(events: &[Event]) -> JobState {
+        let Event::JobSubmitted(first) = &events[0] else { panic!("a job starts with job_submitted") };
+        let mut s = JobState::from_submitted(first, "alice", 0);
+        for (i, e) in events[1..].iter().enumerate() {
+            s.apply(e, (i as i64 + 1) * 10);
+        }
+        s
+    }
+
+    fn submitted(max_attempts: u32) -> Event {
+        Event::JobSubmitted(JobSubmitted {
+            id: "j1".parse().expect("valid id"),
+            submission: JobSubmission {
+                experiment: None,
+                priority: 0,
+                requirements: Requirements::default(),
+                retry: RetryPolicy { max_attempts, backoff_initial_ms: 100, backoff_max_ms: 1000 },
+                spec: JobSpec::Ingest(IngestSpec {
+                    dataset: "d".into(),
+                    source: IngestSource::Dir("/x".into()),
+                }),
+            },
+        })
+    }
+
+    fn leased(epoch: u64) -> Event {
+        Event::JobLeased(JobLeased { epoch, executor: "gpu-1".into() })
+    }
+
+    fn events_of(r: Result<Vec<(StreamName, Event)>, Rejection>) -> Vec<Event> {
+        r.expect("accepted").into_iter().map(|(_, e)| e).collect()
+    }
+
+    fn output() -> JobOutput {
+        JobOutput::Ingest(IngestOutput {
+            manifest: BlobHash::of(b"m"),
+            images: 2,
+            instances: 1,
+            categories: 1,
+            rejected: vec![],
+            rejected_total: 0,
+        })
+    }
+
+    #[test]
+    fn a_queued_job_is_leased_with_the_next_epoch() {
+        let s = given(&[submitted(3)]);
+        let got = events_of(s.decide(JobCommand::Lease { executor: "gpu-1".into(), now: 5 }));
+        assert_eq!(got, vec![leased(1)]);
+    }
+
+    #[test]
+    fn a_stale_epoch_is_refused_for_every_executor_command() {
+        let s = given(&[submitted(3), leased(1), Event::JobLeaseExpired(JobLeaseExpired { epoch: 1, retry_at: Some(0) }), leased(2)]);
+        for cmd in [
+            JobCommand::Start { epoch: 1 },
+            JobCommand::Progress { epoch: 1, message: "x".into(), fraction: None, counters: BTreeMap::new() },
+            JobCommand::Complete { epoch: 1, output: output(), dataset: "d1".parse().expect("id") },
+            JobCommand::Fail { epoch: 1, error: "x".into(), retryable: true, now: 0 },
+        ] {
+            assert_eq!(
+                s.decide(cmd),
+                Err(Rejection::StaleEpoch { job: s.id.clone(), given: 1, current: 2 })
+            );
+        }
+    }
+
+    #[test]
+    fn a_retryable_failure_requeues_with_exponential_backoff_until_attempts_run_out() {
+        let fail = |epoch| JobCommand::Fail { epoch, error: format!("boom {epoch}"), retryable: true, now: 1000 };
+        let s = given(&[submitted(2), leased(1)]);
+        let e1 = events_of(s.decide(fail(1)));
+        assert_eq!(e1, vec![Event::JobAttemptFailed(JobAttemptFailed { epoch: 1, error: "boom 1".into(), retryable: true, retry_at: Some(1100) })]);
+        let s = given(&[submitted(2), leased(1), e1[0].clone()]);
+        assert_eq!((s.status, s.not_before), (JobStatus::Queued, Some(1100)));
+        assert!(matches!(s.decide(JobCommand::Lease { executor: "e".into(), now: 1099 }), Err(Rejection::NotYetEligible { .. })));
+        let s = given(&[submitted(2), leased(1), e1[0].clone(), leased(2)]);
+        let e2 = events_of(s.decide(fail(2)));
+        let s = given(&[submitted(2), leased(1), e1[0].clone(), leased(2), e2[0].clone()]);
+        assert_eq!(s.status, JobStatus::Failed);
+        let errors: Vec<_> = s.attempts.iter().map(|a| a.error.clone()).collect();
+        assert_eq!(errors, vec![Some("boom 1".into()), Some("boom 2".into())], "every attempt's error is kept");
+    }
+
+    #[test]
+    fn a_non_retryable_failure_is_final_at_once() {
+        let s = given(&[submitted(5), leased(1)]);
+        let e = events_of(s.decide(JobCommand::Fail { epoch: 1, error: "bad input".into(), retryable: false, now: 0 }));
+        assert_eq!(given(&[submitted(5), leased(1), e[0].clone()]).status, JobStatus::Failed);
+    }
+
+    #[test]
+    fn cancelling_a_queued_job_ends_it_and_a_running_one_asks_its_executor() {
+        let cancel = || JobCommand::Cancel { reason: "user".into() };
+        assert_eq!(events_of(given(&[submitted(1)]).decide(cancel())), vec![Event::JobCancelled(JobCancelled { epoch: None })]);
+        let running = [submitted(1), leased(1), Event::JobStarted(JobStarted { epoch: 1 })];
+        let e = events_of(given(&running).decide(cancel()));
+        assert_eq!(e, vec![Event::JobCancelRequested(JobCancelRequested { reason: "user".into() })]);
+        let mut with_request = running.to_vec();
+        with_request.push(e[0].clone());
+        let s = given(&with_request);
+        assert_eq!(events_of(s.decide(cancel())), vec![], "a second cancel is a no-op");
+        let stop = events_of(s.decide(JobCommand::Fail { epoch: 1, error: "stopped".into(), retryable: true, now: 0 }));
+        assert_eq!(stop, vec![Event::JobCancelled(JobCancelled { epoch: Some(1) })]);
+    }
+
+    #[test]
+    fn an_expired_lease_counts_as_an_attempt() {
+        let s = given(&[submitted(1), leased(1)]);
+        let e = events_of(s.decide(JobCommand::ExpireLease { epoch: 1, now: 0 }));
+        assert_eq!(e, vec![Event::JobLeaseExpired(JobLeaseExpired { epoch: 1, retry_at: None })]);
+    }
+
+    #[test]
+    fn completing_an_ingest_registers_its_dataset() {
+        let s = given(&[submitted(1), leased(1)]);
+        let e = s.decide(JobCommand::Complete { epoch: 1, output: output(), dataset: "d1".parse().expect("id") }).expect("ok");
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[1].0.to_string(), "dataset/d1");
+        assert!(matches!(e[1].1, Event::DatasetRegistered(ref d) if d.images == 2 && d.name == "d"));
+    }
+
+    #[test]
+    fn finished_jobs_refuse_everything() {
+        let done = [submitted(1), leased(1), Event::JobCancelled(JobCancelled { epoch: Some(1) })];
+        let s = given(&done);
+        assert!(matches!(s.decide(JobCommand::Cancel { reason: "x".into() }), Err(Rejection::InvalidState { .. })));
+        assert!(matches!(s.decide(JobCommand::Start { epoch: 1 }), Err(Rejection::InvalidState { .. })));
+    }
+}

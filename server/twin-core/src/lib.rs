@@ -1,0 +1,17 @@
+//! The pure domain of twin: identifiers, job specs, events, the job state machine and projections.
+//!
+//! Architecture invariant: nothing in this crate does I/O or reads a clock. Time arrives as
+//! [`Millis`] inside commands, identifiers are minted by the caller, so every function here is a
+//! deterministic function of its arguments and replaying the log reproduces state exactly.
+
+pub mod event;
+pub mod ids;
+pub mod job;
+pub mod projection;
+pub mod spec;
+
+pub use event::{DecodeError, Event, EventSchema, RecordedEvent};
+pub use ids::{Actor, BlobHash, DatasetId, ExperimentId, IdError, JobId, Millis, StreamName};
+pub use job::{JobCommand, JobState, JobStatus, Rejection};
+pub use projection::Projections;
+pub use spec::{JobKind, JobSubmission, SpecError};

@@ -1,0 +1,185 @@
+//! Projections: the read models (jobs, experiments, datasets, lineage) folded from the log.
+//!
+//! `Projections::apply` is the one reducer; the server runs it on every committed event and at
+//! start-up over the whole log, and `twin replay` runs the same code offline, which is why a
+//! replay up to sequence N shows exactly what the server knew at N.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use crate::event::{Event, JobResult, RecordedEvent};
+use crate::ids::{BlobHash, DatasetId, ExperimentId, JobId, Millis, StreamName};
+use crate::job::{JobState, JobStatus};
+
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Experiment {
+    pub id: ExperimentId,
+    pub name: String,
+    pub description: String,
+    pub created_by: String,
+    pub created_at: Millis,
+    pub jobs: Vec<JobId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Dataset {
+    pub id: DatasetId,
+    pub name: String,
+    pub job: JobId,
+    pub manifest: BlobHash,
+    pub images: u64,
+    pub instances: u64,
+    pub categories: u64,
+    pub registered_at: Millis,
+}
+
+/// Which event first brought a blob into the record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Producer {
+    pub seq: u64,
+    pub job: Option<JobId>,
+    /// `artefact:<name>`, `result`, or `dataset:<id>`.
+    pub role: String,
+}
+
+/// Every read model, as of `last_seq`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Projections {
+    pub last_seq: u64,
+    pub jobs: BTreeMap<JobId, JobState>,
+    pub experiments: BTreeMap<ExperimentId, Experiment>,
+    pub datasets: BTreeMap<DatasetId, Dataset>,
+    pub producers: HashMap<BlobHash, Producer>,
+    /// Events whose stream or payload did not fit (kept so a replay can report them).
+    pub anomalies: Vec<String>,
+}
+
+/// What produced an artefact or a job, as far back as the record goes.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Lineage {
+    pub target: String,
+    pub producer: Option<Producer>,
+    pub job: Option<JobState>,
+    pub experiment: Option<Experiment>,
+    pub datasets: Vec<Dataset>,
+    /// Blobs the job's spec or results refer to.
+    pub blobs: Vec<BlobHash>,
+}
+
+impl Projections {
+    pub fn count_by_status(&self) -> BTreeMap<JobStatus, usize> {
+        let mut out: BTreeMap<_, _> = JobStatus::ALL.iter().map(|s| (*s, 0)).collect();
+        for job in self.jobs.values() {
+            *out.entry(job.status).or_default() += 1;
+        }
+        out
+    }
+
+    pub fn experiment_by_name(&self, name: &str) -> Option<&Experiment> {
+        self.experiments.values().find(|e| e.name == name)
+    }
+
+    fn note_blobs(&mut self, rec: &RecordedEvent, job: Option<&JobId>) {
+        for blob in rec.event.blob_refs() {
+            let role = match &rec.event {
+                Event::JobArtefactRecorded(a) => format!("artefact:{}", a.name),
+                Event::DatasetRegistered(d) => format!("dataset:{}", d.id),
+                _ => "result".to_owned(),
+            };
+            self.producers
+                .entry(blob)
+                .or_insert(Producer { seq: rec.seq, job: job.cloned(), role });
+        }
+    }
+
+    /// Folds one committed event in. Events must arrive in sequence order.
+    pub fn apply(&mut self, rec: &RecordedEvent) {
+        self.last_seq = rec.seq;
+        let stream = rec.stream.parse::<StreamName>();
+        match (&rec.event, stream) {
+            (Event::ExperimentCreated(e), Ok(StreamName::Experiment(_))) => {
+                self.experiments.insert(
+                    e.id.clone(),
+                    Experiment {
+                        id: e.id.clone(),
+                        name: e.name.clone(),
+                        description: e.description.clone(),
+                        created_by: rec.actor.clone(),
+                        created_at: rec.ts,
+                        jobs: Vec::new(),
+                    },
+                );
+            }
+            (Event::JobSubmitted(e), Ok(StreamName::Job(_))) => {
+                if let Some(exp) = e.submission.experiment.as_ref().and_then(|x| self.experiments.get_mut(x)) {
+                    exp.jobs.push(e.id.clone());
+                }
+                self.jobs.insert(e.id.clone(), JobState::from_submitted(e, &rec.actor, rec.ts));
+            }
+            (Event::DatasetRegistered(d), Ok(StreamName::Dataset(_))) => {
+                self.note_blobs(rec, Some(&d.job));
+                self.datasets.insert(
+                    d.id.clone(),
+                    Dataset {
+                        id: d.id.clone(),
+                        name: d.name.clone(),
+                        job: d.job.clone(),
+                        manifest: d.manifest,
+                        images: d.images,
+                        instances: d.instances,
+                        categories: d.categories,
+                        registered_at: rec.ts,
+                    },
+                );
+            }
+            (event, Ok(StreamName::Job(id))) => {
+                self.note_blobs(rec, Some(&id));
+                match self.jobs.get_mut(&id) {
+                    Some(job) => job.apply(event, rec.ts),
+                    None => self.anomalies.push(format!("seq {}: event for unknown job {id}", rec.seq)),
+                }
+            }
+            (_, stream) => self.anomalies.push(format!(
+                "seq {}: event {} does not belong on stream {:?}",
+                rec.seq,
+                rec.event.event_type(),
+                stream.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+            )),
+        }
+    }
+
+    /// What produced a blob (by hash) or a job (by id).
+    pub fn lineage(&self, target: &str) -> Option<Lineage> {
+        let (producer, job_id) = match target.parse::<BlobHash>() {
+            Ok(hash) => {
+                let producer = self.producers.get(&hash)?.clone();
+                let job = producer.job.clone();
+                (Some(producer), job)
+            }
+            Err(_) => (None, Some(target.parse::<JobId>().ok().filter(|id| self.jobs.contains_key(id))?)),
+        };
+        let job = job_id.as_ref().and_then(|id| self.jobs.get(id)).cloned();
+        let experiment = job
+            .as_ref()
+            .and_then(|j| j.experiment.as_ref())
+            .and_then(|e| self.experiments.get(e))
+            .cloned();
+        let datasets = self
+            .datasets
+            .values()
+            .filter(|d| Some(&d.job) == job_id.as_ref())
+            .cloned()
+            .collect();
+        let mut blobs: Vec<BlobHash> = job
+            .iter()
+            .flat_map(|j| {
+                let results = j.result.iter().map(|JobResult::Ingest(r)| r.output.manifest);
+                j.artefacts.iter().map(|a| a.blob).chain(results).collect::<Vec<_>>()
+            })
+            .collect();
+        blobs.sort();
+        blobs.dedup();
+        Some(Lineage { target: target.to_owned(), producer, job, experiment, datasets, blobs })
+    }
+}

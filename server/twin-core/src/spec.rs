@@ -1,0 +1,310 @@
+//! Job submissions: the kinds of job, their typed specs, and validation that names the bad field.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::ExperimentId;
+
+/// Every kind of job the recipe has. The set is open: a kind is listed here as soon as it is
+/// designed, and [`JobKind::is_built`] says whether this version can run it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    Ingest,
+    Mine,
+    BuildDataset,
+    Eval,
+    Score,
+    Synthesize,
+    Train,
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 7] = [
+        JobKind::Ingest,
+        JobKind::Mine,
+        JobKind::BuildDataset,
+        JobKind::Eval,
+        JobKind::Score,
+        JobKind::Synthesize,
+        JobKind::Train,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Ingest => "ingest",
+            JobKind::Mine => "mine",
+            JobKind::BuildDataset => "build-dataset",
+            JobKind::Eval => "eval",
+            JobKind::Score => "score",
+            JobKind::Synthesize => "synthesize",
+            JobKind::Train => "train",
+        }
+    }
+
+    /// Whether this version has a spec and a stage for the kind.
+    pub fn is_built(self) -> bool {
+        matches!(self, JobKind::Ingest)
+    }
+
+    pub fn parse(s: &str) -> Option<JobKind> {
+        JobKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The typed spec of a job, one variant per built kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum JobSpec {
+    Ingest(IngestSpec),
+}
+
+impl JobSpec {
+    pub fn kind(&self) -> JobKind {
+        match self {
+            JobSpec::Ingest(_) => JobKind::Ingest,
+        }
+    }
+}
+
+/// Ingest images into the blob store and register them as a dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSpec {
+    /// Name of the dataset to register (1..=64 of a-z, 0-9, `-`, `_`).
+    pub dataset: String,
+    /// Where the images are, on the executor's file system.
+    pub source: IngestSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum IngestSource {
+    /// A tree `<category>/<instance>/<image>.{jpg,jpeg,png,webp}`; an absolute path.
+    Dir(String),
+    /// A JSONL file of `{"path", "instance", "category"}` lines; relative paths are resolved
+    /// against the manifest's directory. An absolute path.
+    Manifest(String),
+}
+
+/// What a GPU count or label set an executor must offer to lease the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Requirements {
+    pub gpus: u32,
+    pub labels: BTreeSet<String>,
+}
+
+/// How failed attempts are retried: delay = min(initial * 2^(attempt-1), max).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: 3, backoff_initial_ms: 1_000, backoff_max_ms: 60_000 }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before attempt `failed_attempt + 1`, after `failed_attempt` (1-based) failed.
+    pub fn backoff_ms(&self, failed_attempt: u32) -> u64 {
+        let exp = failed_attempt.saturating_sub(1).min(32);
+        self.backoff_initial_ms.saturating_mul(1u64 << exp).min(self.backoff_max_ms)
+    }
+}
+
+/// A job as submitted: a spec plus scheduling metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobSubmission {
+    #[serde(default)]
+    pub experiment: Option<ExperimentId>,
+    /// Higher runs first; ties go to the oldest submission.
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub requirements: Requirements,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    pub spec: JobSpec,
+}
+
+/// A submission that cannot be accepted. `field` is a dotted path into the submitted document.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("spec.kind: job kind `{0}` is not built in this version (built: ingest)")]
+    KindNotBuilt(String),
+    #[error("spec.kind: unknown job kind `{0}` (known: ingest, mine, build-dataset, eval, score, synthesize, train)")]
+    UnknownKind(String),
+}
+
+impl SpecError {
+    fn invalid(field: &str, message: impl Into<String>) -> Self {
+        SpecError::Invalid { field: field.to_owned(), message: message.into() }
+    }
+
+    pub fn field(&self) -> &str {
+        match self {
+            SpecError::Invalid { field, .. } => field,
+            _ => "spec.kind",
+        }
+    }
+}
+
+const SUBMISSION_FIELDS: [&str; 5] = ["experiment", "priority", "requirements", "retry", "spec"];
+
+impl JobSubmission {
+    /// Parses and validates a submission from JSON, naming the first bad field.
+    pub fn from_json(value: serde_json::Value) -> Result<Self, SpecError> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| SpecError::invalid("(body)", "expected a JSON object"))?;
+        if let Some(unknown) = obj.keys().find(|k| !SUBMISSION_FIELDS.contains(&k.as_str())) {
+            return Err(SpecError::invalid(unknown, "unknown field"));
+        }
+        let spec = obj.get("spec").ok_or_else(|| SpecError::invalid("spec", "missing field"))?;
+        let kind = spec
+            .get("kind")
+            .ok_or_else(|| SpecError::invalid("spec.kind", "missing field"))?
+            .as_str()
+            .ok_or_else(|| SpecError::invalid("spec.kind", "expected a string"))?;
+        match JobKind::parse(kind) {
+            None => return Err(SpecError::UnknownKind(kind.to_owned())),
+            Some(k) if !k.is_built() => return Err(SpecError::KindNotBuilt(kind.to_owned())),
+            Some(_) => {}
+        }
+        let submission: JobSubmission =
+            serde_path_to_error::deserialize(&value).map_err(|e| {
+                let path = e.path().to_string();
+                let message = e.into_inner().to_string();
+                SpecError::Invalid { field: field_of(&path, &message), message }
+            })?;
+        submission.validate()?;
+        Ok(submission)
+    }
+
+    pub fn kind(&self) -> JobKind {
+        self.spec.kind()
+    }
+
+    /// Checks the rules serde cannot express.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.retry.max_attempts == 0 || self.retry.max_attempts > 100 {
+            return Err(SpecError::invalid("retry.max_attempts", "must be between 1 and 100"));
+        }
+        if self.retry.backoff_initial_ms > self.retry.backoff_max_ms {
+            return Err(SpecError::invalid(
+                "retry.backoff_initial_ms",
+                "must not exceed retry.backoff_max_ms",
+            ));
+        }
+        for label in &self.requirements.labels {
+            if label.is_empty() || label.len() > 64 {
+                return Err(SpecError::invalid("requirements.labels", "labels are 1 to 64 bytes"));
+            }
+        }
+        match &self.spec {
+            JobSpec::Ingest(spec) => spec.validate(),
+        }
+    }
+}
+
+/// serde reports a missing or unknown field at its parent's path; name the field itself.
+fn field_of(path: &str, message: &str) -> String {
+    let named = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|p| message.strip_prefix(p))
+        .and_then(|rest| rest.split('`').next());
+    match (path, named) {
+        (".", Some(f)) => f.to_owned(),
+        (".", None) => "(body)".to_owned(),
+        (p, Some(f)) => format!("{p}.{f}"),
+        (p, None) => p.to_owned(),
+    }
+}
+
+impl IngestSpec {
+    fn validate(&self) -> Result<(), SpecError> {
+        if self.dataset.parse::<crate::ids::DatasetId>().is_err() {
+            return Err(SpecError::invalid(
+                "spec.dataset",
+                "use 1 to 64 characters from a-z, 0-9, `-` and `_`",
+            ));
+        }
+        let (field, path) = match &self.source {
+            IngestSource::Dir(p) => ("spec.source.dir", p),
+            IngestSource::Manifest(p) => ("spec.source.manifest", p),
+        };
+        if !path.starts_with('/') {
+            return Err(SpecError::invalid(field, "must be an absolute path"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(input: serde_json::Value, expect: Result<(), &str>) {
+        let got = JobSubmission::from_json(input).map(|_| ()).map_err(|e| e.to_string());
+        match (got, expect) {
+            (Ok(()), Ok(())) => {}
+            (Err(e), Err(want)) => assert!(e.contains(want), "error {e:?} should contain {want:?}"),
+            (got, want) => panic!("got {got:?}, want {want:?}"),
+        }
+    }
+
+    fn ingest() -> serde_json::Value {
+        json!({"spec": {"kind": "ingest", "dataset": "shoes", "source": {"dir": "/data/shoes"}}})
+    }
+
+    #[test]
+    fn a_minimal_ingest_is_valid_with_defaults() {
+        let s = JobSubmission::from_json(ingest()).expect("valid");
+        assert_eq!(s.retry, RetryPolicy::default());
+        assert_eq!(s.kind(), JobKind::Ingest);
+    }
+
+    #[test]
+    fn bad_submissions_name_the_field() {
+        check(json!({"spec": {"kind": "ingest", "dataset": "x"}}), Err("spec.source"));
+        check(json!({"spec": {"kind": "ingest", "dataset": "Bad Name", "source": {"dir": "/d"}}}), Err("spec.dataset"));
+        check(json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "rel"}}}), Err("spec.source.dir"));
+        check(json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}, "extra": 1}}), Err("extra"));
+        check(json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}}, "priority": "high"}), Err("priority"));
+        check(json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}}, "retry": {"max_attempts": 0}}), Err("retry.max_attempts"));
+        check(json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}}, "colour": 1}), Err("colour: unknown field"));
+        check(json!({"spec": {}}), Err("spec.kind: missing"));
+        check(json!([]), Err("(body)"));
+    }
+
+    #[test]
+    fn kinds_not_built_are_told_apart_from_unknown_kinds() {
+        check(json!({"spec": {"kind": "train"}}), Err("not built in this version"));
+        check(json!({"spec": {"kind": "dance"}}), Err("unknown job kind `dance`"));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = RetryPolicy { max_attempts: 5, backoff_initial_ms: 100, backoff_max_ms: 350 };
+        assert_eq!([1, 2, 3, 4].map(|a| p.backoff_ms(a)), [100, 200, 350, 350]);
+    }
+}
