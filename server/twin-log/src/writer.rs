@@ -1,0 +1,515 @@
+//! The log writer: one thread that owns every append, commits them in groups and fsyncs.
+//!
+//! Loop: block for one request, drain whatever else is queued (up to `max_batch`), check each
+//! request's expected stream versions and idempotency key against the state so far, seal the
+//! records into the hash chain, write them as one sled batch, `flush` (sled's
+//! `sync_file_range`), then `fsync` sled's data file, and only then hand the records to the
+//! subscriber and answer the requests. A request that fails its checks is answered without
+//! touching the disk. The thread stops when every [`Log`] handle is dropped.
+//!
+//! On a write error (a full disk) every request of the batch gets the error, in-memory state is
+//! left at the last durable record, and the next batch first reopens sled and deletes whatever
+//! the failed batch may have left past that record, so nothing reported failed appears later.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::RwLock;
+use tokio::sync::oneshot;
+
+use crate::record::{self, ChainError, GENESIS_HASH, StoredRecord};
+
+pub(crate) const LOG_TREE: &str = "events";
+
+/// An event to append; the payload is already encoded by the schema (see `twin-core`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub stream: String,
+    pub event_type: String,
+    pub schema_version: u16,
+    pub payload: Vec<u8>,
+}
+
+/// Optimistic concurrency: what the writer expects a stream's version to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    Any,
+    /// The stream must not exist yet.
+    NoStream,
+    Version(u64),
+}
+
+/// An idempotency key (scoped to the request's actor) and the digest of the request it guards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    pub key: String,
+    pub digest: [u8; 32],
+}
+
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    pub actor: String,
+    pub events: Vec<NewEvent>,
+    pub expect: Vec<(String, Expected)>,
+    pub idempotency: Option<Idempotency>,
+}
+
+/// What an acknowledged append returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Durable, in sequence order.
+    New(Vec<StoredRecord>),
+    /// The same actor sent the same key with the same digest before: these are its records.
+    Duplicate { first_seq: u64, last_seq: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    #[error("stream {stream} is at version {actual}, expected {expected}")]
+    VersionConflict { stream: String, expected: String, actual: u64 },
+    #[error("idempotency key `{key}` was already used with a different request")]
+    IdempotencyConflict { key: String },
+    #[error("the log could not make the append durable: {message}")]
+    Storage { message: String },
+    #[error("an append needs at least one event")]
+    Empty,
+    #[error("the log writer has stopped")]
+    Closed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no event log at {0}")]
+    NoLog(PathBuf),
+    #[error("cannot open the event log at {0}: {1} (is a server already running on this data dir?)")]
+    Sled(PathBuf, sled::Error),
+    #[error("cannot open the event log at {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("the event log at {dir} fails its hash chain: {error}")]
+    Chain { dir: PathBuf, error: ChainError },
+}
+
+/// Timings of one durable batch.
+#[derive(Debug, Clone)]
+pub struct BatchStats {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub requests: usize,
+    pub records: usize,
+    /// sled batch + flush.
+    pub write: Duration,
+    /// The fsync of sled's data file.
+    pub fsync: Duration,
+}
+
+/// Hooks for metrics and tests. `batch_durable` runs after the fsync returned and before any
+/// request of the batch is answered.
+pub trait LogObserver: Send + Sync {
+    fn batch_durable(&self, _stats: &BatchStats) {}
+    fn append_failed(&self, _error: &str) {}
+}
+
+pub type Subscriber = Box<dyn FnMut(&[StoredRecord]) + Send>;
+
+pub struct LogConfig {
+    /// Directory of the sled database (see [`crate::log_dir`]).
+    pub dir: PathBuf,
+    pub max_batch: usize,
+    pub observer: Option<Arc<dyn LogObserver>>,
+}
+
+impl LogConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), max_batch: 4096, observer: None }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Appended, AppendError>>;
+
+struct Pending {
+    request: AppendRequest,
+    reply: Reply,
+}
+
+enum Message {
+    Append(Pending),
+    /// Finish what is queued before it, release sled (and its file lock), then confirm.
+    Close(mpsc::Sender<()>),
+}
+
+/// The durable state, shared with readers.
+struct Storage {
+    db: sled::Db,
+    tree: sled::Tree,
+    data_file: File,
+}
+
+struct Shared {
+    storage: RwLock<Option<Storage>>,
+    /// Highest sequence number that is durable and visible to readers.
+    committed: AtomicU64,
+}
+
+/// A handle to the log. Cloning is cheap; the writer stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Log {
+    tx: mpsc::Sender<Message>,
+    shared: Arc<Shared>,
+}
+
+pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, OpenError> {
+    std::fs::create_dir_all(dir).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
+    sled::Config::new()
+        .path(dir)
+        // No background flusher: durability is the writer's job, batch by batch.
+        .flush_every_ms(None)
+        .open()
+        .map_err(|e| OpenError::Sled(dir.to_owned(), e))
+}
+
+fn open_storage(dir: &Path) -> Result<Storage, OpenError> {
+    let db = open_db(dir)?;
+    let tree = db.open_tree(LOG_TREE).map_err(|e| OpenError::Sled(dir.to_owned(), e))?;
+    let data_file = File::open(dir.join("db")).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
+    // The directory entries of a fresh database must be durable too.
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
+    Ok(Storage { db, tree, data_file })
+}
+
+#[derive(Default)]
+struct State {
+    last_seq: u64,
+    last_hash: [u8; 32],
+    last_ts: i64,
+    versions: HashMap<String, u64>,
+    /// (actor, key) → (digest, first seq, last seq). Rebuilt from the records at open.
+    idempotency: HashMap<(String, String), ([u8; 32], u64, u64)>,
+}
+
+impl State {
+    fn absorb(&mut self, r: &StoredRecord) {
+        self.last_seq = r.seq;
+        self.last_hash = r.hash;
+        self.last_ts = self.last_ts.max(r.ts);
+        self.versions.insert(r.stream.clone(), r.stream_version);
+        if let Some(i) = &r.idempotency {
+            self.idempotency
+                .entry((r.actor.clone(), i.key.clone()))
+                .and_modify(|e| e.2 = r.seq)
+                .or_insert((i.digest, r.seq, r.seq));
+        }
+    }
+}
+
+impl Log {
+    /// Opens (or creates) the log, checks the whole hash chain, passes every existing record to
+    /// `replay` in order, and starts the writer. `subscriber` then sees every new durable batch.
+    pub fn open(
+        config: LogConfig,
+        mut replay: impl FnMut(&StoredRecord),
+        subscriber: Subscriber,
+    ) -> Result<Log, OpenError> {
+        let storage = open_storage(&config.dir)?;
+        let mut state = State { last_hash: GENESIS_HASH, ..State::default() };
+        for r in record::verified(storage.tree.iter()) {
+            let r = r.map_err(|error| OpenError::Chain { dir: config.dir.clone(), error })?;
+            state.absorb(&r);
+            replay(&r);
+        }
+        let shared = Arc::new(Shared {
+            storage: RwLock::new(Some(storage)),
+            committed: AtomicU64::new(state.last_seq),
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer { config, shared: shared.clone(), state, subscriber, needs_recovery: false };
+        std::thread::Builder::new()
+            .name("twin-log-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| OpenError::Io(PathBuf::new(), e))?;
+        Ok(Log { tx, shared })
+    }
+
+    /// Appends atomically; resolves once the records are durable (or the request is refused).
+    pub async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError> {
+        if request.events.is_empty() {
+            return Err(AppendError::Empty);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Message::Append(Pending { request, reply })).map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Stops the writer after the appends queued so far and releases the database, so the data
+    /// directory can be reopened at once. Later appends on any handle fail with `Closed`.
+    pub fn close(&self) {
+        let (done, wait) = mpsc::channel();
+        if self.tx.send(Message::Close(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+
+    /// The highest durable sequence number (0 for an empty log).
+    pub fn last_seq(&self) -> u64 {
+        self.shared.committed.load(Ordering::Acquire)
+    }
+
+    /// Up to `limit` durable records with `seq >= from`, in order.
+    pub fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredRecord>, ChainError> {
+        let last = self.last_seq();
+        let guard = self.shared.storage.read();
+        let storage = guard
+            .as_ref()
+            .ok_or_else(|| ChainError::Storage { message: "the log is recovering from a write error".into() })?;
+        storage
+            .tree
+            .range(record::key(from.max(1))..)
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv.map_err(|e| ChainError::Storage { message: e.to_string() })?;
+                record::decode(&k, &v)
+            })
+            .take_while(|r| r.as_ref().map_or(true, |r| r.seq <= last))
+            .collect()
+    }
+}
+
+struct Writer {
+    config: LogConfig,
+    shared: Arc<Shared>,
+    state: State,
+    subscriber: Subscriber,
+    needs_recovery: bool,
+}
+
+/// What the checks of one request decided.
+enum Verdict {
+    Accept { first: usize, last: usize },
+    Answer(Result<Appended, AppendError>),
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Message>) {
+        let mut closing = None;
+        while let Ok(first) = rx.recv() {
+            let mut batch = Vec::new();
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Append(p) => batch.push(p),
+                    Message::Close(done) => {
+                        closing = Some(done);
+                        break;
+                    }
+                }
+                if batch.len() < self.config.max_batch {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(batch);
+            }
+            if closing.is_some() {
+                break;
+            }
+        }
+        // Dropping sled's handles (even with clones in readers' hands gone) releases its lock.
+        *self.shared.storage.write() = None;
+        tracing::debug!("log writer stopped");
+        if let Some(done) = closing {
+            let _ = done.send(());
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<Pending>) {
+        if self.needs_recovery {
+            if let Err(e) = self.recover() {
+                let message = format!("recovery after an earlier write error failed: {e}");
+                self.fail_all(batch, &message);
+                return;
+            }
+        }
+        // Stage every check and record against an overlay; commit the overlay only once durable.
+        let mut versions: HashMap<String, u64> = HashMap::new();
+        let mut keys: HashMap<(String, String), ([u8; 32], u64, u64)> = HashMap::new();
+        let mut records: Vec<StoredRecord> = Vec::new();
+        let mut values: Vec<Vec<u8>> = Vec::new();
+        let mut verdicts = Vec::with_capacity(batch.len());
+        let ts = now_ms().max(self.state.last_ts);
+        let mut prev_hash = self.state.last_hash;
+        for p in &batch {
+            let req = &p.request;
+            let state = &self.state;
+            let version_of = |versions: &HashMap<String, u64>, s: &str| {
+                versions.get(s).or_else(|| state.versions.get(s)).copied().unwrap_or(0)
+            };
+            if let Some(idem) = &req.idempotency {
+                let id = (req.actor.clone(), idem.key.clone());
+                if let Some((digest, first, last)) = keys.get(&id).or_else(|| self.state.idempotency.get(&id)) {
+                    verdicts.push(Verdict::Answer(if *digest == idem.digest {
+                        Ok(Appended::Duplicate { first_seq: *first, last_seq: *last })
+                    } else {
+                        Err(AppendError::IdempotencyConflict { key: idem.key.clone() })
+                    }));
+                    continue;
+                }
+            }
+            let conflict = req.expect.iter().find_map(|(stream, expected)| {
+                let actual = version_of(&versions, stream);
+                let ok = match expected {
+                    Expected::Any => true,
+                    Expected::NoStream => actual == 0,
+                    Expected::Version(v) => actual == *v,
+                };
+                (!ok).then(|| AppendError::VersionConflict {
+                    stream: stream.clone(),
+                    expected: match expected {
+                        Expected::NoStream => "no stream".into(),
+                        other => format!("{other:?}"),
+                    },
+                    actual,
+                })
+            });
+            if let Some(err) = conflict {
+                verdicts.push(Verdict::Answer(Err(err)));
+                continue;
+            }
+            let first = records.len();
+            for e in &req.events {
+                let stream_version = version_of(&versions, &e.stream) + 1;
+                versions.insert(e.stream.clone(), stream_version);
+                let mut r = StoredRecord {
+                    seq: self.state.last_seq + records.len() as u64 + 1,
+                    ts,
+                    stream: e.stream.clone(),
+                    stream_version,
+                    event_type: e.event_type.clone(),
+                    schema_version: e.schema_version,
+                    actor: req.actor.clone(),
+                    idempotency: req.idempotency.clone(),
+                    payload: e.payload.clone(),
+                    prev_hash,
+                    hash: [0; 32],
+                };
+                values.push(r.seal());
+                prev_hash = r.hash;
+                records.push(r);
+            }
+            if let Some(idem) = &req.idempotency {
+                let seqs = (records[first].seq, records[records.len() - 1].seq);
+                keys.insert((req.actor.clone(), idem.key.clone()), (idem.digest, seqs.0, seqs.1));
+            }
+            verdicts.push(Verdict::Accept { first, last: records.len() - 1 });
+        }
+
+        if !records.is_empty() {
+            match self.write(&records, values) {
+                Ok(stats) => {
+                    for r in &records {
+                        self.state.absorb(r);
+                    }
+                    self.state.last_ts = ts;
+                    self.shared.committed.store(self.state.last_seq, Ordering::Release);
+                    (self.subscriber)(&records);
+                    if let Some(o) = &self.config.observer {
+                        o.batch_durable(&BatchStats { requests: batch.len(), ..stats });
+                    }
+                }
+                Err(message) => {
+                    tracing::error!(error = %message, "log append failed; nothing in this batch was acknowledged");
+                    if let Some(o) = &self.config.observer {
+                        o.append_failed(&message);
+                    }
+                    self.needs_recovery = true;
+                    for (p, v) in batch.into_iter().zip(verdicts) {
+                        let answer = match v {
+                            Verdict::Accept { .. } => Err(AppendError::Storage { message: message.clone() }),
+                            // A duplicate may point at records of this failed batch.
+                            Verdict::Answer(Ok(_)) => Err(AppendError::Storage { message: message.clone() }),
+                            Verdict::Answer(err) => err,
+                        };
+                        let _ = p.reply.send(answer);
+                    }
+                    return;
+                }
+            }
+        }
+        for (p, v) in batch.into_iter().zip(verdicts) {
+            let answer = match v {
+                Verdict::Accept { first, last } => Ok(Appended::New(records[first..=last].to_vec())),
+                Verdict::Answer(a) => a,
+            };
+            // A caller that went away no longer needs its answer; the records are durable.
+            let _ = p.reply.send(answer);
+        }
+    }
+
+    fn write(&self, records: &[StoredRecord], values: Vec<Vec<u8>>) -> Result<BatchStats, String> {
+        let guard = self.shared.storage.read();
+        let storage = guard.as_ref().ok_or("the log storage is closed")?;
+        let started = Instant::now();
+        let mut batch = sled::Batch::default();
+        for (r, v) in records.iter().zip(values) {
+            batch.insert(&record::key(r.seq), v);
+        }
+        storage.tree.apply_batch(batch).map_err(|e| format!("sled write: {e}"))?;
+        storage.db.flush().map_err(|e| format!("sled flush: {e}"))?;
+        let written = Instant::now();
+        // sled's flush ends in sync_file_range, which neither flushes the drive's cache nor the
+        // file's metadata; fsync does both.
+        storage.data_file.sync_all().map_err(|e| format!("fsync: {e}"))?;
+        Ok(BatchStats {
+            first_seq: records[0].seq,
+            last_seq: records[records.len() - 1].seq,
+            requests: 0,
+            records: records.len(),
+            write: written - started,
+            fsync: written.elapsed(),
+        })
+    }
+
+    /// Reopens sled after a write error and deletes records past the last acknowledged one.
+    fn recover(&mut self) -> Result<(), String> {
+        let mut guard = self.shared.storage.write();
+        *guard = None; // sled poisons itself after an I/O error: drop it before reopening
+        let storage = open_storage(&self.config.dir).map_err(|e| e.to_string())?;
+        let stale: Vec<_> = storage
+            .tree
+            .range(record::key(self.state.last_seq + 1)..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        if !stale.is_empty() {
+            let mut batch = sled::Batch::default();
+            for k in &stale {
+                batch.remove(k);
+            }
+            storage.tree.apply_batch(batch).map_err(|e| e.to_string())?;
+            storage.db.flush().map_err(|e| e.to_string())?;
+            storage.data_file.sync_all().map_err(|e| e.to_string())?;
+            tracing::warn!(removed = stale.len(), "removed unacknowledged records left by a failed write");
+        }
+        *guard = Some(storage);
+        self.needs_recovery = false;
+        tracing::info!(last_seq = self.state.last_seq, "event log recovered from a write error");
+        Ok(())
+    }
+
+    fn fail_all(&self, batch: Vec<Pending>, message: &str) {
+        tracing::error!(error = %message, "log append failed");
+        if let Some(o) = &self.config.observer {
+            o.append_failed(message);
+        }
+        for p in batch {
+            let _ = p.reply.send(Err(AppendError::Storage { message: message.to_owned() }));
+        }
+    }
+}
