@@ -1,1 +1,293 @@
-//! placeholder
+//! Typed async client of the twin HTTP API v1, used by the CLI and by executors.
+//!
+//! API boundary: the only crate that imports reqwest. Every call maps a non-2xx answer to
+//! [`ClientError::Api`] carrying the server's stable error code, so callers branch on codes,
+//! never on message text.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use twin_core::api::{
+    ArtefactBody, BlobStored, CancelBody, CompleteBody, CreateExperiment, EpochBody, ErrorBody, EventsPage,
+    FailBody, Health, HeartbeatResponse, LeaseGrant, LeaseRequest, ProgressBody,
+};
+use twin_core::job::JobState;
+use twin_core::projection::{Dataset, Experiment, Lineage};
+use twin_core::{BlobHash, RecordedEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{status} {code}: {message}")]
+    Api { status: u16, code: String, message: String },
+    #[error("cannot reach the twin server at {url}: {source}")]
+    Transport { url: String, source: reqwest::Error },
+    #[error("unexpected answer from {url}: {message}")]
+    Protocol { url: String, message: String },
+}
+
+impl ClientError {
+    /// The server's error code, for API errors.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Filters of `GET /v1/jobs`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JobFilter {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+/// A submitted job, and whether the server replayed an earlier submission with the same key.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub job: JobState,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|source| ClientError::Transport { url: base.to_owned(), source })?;
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), token, http })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let mut rb = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t);
+        }
+        rb
+    }
+
+    async fn send(&self, rb: RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let resp = rb.send().await.map_err(|source| ClientError::Transport { url: self.base.clone(), source })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.unwrap_or_default();
+        Err(match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => ClientError::Api { status, code: e.error.code, message: e.error.message },
+            Err(_) => ClientError::Api {
+                status,
+                code: "http_error".into(),
+                message: String::from_utf8_lossy(&body).chars().take(500).collect(),
+            },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T, ClientError> {
+        let resp = self.send(rb).await?;
+        let url = resp.url().to_string();
+        resp.json().await.map_err(|e| ClientError::Protocol { url, message: e.to_string() })
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.json(self.request(Method::GET, "/healthz")).await
+    }
+
+    /// Submits a job document (see `JobSubmission`); `idempotency_key` makes retries safe.
+    pub async fn submit(
+        &self,
+        submission: &serde_json::Value,
+        idempotency_key: Option<&str>,
+    ) -> Result<Submitted, ClientError> {
+        let mut rb = self.request(Method::POST, "/v1/jobs").json(submission);
+        if let Some(k) = idempotency_key {
+            rb = rb.header("Idempotency-Key", k);
+        }
+        let resp = self.send(rb).await?;
+        let replayed = resp.status() == StatusCode::OK;
+        let url = resp.url().to_string();
+        let job = resp.json().await.map_err(|e| ClientError::Protocol { url, message: e.to_string() })?;
+        Ok(Submitted { job, replayed })
+    }
+
+    pub async fn jobs(&self, filter: &JobFilter) -> Result<Vec<JobState>, ClientError> {
+        self.json(self.request(Method::GET, "/v1/jobs").query(filter)).await
+    }
+
+    pub async fn job(&self, id: &str) -> Result<JobState, ClientError> {
+        self.json(self.request(Method::GET, &format!("/v1/jobs/{id}"))).await
+    }
+
+    pub async fn cancel(&self, id: &str, reason: Option<String>) -> Result<JobState, ClientError> {
+        self.json(self.request(Method::POST, &format!("/v1/jobs/{id}/cancel")).json(&CancelBody { reason }))
+            .await
+    }
+
+    pub async fn experiments(&self) -> Result<Vec<Experiment>, ClientError> {
+        self.json(self.request(Method::GET, "/v1/experiments")).await
+    }
+
+    pub async fn create_experiment(&self, body: &CreateExperiment) -> Result<Experiment, ClientError> {
+        self.json(self.request(Method::POST, "/v1/experiments").json(body)).await
+    }
+
+    pub async fn datasets(&self) -> Result<Vec<Dataset>, ClientError> {
+        self.json(self.request(Method::GET, "/v1/datasets")).await
+    }
+
+    pub async fn lineage(&self, target: &str) -> Result<Lineage, ClientError> {
+        self.json(self.request(Method::GET, &format!("/v1/lineage/{target}"))).await
+    }
+
+    /// One page of events from `from`, waiting up to `wait` for new ones when there are none.
+    pub async fn events(&self, from: u64, prefix: Option<&str>, wait: Duration) -> Result<EventsPage, ClientError> {
+        let mut query = vec![("from", from.to_string()), ("wait_ms", wait.as_millis().to_string())];
+        if let Some(p) = prefix {
+            query.push(("prefix", p.to_owned()));
+        }
+        self.json(self.request(Method::GET, "/v1/events").query(&query).timeout(wait + Duration::from_secs(30)))
+            .await
+    }
+
+    /// Server-Sent Events from `from` as a stream of decoded events.
+    pub async fn event_stream(
+        &self,
+        from: u64,
+        prefix: Option<&str>,
+    ) -> Result<impl Stream<Item = Result<RecordedEvent, ClientError>> + use<>, ClientError> {
+        let mut query = vec![("from", from.to_string())];
+        if let Some(p) = prefix {
+            query.push(("prefix", p.to_owned()));
+        }
+        let resp = self.send(self.request(Method::GET, "/v1/events/stream").query(&query)).await?;
+        let url = resp.url().to_string();
+        let mut buffer = String::new();
+        let body = resp.bytes_stream();
+        Ok(body
+            .map(move |chunk| {
+                let chunk = chunk.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+                let mut out = Vec::new();
+                while let Some(end) = buffer.find("\n\n") {
+                    let frame: String = buffer.drain(..end + 2).collect();
+                    let data: String = frame
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("data:"))
+                        .map(str::trim_start)
+                        .collect();
+                    if !data.is_empty() {
+                        out.push(
+                            serde_json::from_str(&data)
+                                .map_err(|e| ClientError::Protocol { url: url.clone(), message: e.to_string() }),
+                        );
+                    }
+                }
+                Ok(futures_util::stream::iter(out))
+            })
+            .flat_map(|r: Result<_, ClientError>| match r {
+                Ok(s) => s.left_stream(),
+                Err(e) => futures_util::stream::iter(vec![Err(e)]).right_stream(),
+            }))
+    }
+
+    pub async fn put_blob(&self, bytes: Bytes) -> Result<BlobStored, ClientError> {
+        let hash = BlobHash::of(&bytes);
+        self.json(
+            self.request(Method::PUT, &format!("/v1/blobs/{hash}"))
+                .header("content-type", "application/octet-stream")
+                .body(bytes),
+        )
+        .await
+    }
+
+    pub async fn has_blob(&self, hash: &BlobHash) -> Result<bool, ClientError> {
+        match self.send(self.request(Method::HEAD, &format!("/v1/blobs/{hash}"))).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Downloads a blob and checks its hash.
+    pub async fn get_blob(&self, hash: &BlobHash) -> Result<Bytes, ClientError> {
+        let resp = self.send(self.request(Method::GET, &format!("/v1/blobs/{hash}"))).await?;
+        let url = resp.url().to_string();
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        if BlobHash::of(&bytes) != *hash {
+            return Err(ClientError::Protocol { url, message: format!("downloaded bytes do not hash to {hash}") });
+        }
+        Ok(bytes)
+    }
+
+    // --- the executor protocol ---
+
+    /// Asks for a job; `None` when none came within the request's `wait_ms`.
+    pub async fn lease(&self, request: &LeaseRequest) -> Result<Option<LeaseGrant>, ClientError> {
+        let rb = self
+            .request(Method::POST, "/v1/executors/lease")
+            .json(request)
+            .timeout(Duration::from_millis(request.wait_ms) + Duration::from_secs(30));
+        let resp = self.send(rb).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let url = resp.url().to_string();
+        resp.json().await.map(Some).map_err(|e| ClientError::Protocol { url, message: e.to_string() })
+    }
+
+    async fn job_call<B: Serialize, T: DeserializeOwned>(&self, id: &str, verb: &str, body: &B) -> Result<T, ClientError> {
+        self.json(self.request(Method::POST, &format!("/v1/jobs/{id}/{verb}")).json(body)).await
+    }
+
+    pub async fn start(&self, id: &str, epoch: u64) -> Result<JobState, ClientError> {
+        self.job_call(id, "start", &EpochBody { epoch }).await
+    }
+
+    pub async fn heartbeat(&self, id: &str, epoch: u64) -> Result<HeartbeatResponse, ClientError> {
+        self.job_call(id, "heartbeat", &EpochBody { epoch }).await
+    }
+
+    pub async fn progress(&self, id: &str, body: &ProgressBody) -> Result<JobState, ClientError> {
+        self.job_call(id, "progress", body).await
+    }
+
+    pub async fn record_artefact(&self, id: &str, body: &ArtefactBody) -> Result<JobState, ClientError> {
+        self.job_call(id, "artefacts", body).await
+    }
+
+    pub async fn complete(&self, id: &str, body: &CompleteBody) -> Result<JobState, ClientError> {
+        self.job_call(id, "complete", body).await
+    }
+
+    pub async fn fail(&self, id: &str, body: &FailBody) -> Result<JobState, ClientError> {
+        self.job_call(id, "fail", body).await
+    }
+}

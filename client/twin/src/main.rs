@@ -1,1 +1,95 @@
-fn main() {}
+//! `twin`: submit and watch jobs, tail events, and audit a data directory offline.
+//!
+//! Exit codes: 0 success; 1 the thing checked is bad (a failed job, a broken chain); 2 the
+//! command could not run (bad arguments, server unreachable, API error).
+
+mod online;
+mod replay;
+mod sample;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "twin", version, about = "Client of the twin job server")]
+struct Cli {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// Server URL.
+    #[arg(long, global = true, env = "TWIN_SERVER", default_value = "http://127.0.0.1:7878")]
+    pub server: String,
+    /// Bearer token.
+    #[arg(long, global = true, env = "TWIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit a job from a TOML or JSON spec file.
+    Submit(online::SubmitArgs),
+    /// List, show, cancel and wait for jobs.
+    #[command(subcommand)]
+    Jobs(online::JobsCommand),
+    /// Read the event stream.
+    #[command(subcommand)]
+    Events(online::EventsCommand),
+    /// List or create experiments.
+    #[command(subcommand)]
+    Experiments(online::ExperimentsCommand),
+    /// List datasets.
+    Datasets,
+    /// Replay a data directory offline: verify the chain and blobs, show the state at a point.
+    Replay(replay::ReplayArgs),
+    /// What produced a blob or a job (offline with --data-dir, else asks the server).
+    Lineage {
+        /// A blob's SHA-256 or a job id.
+        target: String,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Generate a small image set `<category>/<instance>/<view>.png` for trying twin out.
+    SampleData(sample::SampleArgs),
+}
+
+/// An error and the exit code it maps to.
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure { code: 2, error: e.into() }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Replay(args) => replay::run(&args, cli.conn.json),
+        Command::Lineage { target, data_dir: Some(dir) } => replay::lineage(&dir, &target),
+        Command::SampleData(args) => sample::run(&args),
+        online_command => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(online::run(cli.conn, online_command)),
+            Err(e) => Err(e.into()),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -83,7 +83,7 @@ pub fn encode_payload<T: Serialize>(payload: &T) -> Vec<u8> {
 }
 
 /// One committed event with its log coordinates, as projections and clients see it.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct RecordedEvent {
     pub seq: u64,
     /// Commit time, milliseconds since the Unix epoch.

@@ -64,7 +64,7 @@ impl JobStatus {
 }
 
 /// One lease of the job and how it ended.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Attempt {
     pub epoch: u64,
     pub executor: String,
@@ -75,7 +75,7 @@ pub struct Attempt {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub message: String,
     pub fraction: Option<f64>,
@@ -83,7 +83,7 @@ pub struct Progress {
     pub at: Millis,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Artefact {
     pub name: String,
     pub blob: BlobHash,
@@ -92,7 +92,7 @@ pub struct Artefact {
 }
 
 /// The projection of one job stream.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct JobState {
     pub id: JobId,
     pub kind: JobKind,

@@ -4,6 +4,7 @@
 //! [`Millis`] inside commands, identifiers are minted by the caller, so every function here is a
 //! deterministic function of its arguments and replaying the log reproduces state exactly.
 
+pub mod api;
 pub mod event;
 pub mod ids;
 pub mod job;

@@ -12,7 +12,7 @@ use crate::event::{Event, JobResult, RecordedEvent};
 use crate::ids::{BlobHash, DatasetId, ExperimentId, JobId, Millis, StreamName};
 use crate::job::{JobState, JobStatus};
 
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Experiment {
     pub id: ExperimentId,
     pub name: String,
@@ -22,7 +22,7 @@ pub struct Experiment {
     pub jobs: Vec<JobId>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Dataset {
     pub id: DatasetId,
     pub name: String,
@@ -35,7 +35,7 @@ pub struct Dataset {
 }
 
 /// Which event first brought a blob into the record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Producer {
     pub seq: u64,
     pub job: Option<JobId>,
@@ -56,7 +56,7 @@ pub struct Projections {
 }
 
 /// What produced an artefact or a job, as far back as the record goes.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Lineage {
     pub target: String,
     pub producer: Option<Producer>,

@@ -9,7 +9,7 @@ mod record;
 mod writer;
 
 pub use blob::{BlobError, BlobStore, BlobWriter};
-pub use record::{ChainError, GENESIS_HASH, StoredRecord};
+pub use record::{ChainError, GENESIS_HASH, StoredRecord, new_event};
 pub use writer::{
     AppendError, AppendRequest, Appended, BatchStats, Expected, Idempotency, Log, LogConfig, LogObserver,
     NewEvent, OpenError,

@@ -180,3 +180,27 @@ where
         Some(checked)
     })
 }
+
+impl StoredRecord {
+    /// Decodes the payload with the production schema (upcasting old versions).
+    pub fn recorded(&self) -> Result<twin_core::RecordedEvent, twin_core::DecodeError> {
+        use twin_core::EventSchema;
+        let event = twin_core::Event::decode(&self.event_type, self.schema_version, &self.payload)?;
+        Ok(twin_core::RecordedEvent {
+            seq: self.seq,
+            ts: self.ts,
+            stream: self.stream.clone(),
+            stream_version: self.stream_version,
+            actor: self.actor.clone(),
+            hash: twin_core::BlobHash(self.hash),
+            event,
+        })
+    }
+}
+
+/// Builds the [`crate::NewEvent`] of a schema event for a stream.
+pub fn new_event(stream: &twin_core::StreamName, event: &twin_core::Event) -> crate::NewEvent {
+    use twin_core::EventSchema;
+    let (event_type, schema_version, payload) = event.encode();
+    crate::NewEvent { stream: stream.to_string(), event_type: event_type.to_owned(), schema_version, payload }
+}

@@ -1,1 +1,124 @@
-//! placeholder
+//! The twin job server: HTTP API, scheduler (leases, reaper), metrics, and the embedded executor.
+//!
+//! API boundary: the only crate that imports actix-web. `twin-server` (src/main.rs) is a thin
+//! binary over [`serve`] and [`run_executor`].
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod reaper;
+pub mod service;
+pub mod telemetry;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rand::Rng;
+use tokio::sync::watch;
+
+use crate::auth::{Auth, Role};
+use crate::config::ServerConfig;
+use crate::service::Service;
+
+/// Where a bind address that is not loopback goes when auth is off.
+fn loopback_only(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_loopback() { addr } else { SocketAddr::from(([127, 0, 0, 1], addr.port())) }
+}
+
+/// Runs the server until SIGINT/SIGTERM, then stops the executor and closes the log.
+pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let svc = Service::open(&config.data_dir, config.lease_ttl(), metrics)
+        .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
+    let mut auth = Auth::new(&config.tokens)?;
+    let mut listen = config.listen;
+    if auth.is_open() && !listen.ip().is_loopback() {
+        listen = loopback_only(listen);
+        tracing::warn!(requested = %config.listen, using = %listen, "no tokens configured: listening on loopback only");
+    } else if auth.is_open() {
+        tracing::warn!("no tokens configured: authentication is off and the server listens on loopback only");
+    }
+    let executor_token = if config.embedded_executor && !auth.is_open() {
+        let token: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(48).map(char::from).collect();
+        auth.add(&format!("{}-executor", config.executor.name), &token, BTreeSet::from([Role::Execute]));
+        Some(token)
+    } else {
+        None
+    };
+    let auth = Arc::new(auth);
+    let limits = api::Limits { max_json_bytes: config.max_json_bytes, max_blob_bytes: config.max_blob_bytes };
+    let app_svc = svc.clone();
+    let mut server = actix_web::HttpServer::new(move || api::app(app_svc.clone(), auth.clone(), limits))
+        .shutdown_timeout(5)
+        // Signals are handled below, so the executor stops before the API it talks to.
+        .disable_signals();
+    if let Some(w) = config.workers {
+        server = server.workers(w);
+    }
+    let server = server.bind(listen).with_context(|| format!("binding {listen}"))?;
+    let bound = server.addrs().first().copied().context("the server bound no address")?;
+    // Tests and scripts read this line to find a port chosen with `:0`.
+    println!("twin-server listening on http://{bound}");
+    tracing::info!(addr = %bound, data_dir = %config.data_dir.display(), last_seq = svc.last_seq(), "serving");
+    let server = server.run();
+    let handle = server.handle();
+    let server = tokio::spawn(server);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reaper = tokio::spawn(reaper::run(svc.clone(), config.lease_ttl(), stop_rx.clone()));
+    let executor = if config.embedded_executor {
+        let cfg = twin_executor::ExecutorConfig {
+            server: format!("http://{}", loopback_only(bound)),
+            token: executor_token,
+            name: config.executor.name.clone(),
+            gpus: config.executor.gpus,
+            labels: config.executor.labels.clone(),
+            poll_wait: Duration::from_secs(20),
+        };
+        let exec = twin_executor::Executor::new(cfg, twin_executor::default_stages())?;
+        Some(tokio::spawn(exec.run(stop_rx)))
+    } else {
+        None
+    };
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    if let Some(e) = executor {
+        let _ = tokio::time::timeout(Duration::from_secs(5), e).await;
+    }
+    let _ = reaper.await;
+    handle.stop(true).await;
+    let result = server.await.context("http server task")?.context("http server");
+    svc.close();
+    tracing::info!("stopped");
+    result
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Runs a standalone executor until SIGINT/SIGTERM.
+pub async fn run_executor(config: twin_executor::ExecutorConfig) -> anyhow::Result<()> {
+    let exec = twin_executor::Executor::new(config, twin_executor::default_stages())?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(exec.run(stop_rx));
+    shutdown_signal().await?;
+    let _ = stop_tx.send(true);
+    let _ = task.await;
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! Blobs: content-addressed upload (checked against the hash in the path) and download.
+
+use actix_web::{HttpResponse, get, head, put, web};
+use futures_util::StreamExt;
+use twin_core::BlobHash;
+use twin_core::api::BlobStored;
+
+use crate::api::Limits;
+use crate::auth::{Caller, Role};
+use crate::error::ApiError;
+use crate::service::Service;
+
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(upload).service(download).service(exists);
+}
+
+fn parse_hash(h: &str) -> Result<BlobHash, ApiError> {
+    h.parse().map_err(|_| ApiError::InvalidId { what: "blob hash", value: h.chars().take(80).collect() })
+}
+
+/// Uploads a blob; the body must hash to `{hash}` (SHA-256, lower-case hex).
+#[utoipa::path(
+    tag = "blobs",
+    params(("hash" = String, Path)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = BlobStored), (status = 200, body = BlobStored, description = "already stored"), (status = 400), (status = 413))
+)]
+#[put("/blobs/{hash}")]
+async fn upload(
+    caller: Caller,
+    svc: web::Data<Service>,
+    limits: web::Data<Limits>,
+    hash: web::Path<String>,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    caller.require_any(&[Role::Submit, Role::Execute])?;
+    let expected = parse_hash(&hash)?;
+    if svc.blobs.contains(&expected) {
+        // Drain nothing: the bytes are known. Answer without reading the body.
+        let bytes = svc.blobs.len(&expected)?;
+        return Ok(HttpResponse::Ok().json(BlobStored { hash: expected, bytes }));
+    }
+    let mut writer = svc.blobs.writer(limits.max_blob_bytes)?;
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| match e {
+            actix_web::error::PayloadError::Overflow => ApiError::PayloadTooLarge { limit: limits.max_blob_bytes },
+            other => ApiError::InvalidBody(format!("body: {other}")),
+        })?;
+        writer.write(&chunk)?;
+    }
+    let (hash, bytes) = web::block(move || writer.finish(Some(expected)))
+        .await
+        .map_err(|e| ApiError::internal("blob upload", e))??;
+    Ok(HttpResponse::Created().json(BlobStored { hash, bytes }))
+}
+
+/// Downloads a blob.
+#[utoipa::path(tag = "blobs", params(("hash" = String, Path)), responses((status = 200, content_type = "application/octet-stream"), (status = 404)))]
+#[get("/blobs/{hash}")]
+async fn download(caller: Caller, svc: web::Data<Service>, hash: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Read)?;
+    let hash = parse_hash(&hash)?;
+    let svc = svc.into_inner();
+    let bytes = web::block(move || svc.blobs.read(&hash)).await.map_err(|e| ApiError::internal("blob read", e))??;
+    Ok(HttpResponse::Ok().content_type("application/octet-stream").body(bytes))
+}
+
+/// Whether a blob is stored (its size in `Content-Length`).
+#[utoipa::path(tag = "blobs", params(("hash" = String, Path)), responses((status = 200), (status = 404)))]
+#[head("/blobs/{hash}")]
+async fn exists(caller: Caller, svc: web::Data<Service>, hash: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Read)?;
+    let len = svc.blobs.len(&parse_hash(&hash)?)?;
+    Ok(HttpResponse::Ok().insert_header(("X-Blob-Bytes", len.to_string())).finish())
+}

@@ -1,0 +1,109 @@
+//! Jobs: submit, list with filters, get, cancel.
+
+use actix_web::{HttpRequest, HttpResponse, get, post, web};
+use serde::Deserialize;
+use twin_core::api::CancelBody;
+use twin_core::job::{JobState, JobStatus};
+use twin_core::JobKind;
+
+use crate::auth::{Caller, Role};
+use crate::error::ApiError;
+use crate::service::Service;
+
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(submit).service(list).service(get_job).service(cancel);
+}
+
+/// Submits a job. With an `Idempotency-Key` header a retried submission returns the original job
+/// (200) instead of creating another (201); the same key with another body is refused (409).
+#[utoipa::path(
+    tag = "jobs",
+    request_body = twin_core::JobSubmission,
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe; scoped to the caller")),
+    responses(
+        (status = 201, body = JobState), (status = 200, body = JobState, description = "replayed submission"),
+        (status = 400, body = twin_core::api::ErrorBody), (status = 409, body = twin_core::api::ErrorBody)
+    )
+)]
+#[post("/jobs")]
+async fn submit(
+    caller: Caller,
+    svc: web::Data<Service>,
+    req: HttpRequest,
+    body: web::Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = caller.require(Role::Submit)?;
+    let key = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255);
+            Some(k.ok_or_else(|| ApiError::InvalidBody("Idempotency-Key: 1 to 255 visible ASCII characters".into()))?.to_owned())
+        }
+    };
+    let (job, replayed) = svc.submit(actor, body.into_inner(), key).await?;
+    let mut resp = if replayed { HttpResponse::Ok() } else { HttpResponse::Created() };
+    Ok(resp.insert_header(("Location", format!("/v1/jobs/{}", job.id))).json(job))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// queued, leased, running, succeeded, failed or cancelled
+    state: Option<String>,
+    kind: Option<String>,
+    experiment: Option<String>,
+    /// At most this many, newest first (default 100, at most 10 000).
+    limit: Option<usize>,
+}
+
+/// Lists jobs, newest first.
+#[utoipa::path(tag = "jobs", params(ListQuery), responses((status = 200, body = Vec<JobState>), (status = 400)))]
+#[get("/jobs")]
+async fn list(caller: Caller, svc: web::Data<Service>, q: web::Query<ListQuery>) -> Result<web::Json<Vec<JobState>>, ApiError> {
+    caller.require(Role::Read)?;
+    let state = q
+        .state
+        .as_deref()
+        .map(|s| JobStatus::parse(s).ok_or_else(|| ApiError::InvalidQuery(format!("state: unknown state `{s}`"))))
+        .transpose()?;
+    let kind = q
+        .kind
+        .as_deref()
+        .map(|k| JobKind::parse(k).ok_or_else(|| ApiError::InvalidQuery(format!("kind: unknown kind `{k}`"))))
+        .transpose()?;
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let jobs = svc.read(|p| {
+        p.jobs
+            .values()
+            .rev()
+            .filter(|j| state.is_none_or(|s| j.status == s))
+            .filter(|j| kind.is_none_or(|k| j.kind == k))
+            .filter(|j| q.experiment.as_deref().is_none_or(|e| j.experiment.as_ref().is_some_and(|x| x.as_str() == e)))
+            .take(limit)
+            .cloned()
+            .collect()
+    });
+    Ok(web::Json(jobs))
+}
+
+/// One job with its attempts, progress, artefacts and result.
+#[utoipa::path(tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = JobState), (status = 404)))]
+#[get("/jobs/{id}")]
+async fn get_job(caller: Caller, svc: web::Data<Service>, id: web::Path<String>) -> Result<web::Json<JobState>, ApiError> {
+    caller.require(Role::Read)?;
+    svc.get_job(&id).map(web::Json)
+}
+
+/// Cancels a job: a queued one at once, a running one through its executor's next heartbeat.
+#[utoipa::path(tag = "jobs", params(("id" = String, Path)), request_body = Option<CancelBody>, responses((status = 200, body = JobState), (status = 404), (status = 409)))]
+#[post("/jobs/{id}/cancel")]
+async fn cancel(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+    body: Option<web::Json<CancelBody>>,
+) -> Result<web::Json<JobState>, ApiError> {
+    let actor = caller.require(Role::Submit)?;
+    let reason = body.and_then(|b| b.into_inner().reason);
+    svc.cancel(actor, &id, reason).await.map(web::Json)
+}

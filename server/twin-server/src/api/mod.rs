@@ -1,0 +1,124 @@
+//! The HTTP API v1: one module per resource, each registering itself with `configure`.
+//!
+//! Routes are registered only through utoipa-actix-web's `service(...)`, which collects each
+//! handler's `#[utoipa::path]` into the OpenAPI document, so the document cannot miss a route
+//! (`tests/api.rs` also checks every route macro in this directory against it).
+
+mod blobs;
+mod events;
+mod executors;
+mod experiments;
+mod jobs;
+mod system;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::middleware::{Next, from_fn};
+use actix_web::{App, Error, HttpRequest, HttpResponse, error::JsonPayloadError, web};
+use utoipa::OpenApi;
+use utoipa_actix_web::AppExt;
+
+use crate::auth::Auth;
+use crate::error::ApiError;
+use crate::service::Service;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "twin", description = "Event-sourced job server for TWIN fine-grained perception training"),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Limits applied to request bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_json_bytes: usize,
+    pub max_blob_bytes: u64,
+}
+
+fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> Error {
+    match err {
+        JsonPayloadError::OverflowKnownLength { limit, .. } | JsonPayloadError::Overflow { limit } => {
+            ApiError::PayloadTooLarge { limit: limit as u64 }.into()
+        }
+        JsonPayloadError::ContentType => {
+            ApiError::InvalidBody("body: send JSON with `Content-Type: application/json`".into()).into()
+        }
+        JsonPayloadError::Deserialize(e) => ApiError::InvalidBody(format!("body: {e}")).into(),
+        other => ApiError::InvalidBody(format!("body: {other}")).into(),
+    }
+}
+
+async fn observe(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+    let metrics = req.app_data::<web::Data<Service>>().map(|s| s.metrics.clone());
+    let res = next.call(req).await?;
+    if let Some(m) = metrics {
+        m.http_seconds
+            .with_label_values(&[&method, &route, res.status().as_str()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    Ok(res)
+}
+
+async fn no_route(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::RouteNotFound { method: req.method().to_string(), path: req.path().chars().take(200).collect() })
+}
+
+/// The OpenAPI document, built from the same registration as the routes.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, doc) = App::new().into_utoipa_app().openapi(ApiDoc::openapi()).configure(routes).split_for_parts();
+    doc
+}
+
+fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    system::configure_root(cfg);
+    // One scope per prefix: actix does not fall through from a matched scope to a later one.
+    cfg.service(
+        utoipa_actix_web::scope("/v1")
+            .configure(system::configure)
+            .configure(jobs::configure)
+            .configure(experiments::configure)
+            .configure(events::configure)
+            .configure(executors::configure)
+            .configure(blobs::configure),
+    );
+}
+
+/// The whole application, for `HttpServer` and for in-process tests.
+pub fn app(
+    service: Arc<Service>,
+    auth: Arc<Auth>,
+    limits: Limits,
+) -> App<
+    impl ServiceFactory<ServiceRequest, Config = (), Response = ServiceResponse<impl MessageBody>, Error = Error, InitError = ()>,
+> {
+    let (app, doc) = App::new().into_utoipa_app().openapi(ApiDoc::openapi()).configure(routes).split_for_parts();
+    app.app_data(web::Data::from(service))
+        .app_data(web::Data::from(auth))
+        .app_data(web::Data::new(doc))
+        .app_data(web::Data::new(limits))
+        .app_data(web::JsonConfig::default().limit(limits.max_json_bytes).error_handler(json_error))
+        .app_data(web::QueryConfig::default().error_handler(|e, _| ApiError::InvalidQuery(format!("query: {e}")).into()))
+        .app_data(web::PayloadConfig::default().limit(limits.max_blob_bytes as usize))
+        .default_service(web::to(no_route))
+        .wrap(from_fn(observe))
+}

@@ -1,0 +1,67 @@
+//! Server configuration: a TOML file, overridden by command-line flags and `TWIN_*` variables.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::TokenConfig;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Run an executor inside the server (the single-machine default).
+    pub embedded_executor: bool,
+    pub executor: EmbeddedExecutorConfig,
+    /// A lease lapses this long after its grant or last heartbeat.
+    pub lease_ttl_ms: u64,
+    pub max_json_bytes: usize,
+    pub max_blob_bytes: u64,
+    pub tokens: Vec<TokenConfig>,
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddedExecutorConfig {
+    pub name: String,
+    pub gpus: u32,
+    pub labels: Vec<String>,
+}
+
+impl Default for EmbeddedExecutorConfig {
+    fn default() -> Self {
+        Self { name: "embedded".into(), gpus: 0, labels: Vec::new() }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("twin-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            embedded_executor: true,
+            executor: EmbeddedExecutorConfig::default(),
+            lease_ttl_ms: 30_000,
+            max_json_bytes: 1 << 20,
+            max_blob_bytes: 1 << 30,
+            tokens: Vec::new(),
+            workers: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
+}

@@ -1,0 +1,166 @@
+//! The one error table of the HTTP API: every failure maps to a stable code and a status.
+//!
+//! Messages name the bad field or id. Internal details (I/O errors, storage faults) are logged
+//! with `tracing` and replaced by a generic message in the response.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use twin_core::api::{ErrorBody, ErrorDetail};
+use twin_core::{Rejection, SpecError};
+use twin_log::{AppendError, BlobError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidSpec(SpecError),
+    #[error("{0}")]
+    InvalidBody(String),
+    #[error("{0}")]
+    InvalidQuery(String),
+    #[error("{what} `{value}` is not a valid id")]
+    InvalidId { what: &'static str, value: String },
+    #[error("missing bearer token: send `Authorization: Bearer <token>`")]
+    Unauthenticated,
+    #[error("unknown token")]
+    BadToken,
+    #[error("token `{name}` lacks the `{role}` role")]
+    Forbidden { name: String, role: &'static str },
+    #[error("{what} `{id}` not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("no route for {method} {path}")]
+    RouteNotFound { method: String, path: String },
+    #[error("{0}")]
+    Rejected(Rejection),
+    #[error("experiment `{0}` already exists")]
+    ExperimentExists(String),
+    #[error("idempotency key `{0}` was already used with a different request")]
+    IdempotencyKeyReused(String),
+    #[error("concurrent change to {0}; retry")]
+    Conflict(String),
+    #[error("request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    #[error("blob {expected}: uploaded bytes hash to {actual}")]
+    BlobHashMismatch { expected: String, actual: String },
+    #[error("the event log could not make the change durable, so nothing was recorded; retry later")]
+    StorageUnavailable,
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    /// Logs an internal failure and returns the opaque error sent to the client.
+    pub fn internal(context: &str, error: impl std::fmt::Display) -> Self {
+        tracing::error!(%error, "{context}");
+        ApiError::Internal
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidSpec(SpecError::KindNotBuilt(_)) => "kind_not_built",
+            ApiError::InvalidSpec(SpecError::UnknownKind(_)) => "unknown_kind",
+            ApiError::InvalidSpec(_) => "invalid_spec",
+            ApiError::InvalidBody(_) => "invalid_body",
+            ApiError::InvalidQuery(_) => "invalid_query",
+            ApiError::InvalidId { .. } => "invalid_id",
+            ApiError::Unauthenticated => "unauthenticated",
+            ApiError::BadToken => "bad_token",
+            ApiError::Forbidden { .. } => "forbidden",
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::RouteNotFound { .. } => "route_not_found",
+            ApiError::Rejected(Rejection::StaleEpoch { .. }) => "stale_epoch",
+            ApiError::Rejected(Rejection::NotYetEligible { .. }) => "not_yet_eligible",
+            ApiError::Rejected(Rejection::InvalidState { .. }) => "invalid_state",
+            ApiError::ExperimentExists(_) => "experiment_exists",
+            ApiError::IdempotencyKeyReused(_) => "idempotency_key_reused",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::BlobHashMismatch { .. } => "blob_hash_mismatch",
+            ApiError::StorageUnavailable => "storage_unavailable",
+            ApiError::Internal => "internal",
+        }
+    }
+
+    /// Every code with its status, for the documentation test.
+    pub const TABLE: &[(&str, u16)] = &[
+        ("invalid_spec", 400),
+        ("kind_not_built", 400),
+        ("unknown_kind", 400),
+        ("invalid_body", 400),
+        ("invalid_query", 400),
+        ("invalid_id", 400),
+        ("blob_hash_mismatch", 400),
+        ("unauthenticated", 401),
+        ("bad_token", 401),
+        ("forbidden", 403),
+        ("not_found", 404),
+        ("route_not_found", 404),
+        ("stale_epoch", 409),
+        ("not_yet_eligible", 409),
+        ("invalid_state", 409),
+        ("experiment_exists", 409),
+        ("idempotency_key_reused", 409),
+        ("conflict", 409),
+        ("payload_too_large", 413),
+        ("internal", 500),
+        ("storage_unavailable", 503),
+    ];
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        let code = self.code();
+        let status = ApiError::TABLE.iter().find(|(c, _)| *c == code).map_or(500, |(_, s)| *s);
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut resp = HttpResponse::build(self.status_code());
+        if matches!(self, ApiError::Unauthenticated | ApiError::BadToken) {
+            resp.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        resp.json(ErrorBody { error: ErrorDetail { code: self.code().to_owned(), message: self.to_string() } })
+    }
+}
+
+impl From<SpecError> for ApiError {
+    fn from(e: SpecError) -> Self {
+        ApiError::InvalidSpec(e)
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(e: Rejection) -> Self {
+        ApiError::Rejected(e)
+    }
+}
+
+impl From<AppendError> for ApiError {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::IdempotencyConflict { key } => ApiError::IdempotencyKeyReused(key),
+            AppendError::VersionConflict { stream, .. } => ApiError::Conflict(stream),
+            AppendError::Storage { message } => {
+                tracing::error!(error = %message, "append failed");
+                ApiError::StorageUnavailable
+            }
+            e @ (AppendError::Empty | AppendError::Closed) => ApiError::internal("append", e),
+        }
+    }
+}
+
+impl From<BlobError> for ApiError {
+    fn from(e: BlobError) -> Self {
+        match e {
+            BlobError::NotFound(h) => ApiError::NotFound { what: "blob", id: h.to_hex() },
+            BlobError::HashMismatch { expected, actual } => {
+                ApiError::BlobHashMismatch { expected: expected.to_hex(), actual: actual.to_hex() }
+            }
+            BlobError::TooLarge { limit } => ApiError::PayloadTooLarge { limit },
+            BlobError::Io { path, source } if source.raw_os_error() == Some(28) => {
+                tracing::error!(path = %path.display(), error = %source, "blob store is full");
+                ApiError::StorageUnavailable
+            }
+            e @ BlobError::Io { .. } => ApiError::internal("blob store", e),
+        }
+    }
+}

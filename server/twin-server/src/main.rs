@@ -1,0 +1,112 @@
+//! `twin-server`: `serve` runs the job server (with an embedded executor by default);
+//! `executor` runs a standalone executor against a server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use twin_server::config::ServerConfig;
+use twin_server::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "twin-server", version, about = "twin job server and executor")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "human", env = "TWIN_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// TOML config file; flags and TWIN_* variables override it.
+        #[arg(long, env = "TWIN_CONFIG")]
+        config: Option<PathBuf>,
+        /// Where the event log and blobs live (default ./twin-data).
+        #[arg(long, env = "TWIN_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Address to listen on (default 127.0.0.1:7878; port 0 picks one).
+        #[arg(long, env = "TWIN_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Do not run the embedded executor.
+        #[arg(long)]
+        no_executor: bool,
+        /// Lease time-to-live in milliseconds.
+        #[arg(long, env = "TWIN_LEASE_TTL_MS")]
+        lease_ttl_ms: Option<u64>,
+    },
+    /// Run a standalone executor that leases jobs from a server.
+    Executor {
+        #[arg(long, env = "TWIN_SERVER", default_value = "http://127.0.0.1:7878")]
+        server: String,
+        #[arg(long, env = "TWIN_TOKEN")]
+        token: Option<String>,
+        /// Name recorded in leases (default: executor-<pid>).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        gpus: u32,
+        /// Labels jobs may require (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config, data_dir, listen, no_executor, lease_ttl_ms } => {
+                let mut cfg = match config {
+                    Some(path) => ServerConfig::from_file(&path)?,
+                    None => ServerConfig::default(),
+                };
+                if let Some(d) = data_dir {
+                    cfg.data_dir = d;
+                }
+                if let Some(l) = listen {
+                    cfg.listen = l;
+                }
+                if no_executor {
+                    cfg.embedded_executor = false;
+                }
+                if let Some(t) = lease_ttl_ms {
+                    cfg.lease_ttl_ms = t;
+                }
+                twin_server::serve(cfg).await
+            }
+            Command::Executor { server, token, name, gpus, labels } => {
+                let name = name.unwrap_or_else(|| format!("executor-{}", std::process::id()));
+                twin_server::run_executor(twin_executor::ExecutorConfig {
+                    server,
+                    token,
+                    name,
+                    gpus,
+                    labels,
+                    poll_wait: Duration::from_secs(20),
+                })
+                .await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! The job service: turns API requests into commands, events and appends, and owns the leases.
+//!
+//! Write path: read the projection, `decide` (pure), append with the stream version the decision
+//! was based on, and retry on a version conflict. The log's writer thread applies every durable
+//! batch to the projections before it acknowledges, so a caller that got its answer reads its own
+//! write.
+//!
+//! Leases: deadlines live in memory (heartbeats are not events: they would swamp the log); the
+//! lease's grant, epoch and end are events. After a restart every held job gets a fresh full TTL.
+//! The reaper ([`Service::reap`]) expires lapsed leases through the same state machine.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, watch};
+use twin_core::api::{Capabilities, CreateExperiment, EventsPage, LeaseGrant, LeaseRequest};
+use twin_core::event::{ExperimentCreated, JobOutput};
+use twin_core::job::{self, JobCommand, JobState};
+use twin_core::{Event, ExperimentId, JobId, JobSubmission, Millis, Projections, StreamName};
+use twin_log::{AppendRequest, Appended, BlobStore, Expected, Idempotency, Log, LogConfig, StoredRecord};
+
+use crate::error::ApiError;
+use crate::metrics::{LogMetrics, Metrics};
+
+pub fn now_ms() -> Millis {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn mint_id() -> String {
+    ulid::Ulid::new().to_string().to_ascii_lowercase()
+}
+
+/// An executor the server has heard from.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ExecutorSeen {
+    pub name: String,
+    pub actor: String,
+    pub capabilities: Capabilities,
+    pub last_seen: Millis,
+}
+
+pub struct Service {
+    log: Log,
+    pub blobs: BlobStore,
+    state: Arc<RwLock<Projections>>,
+    /// Held jobs' lease deadlines.
+    leases: Mutex<HashMap<JobId, Instant>>,
+    executors: Mutex<BTreeMap<String, ExecutorSeen>>,
+    last_seq: watch::Receiver<u64>,
+    /// Woken on every durable batch: queued work may have appeared.
+    work: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    pub lease_ttl: Duration,
+}
+
+fn decode(r: &StoredRecord, into: &mut Projections) {
+    match r.recorded() {
+        Ok(e) => into.apply(&e),
+        Err(e) => {
+            tracing::error!(seq = r.seq, error = %e, "event cannot be decoded; projections skip it");
+            into.anomalies.push(format!("seq {}: {e}", r.seq));
+            into.last_seq = r.seq;
+        }
+    }
+}
+
+impl Service {
+    pub fn open(data_dir: &std::path::Path, lease_ttl: Duration, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+        let blobs = BlobStore::open(twin_log::blob_dir(data_dir))?;
+        let state = Arc::new(RwLock::new(Projections::default()));
+        let (seq_tx, last_seq) = watch::channel(0);
+        let seq_tx = Arc::new(seq_tx);
+        let work = Arc::new(Notify::new());
+        let mut initial = Projections::default();
+        let subscriber = {
+            let (state, work, seq_tx) = (state.clone(), work.clone(), seq_tx.clone());
+            Box::new(move |records: &[StoredRecord]| {
+                let mut s = state.write();
+                for r in records {
+                    decode(r, &mut s);
+                }
+                let last = s.last_seq;
+                drop(s);
+                seq_tx.send_replace(last);
+                work.notify_waiters();
+            })
+        };
+        let mut config = LogConfig::new(twin_log::log_dir(data_dir));
+        config.observer = Some(Arc::new(LogMetrics(metrics.clone())));
+        let started = Instant::now();
+        let log = Log::open(config, |r| decode(r, &mut initial), subscriber)?;
+        tracing::info!(
+            events = initial.last_seq,
+            jobs = initial.jobs.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "projections rebuilt from the log"
+        );
+        for a in &initial.anomalies {
+            tracing::warn!(anomaly = %a, "replay anomaly");
+        }
+        let grace = Instant::now() + lease_ttl;
+        let leases = initial.jobs.values().filter(|j| j.status.is_held()).map(|j| (j.id.clone(), grace)).collect();
+        let seq = initial.last_seq;
+        *state.write() = initial;
+        let svc = Service {
+            log,
+            blobs,
+            state,
+            leases: Mutex::new(leases),
+            executors: Mutex::new(BTreeMap::new()),
+            last_seq,
+            work,
+            metrics,
+            lease_ttl,
+        };
+        // The watch was created before the replay; bring it up to date.
+        seq_tx.send_replace(seq);
+        Ok(Arc::new(svc))
+    }
+
+    /// Stops the log writer (after queued appends) and releases the data directory.
+    pub fn close(&self) {
+        self.log.close();
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.log.last_seq()
+    }
+
+    pub fn read<T>(&self, f: impl FnOnce(&Projections) -> T) -> T {
+        f(&self.state.read())
+    }
+
+    fn job(&self, id: &JobId) -> Result<JobState, ApiError> {
+        self.read(|p| p.jobs.get(id).cloned()).ok_or_else(|| ApiError::NotFound { what: "job", id: id.to_string() })
+    }
+
+    pub fn get_job(&self, id: &str) -> Result<JobState, ApiError> {
+        self.job(&parse_job_id(id)?)
+    }
+
+    async fn append(
+        &self,
+        actor: &str,
+        events: Vec<(StreamName, Event)>,
+        expect: Vec<(String, Expected)>,
+        idempotency: Option<Idempotency>,
+    ) -> Result<Appended, ApiError> {
+        let events = events.iter().map(|(s, e)| twin_log::new_event(s, e)).collect();
+        Ok(self.log.append(AppendRequest { actor: actor.to_owned(), events, expect, idempotency }).await?)
+    }
+
+    /// Runs one command against a job: decide on the current state, append, retry on a race.
+    async fn execute(&self, id: &JobId, actor: &str, command: impl Fn(&JobState) -> JobCommand) -> Result<JobState, ApiError> {
+        for _ in 0..8 {
+            let state = self.job(id)?;
+            let events = state.decide(command(&state)).inspect_err(|r| {
+                if matches!(r, twin_core::Rejection::StaleEpoch { .. }) {
+                    self.metrics.stale_epoch_refusals.inc();
+                    tracing::warn!(job = %id, actor, rejection = %r, "stale executor refused");
+                }
+            })?;
+            if events.is_empty() {
+                return Ok(state);
+            }
+            let stream = StreamName::Job(id.clone()).to_string();
+            match self.append(actor, events, vec![(stream, Expected::Version(state.version))], None).await {
+                Ok(_) => {
+                    let after = self.job(id)?;
+                    if !after.status.is_held() {
+                        self.leases.lock().remove(id);
+                    }
+                    return Ok(after);
+                }
+                Err(ApiError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ApiError::Conflict(format!("job/{id}")))
+    }
+
+    pub async fn submit(
+        &self,
+        actor: &str,
+        body: serde_json::Value,
+        idempotency_key: Option<String>,
+    ) -> Result<(JobState, bool), ApiError> {
+        let submission = JobSubmission::from_json(body)?;
+        if let Some(exp) = &submission.experiment {
+            let known = self.read(|p| p.experiments.contains_key(exp));
+            if !known {
+                return Err(ApiError::InvalidSpec(twin_core::SpecError::Invalid {
+                    field: "experiment".into(),
+                    message: format!("no experiment `{exp}`; create it with POST /v1/experiments"),
+                }));
+            }
+        }
+        submission.validate()?;
+        let idempotency = idempotency_key.map(|key| Idempotency {
+            key,
+            digest: Sha256::digest(serde_json::to_vec(&submission).expect("submissions serialise")).into(),
+        });
+        let id: JobId = mint_id().parse().expect("ULIDs are valid ids");
+        let stream = StreamName::Job(id.clone()).to_string();
+        let appended = self.append(actor, job::submit(id, submission), vec![(stream, Expected::NoStream)], idempotency).await?;
+        let (first, replayed) = match appended {
+            Appended::New(records) => (records[0].stream.clone(), false),
+            Appended::Duplicate { first_seq, .. } => {
+                let r = self.log.read_from(first_seq, 1).map_err(|e| ApiError::internal("reading a replayed submission", e))?;
+                (r.first().map(|r| r.stream.clone()).unwrap_or_default(), true)
+            }
+        };
+        let id = match first.parse::<StreamName>() {
+            Ok(StreamName::Job(id)) => id,
+            _ => return Err(ApiError::internal("submission", format!("unexpected stream {first}"))),
+        };
+        self.work.notify_waiters();
+        Ok((self.job(&id)?, replayed))
+    }
+
+    pub async fn cancel(&self, actor: &str, id: &str, reason: Option<String>) -> Result<JobState, ApiError> {
+        let id = parse_job_id(id)?;
+        let reason = reason.unwrap_or_else(|| format!("cancelled by {actor}"));
+        self.execute(&id, actor, |_| JobCommand::Cancel { reason: reason.clone() }).await
+    }
+
+    pub async fn create_experiment(&self, actor: &str, body: CreateExperiment) -> Result<twin_core::projection::Experiment, ApiError> {
+        let id: ExperimentId = body.name.parse().map_err(|_| {
+            ApiError::InvalidBody(format!("name: `{}` must be 1 to 64 characters from a-z, 0-9, `-` and `_`", body.name))
+        })?;
+        let stream = StreamName::Experiment(id.clone());
+        let event = Event::ExperimentCreated(ExperimentCreated { id: id.clone(), name: body.name.clone(), description: body.description });
+        match self.append(actor, vec![(stream.clone(), event)], vec![(stream.to_string(), Expected::NoStream)], None).await {
+            Ok(_) => {}
+            Err(ApiError::Conflict(_)) => return Err(ApiError::ExperimentExists(body.name)),
+            Err(e) => return Err(e),
+        }
+        self.read(|p| p.experiments.get(&id).cloned()).ok_or_else(|| ApiError::internal("experiment", "missing after append"))
+    }
+
+    // --- executor protocol ---
+
+    /// Grants the best eligible job to an executor, waiting up to `wait_ms` for one.
+    pub async fn lease(&self, actor: &str, req: LeaseRequest) -> Result<Option<LeaseGrant>, ApiError> {
+        if req.executor.is_empty() || req.executor.len() > 128 {
+            return Err(ApiError::InvalidBody("executor: must be 1 to 128 bytes".into()));
+        }
+        self.executors.lock().insert(
+            req.executor.clone(),
+            ExecutorSeen { name: req.executor.clone(), actor: actor.to_owned(), capabilities: req.capabilities.clone(), last_seen: now_ms() },
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms.min(30_000));
+        loop {
+            let notified = self.work.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(grant) = self.try_lease(actor, &req).await? {
+                return Ok(Some(grant));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            // Also wake once a second: a job's retry backoff may have run out.
+            let tick = tokio::time::Instant::now() + Duration::from_secs(1);
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline.min(tick)) => {}
+            }
+        }
+    }
+
+    fn candidates(&self, caps: &Capabilities, now: Millis) -> Vec<JobId> {
+        self.read(|p| {
+            let mut eligible: Vec<&JobState> = p
+                .jobs
+                .values()
+                .filter(|j| j.status == twin_core::JobStatus::Queued)
+                .filter(|j| j.not_before.is_none_or(|t| t <= now))
+                .filter(|j| caps.kinds.contains(&j.kind))
+                .filter(|j| j.submission.requirements.gpus <= caps.gpus)
+                .filter(|j| j.submission.requirements.labels.is_subset(&caps.labels))
+                .collect();
+            // Highest priority first; ids are ULIDs, so ties go to the oldest submission.
+            eligible.sort_by(|a, b| b.submission.priority.cmp(&a.submission.priority).then(a.id.cmp(&b.id)));
+            eligible.into_iter().take(16).map(|j| j.id.clone()).collect()
+        })
+    }
+
+    async fn try_lease(&self, actor: &str, req: &LeaseRequest) -> Result<Option<LeaseGrant>, ApiError> {
+        let now = now_ms();
+        for id in self.candidates(&req.capabilities, now) {
+            let leased = self.execute(&id, actor, |_| JobCommand::Lease { executor: req.executor.clone(), now }).await;
+            match leased {
+                Ok(job) => {
+                    self.leases.lock().insert(id, Instant::now() + self.lease_ttl);
+                    return Ok(Some(LeaseGrant { epoch: job.epoch, lease_ttl_ms: self.lease_ttl.as_millis() as u64, job }));
+                }
+                // Another executor got it first.
+                Err(ApiError::Rejected(_)) | Err(ApiError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn heartbeat(&self, id: &str, epoch: u64) -> Result<bool, ApiError> {
+        let id = parse_job_id(id)?;
+        let job = self.job(&id)?;
+        if !job.status.is_held() || job.epoch != epoch {
+            self.metrics.stale_epoch_refusals.inc();
+            tracing::warn!(job = %id, given = epoch, current = job.epoch, status = job.status.as_str(), "stale heartbeat refused");
+            return Err(if job.status.is_held() {
+                ApiError::Rejected(twin_core::Rejection::StaleEpoch { job: id, given: epoch, current: job.epoch })
+            } else {
+                ApiError::Rejected(twin_core::Rejection::InvalidState { job: id, status: job.status.as_str(), action: "heartbeat" })
+            });
+        }
+        self.leases.lock().insert(id, Instant::now() + self.lease_ttl);
+        Ok(job.cancel_requested.is_some())
+    }
+
+    pub async fn job_command(&self, actor: &str, id: &str, command: JobCommand) -> Result<JobState, ApiError> {
+        let id = parse_job_id(id)?;
+        match &command {
+            JobCommand::RecordArtefact { blob, .. } if !self.blobs.contains(blob) => {
+                return Err(ApiError::InvalidBody(format!("blob: {blob} is not in the blob store; upload it first")));
+            }
+            JobCommand::Complete { output: JobOutput::Ingest(o), .. } if !self.blobs.contains(&o.manifest) => {
+                return Err(ApiError::InvalidBody(format!("output.manifest: {} is not in the blob store", o.manifest)));
+            }
+            _ => {}
+        }
+        self.execute(&id, actor, |_| command.clone()).await
+    }
+
+    pub fn dataset_id() -> twin_core::DatasetId {
+        mint_id().parse().expect("ULIDs are valid ids")
+    }
+
+    /// Expires every lapsed lease; returns how many.
+    pub async fn reap(&self) -> usize {
+        let now = Instant::now();
+        let lapsed: Vec<JobId> = self.leases.lock().iter().filter(|(_, d)| **d <= now).map(|(id, _)| id.clone()).collect();
+        let mut expired = 0;
+        for id in lapsed {
+            let Ok(job) = self.job(&id) else { continue };
+            if !job.status.is_held() {
+                self.leases.lock().remove(&id);
+                continue;
+            }
+            let epoch = job.epoch;
+            match self.execute(&id, "system", |_| JobCommand::ExpireLease { epoch, now: now_ms() }).await {
+                Ok(after) => {
+                    expired += 1;
+                    self.metrics.lease_expiries.inc();
+                    self.leases.lock().remove(&id);
+                    tracing::warn!(job = %id, epoch, status = after.status.as_str(), "lease expired");
+                }
+                Err(e) => tracing::warn!(job = %id, error = %e, "could not expire lease"),
+            }
+        }
+        expired
+    }
+
+    pub fn executors(&self) -> Vec<ExecutorSeen> {
+        self.executors.lock().values().cloned().collect()
+    }
+
+    // --- events ---
+
+    /// One page of events from `from`; waits up to `wait` when there is nothing new.
+    pub async fn events(&self, from: u64, prefix: Option<&str>, limit: usize, wait: Duration) -> Result<EventsPage, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut from = from.max(1);
+        let mut rx = self.last_seq.clone();
+        loop {
+            let page = self.page(from, prefix, limit)?;
+            if !page.events.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(page);
+            }
+            from = page.next;
+            if page.last_seq < from {
+                // Nothing past `from` yet: wait for the next durable batch.
+                if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                    return Ok(page);
+                }
+            }
+        }
+    }
+
+    fn page(&self, from: u64, prefix: Option<&str>, limit: usize) -> Result<EventsPage, ApiError> {
+        let scan = if prefix.is_some() { 4096 } else { limit };
+        let records = self.log.read_from(from, scan).map_err(|e| ApiError::internal("reading events", e))?;
+        let mut next = from;
+        let mut events = Vec::new();
+        for r in &records {
+            next = r.seq + 1;
+            if prefix.is_some_and(|p| !r.stream.starts_with(p)) {
+                continue;
+            }
+            events.push(r.recorded().map_err(|e| ApiError::internal("decoding an event", e))?);
+            if events.len() >= limit {
+                break;
+            }
+        }
+        Ok(EventsPage { events, next, last_seq: self.log.last_seq() })
+    }
+
+    /// Resolves as soon as the log passes `seq`.
+    pub async fn wait_past(&self, seq: u64) {
+        let mut rx = self.last_seq.clone();
+        let _ = rx.wait_for(|s| *s >= seq).await;
+    }
+}
+
+pub fn parse_job_id(id: &str) -> Result<JobId, ApiError> {
+    id.parse().map_err(|_| ApiError::InvalidId { what: "job id", value: id.chars().take(80).collect() })
+}
