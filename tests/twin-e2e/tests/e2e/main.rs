@@ -1,0 +1,20 @@
+//! End-to-end tests: the real `twin-server` and `twin` binaries on loopback ports.
+
+#![allow(clippy::unwrap_used)]
+
+mod cli;
+mod crash;
+mod disk;
+mod leases;
+
+use std::path::Path;
+
+use twin_e2e::{text, twin};
+
+/// Generates a sample image set with the CLI.
+pub fn sample(dir: &Path, args: &[&str]) {
+    let mut all = vec!["sample-data", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = twin(&all);
+    assert!(out.status.success(), "{:?}", text(&out));
+}
