@@ -12,8 +12,8 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use twin_core::api::{
-    ArtefactBody, BlobStored, CancelBody, CompleteBody, CreateExperiment, EpochBody, ErrorBody, EventsPage,
-    FailBody, Health, HeartbeatResponse, LeaseGrant, LeaseRequest, ProgressBody,
+    ArtefactBody, BlobStored, CancelBody, CompleteBody, CreateExperiment, EpochBody, ErrorBody,
+    EventsPage, FailBody, Health, HeartbeatResponse, LeaseGrant, LeaseRequest, ProgressBody,
 };
 use twin_core::job::JobState;
 use twin_core::projection::{Dataset, Experiment, Lineage};
@@ -22,7 +22,11 @@ use twin_core::{BlobHash, RecordedEvent};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{status} {code}: {message}")]
-    Api { status: u16, code: String, message: String },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
     #[error("cannot reach the twin server at {url}: {source}")]
     Transport { url: String, source: reqwest::Error },
     #[error("unexpected answer from {url}: {message}")]
@@ -78,8 +82,15 @@ impl Client {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .build()
-            .map_err(|source| ClientError::Transport { url: base.to_owned(), source })?;
-        Ok(Self { base: base.trim_end_matches('/').to_owned(), token, http })
+            .map_err(|source| ClientError::Transport {
+                url: base.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -95,14 +106,21 @@ impl Client {
     }
 
     async fn send(&self, rb: RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let resp = rb.send().await.map_err(|source| ClientError::Transport { url: self.base.clone(), source })?;
+        let resp = rb.send().await.map_err(|source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
         let status = resp.status().as_u16();
         let body = resp.bytes().await.unwrap_or_default();
         Err(match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(e) => ClientError::Api { status, code: e.error.code, message: e.error.message },
+            Ok(e) => ClientError::Api {
+                status,
+                code: e.error.code,
+                message: e.error.message,
+            },
             Err(_) => ClientError::Api {
                 status,
                 code: "http_error".into(),
@@ -114,7 +132,10 @@ impl Client {
     async fn json<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T, ClientError> {
         let resp = self.send(rb).await?;
         let url = resp.url().to_string();
-        resp.json().await.map_err(|e| ClientError::Protocol { url, message: e.to_string() })
+        resp.json().await.map_err(|e| ClientError::Protocol {
+            url,
+            message: e.to_string(),
+        })
     }
 
     pub async fn health(&self) -> Result<Health, ClientError> {
@@ -134,29 +155,42 @@ impl Client {
         let resp = self.send(rb).await?;
         let replayed = resp.status() == StatusCode::OK;
         let url = resp.url().to_string();
-        let job = resp.json().await.map_err(|e| ClientError::Protocol { url, message: e.to_string() })?;
+        let job = resp.json().await.map_err(|e| ClientError::Protocol {
+            url,
+            message: e.to_string(),
+        })?;
         Ok(Submitted { job, replayed })
     }
 
     pub async fn jobs(&self, filter: &JobFilter) -> Result<Vec<JobState>, ClientError> {
-        self.json(self.request(Method::GET, "/v1/jobs").query(filter)).await
-    }
-
-    pub async fn job(&self, id: &str) -> Result<JobState, ClientError> {
-        self.json(self.request(Method::GET, &format!("/v1/jobs/{id}"))).await
-    }
-
-    pub async fn cancel(&self, id: &str, reason: Option<String>) -> Result<JobState, ClientError> {
-        self.json(self.request(Method::POST, &format!("/v1/jobs/{id}/cancel")).json(&CancelBody { reason }))
+        self.json(self.request(Method::GET, "/v1/jobs").query(filter))
             .await
     }
 
-    pub async fn experiments(&self) -> Result<Vec<Experiment>, ClientError> {
-        self.json(self.request(Method::GET, "/v1/experiments")).await
+    pub async fn job(&self, id: &str) -> Result<JobState, ClientError> {
+        self.json(self.request(Method::GET, &format!("/v1/jobs/{id}")))
+            .await
     }
 
-    pub async fn create_experiment(&self, body: &CreateExperiment) -> Result<Experiment, ClientError> {
-        self.json(self.request(Method::POST, "/v1/experiments").json(body)).await
+    pub async fn cancel(&self, id: &str, reason: Option<String>) -> Result<JobState, ClientError> {
+        self.json(
+            self.request(Method::POST, &format!("/v1/jobs/{id}/cancel"))
+                .json(&CancelBody { reason }),
+        )
+        .await
+    }
+
+    pub async fn experiments(&self) -> Result<Vec<Experiment>, ClientError> {
+        self.json(self.request(Method::GET, "/v1/experiments"))
+            .await
+    }
+
+    pub async fn create_experiment(
+        &self,
+        body: &CreateExperiment,
+    ) -> Result<Experiment, ClientError> {
+        self.json(self.request(Method::POST, "/v1/experiments").json(body))
+            .await
     }
 
     pub async fn datasets(&self) -> Result<Vec<Dataset>, ClientError> {
@@ -164,17 +198,30 @@ impl Client {
     }
 
     pub async fn lineage(&self, target: &str) -> Result<Lineage, ClientError> {
-        self.json(self.request(Method::GET, &format!("/v1/lineage/{target}"))).await
+        self.json(self.request(Method::GET, &format!("/v1/lineage/{target}")))
+            .await
     }
 
     /// One page of events from `from`, waiting up to `wait` for new ones when there are none.
-    pub async fn events(&self, from: u64, prefix: Option<&str>, wait: Duration) -> Result<EventsPage, ClientError> {
-        let mut query = vec![("from", from.to_string()), ("wait_ms", wait.as_millis().to_string())];
+    pub async fn events(
+        &self,
+        from: u64,
+        prefix: Option<&str>,
+        wait: Duration,
+    ) -> Result<EventsPage, ClientError> {
+        let mut query = vec![
+            ("from", from.to_string()),
+            ("wait_ms", wait.as_millis().to_string()),
+        ];
         if let Some(p) = prefix {
             query.push(("prefix", p.to_owned()));
         }
-        self.json(self.request(Method::GET, "/v1/events").query(&query).timeout(wait + Duration::from_secs(30)))
-            .await
+        self.json(
+            self.request(Method::GET, "/v1/events")
+                .query(&query)
+                .timeout(wait + Duration::from_secs(30)),
+        )
+        .await
     }
 
     /// Server-Sent Events from `from` as a stream of decoded events.
@@ -187,13 +234,18 @@ impl Client {
         if let Some(p) = prefix {
             query.push(("prefix", p.to_owned()));
         }
-        let resp = self.send(self.request(Method::GET, "/v1/events/stream").query(&query)).await?;
+        let resp = self
+            .send(self.request(Method::GET, "/v1/events/stream").query(&query))
+            .await?;
         let url = resp.url().to_string();
         let mut buffer = String::new();
         let body = resp.bytes_stream();
         Ok(body
             .map(move |chunk| {
-                let chunk = chunk.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+                let chunk = chunk.map_err(|source| ClientError::Transport {
+                    url: url.clone(),
+                    source,
+                })?;
                 buffer.push_str(&String::from_utf8_lossy(&chunk));
                 let mut out = Vec::new();
                 while let Some(end) = buffer.find("\n\n") {
@@ -205,8 +257,10 @@ impl Client {
                         .collect();
                     if !data.is_empty() {
                         out.push(
-                            serde_json::from_str(&data)
-                                .map_err(|e| ClientError::Protocol { url: url.clone(), message: e.to_string() }),
+                            serde_json::from_str(&data).map_err(|e| ClientError::Protocol {
+                                url: url.clone(),
+                                message: e.to_string(),
+                            }),
                         );
                     }
                 }
@@ -229,7 +283,10 @@ impl Client {
     }
 
     pub async fn has_blob(&self, hash: &BlobHash) -> Result<bool, ClientError> {
-        match self.send(self.request(Method::HEAD, &format!("/v1/blobs/{hash}"))).await {
+        match self
+            .send(self.request(Method::HEAD, &format!("/v1/blobs/{hash}")))
+            .await
+        {
             Ok(_) => Ok(true),
             Err(e) if e.status() == Some(404) => Ok(false),
             Err(e) => Err(e),
@@ -238,11 +295,22 @@ impl Client {
 
     /// Downloads a blob and checks its hash.
     pub async fn get_blob(&self, hash: &BlobHash) -> Result<Bytes, ClientError> {
-        let resp = self.send(self.request(Method::GET, &format!("/v1/blobs/{hash}"))).await?;
+        let resp = self
+            .send(self.request(Method::GET, &format!("/v1/blobs/{hash}")))
+            .await?;
         let url = resp.url().to_string();
-        let bytes = resp.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: url.clone(),
+                source,
+            })?;
         if BlobHash::of(&bytes) != *hash {
-            return Err(ClientError::Protocol { url, message: format!("downloaded bytes do not hash to {hash}") });
+            return Err(ClientError::Protocol {
+                url,
+                message: format!("downloaded bytes do not hash to {hash}"),
+            });
         }
         Ok(bytes)
     }
@@ -260,11 +328,26 @@ impl Client {
             return Ok(None);
         }
         let url = resp.url().to_string();
-        resp.json().await.map(Some).map_err(|e| ClientError::Protocol { url, message: e.to_string() })
+        resp.json()
+            .await
+            .map(Some)
+            .map_err(|e| ClientError::Protocol {
+                url,
+                message: e.to_string(),
+            })
     }
 
-    async fn job_call<B: Serialize, T: DeserializeOwned>(&self, id: &str, verb: &str, body: &B) -> Result<T, ClientError> {
-        self.json(self.request(Method::POST, &format!("/v1/jobs/{id}/{verb}")).json(body)).await
+    async fn job_call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        id: &str,
+        verb: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.json(
+            self.request(Method::POST, &format!("/v1/jobs/{id}/{verb}"))
+                .json(body),
+        )
+        .await
     }
 
     pub async fn start(&self, id: &str, epoch: u64) -> Result<JobState, ClientError> {
@@ -279,7 +362,11 @@ impl Client {
         self.job_call(id, "progress", body).await
     }
 
-    pub async fn record_artefact(&self, id: &str, body: &ArtefactBody) -> Result<JobState, ClientError> {
+    pub async fn record_artefact(
+        &self,
+        id: &str,
+        body: &ArtefactBody,
+    ) -> Result<JobState, ClientError> {
         self.job_call(id, "artefacts", body).await
     }
 

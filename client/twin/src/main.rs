@@ -24,7 +24,12 @@ struct Cli {
 #[derive(Args, Clone)]
 pub struct Conn {
     /// Server URL.
-    #[arg(long, global = true, env = "TWIN_SERVER", default_value = "http://127.0.0.1:7878")]
+    #[arg(
+        long,
+        global = true,
+        env = "TWIN_SERVER",
+        default_value = "http://127.0.0.1:7878"
+    )]
     pub server: String,
     /// Bearer token.
     #[arg(long, global = true, env = "TWIN_TOKEN", hide_env_values = true)]
@@ -70,7 +75,10 @@ pub struct Failure {
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure { code: 2, error: e.into() }
+        Failure {
+            code: 2,
+            error: e.into(),
+        }
     }
 }
 
@@ -78,9 +86,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Replay(args) => replay::run(&args, cli.conn.json),
-        Command::Lineage { target, data_dir: Some(dir) } => replay::lineage(&dir, &target),
+        Command::Lineage {
+            target,
+            data_dir: Some(dir),
+        } => replay::lineage(&dir, &target),
         Command::SampleData(args) => sample::run(&args),
-        online_command => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        online_command => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt.block_on(online::run(cli.conn, online_command)),
             Err(e) => Err(e.into()),
         },

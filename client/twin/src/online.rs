@@ -8,9 +8,9 @@ use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use twin_client::{Client, JobFilter};
+use twin_core::RecordedEvent;
 use twin_core::api::CreateExperiment;
 use twin_core::job::{JobState, JobStatus};
-use twin_core::RecordedEvent;
 
 use crate::{Command, Conn, Failure};
 
@@ -85,16 +85,26 @@ pub enum ExperimentsCommand {
 
 /// Reads a spec file as JSON, whatever its format, and makes `spec.source` paths absolute.
 pub fn load_spec(path: &Path) -> anyhow::Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut value: serde_json::Value = match path.extension().and_then(|e| e.to_str()) {
-        Some("json") => serde_json::from_str(&text).with_context(|| format!("parsing {} as JSON", path.display()))?,
+        Some("json") => serde_json::from_str(&text)
+            .with_context(|| format!("parsing {} as JSON", path.display()))?,
         _ => {
-            let t: toml::Value = toml::from_str(&text).with_context(|| format!("parsing {} as TOML", path.display()))?;
+            let t: toml::Value = toml::from_str(&text)
+                .with_context(|| format!("parsing {} as TOML", path.display()))?;
             serde_json::to_value(t)?
         }
     };
-    let base = path.canonicalize()?.parent().map(Path::to_path_buf).unwrap_or_default();
-    if let Some(source) = value.pointer_mut("/spec/source").and_then(|s| s.as_object_mut()) {
+    let base = path
+        .canonicalize()?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    if let Some(source) = value
+        .pointer_mut("/spec/source")
+        .and_then(|s| s.as_object_mut())
+    {
         for (_, v) in source.iter_mut() {
             if let Some(p) = v.as_str().filter(|p| !p.starts_with('/')) {
                 *v = serde_json::Value::String(base.join(p).display().to_string());
@@ -105,32 +115,73 @@ pub fn load_spec(path: &Path) -> anyhow::Result<serde_json::Value> {
 }
 
 fn print_jobs(jobs: &[JobState]) {
-    println!("{:<26}  {:<8}  {:<10}  {:>4}  {:<12}  PROGRESS", "ID", "KIND", "STATE", "TRY", "EXPERIMENT");
+    println!(
+        "{:<26}  {:<8}  {:<10}  {:>4}  {:<12}  PROGRESS",
+        "ID", "KIND", "STATE", "TRY", "EXPERIMENT"
+    );
     for j in jobs {
-        let progress = j.progress.as_ref().map(|p| p.message.clone()).unwrap_or_default();
-        let exp = j.experiment.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "-".into());
-        println!("{:<26}  {:<8}  {:<10}  {:>4}  {:<12}  {}", j.id, j.kind.as_str(), j.status.as_str(), j.attempts.len(), exp, progress);
+        let progress = j
+            .progress
+            .as_ref()
+            .map(|p| p.message.clone())
+            .unwrap_or_default();
+        let exp = j
+            .experiment
+            .as_ref()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<26}  {:<8}  {:<10}  {:>4}  {:<12}  {}",
+            j.id,
+            j.kind.as_str(),
+            j.status.as_str(),
+            j.attempts.len(),
+            exp,
+            progress
+        );
     }
 }
 
 fn print_event(e: &RecordedEvent) {
-    let data = serde_json::to_value(&e.event).ok().and_then(|v| v.get("data").cloned()).unwrap_or_default();
-    println!("{:>6}  {}  {:<40}  {:<24} {}  {}", e.seq, e.ts, e.stream, e.event.event_type(), e.actor, data);
+    let data = serde_json::to_value(&e.event)
+        .ok()
+        .and_then(|v| v.get("data").cloned())
+        .unwrap_or_default();
+    println!(
+        "{:>6}  {}  {:<40}  {:<24} {}  {}",
+        e.seq,
+        e.ts,
+        e.stream,
+        e.event.event_type(),
+        e.actor,
+        data
+    );
 }
 
 fn finished(job: &JobState) -> Result<(), Failure> {
     match job.status {
         JobStatus::Succeeded => Ok(()),
         s => {
-            let last = job.attempts.iter().filter_map(|a| a.error.as_deref()).last().unwrap_or("no error recorded");
-            Err(Failure { code: 1, error: anyhow!("job {} {}: {last}", job.id, s.as_str()) })
+            let last = job
+                .attempts
+                .iter()
+                .rev()
+                .find_map(|a| a.error.as_deref())
+                .unwrap_or("no error recorded");
+            Err(Failure {
+                code: 1,
+                error: anyhow!("job {} {}: {last}", job.id, s.as_str()),
+            })
         }
     }
 }
 
 async fn wait(client: &Client, id: &str, timeout: Option<u64>, json: bool) -> Result<(), Failure> {
     let bar = ProgressBar::new(1000);
-    bar.set_style(ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {msg}").expect("static template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {msg}")
+            .expect("static template"),
+    );
     let deadline = timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
     let prefix = format!("job/{id}");
     let mut job = client.job(id).await?;
@@ -143,10 +194,15 @@ async fn wait(client: &Client, id: &str, timeout: Option<u64>, json: bool) -> Re
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             bar.abandon();
-            return Err(Failure { code: 2, error: anyhow!("timed out waiting for job {id} ({})", job.status.as_str()) });
+            return Err(Failure {
+                code: 2,
+                error: anyhow!("timed out waiting for job {id} ({})", job.status.as_str()),
+            });
         }
         // Long-poll the job's own events so the bar moves as soon as something happens.
-        let page = client.events(from, Some(&prefix), Duration::from_secs(2)).await?;
+        let page = client
+            .events(from, Some(&prefix), Duration::from_secs(2))
+            .await?;
         from = page.next;
         bar.tick();
         job = client.job(id).await?;
@@ -155,7 +211,12 @@ async fn wait(client: &Client, id: &str, timeout: Option<u64>, json: bool) -> Re
     if json {
         println!("{}", serde_json::to_string_pretty(&job)?);
     } else {
-        println!("job {} {} after {} attempt(s)", job.id, job.status.as_str(), job.attempts.len());
+        println!(
+            "job {} {} after {} attempt(s)",
+            job.id,
+            job.status.as_str(),
+            job.attempts.len()
+        );
         if let Some(r) = &job.result {
             println!("result: {}", serde_json::to_string(r)?);
         }
@@ -169,43 +230,94 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
         Command::Submit(args) => {
             let mut spec = load_spec(&args.file)?;
             if let Some(e) = args.experiment {
-                spec.as_object_mut().ok_or_else(|| anyhow!("the spec file must hold a table/object"))?.insert("experiment".into(), e.into());
+                spec.as_object_mut()
+                    .ok_or_else(|| anyhow!("the spec file must hold a table/object"))?
+                    .insert("experiment".into(), e.into());
             }
-            let submitted = client.submit(&spec, args.idempotency_key.as_deref()).await?;
+            let submitted = client
+                .submit(&spec, args.idempotency_key.as_deref())
+                .await?;
             let job = submitted.job;
             if conn.json {
                 println!("{}", serde_json::to_string_pretty(&job)?);
             } else {
-                let note = if submitted.replayed { " (replayed: this key was used before)" } else { "" };
+                let note = if submitted.replayed {
+                    " (replayed: this key was used before)"
+                } else {
+                    ""
+                };
                 println!("submitted job {} ({}){note}", job.id, job.kind.as_str());
             }
             if args.wait {
                 return wait(&client, job.id.as_str(), None, conn.json).await;
             }
         }
-        Command::Jobs(JobsCommand::Ls { state, kind, experiment, limit }) => {
-            let jobs = client.jobs(&JobFilter { state, kind, experiment, limit: Some(limit) }).await?;
-            if conn.json { println!("{}", serde_json::to_string_pretty(&jobs)?) } else { print_jobs(&jobs) }
+        Command::Jobs(JobsCommand::Ls {
+            state,
+            kind,
+            experiment,
+            limit,
+        }) => {
+            let jobs = client
+                .jobs(&JobFilter {
+                    state,
+                    kind,
+                    experiment,
+                    limit: Some(limit),
+                })
+                .await?;
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?)
+            } else {
+                print_jobs(&jobs)
+            }
         }
-        Command::Jobs(JobsCommand::Show { id }) => println!("{}", serde_json::to_string_pretty(&client.job(&id).await?)?),
+        Command::Jobs(JobsCommand::Show { id }) => {
+            println!("{}", serde_json::to_string_pretty(&client.job(&id).await?)?)
+        }
         Command::Jobs(JobsCommand::Cancel { id, reason }) => {
             let job = client.cancel(&id, reason).await?;
-            println!("job {} is {}{}", job.id, job.status.as_str(), if job.cancel_requested.is_some() && !job.status.is_terminal() { " (cancellation requested)" } else { "" });
+            println!(
+                "job {} is {}{}",
+                job.id,
+                job.status.as_str(),
+                if job.cancel_requested.is_some() && !job.status.is_terminal() {
+                    " (cancellation requested)"
+                } else {
+                    ""
+                }
+            );
         }
-        Command::Jobs(JobsCommand::Wait { id, timeout }) => return wait(&client, &id, timeout, conn.json).await,
-        Command::Events(EventsCommand::Tail { from, prefix, follow }) => {
+        Command::Jobs(JobsCommand::Wait { id, timeout }) => {
+            return wait(&client, &id, timeout, conn.json).await;
+        }
+        Command::Events(EventsCommand::Tail {
+            from,
+            prefix,
+            follow,
+        }) => {
             if follow {
                 let mut stream = client.event_stream(from, prefix.as_deref()).await?;
                 while let Some(e) = stream.next().await {
                     let e = e?;
-                    if conn.json { println!("{}", serde_json::to_string(&e)?) } else { print_event(&e) }
+                    if conn.json {
+                        println!("{}", serde_json::to_string(&e)?)
+                    } else {
+                        print_event(&e)
+                    }
                 }
             } else {
                 let mut from = from;
                 loop {
-                    let page = client.events(from, prefix.as_deref(), Duration::ZERO).await?;
+                    let page = client
+                        .events(from, prefix.as_deref(), Duration::ZERO)
+                        .await?;
                     for e in &page.events {
-                        if conn.json { println!("{}", serde_json::to_string(e)?) } else { print_event(e) }
+                        if conn.json {
+                            println!("{}", serde_json::to_string(e)?)
+                        } else {
+                            print_event(e)
+                        }
                     }
                     if page.next > page.last_seq || page.next == from {
                         break;
@@ -220,12 +332,20 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
                 println!("{}", serde_json::to_string_pretty(&exps)?);
             } else {
                 for e in exps {
-                    println!("{:<24} {:>4} jobs  by {}  {}", e.name, e.jobs.len(), e.created_by, e.description);
+                    println!(
+                        "{:<24} {:>4} jobs  by {}  {}",
+                        e.name,
+                        e.jobs.len(),
+                        e.created_by,
+                        e.description
+                    );
                 }
             }
         }
         Command::Experiments(ExperimentsCommand::Create { name, description }) => {
-            let e = client.create_experiment(&CreateExperiment { name, description }).await?;
+            let e = client
+                .create_experiment(&CreateExperiment { name, description })
+                .await?;
             println!("created experiment {}", e.name);
         }
         Command::Datasets => {
@@ -234,14 +354,25 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
                 println!("{}", serde_json::to_string_pretty(&ds)?);
             } else {
                 for d in ds {
-                    println!("{:<20} {}  {} images  {} instances  {} categories  manifest {}", d.name, d.id, d.images, d.instances, d.categories, d.manifest);
+                    println!(
+                        "{:<20} {}  {} images  {} instances  {} categories  manifest {}",
+                        d.name, d.id, d.images, d.instances, d.categories, d.manifest
+                    );
                 }
             }
         }
-        Command::Lineage { target, data_dir: None } => {
-            println!("{}", serde_json::to_string_pretty(&client.lineage(&target).await?)?);
+        Command::Lineage {
+            target,
+            data_dir: None,
+        } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client.lineage(&target).await?)?
+            );
         }
-        Command::Replay(_) | Command::SampleData(_) | Command::Lineage { .. } => return Err(anyhow!("not an online command").into()),
+        Command::Replay(_) | Command::SampleData(_) | Command::Lineage { .. } => {
+            return Err(anyhow!("not an online command").into());
+        }
     }
     Ok(())
 }

@@ -27,7 +27,10 @@ pub struct ReplayArgs {
 }
 
 fn bad(seq: u64, what: impl std::fmt::Display) -> Failure {
-    Failure { code: 1, error: anyhow!("verification failed at seq {seq}: {what}") }
+    Failure {
+        code: 1,
+        error: anyhow!("verification failed at seq {seq}: {what}"),
+    }
 }
 
 /// Blobs already checked, and manifests already expanded.
@@ -38,24 +41,42 @@ struct Checked {
 }
 
 /// Checks a blob and, for a manifest, every image blob it lists.
-fn verify_blob(blobs: &BlobStore, hash: &BlobHash, seq: u64, checked: &mut Checked, is_manifest: bool) -> Result<(), Failure> {
+fn verify_blob(
+    blobs: &BlobStore,
+    hash: &BlobHash,
+    seq: u64,
+    checked: &mut Checked,
+    is_manifest: bool,
+) -> Result<(), Failure> {
     if checked.blobs.insert(*hash) {
         blobs.verify(hash).map_err(|e| bad(seq, e))?;
     }
     if is_manifest && checked.manifests.insert(*hash) {
         let text = blobs.read(hash).map_err(|e| bad(seq, e))?;
-        for (n, line) in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).enumerate() {
-            let entry: ManifestEntry =
-                serde_json::from_slice(line).map_err(|e| bad(seq, format!("manifest {hash} line {}: {e}", n + 1)))?;
-            verify_blob(blobs, &entry.blob, seq, checked, false)
-                .map_err(|f| bad(seq, format!("image {} of manifest {hash}: {:#}", entry.path, f.error)))?;
+        for (n, line) in text
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .enumerate()
+        {
+            let entry: ManifestEntry = serde_json::from_slice(line)
+                .map_err(|e| bad(seq, format!("manifest {hash} line {}: {e}", n + 1)))?;
+            verify_blob(blobs, &entry.blob, seq, checked, false).map_err(|f| {
+                bad(
+                    seq,
+                    format!("image {} of manifest {hash}: {:#}", entry.path, f.error),
+                )
+            })?;
         }
     }
     Ok(())
 }
 
 /// Replays up to `until`; returns the projections and how many blobs were verified.
-fn replay_dir(dir: &Path, verify: bool, until: Option<u64>) -> Result<(Projections, usize, Option<String>), Failure> {
+fn replay_dir(
+    dir: &Path,
+    verify: bool,
+    until: Option<u64>,
+) -> Result<(Projections, usize, Option<String>), Failure> {
     let reader = LogReader::open(dir).with_context(|| format!("opening {}", dir.display()))?;
     let blobs = BlobStore::open(twin_log::blob_dir(dir))?;
     let mut state = Projections::default();
@@ -64,7 +85,10 @@ fn replay_dir(dir: &Path, verify: bool, until: Option<u64>) -> Result<(Projectio
     for record in reader.verified() {
         let record = record.map_err(|e| match e.seq() {
             Some(seq) => bad(seq, &e),
-            None => Failure { code: 2, error: anyhow!(e) },
+            None => Failure {
+                code: 2,
+                error: anyhow!(e),
+            },
         })?;
         if until.is_some_and(|u| record.seq > u) {
             break;
@@ -97,15 +121,31 @@ pub fn run(args: &ReplayArgs, json: bool) -> Result<(), Failure> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("replayed {} events from {}", state.last_seq, args.data_dir.display());
+    println!(
+        "replayed {} events from {}",
+        state.last_seq,
+        args.data_dir.display()
+    );
     if let Some(h) = head {
         println!("chain head {h}: every record's hash and link verified");
     }
     if args.verify {
         println!("{blobs} referenced blobs verified");
     }
-    let counts: Vec<String> = state.count_by_status().iter().filter(|(_, n)| **n > 0).map(|(s, n)| format!("{n} {}", s.as_str())).collect();
-    println!("jobs: {}", if counts.is_empty() { "none".into() } else { counts.join(", ") });
+    let counts: Vec<String> = state
+        .count_by_status()
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(s, n)| format!("{n} {}", s.as_str()))
+        .collect();
+    println!(
+        "jobs: {}",
+        if counts.is_empty() {
+            "none".into()
+        } else {
+            counts.join(", ")
+        }
+    );
     for job in state.jobs.values() {
         println!(
             "  {}  {:<8} {:<10} attempts {}  by {}{}",
@@ -114,7 +154,12 @@ pub fn run(args: &ReplayArgs, json: bool) -> Result<(), Failure> {
             job.status.as_str(),
             job.attempts.len(),
             job.submitted_by,
-            job.attempts.iter().filter_map(|a| a.error.as_deref()).last().map(|e| format!("  last error: {e}")).unwrap_or_default()
+            job.attempts
+                .iter()
+                .rev()
+                .find_map(|a| a.error.as_deref())
+                .map(|e| format!("  last error: {e}"))
+                .unwrap_or_default()
         );
     }
     for exp in state.experiments.values() {
@@ -134,9 +179,10 @@ pub fn run(args: &ReplayArgs, json: bool) -> Result<(), Failure> {
 
 pub fn lineage(dir: &Path, target: &str) -> Result<(), Failure> {
     let (state, _, _) = replay_dir(dir, false, None)?;
-    let lineage = state
-        .lineage(target)
-        .ok_or_else(|| Failure { code: 1, error: anyhow!("nothing in the log produced or is `{target}`") })?;
+    let lineage = state.lineage(target).ok_or_else(|| Failure {
+        code: 1,
+        error: anyhow!("nothing in the log produced or is `{target}`"),
+    })?;
     println!("{}", serde_json::to_string_pretty(&lineage)?);
     Ok(())
 }

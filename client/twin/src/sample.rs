@@ -31,10 +31,24 @@ pub struct SampleArgs {
 
 const CATEGORIES: [&str; 6] = ["mug", "sneaker", "lamp", "backpack", "kettle", "chair"];
 
-fn render(size: u32, colour: [u8; 3], shape: u32, shift: (i32, i32), light: f32, rng: &mut StdRng) -> RgbImage {
-    let bg = [rng.random_range(180..255u8), rng.random_range(180..255u8), rng.random_range(180..255u8)];
+fn render(
+    size: u32,
+    colour: [u8; 3],
+    shape: u32,
+    shift: (i32, i32),
+    light: f32,
+    rng: &mut StdRng,
+) -> RgbImage {
+    let bg = [
+        rng.random_range(180..255u8),
+        rng.random_range(180..255u8),
+        rng.random_range(180..255u8),
+    ];
     RgbImage::from_fn(size, size, |x, y| {
-        let (cx, cy) = ((size as i32 / 2 + shift.0) as f32, (size as i32 / 2 + shift.1) as f32);
+        let (cx, cy) = (
+            (size as i32 / 2 + shift.0) as f32,
+            (size as i32 / 2 + shift.1) as f32,
+        );
         let (dx, dy) = (x as f32 - cx, y as f32 - cy);
         let r = size as f32 * 0.3;
         let inside = match shape % 3 {
@@ -51,7 +65,9 @@ pub fn run(args: &SampleArgs) -> Result<(), Failure> {
     let mut rng = StdRng::seed_from_u64(args.seed);
     let mut written = 0;
     for c in 0..args.categories {
-        let category = CATEGORIES.get(c).map_or_else(|| format!("category-{c}"), |s| s.to_string());
+        let category = CATEGORIES
+            .get(c)
+            .map_or_else(|| format!("category-{c}"), |s| s.to_string());
         for i in 0..args.instances {
             let dir = args.dir.join(&category).join(format!("{category}-{i:02}"));
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -59,10 +75,22 @@ pub fn run(args: &SampleArgs) -> Result<(), Failure> {
             let shape = rng.random_range(0..3);
             for v in 0..args.views {
                 let shift = (rng.random_range(-8..8), rng.random_range(-8..8));
-                let img = render(args.size, colour, shape, shift, rng.random_range(0.8..1.2), &mut rng);
-                let (ext, format) = if v % 2 == 0 { ("png", ImageFormat::Png) } else { ("jpg", ImageFormat::Jpeg) };
+                let img = render(
+                    args.size,
+                    colour,
+                    shape,
+                    shift,
+                    rng.random_range(0.8..1.2),
+                    &mut rng,
+                );
+                let (ext, format) = if v % 2 == 0 {
+                    ("png", ImageFormat::Png)
+                } else {
+                    ("jpg", ImageFormat::Jpeg)
+                };
                 let path = dir.join(format!("view-{v}.{ext}"));
-                img.save_with_format(&path, format).with_context(|| format!("writing {}", path.display()))?;
+                img.save_with_format(&path, format)
+                    .with_context(|| format!("writing {}", path.display()))?;
                 written += 1;
             }
         }
@@ -75,6 +103,10 @@ pub fn run(args: &SampleArgs) -> Result<(), Failure> {
         png.truncate(png.len() / 2);
         std::fs::write(dir.join(format!("corrupt-{k}.png")), png)?;
     }
-    println!("wrote {written} images and {} corrupt files under {}", args.corrupt, args.dir.display());
+    println!(
+        "wrote {written} images and {} corrupt files under {}",
+        args.corrupt,
+        args.dir.display()
+    );
     Ok(())
 }

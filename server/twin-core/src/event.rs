@@ -26,11 +26,19 @@ pub enum DecodeError {
     #[error("unknown event type `{0}`")]
     UnknownType(String),
     #[error("event `{event_type}` has schema version {version}, newer than this build's {current}")]
-    FromTheFuture { event_type: String, version: u16, current: u16 },
+    FromTheFuture {
+        event_type: String,
+        version: u16,
+        current: u16,
+    },
     #[error("no upcaster for event `{event_type}` from version {version}")]
     NoUpcaster { event_type: String, version: u16 },
     #[error("event `{event_type}` v{version}: {message}")]
-    Malformed { event_type: String, version: u16, message: String },
+    Malformed {
+        event_type: String,
+        version: u16,
+        message: String,
+    },
 }
 
 /// Turns version `from_version` of one event type into version `from_version + 1`.
@@ -71,7 +79,10 @@ pub fn decode_versioned<T: DeserializeOwned>(
         let step = upcasters
             .iter()
             .find(|u| u.event_type == event_type && u.from_version == v)
-            .ok_or_else(|| DecodeError::NoUpcaster { event_type: event_type.to_owned(), version: v })?;
+            .ok_or_else(|| DecodeError::NoUpcaster {
+                event_type: event_type.to_owned(),
+                version: v,
+            })?;
         doc = (step.upcast)(doc).map_err(&malformed)?;
     }
     serde_json::from_value(doc).map_err(|e| malformed(e.to_string()))
@@ -302,7 +313,10 @@ impl Event {
     pub fn blob_refs(&self) -> Vec<BlobHash> {
         match self {
             Event::JobArtefactRecorded(a) => vec![a.blob],
-            Event::JobSucceeded(JobSucceeded { result: JobResult::Ingest(r), .. }) => {
+            Event::JobSucceeded(JobSucceeded {
+                result: JobResult::Ingest(r),
+                ..
+            }) => {
                 vec![r.output.manifest]
             }
             Event::DatasetRegistered(d) => vec![d.manifest],
@@ -330,7 +344,10 @@ mod tests {
 
     #[test]
     fn unknown_and_future_events_are_refused_by_name() {
-        assert_eq!(Event::decode("nope", 1, &[]), Err(DecodeError::UnknownType("nope".into())));
+        assert_eq!(
+            Event::decode("nope", 1, &[]),
+            Err(DecodeError::UnknownType("nope".into()))
+        );
         let err = Event::decode("job_started", 9, &[]).unwrap_err();
         assert!(err.to_string().contains("newer than this build"), "{err}");
     }

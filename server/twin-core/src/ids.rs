@@ -15,7 +15,9 @@ pub enum IdError {
     BadId(String),
     #[error("`{0}` is not a SHA-256 hash: expected 64 lower-case hex digits")]
     BadHash(String),
-    #[error("`{0}` is not a stream name: expected experiment/, job/, dataset/, module/ or run/ and an id")]
+    #[error(
+        "`{0}` is not a stream name: expected experiment/, job/, dataset/, module/ or run/ and an id"
+    )]
     BadStream(String),
 }
 
@@ -207,7 +209,10 @@ mod tests {
     #[test]
     fn stream_names_round_trip() {
         for s in ["job/01j", "experiment/e1", "dataset/d", "run/r-1"] {
-            assert_eq!(s.parse::<StreamName>().map(|n| n.to_string()), Ok(s.to_owned()));
+            assert_eq!(
+                s.parse::<StreamName>().map(|n| n.to_string()),
+                Ok(s.to_owned())
+            );
         }
         assert!("jobs/x".parse::<StreamName>().is_err());
         assert!("job/".parse::<StreamName>().is_err());

@@ -10,14 +10,26 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::event::{
-    DatasetRegistered, Event, IngestResult, JobArtefactRecorded, JobAttemptFailed, JobCancelRequested,
-    JobCancelled, JobLeaseExpired, JobLeased, JobOutput, JobProgress, JobResult, JobStarted,
-    JobSubmitted, JobSucceeded,
+    DatasetRegistered, Event, IngestResult, JobArtefactRecorded, JobAttemptFailed,
+    JobCancelRequested, JobCancelled, JobLeaseExpired, JobLeased, JobOutput, JobProgress,
+    JobResult, JobStarted, JobSubmitted, JobSucceeded,
 };
 use crate::ids::{Actor, BlobHash, DatasetId, ExperimentId, JobId, Millis, StreamName};
 use crate::spec::{JobKind, JobSpec, JobSubmission};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Queued,
@@ -39,7 +51,10 @@ impl JobStatus {
     ];
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
     }
 
     /// Held by an executor: its epoch is the one that may act.
@@ -118,15 +133,44 @@ pub struct JobState {
 /// An executor or user request against one job.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobCommand {
-    Lease { executor: String, now: Millis },
-    Start { epoch: u64 },
-    Progress { epoch: u64, message: String, fraction: Option<f64>, counters: BTreeMap<String, f64> },
-    RecordArtefact { epoch: u64, name: String, blob: BlobHash, bytes: u64 },
+    Lease {
+        executor: String,
+        now: Millis,
+    },
+    Start {
+        epoch: u64,
+    },
+    Progress {
+        epoch: u64,
+        message: String,
+        fraction: Option<f64>,
+        counters: BTreeMap<String, f64>,
+    },
+    RecordArtefact {
+        epoch: u64,
+        name: String,
+        blob: BlobHash,
+        bytes: u64,
+    },
     /// `dataset` is minted by the caller for stages that register one.
-    Complete { epoch: u64, output: JobOutput, dataset: DatasetId },
-    Fail { epoch: u64, error: String, retryable: bool, now: Millis },
-    ExpireLease { epoch: u64, now: Millis },
-    Cancel { reason: String },
+    Complete {
+        epoch: u64,
+        output: JobOutput,
+        dataset: DatasetId,
+    },
+    Fail {
+        epoch: u64,
+        error: String,
+        retryable: bool,
+        now: Millis,
+    },
+    ExpireLease {
+        epoch: u64,
+        now: Millis,
+    },
+    Cancel {
+        reason: String,
+    },
 }
 
 impl JobCommand {
@@ -147,16 +191,27 @@ impl JobCommand {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
     #[error("job {job}: epoch {given} is stale, the current lease has epoch {current}")]
-    StaleEpoch { job: JobId, given: u64, current: u64 },
+    StaleEpoch {
+        job: JobId,
+        given: u64,
+        current: u64,
+    },
     #[error("job {job} is {status}: cannot {action} it")]
-    InvalidState { job: JobId, status: &'static str, action: &'static str },
+    InvalidState {
+        job: JobId,
+        status: &'static str,
+        action: &'static str,
+    },
     #[error("job {job} waits for its retry backoff until {not_before}")]
     NotYetEligible { job: JobId, not_before: Millis },
 }
 
 /// Events that start a job's stream.
 pub fn submit(id: JobId, submission: JobSubmission) -> Vec<(StreamName, Event)> {
-    vec![(StreamName::Job(id.clone()), Event::JobSubmitted(JobSubmitted { id, submission }))]
+    vec![(
+        StreamName::Job(id.clone()),
+        Event::JobSubmitted(JobSubmitted { id, submission }),
+    )]
 }
 
 impl JobState {
@@ -165,7 +220,11 @@ impl JobState {
     }
 
     fn invalid(&self, cmd: &JobCommand) -> Rejection {
-        Rejection::InvalidState { job: self.id.clone(), status: self.status.as_str(), action: cmd.name() }
+        Rejection::InvalidState {
+            job: self.id.clone(),
+            status: self.status.as_str(),
+            action: cmd.name(),
+        }
     }
 
     fn check_epoch(&self, cmd: &JobCommand, epoch: u64) -> Result<(), Rejection> {
@@ -173,7 +232,11 @@ impl JobState {
             return Err(self.invalid(cmd));
         }
         if epoch != self.epoch {
-            return Err(Rejection::StaleEpoch { job: self.id.clone(), given: epoch, current: self.epoch });
+            return Err(Rejection::StaleEpoch {
+                job: self.id.clone(),
+                given: epoch,
+                current: self.epoch,
+            });
         }
         Ok(())
     }
@@ -194,9 +257,15 @@ impl JobState {
                     return Err(self.invalid(&cmd));
                 }
                 if let Some(not_before) = self.not_before.filter(|t| *t > now) {
-                    return Err(Rejection::NotYetEligible { job: self.id.clone(), not_before });
+                    return Err(Rejection::NotYetEligible {
+                        job: self.id.clone(),
+                        not_before,
+                    });
                 }
-                one(Event::JobLeased(JobLeased { epoch: self.epoch + 1, executor: executor.clone() }))
+                one(Event::JobLeased(JobLeased {
+                    epoch: self.epoch + 1,
+                    executor: executor.clone(),
+                }))
             }
             JobCommand::Start { epoch } => {
                 self.check_epoch(&cmd, epoch)?;
@@ -205,7 +274,12 @@ impl JobState {
                 }
                 one(Event::JobStarted(JobStarted { epoch }))
             }
-            JobCommand::Progress { epoch, ref message, fraction, ref counters } => {
+            JobCommand::Progress {
+                epoch,
+                ref message,
+                fraction,
+                ref counters,
+            } => {
                 self.check_epoch(&cmd, epoch)?;
                 one(Event::JobProgress(JobProgress {
                     epoch,
@@ -214,11 +288,25 @@ impl JobState {
                     counters: counters.clone(),
                 }))
             }
-            JobCommand::RecordArtefact { epoch, ref name, blob, bytes } => {
+            JobCommand::RecordArtefact {
+                epoch,
+                ref name,
+                blob,
+                bytes,
+            } => {
                 self.check_epoch(&cmd, epoch)?;
-                one(Event::JobArtefactRecorded(JobArtefactRecorded { epoch, name: name.clone(), blob, bytes }))
+                one(Event::JobArtefactRecorded(JobArtefactRecorded {
+                    epoch,
+                    name: name.clone(),
+                    blob,
+                    bytes,
+                }))
             }
-            JobCommand::Complete { epoch, ref output, ref dataset } => {
+            JobCommand::Complete {
+                epoch,
+                ref output,
+                ref dataset,
+            } => {
                 self.check_epoch(&cmd, epoch)?;
                 match (&self.submission.spec, output) {
                     (JobSpec::Ingest(spec), JobOutput::Ingest(out)) => Ok(vec![
@@ -247,7 +335,12 @@ impl JobState {
                     ]),
                 }
             }
-            JobCommand::Fail { epoch, ref error, retryable, now } => {
+            JobCommand::Fail {
+                epoch,
+                ref error,
+                retryable,
+                now,
+            } => {
                 self.check_epoch(&cmd, epoch)?;
                 if self.cancel_requested.is_some() {
                     return one(Event::JobCancelled(JobCancelled { epoch: Some(epoch) }));
@@ -264,13 +357,20 @@ impl JobState {
                 if self.cancel_requested.is_some() {
                     return one(Event::JobCancelled(JobCancelled { epoch: Some(epoch) }));
                 }
-                one(Event::JobLeaseExpired(JobLeaseExpired { epoch, retry_at: self.retry_at(true, now) }))
+                one(Event::JobLeaseExpired(JobLeaseExpired {
+                    epoch,
+                    retry_at: self.retry_at(true, now),
+                }))
             }
             JobCommand::Cancel { ref reason } => match self.status {
                 JobStatus::Queued => one(Event::JobCancelled(JobCancelled { epoch: None })),
-                JobStatus::Leased | JobStatus::Running if self.cancel_requested.is_some() => Ok(Vec::new()),
+                JobStatus::Leased | JobStatus::Running if self.cancel_requested.is_some() => {
+                    Ok(Vec::new())
+                }
                 JobStatus::Leased | JobStatus::Running => {
-                    one(Event::JobCancelRequested(JobCancelRequested { reason: reason.clone() }))
+                    one(Event::JobCancelRequested(JobCancelRequested {
+                        reason: reason.clone(),
+                    }))
                 }
                 _ => Err(self.invalid(&cmd)),
             },
@@ -388,7 +488,9 @@ mod tests {
     use crate::spec::{IngestSource, IngestSpec, Requirements, RetryPolicy};
 
     fn given(events: &[Event]) -> JobState {
-        let Event::JobSubmitted(first) = &events[0] else { panic!("a job starts with job_submitted") };
+        let Event::JobSubmitted(first) = &events[0] else {
+            panic!("a job starts with job_submitted")
+        };
         let mut s = JobState::from_submitted(first, "alice", 0);
         for (i, e) in events[1..].iter().enumerate() {
             s.apply(e, (i as i64 + 1) * 10);
@@ -403,7 +505,11 @@ mod tests {
                 experiment: None,
                 priority: 0,
                 requirements: Requirements::default(),
-                retry: RetryPolicy { max_attempts, backoff_initial_ms: 100, backoff_max_ms: 1000 },
+                retry: RetryPolicy {
+                    max_attempts,
+                    backoff_initial_ms: 100,
+                    backoff_max_ms: 1000,
+                },
                 spec: JobSpec::Ingest(IngestSpec {
                     dataset: "d".into(),
                     source: IngestSource::Dir("/x".into()),
@@ -413,7 +519,10 @@ mod tests {
     }
 
     fn leased(epoch: u64) -> Event {
-        Event::JobLeased(JobLeased { epoch, executor: "gpu-1".into() })
+        Event::JobLeased(JobLeased {
+            epoch,
+            executor: "gpu-1".into(),
+        })
     }
 
     fn events_of(r: Result<Vec<(StreamName, Event)>, Rejection>) -> Vec<Event> {
@@ -434,86 +543,202 @@ mod tests {
     #[test]
     fn a_queued_job_is_leased_with_the_next_epoch() {
         let s = given(&[submitted(3)]);
-        let got = events_of(s.decide(JobCommand::Lease { executor: "gpu-1".into(), now: 5 }));
+        let got = events_of(s.decide(JobCommand::Lease {
+            executor: "gpu-1".into(),
+            now: 5,
+        }));
         assert_eq!(got, vec![leased(1)]);
     }
 
     #[test]
     fn a_stale_epoch_is_refused_for_every_executor_command() {
-        let s = given(&[submitted(3), leased(1), Event::JobLeaseExpired(JobLeaseExpired { epoch: 1, retry_at: Some(0) }), leased(2)]);
+        let s = given(&[
+            submitted(3),
+            leased(1),
+            Event::JobLeaseExpired(JobLeaseExpired {
+                epoch: 1,
+                retry_at: Some(0),
+            }),
+            leased(2),
+        ]);
         for cmd in [
             JobCommand::Start { epoch: 1 },
-            JobCommand::Progress { epoch: 1, message: "x".into(), fraction: None, counters: BTreeMap::new() },
-            JobCommand::Complete { epoch: 1, output: output(), dataset: "d1".parse().expect("id") },
-            JobCommand::Fail { epoch: 1, error: "x".into(), retryable: true, now: 0 },
+            JobCommand::Progress {
+                epoch: 1,
+                message: "x".into(),
+                fraction: None,
+                counters: BTreeMap::new(),
+            },
+            JobCommand::Complete {
+                epoch: 1,
+                output: output(),
+                dataset: "d1".parse().expect("id"),
+            },
+            JobCommand::Fail {
+                epoch: 1,
+                error: "x".into(),
+                retryable: true,
+                now: 0,
+            },
         ] {
             assert_eq!(
                 s.decide(cmd),
-                Err(Rejection::StaleEpoch { job: s.id.clone(), given: 1, current: 2 })
+                Err(Rejection::StaleEpoch {
+                    job: s.id.clone(),
+                    given: 1,
+                    current: 2
+                })
             );
         }
     }
 
     #[test]
     fn a_retryable_failure_requeues_with_exponential_backoff_until_attempts_run_out() {
-        let fail = |epoch| JobCommand::Fail { epoch, error: format!("boom {epoch}"), retryable: true, now: 1000 };
+        let fail = |epoch| JobCommand::Fail {
+            epoch,
+            error: format!("boom {epoch}"),
+            retryable: true,
+            now: 1000,
+        };
         let s = given(&[submitted(2), leased(1)]);
         let e1 = events_of(s.decide(fail(1)));
-        assert_eq!(e1, vec![Event::JobAttemptFailed(JobAttemptFailed { epoch: 1, error: "boom 1".into(), retryable: true, retry_at: Some(1100) })]);
+        assert_eq!(
+            e1,
+            vec![Event::JobAttemptFailed(JobAttemptFailed {
+                epoch: 1,
+                error: "boom 1".into(),
+                retryable: true,
+                retry_at: Some(1100)
+            })]
+        );
         let s = given(&[submitted(2), leased(1), e1[0].clone()]);
         assert_eq!((s.status, s.not_before), (JobStatus::Queued, Some(1100)));
-        assert!(matches!(s.decide(JobCommand::Lease { executor: "e".into(), now: 1099 }), Err(Rejection::NotYetEligible { .. })));
+        assert!(matches!(
+            s.decide(JobCommand::Lease {
+                executor: "e".into(),
+                now: 1099
+            }),
+            Err(Rejection::NotYetEligible { .. })
+        ));
         let s = given(&[submitted(2), leased(1), e1[0].clone(), leased(2)]);
         let e2 = events_of(s.decide(fail(2)));
-        let s = given(&[submitted(2), leased(1), e1[0].clone(), leased(2), e2[0].clone()]);
+        let s = given(&[
+            submitted(2),
+            leased(1),
+            e1[0].clone(),
+            leased(2),
+            e2[0].clone(),
+        ]);
         assert_eq!(s.status, JobStatus::Failed);
         let errors: Vec<_> = s.attempts.iter().map(|a| a.error.clone()).collect();
-        assert_eq!(errors, vec![Some("boom 1".into()), Some("boom 2".into())], "every attempt's error is kept");
+        assert_eq!(
+            errors,
+            vec![Some("boom 1".into()), Some("boom 2".into())],
+            "every attempt's error is kept"
+        );
     }
 
     #[test]
     fn a_non_retryable_failure_is_final_at_once() {
         let s = given(&[submitted(5), leased(1)]);
-        let e = events_of(s.decide(JobCommand::Fail { epoch: 1, error: "bad input".into(), retryable: false, now: 0 }));
-        assert_eq!(given(&[submitted(5), leased(1), e[0].clone()]).status, JobStatus::Failed);
+        let e = events_of(s.decide(JobCommand::Fail {
+            epoch: 1,
+            error: "bad input".into(),
+            retryable: false,
+            now: 0,
+        }));
+        assert_eq!(
+            given(&[submitted(5), leased(1), e[0].clone()]).status,
+            JobStatus::Failed
+        );
     }
 
     #[test]
     fn cancelling_a_queued_job_ends_it_and_a_running_one_asks_its_executor() {
-        let cancel = || JobCommand::Cancel { reason: "user".into() };
-        assert_eq!(events_of(given(&[submitted(1)]).decide(cancel())), vec![Event::JobCancelled(JobCancelled { epoch: None })]);
-        let running = [submitted(1), leased(1), Event::JobStarted(JobStarted { epoch: 1 })];
+        let cancel = || JobCommand::Cancel {
+            reason: "user".into(),
+        };
+        assert_eq!(
+            events_of(given(&[submitted(1)]).decide(cancel())),
+            vec![Event::JobCancelled(JobCancelled { epoch: None })]
+        );
+        let running = [
+            submitted(1),
+            leased(1),
+            Event::JobStarted(JobStarted { epoch: 1 }),
+        ];
         let e = events_of(given(&running).decide(cancel()));
-        assert_eq!(e, vec![Event::JobCancelRequested(JobCancelRequested { reason: "user".into() })]);
+        assert_eq!(
+            e,
+            vec![Event::JobCancelRequested(JobCancelRequested {
+                reason: "user".into()
+            })]
+        );
         let mut with_request = running.to_vec();
         with_request.push(e[0].clone());
         let s = given(&with_request);
-        assert_eq!(events_of(s.decide(cancel())), vec![], "a second cancel is a no-op");
-        let stop = events_of(s.decide(JobCommand::Fail { epoch: 1, error: "stopped".into(), retryable: true, now: 0 }));
-        assert_eq!(stop, vec![Event::JobCancelled(JobCancelled { epoch: Some(1) })]);
+        assert_eq!(
+            events_of(s.decide(cancel())),
+            vec![],
+            "a second cancel is a no-op"
+        );
+        let stop = events_of(s.decide(JobCommand::Fail {
+            epoch: 1,
+            error: "stopped".into(),
+            retryable: true,
+            now: 0,
+        }));
+        assert_eq!(
+            stop,
+            vec![Event::JobCancelled(JobCancelled { epoch: Some(1) })]
+        );
     }
 
     #[test]
     fn an_expired_lease_counts_as_an_attempt() {
         let s = given(&[submitted(1), leased(1)]);
         let e = events_of(s.decide(JobCommand::ExpireLease { epoch: 1, now: 0 }));
-        assert_eq!(e, vec![Event::JobLeaseExpired(JobLeaseExpired { epoch: 1, retry_at: None })]);
+        assert_eq!(
+            e,
+            vec![Event::JobLeaseExpired(JobLeaseExpired {
+                epoch: 1,
+                retry_at: None
+            })]
+        );
     }
 
     #[test]
     fn completing_an_ingest_registers_its_dataset() {
         let s = given(&[submitted(1), leased(1)]);
-        let e = s.decide(JobCommand::Complete { epoch: 1, output: output(), dataset: "d1".parse().expect("id") }).expect("ok");
+        let e = s
+            .decide(JobCommand::Complete {
+                epoch: 1,
+                output: output(),
+                dataset: "d1".parse().expect("id"),
+            })
+            .expect("ok");
         assert_eq!(e.len(), 2);
         assert_eq!(e[1].0.to_string(), "dataset/d1");
-        assert!(matches!(e[1].1, Event::DatasetRegistered(ref d) if d.images == 2 && d.name == "d"));
+        assert!(
+            matches!(e[1].1, Event::DatasetRegistered(ref d) if d.images == 2 && d.name == "d")
+        );
     }
 
     #[test]
     fn finished_jobs_refuse_everything() {
-        let done = [submitted(1), leased(1), Event::JobCancelled(JobCancelled { epoch: Some(1) })];
+        let done = [
+            submitted(1),
+            leased(1),
+            Event::JobCancelled(JobCancelled { epoch: Some(1) }),
+        ];
         let s = given(&done);
-        assert!(matches!(s.decide(JobCommand::Cancel { reason: "x".into() }), Err(Rejection::InvalidState { .. })));
-        assert!(matches!(s.decide(JobCommand::Start { epoch: 1 }), Err(Rejection::InvalidState { .. })));
+        assert!(matches!(
+            s.decide(JobCommand::Cancel { reason: "x".into() }),
+            Err(Rejection::InvalidState { .. })
+        ));
+        assert!(matches!(
+            s.decide(JobCommand::Start { epoch: 1 }),
+            Err(Rejection::InvalidState { .. })
+        ));
     }
 }

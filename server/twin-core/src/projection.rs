@@ -87,9 +87,11 @@ impl Projections {
                 Event::DatasetRegistered(d) => format!("dataset:{}", d.id),
                 _ => "result".to_owned(),
             };
-            self.producers
-                .entry(blob)
-                .or_insert(Producer { seq: rec.seq, job: job.cloned(), role });
+            self.producers.entry(blob).or_insert(Producer {
+                seq: rec.seq,
+                job: job.cloned(),
+                role,
+            });
         }
     }
 
@@ -112,10 +114,18 @@ impl Projections {
                 );
             }
             (Event::JobSubmitted(e), Ok(StreamName::Job(_))) => {
-                if let Some(exp) = e.submission.experiment.as_ref().and_then(|x| self.experiments.get_mut(x)) {
+                if let Some(exp) = e
+                    .submission
+                    .experiment
+                    .as_ref()
+                    .and_then(|x| self.experiments.get_mut(x))
+                {
                     exp.jobs.push(e.id.clone());
                 }
-                self.jobs.insert(e.id.clone(), JobState::from_submitted(e, &rec.actor, rec.ts));
+                self.jobs.insert(
+                    e.id.clone(),
+                    JobState::from_submitted(e, &rec.actor, rec.ts),
+                );
             }
             (Event::DatasetRegistered(d), Ok(StreamName::Dataset(_))) => {
                 self.note_blobs(rec, Some(&d.job));
@@ -137,14 +147,18 @@ impl Projections {
                 self.note_blobs(rec, Some(&id));
                 match self.jobs.get_mut(&id) {
                     Some(job) => job.apply(event, rec.ts),
-                    None => self.anomalies.push(format!("seq {}: event for unknown job {id}", rec.seq)),
+                    None => self
+                        .anomalies
+                        .push(format!("seq {}: event for unknown job {id}", rec.seq)),
                 }
             }
             (_, stream) => self.anomalies.push(format!(
                 "seq {}: event {} does not belong on stream {:?}",
                 rec.seq,
                 rec.event.event_type(),
-                stream.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+                stream
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string())
             )),
         }
     }
@@ -157,7 +171,15 @@ impl Projections {
                 let job = producer.job.clone();
                 (Some(producer), job)
             }
-            Err(_) => (None, Some(target.parse::<JobId>().ok().filter(|id| self.jobs.contains_key(id))?)),
+            Err(_) => (
+                None,
+                Some(
+                    target
+                        .parse::<JobId>()
+                        .ok()
+                        .filter(|id| self.jobs.contains_key(id))?,
+                ),
+            ),
         };
         let job = job_id.as_ref().and_then(|id| self.jobs.get(id)).cloned();
         let experiment = job
@@ -174,12 +196,26 @@ impl Projections {
         let mut blobs: Vec<BlobHash> = job
             .iter()
             .flat_map(|j| {
-                let results = j.result.iter().map(|JobResult::Ingest(r)| r.output.manifest);
-                j.artefacts.iter().map(|a| a.blob).chain(results).collect::<Vec<_>>()
+                let results = j
+                    .result
+                    .iter()
+                    .map(|JobResult::Ingest(r)| r.output.manifest);
+                j.artefacts
+                    .iter()
+                    .map(|a| a.blob)
+                    .chain(results)
+                    .collect::<Vec<_>>()
             })
             .collect();
         blobs.sort();
         blobs.dedup();
-        Some(Lineage { target: target.to_owned(), producer, job, experiment, datasets, blobs })
+        Some(Lineage {
+            target: target.to_owned(),
+            producer,
+            job,
+            experiment,
+            datasets,
+            blobs,
+        })
     }
 }

@@ -10,7 +10,17 @@ use crate::ids::ExperimentId;
 /// Every kind of job the recipe has. The set is open: a kind is listed here as soon as it is
 /// designed, and [`JobKind::is_built`] says whether this version can run it.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum JobKind {
@@ -116,7 +126,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_attempts: 3, backoff_initial_ms: 1_000, backoff_max_ms: 60_000 }
+        Self {
+            max_attempts: 3,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 60_000,
+        }
     }
 }
 
@@ -124,7 +138,9 @@ impl RetryPolicy {
     /// Delay before attempt `failed_attempt + 1`, after `failed_attempt` (1-based) failed.
     pub fn backoff_ms(&self, failed_attempt: u32) -> u64 {
         let exp = failed_attempt.saturating_sub(1).min(32);
-        self.backoff_initial_ms.saturating_mul(1u64 << exp).min(self.backoff_max_ms)
+        self.backoff_initial_ms
+            .saturating_mul(1u64 << exp)
+            .min(self.backoff_max_ms)
     }
 }
 
@@ -150,13 +166,18 @@ pub enum SpecError {
     Invalid { field: String, message: String },
     #[error("spec.kind: job kind `{0}` is not built in this version (built: ingest)")]
     KindNotBuilt(String),
-    #[error("spec.kind: unknown job kind `{0}` (known: ingest, mine, build-dataset, eval, score, synthesize, train)")]
+    #[error(
+        "spec.kind: unknown job kind `{0}` (known: ingest, mine, build-dataset, eval, score, synthesize, train)"
+    )]
     UnknownKind(String),
 }
 
 impl SpecError {
     fn invalid(field: &str, message: impl Into<String>) -> Self {
-        SpecError::Invalid { field: field.to_owned(), message: message.into() }
+        SpecError::Invalid {
+            field: field.to_owned(),
+            message: message.into(),
+        }
     }
 
     pub fn field(&self) -> &str {
@@ -175,10 +196,15 @@ impl JobSubmission {
         let obj = value
             .as_object()
             .ok_or_else(|| SpecError::invalid("(body)", "expected a JSON object"))?;
-        if let Some(unknown) = obj.keys().find(|k| !SUBMISSION_FIELDS.contains(&k.as_str())) {
+        if let Some(unknown) = obj
+            .keys()
+            .find(|k| !SUBMISSION_FIELDS.contains(&k.as_str()))
+        {
             return Err(SpecError::invalid(unknown, "unknown field"));
         }
-        let spec = obj.get("spec").ok_or_else(|| SpecError::invalid("spec", "missing field"))?;
+        let spec = obj
+            .get("spec")
+            .ok_or_else(|| SpecError::invalid("spec", "missing field"))?;
         let kind = spec
             .get("kind")
             .ok_or_else(|| SpecError::invalid("spec.kind", "missing field"))?
@@ -189,12 +215,14 @@ impl JobSubmission {
             Some(k) if !k.is_built() => return Err(SpecError::KindNotBuilt(kind.to_owned())),
             Some(_) => {}
         }
-        let submission: JobSubmission =
-            serde_path_to_error::deserialize(&value).map_err(|e| {
-                let path = e.path().to_string();
-                let message = e.into_inner().to_string();
-                SpecError::Invalid { field: field_of(&path, &message), message }
-            })?;
+        let submission: JobSubmission = serde_path_to_error::deserialize(&value).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            SpecError::Invalid {
+                field: field_of(&path, &message),
+                message,
+            }
+        })?;
         submission.validate()?;
         Ok(submission)
     }
@@ -206,7 +234,10 @@ impl JobSubmission {
     /// Checks the rules serde cannot express.
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.retry.max_attempts == 0 || self.retry.max_attempts > 100 {
-            return Err(SpecError::invalid("retry.max_attempts", "must be between 1 and 100"));
+            return Err(SpecError::invalid(
+                "retry.max_attempts",
+                "must be between 1 and 100",
+            ));
         }
         if self.retry.backoff_initial_ms > self.retry.backoff_max_ms {
             return Err(SpecError::invalid(
@@ -216,7 +247,10 @@ impl JobSubmission {
         }
         for label in &self.requirements.labels {
             if label.is_empty() || label.len() > 64 {
-                return Err(SpecError::invalid("requirements.labels", "labels are 1 to 64 bytes"));
+                return Err(SpecError::invalid(
+                    "requirements.labels",
+                    "labels are 1 to 64 bytes",
+                ));
             }
         }
         match &self.spec {
@@ -264,7 +298,9 @@ mod tests {
     use serde_json::json;
 
     fn check(input: serde_json::Value, expect: Result<(), &str>) {
-        let got = JobSubmission::from_json(input).map(|_| ()).map_err(|e| e.to_string());
+        let got = JobSubmission::from_json(input)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
         match (got, expect) {
             (Ok(()), Ok(())) => {}
             (Err(e), Err(want)) => assert!(e.contains(want), "error {e:?} should contain {want:?}"),
@@ -285,26 +321,57 @@ mod tests {
 
     #[test]
     fn bad_submissions_name_the_field() {
-        check(json!({"spec": {"kind": "ingest", "dataset": "x"}}), Err("spec.source"));
-        check(json!({"spec": {"kind": "ingest", "dataset": "Bad Name", "source": {"dir": "/d"}}}), Err("spec.dataset"));
-        check(json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "rel"}}}), Err("spec.source.dir"));
-        check(json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}, "extra": 1}}), Err("extra"));
-        check(json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}}, "priority": "high"}), Err("priority"));
-        check(json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}}, "retry": {"max_attempts": 0}}), Err("retry.max_attempts"));
-        check(json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}}, "colour": 1}), Err("colour: unknown field"));
+        check(
+            json!({"spec": {"kind": "ingest", "dataset": "x"}}),
+            Err("spec.source"),
+        );
+        check(
+            json!({"spec": {"kind": "ingest", "dataset": "Bad Name", "source": {"dir": "/d"}}}),
+            Err("spec.dataset"),
+        );
+        check(
+            json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "rel"}}}),
+            Err("spec.source.dir"),
+        );
+        check(
+            json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}, "extra": 1}}),
+            Err("extra"),
+        );
+        check(
+            json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}}, "priority": "high"}),
+            Err("priority"),
+        );
+        check(
+            json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}}, "retry": {"max_attempts": 0}}),
+            Err("retry.max_attempts"),
+        );
+        check(
+            json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}}, "colour": 1}),
+            Err("colour: unknown field"),
+        );
         check(json!({"spec": {}}), Err("spec.kind: missing"));
         check(json!([]), Err("(body)"));
     }
 
     #[test]
     fn kinds_not_built_are_told_apart_from_unknown_kinds() {
-        check(json!({"spec": {"kind": "train"}}), Err("not built in this version"));
-        check(json!({"spec": {"kind": "dance"}}), Err("unknown job kind `dance`"));
+        check(
+            json!({"spec": {"kind": "train"}}),
+            Err("not built in this version"),
+        );
+        check(
+            json!({"spec": {"kind": "dance"}}),
+            Err("unknown job kind `dance`"),
+        );
     }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let p = RetryPolicy { max_attempts: 5, backoff_initial_ms: 100, backoff_max_ms: 350 };
+        let p = RetryPolicy {
+            max_attempts: 5,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 350,
+        };
         assert_eq!([1, 2, 3, 4].map(|a| p.backoff_ms(a)), [100, 200, 350, 350]);
     }
 }

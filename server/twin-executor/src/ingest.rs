@@ -49,13 +49,18 @@ fn has_image_extension(p: &Path) -> bool {
 }
 
 fn is_hidden(p: &Path) -> bool {
-    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
 }
 
 /// Lists `<root>/<category>/<instance>/<image>`; anything else under `root` is rejected by name.
 fn list_dir(root: &Path) -> Result<(Vec<Item>, Vec<RejectedFile>), StageError> {
     if !root.is_dir() {
-        return Err(StageError::permanent(format!("spec.source.dir: {} is not a directory", root.display())));
+        return Err(StageError::permanent(format!(
+            "spec.source.dir: {} is not a directory",
+            root.display()
+        )));
     }
     let mut items = Vec::new();
     let mut rejected = Vec::new();
@@ -63,15 +68,24 @@ fn list_dir(root: &Path) -> Result<(Vec<Item>, Vec<RejectedFile>), StageError> {
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                let path = e.path().map(|p| p.display().to_string()).unwrap_or_default();
-                rejected.push(RejectedFile { path, error: format!("cannot read: {e}") });
+                let path = e
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                rejected.push(RejectedFile {
+                    path,
+                    error: format!("cannot read: {e}"),
+                });
                 continue;
             }
         };
         if entry.file_type().is_dir() || is_hidden(entry.path()) {
             continue;
         }
-        let rel = entry.path().strip_prefix(root).expect("walkdir yields paths under its root");
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .expect("walkdir yields paths under its root");
         let parts: Vec<_> = rel.iter().filter_map(|c| c.to_str()).collect();
         let rel_str = rel.display().to_string();
         if parts.len() != 3 || !has_image_extension(entry.path()) {
@@ -92,8 +106,12 @@ fn list_dir(root: &Path) -> Result<(Vec<Item>, Vec<RejectedFile>), StageError> {
 }
 
 fn list_manifest(path: &Path) -> Result<(Vec<Item>, Vec<RejectedFile>), StageError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| StageError::permanent(format!("spec.source.manifest: cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        StageError::permanent(format!(
+            "spec.source.manifest: cannot read {}: {e}",
+            path.display()
+        ))
+    })?;
     let base = path.parent().unwrap_or(Path::new("/"));
     let mut items = Vec::new();
     let mut rejected = Vec::new();
@@ -102,21 +120,35 @@ fn list_manifest(path: &Path) -> Result<(Vec<Item>, Vec<RejectedFile>), StageErr
             continue;
         }
         match serde_json::from_str::<ManifestLine>(line) {
-            Ok(m) if m.instance.is_empty() || m.category.is_empty() => rejected.push(RejectedFile {
-                path: format!("{}:{}", path.display(), n + 1),
-                error: "instance and category must not be empty".into(),
+            Ok(m) if m.instance.is_empty() || m.category.is_empty() => {
+                rejected.push(RejectedFile {
+                    path: format!("{}:{}", path.display(), n + 1),
+                    error: "instance and category must not be empty".into(),
+                })
+            }
+            Ok(m) => items.push(Item {
+                category: m.category,
+                instance: m.instance,
+                path: base.join(&m.path),
+                rel: m.path,
             }),
-            Ok(m) => items.push(Item { category: m.category, instance: m.instance, path: base.join(&m.path), rel: m.path }),
-            Err(e) => rejected.push(RejectedFile { path: format!("{}:{}", path.display(), n + 1), error: e.to_string() }),
+            Err(e) => rejected.push(RejectedFile {
+                path: format!("{}:{}", path.display(), n + 1),
+                error: e.to_string(),
+            }),
         }
     }
     Ok((items, rejected))
 }
 
 /// Decodes and describes one image; the error names what was wrong with the file.
-fn inspect(bytes: &[u8], hasher: &image_hasher::Hasher) -> Result<(u32, u32, String, String), String> {
+fn inspect(
+    bytes: &[u8],
+    hasher: &image_hasher::Hasher,
+) -> Result<(u32, u32, String, String), String> {
     let format = image::guess_format(bytes).map_err(|e| format!("not a recognised image: {e}"))?;
-    let img = image::load_from_memory_with_format(bytes, format).map_err(|e| format!("cannot decode: {e}"))?;
+    let img = image::load_from_memory_with_format(bytes, format)
+        .map_err(|e| format!("cannot decode: {e}"))?;
     if img.width() == 0 || img.height() == 0 {
         return Err("image has no pixels".into());
     }
@@ -137,25 +169,36 @@ impl Stage for IngestStage {
             IngestSource::Manifest(m) => list_manifest(Path::new(m))?,
         };
         items.sort();
-        let hasher = HasherConfig::new().hash_alg(HashAlg::Gradient).hash_size(8, 8).to_hasher();
+        let hasher = HasherConfig::new()
+            .hash_alg(HashAlg::Gradient)
+            .hash_size(8, 8)
+            .to_hasher();
         let total = items.len();
         let mut entries = Vec::with_capacity(total);
         let mut last_report = Instant::now();
         for (i, item) in items.into_iter().enumerate() {
             if ctx.is_cancelled() {
-                return Err(StageError::permanent(format!("stopped after {i} of {total} images")));
+                return Err(StageError::permanent(format!(
+                    "stopped after {i} of {total} images"
+                )));
             }
             let bytes = match std::fs::read(&item.path) {
                 Ok(b) => b,
                 Err(e) => {
-                    rejected.push(RejectedFile { path: item.rel, error: format!("cannot read: {e}") });
+                    rejected.push(RejectedFile {
+                        path: item.rel,
+                        error: format!("cannot read: {e}"),
+                    });
                     continue;
                 }
             };
             let (width, height, format, phash) = match inspect(&bytes, &hasher) {
                 Ok(d) => d,
                 Err(error) => {
-                    rejected.push(RejectedFile { path: item.rel, error });
+                    rejected.push(RejectedFile {
+                        path: item.rel,
+                        error,
+                    });
                     continue;
                 }
             };
@@ -176,11 +219,18 @@ impl Stage for IngestStage {
                     ("images".to_owned(), entries.len() as f64),
                     ("rejected".to_owned(), rejected.len() as f64),
                 ]);
-                ctx.progress(&format!("{} of {total} files", i + 1), Some((i + 1) as f64 / total as f64), counters);
+                ctx.progress(
+                    &format!("{} of {total} files", i + 1),
+                    Some((i + 1) as f64 / total as f64),
+                    counters,
+                );
             }
         }
         if entries.is_empty() {
-            let first = rejected.first().map(|r| format!(" (first: {}: {})", r.path, r.error)).unwrap_or_default();
+            let first = rejected
+                .first()
+                .map(|r| format!(" (first: {}: {})", r.path, r.error))
+                .unwrap_or_default();
             return Err(StageError::permanent(format!(
                 "no valid images in the source; {} files rejected{first}",
                 rejected.len()
@@ -226,7 +276,10 @@ mod tests {
         std::fs::write(root.join("mugs/mug-1/.hidden.png"), b"x").expect("write");
         let (items, rejected) = list_dir(root).expect("list");
         assert_eq!(items.len(), 1);
-        assert_eq!((items[0].category.as_str(), items[0].instance.as_str()), ("mugs", "mug-1"));
+        assert_eq!(
+            (items[0].category.as_str(), items[0].instance.as_str()),
+            ("mugs", "mug-1")
+        );
         let mut bad: Vec<_> = rejected.iter().map(|r| r.path.as_str()).collect();
         bad.sort();
         assert_eq!(bad, vec!["mugs/mug-1/notes.txt", "mugs/stray.png"]);
@@ -241,7 +294,15 @@ mod tests {
             .expect("encode");
         let (w, h, format, phash) = inspect(&png, &hasher).expect("valid png");
         assert_eq!((w, h, format.as_str(), phash.len()), (4, 3, "png", 16));
-        assert!(inspect(&png[..png.len() / 2], &hasher).unwrap_err().contains("cannot decode"));
-        assert!(inspect(b"hello", &hasher).unwrap_err().contains("not a recognised image"));
+        assert!(
+            inspect(&png[..png.len() / 2], &hasher)
+                .unwrap_err()
+                .contains("cannot decode")
+        );
+        assert!(
+            inspect(b"hello", &hasher)
+                .unwrap_err()
+                .contains("not a recognised image")
+        );
     }
 }

@@ -16,7 +16,9 @@ use bytes::Bytes;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use twin_client::{Client, ClientError};
-use twin_core::api::{ArtefactBody, Capabilities, CompleteBody, FailBody, LeaseGrant, LeaseRequest, ProgressBody};
+use twin_core::api::{
+    ArtefactBody, Capabilities, CompleteBody, FailBody, LeaseGrant, LeaseRequest, ProgressBody,
+};
 use twin_core::event::JobOutput;
 use twin_core::job::JobState;
 use twin_core::{BlobHash, JobKind};
@@ -32,11 +34,17 @@ pub struct StageError {
 impl StageError {
     /// Bad input: retrying cannot help.
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self { message: message.into(), retryable: false }
+        Self {
+            message: message.into(),
+            retryable: false,
+        }
     }
     /// A transient fault (the server unreachable, a busy device).
     pub fn transient(message: impl Into<String>) -> Self {
-        Self { message: message.into(), retryable: true }
+        Self {
+            message: message.into(),
+            retryable: true,
+        }
     }
 }
 
@@ -68,7 +76,12 @@ impl StageContext {
 
     /// Best effort: a lost progress event is not worth failing the job for.
     pub fn progress(&self, message: &str, fraction: Option<f64>, counters: BTreeMap<String, f64>) {
-        let body = ProgressBody { epoch: self.epoch, message: message.to_owned(), fraction, counters };
+        let body = ProgressBody {
+            epoch: self.epoch,
+            message: message.to_owned(),
+            fraction,
+            counters,
+        };
         if let Err(e) = self.rt.block_on(self.client.progress(&self.job, &body)) {
             tracing::warn!(job = %self.job, error = %e, "progress not recorded");
         }
@@ -77,23 +90,38 @@ impl StageContext {
     /// Stores bytes in the server's blob store (skipped when the server already has them).
     pub fn upload(&self, bytes: Vec<u8>) -> Result<BlobHash, StageError> {
         let hash = BlobHash::of(&bytes);
-        let have = self.rt.block_on(self.client.has_blob(&hash)).map_err(transient)?;
+        let have = self
+            .rt
+            .block_on(self.client.has_blob(&hash))
+            .map_err(transient)?;
         if !have {
-            let stored = self.rt.block_on(self.client.put_blob(Bytes::from(bytes))).map_err(transient)?;
+            let stored = self
+                .rt
+                .block_on(self.client.put_blob(Bytes::from(bytes)))
+                .map_err(transient)?;
             debug_assert_eq!(stored.hash, hash);
         }
         Ok(hash)
     }
 
     pub fn record_artefact(&self, name: &str, blob: BlobHash) -> Result<(), StageError> {
-        let body = ArtefactBody { epoch: self.epoch, name: name.to_owned(), blob };
-        self.rt.block_on(self.client.record_artefact(&self.job, &body)).map(|_| ()).map_err(transient)
+        let body = ArtefactBody {
+            epoch: self.epoch,
+            name: name.to_owned(),
+            blob,
+        };
+        self.rt
+            .block_on(self.client.record_artefact(&self.job, &body))
+            .map(|_| ())
+            .map_err(transient)
     }
 }
 
 fn transient(e: ClientError) -> StageError {
     match e {
-        ClientError::Api { status, .. } if (400..500).contains(&status) => StageError::permanent(e.to_string()),
+        ClientError::Api { status, .. } if (400..500).contains(&status) => {
+            StageError::permanent(e.to_string())
+        }
         e => StageError::transient(e.to_string()),
     }
 }
@@ -125,7 +153,11 @@ enum Outcome {
 impl Executor {
     pub fn new(config: ExecutorConfig, stages: Vec<Arc<dyn Stage>>) -> Result<Self, ClientError> {
         let client = Client::new(&config.server, config.token.clone())?;
-        Ok(Self { config, client, stages })
+        Ok(Self {
+            config,
+            client,
+            stages,
+        })
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -174,9 +206,18 @@ impl Executor {
         let epoch = grant.epoch;
         let span = tracing::info_span!("job", job = %id, epoch, kind = %grant.job.kind);
         let _enter = span.enter();
-        let Some(stage) = self.stages.iter().find(|s| s.kind() == grant.job.kind).cloned() else {
+        let Some(stage) = self
+            .stages
+            .iter()
+            .find(|s| s.kind() == grant.job.kind)
+            .cloned()
+        else {
             // The server only leases kinds we listed; this is a server bug, say so and give up.
-            let body = FailBody { epoch, error: format!("executor has no stage for {}", grant.job.kind), retryable: true };
+            let body = FailBody {
+                epoch,
+                error: format!("executor has no stage for {}", grant.job.kind),
+                retryable: true,
+            };
             let _ = self.client.fail(&id, &body).await;
             return;
         };
@@ -195,23 +236,50 @@ impl Executor {
             cancel.clone(),
             lost.clone(),
         ));
-        let ctx = StageContext { client: self.client.clone(), job: id.clone(), epoch, rt: Handle::current(), cancel: cancel.clone() };
+        let ctx = StageContext {
+            client: self.client.clone(),
+            job: id.clone(),
+            epoch,
+            rt: Handle::current(),
+            cancel: cancel.clone(),
+        };
         let job = grant.job.clone();
         let result = tokio::task::spawn_blocking(move || stage.run(&job, &ctx))
             .await
             .unwrap_or_else(|e| Err(StageError::permanent(format!("stage panicked: {e}"))));
         heartbeat.abort();
-        let outcome = if lost.load(Ordering::SeqCst) { Outcome::LeaseLost } else { Outcome::Done(result) };
+        let outcome = if lost.load(Ordering::SeqCst) {
+            Outcome::LeaseLost
+        } else {
+            Outcome::Done(result)
+        };
         let reported = match outcome {
             Outcome::LeaseLost => {
                 tracing::warn!("lease lost while running; the result is discarded");
                 return;
             }
-            Outcome::Done(Ok(output)) => self.client.complete(&id, &CompleteBody { epoch, output }).await,
+            Outcome::Done(Ok(output)) => {
+                self.client
+                    .complete(&id, &CompleteBody { epoch, output })
+                    .await
+            }
             Outcome::Done(Err(e)) => {
-                let error = if cancel.load(Ordering::SeqCst) { format!("cancelled: {e}") } else { e.message };
+                let error = if cancel.load(Ordering::SeqCst) {
+                    format!("cancelled: {e}")
+                } else {
+                    e.message
+                };
                 tracing::warn!(%error, retryable = e.retryable, "job attempt failed");
-                self.client.fail(&id, &FailBody { epoch, error, retryable: e.retryable }).await
+                self.client
+                    .fail(
+                        &id,
+                        &FailBody {
+                            epoch,
+                            error,
+                            retryable: e.retryable,
+                        },
+                    )
+                    .await
             }
         };
         match reported {

@@ -16,7 +16,10 @@ pub enum BlobError {
     #[error("blob {0} not found")]
     NotFound(BlobHash),
     #[error("blob {expected}: content hashes to {actual}")]
-    HashMismatch { expected: BlobHash, actual: BlobHash },
+    HashMismatch {
+        expected: BlobHash,
+        actual: BlobHash,
+    },
     #[error("blob exceeds the size limit of {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("blob store at {path}: {source}")]
@@ -24,7 +27,10 @@ pub enum BlobError {
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> BlobError + '_ {
-    move |source| BlobError::Io { path: path.to_owned(), source }
+    move |source| BlobError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -70,7 +76,9 @@ impl BlobStore {
     pub fn read(&self, hash: &BlobHash) -> Result<Vec<u8>, BlobError> {
         let mut out = Vec::new();
         let path = self.path(hash);
-        self.open_blob(hash)?.read_to_end(&mut out).map_err(io_at(&path))?;
+        self.open_blob(hash)?
+            .read_to_end(&mut out)
+            .map_err(io_at(&path))?;
         Ok(out)
     }
 
@@ -85,7 +93,13 @@ impl BlobStore {
     pub fn writer(&self, limit: u64) -> Result<BlobWriter, BlobError> {
         let tmp = self.root.join("tmp");
         let file = tempfile::NamedTempFile::new_in(&tmp).map_err(io_at(&tmp))?;
-        Ok(BlobWriter { store: self.clone(), file, hasher: Sha256::new(), len: 0, limit })
+        Ok(BlobWriter {
+            store: self.clone(),
+            file,
+            hasher: Sha256::new(),
+            len: 0,
+            limit,
+        })
     }
 
     /// Re-hashes a stored blob.
@@ -95,7 +109,14 @@ impl BlobStore {
         let mut hasher = Sha256::new();
         io::copy(&mut file, &mut hasher).map_err(io_at(&path))?;
         let actual = BlobHash(hasher.finalize().into());
-        if actual == *hash { Ok(()) } else { Err(BlobError::HashMismatch { expected: *hash, actual }) }
+        if actual == *hash {
+            Ok(())
+        } else {
+            Err(BlobError::HashMismatch {
+                expected: *hash,
+                actual,
+            })
+        }
     }
 }
 
@@ -133,8 +154,13 @@ impl BlobWriter {
         fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         let tmp_path = self.file.path().to_owned();
         self.file.as_file().sync_all().map_err(io_at(&tmp_path))?;
-        self.file.persist(&dest).map_err(|e| BlobError::Io { path: dest.clone(), source: e.error })?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io_at(&dir))?;
+        self.file.persist(&dest).map_err(|e| BlobError::Io {
+            path: dest.clone(),
+            source: e.error,
+        })?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_at(&dir))?;
         Ok((actual, self.len))
     }
 }
@@ -152,7 +178,10 @@ mod tests {
         store.verify(&h).expect("intact");
         assert_eq!(store.read(&h).expect("read"), b"hello");
         fs::write(store.path(&h), b"jello").expect("tamper");
-        assert!(matches!(store.verify(&h), Err(BlobError::HashMismatch { .. })));
+        assert!(matches!(
+            store.verify(&h),
+            Err(BlobError::HashMismatch { .. })
+        ));
     }
 
     #[test]
@@ -162,11 +191,21 @@ mod tests {
         let mut w = store.writer(100).expect("writer");
         w.write(b"abc").expect("write");
         let claimed = BlobHash::of(b"xyz");
-        assert!(matches!(w.finish(Some(claimed)), Err(BlobError::HashMismatch { .. })));
+        assert!(matches!(
+            w.finish(Some(claimed)),
+            Err(BlobError::HashMismatch { .. })
+        ));
         assert!(!store.contains(&BlobHash::of(b"abc")));
         let mut w = store.writer(4).expect("writer");
-        assert!(matches!(w.write(b"too long"), Err(BlobError::TooLarge { limit: 4 })));
+        assert!(matches!(
+            w.write(b"too long"),
+            Err(BlobError::TooLarge { limit: 4 })
+        ));
         drop(w);
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).expect("tmp").count(), 0, "temp files are removed");
+        assert_eq!(
+            fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
+            0,
+            "temp files are removed"
+        );
     }
 }

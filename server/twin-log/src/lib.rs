@@ -11,8 +11,8 @@ mod writer;
 pub use blob::{BlobError, BlobStore, BlobWriter};
 pub use record::{ChainError, GENESIS_HASH, StoredRecord, new_event};
 pub use writer::{
-    AppendError, AppendRequest, Appended, BatchStats, Expected, Idempotency, Log, LogConfig, LogObserver,
-    NewEvent, OpenError,
+    AppendError, AppendRequest, Appended, BatchStats, Expected, Idempotency, Log, LogConfig,
+    LogObserver, NewEvent, OpenError,
 };
 
 use std::path::{Path, PathBuf};
@@ -40,7 +40,9 @@ impl LogReader {
             return Err(OpenError::NoLog(dir));
         }
         let db = writer::open_db(&dir)?;
-        let tree = db.open_tree(writer::LOG_TREE).map_err(|e| OpenError::Sled(dir.clone(), e))?;
+        let tree = db
+            .open_tree(writer::LOG_TREE)
+            .map_err(|e| OpenError::Sled(dir.clone(), e))?;
         Ok(Self { tree, _db: db })
     }
 
@@ -53,7 +55,9 @@ impl LogReader {
     /// Records without the chain check (faster; for tools that verify separately).
     pub fn raw(&self) -> impl Iterator<Item = Result<StoredRecord, ChainError>> + '_ {
         self.tree.iter().map(|kv| {
-            let (k, v) = kv.map_err(|e| ChainError::Storage { message: e.to_string() })?;
+            let (k, v) = kv.map_err(|e| ChainError::Storage {
+                message: e.to_string(),
+            })?;
             record::decode(&k, &v)
         })
     }

@@ -97,7 +97,8 @@ impl StoredRecord {
             payload: &self.payload,
             prev_hash: &self.prev_hash,
         };
-        let body = rmp_serde::to_vec(&body).expect("record bodies are plain data and always encode");
+        let body =
+            rmp_serde::to_vec(&body).expect("record bodies are plain data and always encode");
         self.hash = Sha256::digest(&body).into();
         let mut value = Vec::with_capacity(32 + body.len());
         value.extend_from_slice(&self.hash);
@@ -117,12 +118,17 @@ pub(crate) fn decode(key: &[u8], value: &[u8]) -> Result<StoredRecord, ChainErro
     if Sha256::digest(body_bytes).as_slice() != hash {
         return Err(ChainError::HashMismatch { seq });
     }
-    let body: Body<'_> = rmp_serde::from_slice(body_bytes).map_err(|e| undecodable(e.to_string()))?;
+    let body: Body<'_> =
+        rmp_serde::from_slice(body_bytes).map_err(|e| undecodable(e.to_string()))?;
     if body.seq != seq {
-        return Err(undecodable(format!("body says sequence number {}", body.seq)));
+        return Err(undecodable(format!(
+            "body says sequence number {}",
+            body.seq
+        )));
     }
     let fixed = |b: &[u8], what: &str| -> Result<[u8; 32], ChainError> {
-        b.try_into().map_err(|_| undecodable(format!("{what} is not 32 bytes")))
+        b.try_into()
+            .map_err(|_| undecodable(format!("{what} is not 32 bytes")))
     };
     let idempotency = match body.idempotency_key {
         Some(key) => Some(Idempotency {
@@ -159,13 +165,21 @@ where
             return None;
         }
         let checked = kv
-            .map_err(|e| ChainError::Storage { message: e.to_string() })
+            .map_err(|e| ChainError::Storage {
+                message: e.to_string(),
+            })
             .and_then(|(k, v)| decode(&k, &v))
             .and_then(|r| {
                 if r.seq != expected {
-                    Err(ChainError::Gap { seq: r.seq, expected })
+                    Err(ChainError::Gap {
+                        seq: r.seq,
+                        expected,
+                    })
                 } else if r.prev_hash != prev_hash {
-                    Err(ChainError::BrokenLink { seq: r.seq, prev: r.seq - 1 })
+                    Err(ChainError::BrokenLink {
+                        seq: r.seq,
+                        prev: r.seq - 1,
+                    })
                 } else {
                     Ok(r)
                 }
@@ -202,5 +216,10 @@ impl StoredRecord {
 pub fn new_event(stream: &twin_core::StreamName, event: &twin_core::Event) -> crate::NewEvent {
     use twin_core::EventSchema;
     let (event_type, schema_version, payload) = event.encode();
-    crate::NewEvent { stream: stream.to_string(), event_type: event_type.to_owned(), schema_version, payload }
+    crate::NewEvent {
+        stream: stream.to_string(),
+        event_type: event_type.to_owned(),
+        schema_version,
+        payload,
+    }
 }

@@ -71,7 +71,11 @@ pub enum Appended {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AppendError {
     #[error("stream {stream} is at version {actual}, expected {expected}")]
-    VersionConflict { stream: String, expected: String, actual: u64 },
+    VersionConflict {
+        stream: String,
+        expected: String,
+        actual: u64,
+    },
     #[error("idempotency key `{key}` was already used with a different request")]
     IdempotencyConflict { key: String },
     #[error("the log could not make the append durable: {message}")]
@@ -86,7 +90,9 @@ pub enum AppendError {
 pub enum OpenError {
     #[error("no event log at {0}")]
     NoLog(PathBuf),
-    #[error("cannot open the event log at {0}: {1} (is a server already running on this data dir?)")]
+    #[error(
+        "cannot open the event log at {0}: {1} (is a server already running on this data dir?)"
+    )]
     Sled(PathBuf, sled::Error),
     #[error("cannot open the event log at {0}: {1}")]
     Io(PathBuf, std::io::Error),
@@ -125,7 +131,11 @@ pub struct LogConfig {
 
 impl LogConfig {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), max_batch: 4096, observer: None }
+        Self {
+            dir: dir.into(),
+            max_batch: 4096,
+            observer: None,
+        }
     }
 }
 
@@ -174,11 +184,19 @@ pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, OpenError> {
 
 fn open_storage(dir: &Path) -> Result<Storage, OpenError> {
     let db = open_db(dir)?;
-    let tree = db.open_tree(LOG_TREE).map_err(|e| OpenError::Sled(dir.to_owned(), e))?;
+    let tree = db
+        .open_tree(LOG_TREE)
+        .map_err(|e| OpenError::Sled(dir.to_owned(), e))?;
     let data_file = File::open(dir.join("db")).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
     // The directory entries of a fresh database must be durable too.
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
-    Ok(Storage { db, tree, data_file })
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| OpenError::Io(dir.to_owned(), e))?;
+    Ok(Storage {
+        db,
+        tree,
+        data_file,
+    })
 }
 
 #[derive(Default)]
@@ -215,9 +233,15 @@ impl Log {
         subscriber: Subscriber,
     ) -> Result<Log, OpenError> {
         let storage = open_storage(&config.dir)?;
-        let mut state = State { last_hash: GENESIS_HASH, ..State::default() };
+        let mut state = State {
+            last_hash: GENESIS_HASH,
+            ..State::default()
+        };
         for r in record::verified(storage.tree.iter()) {
-            let r = r.map_err(|error| OpenError::Chain { dir: config.dir.clone(), error })?;
+            let r = r.map_err(|error| OpenError::Chain {
+                dir: config.dir.clone(),
+                error,
+            })?;
             state.absorb(&r);
             replay(&r);
         }
@@ -226,7 +250,13 @@ impl Log {
             committed: AtomicU64::new(state.last_seq),
         });
         let (tx, rx) = mpsc::channel();
-        let writer = Writer { config, shared: shared.clone(), state, subscriber, needs_recovery: false };
+        let writer = Writer {
+            config,
+            shared: shared.clone(),
+            state,
+            subscriber,
+            needs_recovery: false,
+        };
         std::thread::Builder::new()
             .name("twin-log-writer".into())
             .spawn(move || writer.run(rx))
@@ -240,7 +270,9 @@ impl Log {
             return Err(AppendError::Empty);
         }
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Message::Append(Pending { request, reply })).map_err(|_| AppendError::Closed)?;
+        self.tx
+            .send(Message::Append(Pending { request, reply }))
+            .map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
@@ -262,15 +294,17 @@ impl Log {
     pub fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredRecord>, ChainError> {
         let last = self.last_seq();
         let guard = self.shared.storage.read();
-        let storage = guard
-            .as_ref()
-            .ok_or_else(|| ChainError::Storage { message: "the log is recovering from a write error".into() })?;
+        let storage = guard.as_ref().ok_or_else(|| ChainError::Storage {
+            message: "the log is recovering from a write error".into(),
+        })?;
         storage
             .tree
             .range(record::key(from.max(1))..)
             .take(limit)
             .map(|kv| {
-                let (k, v) = kv.map_err(|e| ChainError::Storage { message: e.to_string() })?;
+                let (k, v) = kv.map_err(|e| ChainError::Storage {
+                    message: e.to_string(),
+                })?;
                 record::decode(&k, &v)
             })
             .take_while(|r| r.as_ref().map_or(true, |r| r.seq <= last))
@@ -293,7 +327,10 @@ enum Verdict {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Writer {
@@ -330,12 +367,12 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: Vec<Pending>) {
-        if self.needs_recovery {
-            if let Err(e) = self.recover() {
-                let message = format!("recovery after an earlier write error failed: {e}");
-                self.fail_all(batch, &message);
-                return;
-            }
+        if self.needs_recovery
+            && let Err(e) = self.recover()
+        {
+            let message = format!("recovery after an earlier write error failed: {e}");
+            self.fail_all(batch, &message);
+            return;
         }
         // Stage every check and record against an overlay; commit the overlay only once durable.
         let mut versions: HashMap<String, u64> = HashMap::new();
@@ -349,15 +386,26 @@ impl Writer {
             let req = &p.request;
             let state = &self.state;
             let version_of = |versions: &HashMap<String, u64>, s: &str| {
-                versions.get(s).or_else(|| state.versions.get(s)).copied().unwrap_or(0)
+                versions
+                    .get(s)
+                    .or_else(|| state.versions.get(s))
+                    .copied()
+                    .unwrap_or(0)
             };
             if let Some(idem) = &req.idempotency {
                 let id = (req.actor.clone(), idem.key.clone());
-                if let Some((digest, first, last)) = keys.get(&id).or_else(|| self.state.idempotency.get(&id)) {
+                if let Some((digest, first, last)) =
+                    keys.get(&id).or_else(|| self.state.idempotency.get(&id))
+                {
                     verdicts.push(Verdict::Answer(if *digest == idem.digest {
-                        Ok(Appended::Duplicate { first_seq: *first, last_seq: *last })
+                        Ok(Appended::Duplicate {
+                            first_seq: *first,
+                            last_seq: *last,
+                        })
                     } else {
-                        Err(AppendError::IdempotencyConflict { key: idem.key.clone() })
+                        Err(AppendError::IdempotencyConflict {
+                            key: idem.key.clone(),
+                        })
                     }));
                     continue;
                 }
@@ -405,9 +453,15 @@ impl Writer {
             }
             if let Some(idem) = &req.idempotency {
                 let seqs = (records[first].seq, records[records.len() - 1].seq);
-                keys.insert((req.actor.clone(), idem.key.clone()), (idem.digest, seqs.0, seqs.1));
+                keys.insert(
+                    (req.actor.clone(), idem.key.clone()),
+                    (idem.digest, seqs.0, seqs.1),
+                );
             }
-            verdicts.push(Verdict::Accept { first, last: records.len() - 1 });
+            verdicts.push(Verdict::Accept {
+                first,
+                last: records.len() - 1,
+            });
         }
 
         if !records.is_empty() {
@@ -417,10 +471,15 @@ impl Writer {
                         self.state.absorb(r);
                     }
                     self.state.last_ts = ts;
-                    self.shared.committed.store(self.state.last_seq, Ordering::Release);
+                    self.shared
+                        .committed
+                        .store(self.state.last_seq, Ordering::Release);
                     (self.subscriber)(&records);
                     if let Some(o) = &self.config.observer {
-                        o.batch_durable(&BatchStats { requests: batch.len(), ..stats });
+                        o.batch_durable(&BatchStats {
+                            requests: batch.len(),
+                            ..stats
+                        });
                     }
                 }
                 Err(message) => {
@@ -431,9 +490,13 @@ impl Writer {
                     self.needs_recovery = true;
                     for (p, v) in batch.into_iter().zip(verdicts) {
                         let answer = match v {
-                            Verdict::Accept { .. } => Err(AppendError::Storage { message: message.clone() }),
+                            Verdict::Accept { .. } => Err(AppendError::Storage {
+                                message: message.clone(),
+                            }),
                             // A duplicate may point at records of this failed batch.
-                            Verdict::Answer(Ok(_)) => Err(AppendError::Storage { message: message.clone() }),
+                            Verdict::Answer(Ok(_)) => Err(AppendError::Storage {
+                                message: message.clone(),
+                            }),
                             Verdict::Answer(err) => err,
                         };
                         let _ = p.reply.send(answer);
@@ -444,7 +507,9 @@ impl Writer {
         }
         for (p, v) in batch.into_iter().zip(verdicts) {
             let answer = match v {
-                Verdict::Accept { first, last } => Ok(Appended::New(records[first..=last].to_vec())),
+                Verdict::Accept { first, last } => {
+                    Ok(Appended::New(records[first..=last].to_vec()))
+                }
                 Verdict::Answer(a) => a,
             };
             // A caller that went away no longer needs its answer; the records are durable.
@@ -460,12 +525,18 @@ impl Writer {
         for (r, v) in records.iter().zip(values) {
             batch.insert(&record::key(r.seq), v);
         }
-        storage.tree.apply_batch(batch).map_err(|e| format!("sled write: {e}"))?;
+        storage
+            .tree
+            .apply_batch(batch)
+            .map_err(|e| format!("sled write: {e}"))?;
         storage.db.flush().map_err(|e| format!("sled flush: {e}"))?;
         let written = Instant::now();
         // sled's flush ends in sync_file_range, which neither flushes the drive's cache nor the
         // file's metadata; fsync does both.
-        storage.data_file.sync_all().map_err(|e| format!("fsync: {e}"))?;
+        storage
+            .data_file
+            .sync_all()
+            .map_err(|e| format!("fsync: {e}"))?;
         Ok(BatchStats {
             first_seq: records[0].seq,
             last_seq: records[records.len() - 1].seq,
@@ -495,11 +566,17 @@ impl Writer {
             storage.tree.apply_batch(batch).map_err(|e| e.to_string())?;
             storage.db.flush().map_err(|e| e.to_string())?;
             storage.data_file.sync_all().map_err(|e| e.to_string())?;
-            tracing::warn!(removed = stale.len(), "removed unacknowledged records left by a failed write");
+            tracing::warn!(
+                removed = stale.len(),
+                "removed unacknowledged records left by a failed write"
+            );
         }
         *guard = Some(storage);
         self.needs_recovery = false;
-        tracing::info!(last_seq = self.state.last_seq, "event log recovered from a write error");
+        tracing::info!(
+            last_seq = self.state.last_seq,
+            "event log recovered from a write error"
+        );
         Ok(())
     }
 
@@ -509,7 +586,9 @@ impl Writer {
             o.append_failed(message);
         }
         for p in batch {
-            let _ = p.reply.send(Err(AppendError::Storage { message: message.to_owned() }));
+            let _ = p.reply.send(Err(AppendError::Storage {
+                message: message.to_owned(),
+            }));
         }
     }
 }

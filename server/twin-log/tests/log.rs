@@ -1,12 +1,14 @@
 //! Behaviour of the event log: durability before acknowledgement, concurrency, idempotency, the chain.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use twin_log::{
-    AppendError, AppendRequest, Appended, BatchStats, Expected, Idempotency, Log, LogConfig, LogObserver,
-    LogReader, NewEvent, StoredRecord,
+    AppendError, AppendRequest, Appended, BatchStats, Expected, Idempotency, Log, LogConfig,
+    LogObserver, LogReader, NewEvent, StoredRecord,
 };
 
 fn event(stream: &str, payload: &str) -> NewEvent {
@@ -27,7 +29,10 @@ fn request(stream: &str, payload: &str, expect: Expected) -> AppendRequest {
     }
 }
 
-fn open(dir: &std::path::Path, observer: Option<Arc<dyn LogObserver>>) -> (Log, Arc<Mutex<Vec<u64>>>) {
+fn open(
+    dir: &std::path::Path,
+    observer: Option<Arc<dyn LogObserver>>,
+) -> (Log, Arc<Mutex<Vec<u64>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
     let mut config = LogConfig::new(twin_log::log_dir(dir));
@@ -35,7 +40,9 @@ fn open(dir: &std::path::Path, observer: Option<Arc<dyn LogObserver>>) -> (Log, 
     let log = Log::open(
         config,
         |_| {},
-        Box::new(move |records: &[StoredRecord]| sink.lock().unwrap().extend(records.iter().map(|r| r.seq))),
+        Box::new(move |records: &[StoredRecord]| {
+            sink.lock().unwrap().extend(records.iter().map(|r| r.seq))
+        }),
     )
     .expect("open log");
     (log, seen)
@@ -44,7 +51,10 @@ fn open(dir: &std::path::Path, observer: Option<Arc<dyn LogObserver>>) -> (Log, 
 fn seqs(a: &Appended) -> Vec<u64> {
     match a {
         Appended::New(records) => records.iter().map(|r| r.seq).collect(),
-        Appended::Duplicate { first_seq, last_seq } => (*first_seq..=*last_seq).collect(),
+        Appended::Duplicate {
+            first_seq,
+            last_seq,
+        } => (*first_seq..=*last_seq).collect(),
     }
 }
 
@@ -54,11 +64,25 @@ async fn appends_are_chained_ordered_and_survive_a_reopen() {
     {
         let (log, seen) = open(dir.path(), None);
         for i in 0..5 {
-            let a = log.append(request("job/a", &format!("e{i}"), Expected::Version(i))).await.unwrap();
+            let a = log
+                .append(request("job/a", &format!("e{i}"), Expected::Version(i)))
+                .await
+                .unwrap();
             assert_eq!(seqs(&a), vec![i + 1]);
         }
-        assert_eq!(*seen.lock().unwrap(), vec![1, 2, 3, 4, 5], "the subscriber sees every record in order");
-        assert_eq!(log.read_from(4, 10).unwrap().iter().map(|r| r.seq).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![1, 2, 3, 4, 5],
+            "the subscriber sees every record in order"
+        );
+        assert_eq!(
+            log.read_from(4, 10)
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<_>>(),
+            vec![4, 5]
+        );
         log.close();
     }
     let reader = LogReader::open(dir.path()).unwrap();
@@ -68,18 +92,36 @@ async fn appends_are_chained_ordered_and_survive_a_reopen() {
     assert_eq!(all[4].prev_hash, all[3].hash);
     drop(reader);
     let (log, _) = open(dir.path(), None);
-    let a = log.append(request("job/a", "after", Expected::Version(5))).await.unwrap();
-    assert_eq!(seqs(&a), vec![6], "stream versions and sequence numbers resume after a reopen");
+    let a = log
+        .append(request("job/a", "after", Expected::Version(5)))
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs(&a),
+        vec![6],
+        "stream versions and sequence numbers resume after a reopen"
+    );
 }
 
 #[tokio::test]
 async fn a_stale_expected_version_is_refused_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = open(dir.path(), None);
-    log.append(request("job/a", "1", Expected::NoStream)).await.unwrap();
-    let err = log.append(request("job/a", "2", Expected::NoStream)).await.unwrap_err();
-    assert!(matches!(err, AppendError::VersionConflict { actual: 1, .. }), "{err:?}");
-    let err = log.append(request("job/a", "2", Expected::Version(0))).await.unwrap_err();
+    log.append(request("job/a", "1", Expected::NoStream))
+        .await
+        .unwrap();
+    let err = log
+        .append(request("job/a", "2", Expected::NoStream))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, AppendError::VersionConflict { actual: 1, .. }),
+        "{err:?}"
+    );
+    let err = log
+        .append(request("job/a", "2", Expected::Version(0)))
+        .await
+        .unwrap_err();
     assert!(matches!(err, AppendError::VersionConflict { .. }));
     assert_eq!(log.last_seq(), 1);
 }
@@ -89,7 +131,10 @@ async fn idempotency_keys_return_the_original_or_conflict_for_the_life_of_the_lo
     let dir = tempfile::tempdir().unwrap();
     let keyed = |actor: &str, digest: u8| AppendRequest {
         actor: actor.into(),
-        idempotency: Some(Idempotency { key: "k1".into(), digest: [digest; 32] }),
+        idempotency: Some(Idempotency {
+            key: "k1".into(),
+            digest: [digest; 32],
+        }),
         ..request("job/x", "p", Expected::Any)
     };
     {
@@ -97,7 +142,13 @@ async fn idempotency_keys_return_the_original_or_conflict_for_the_life_of_the_lo
         let first = log.append(keyed("alice", 1)).await.unwrap();
         assert_eq!(seqs(&first), vec![1]);
         let again = log.append(keyed("alice", 1)).await.unwrap();
-        assert_eq!(again, Appended::Duplicate { first_seq: 1, last_seq: 1 });
+        assert_eq!(
+            again,
+            Appended::Duplicate {
+                first_seq: 1,
+                last_seq: 1
+            }
+        );
         let other = log.append(keyed("alice", 2)).await.unwrap_err();
         assert_eq!(other, AppendError::IdempotencyConflict { key: "k1".into() });
         let bob = log.append(keyed("bob", 2)).await.unwrap();
@@ -105,8 +156,17 @@ async fn idempotency_keys_return_the_original_or_conflict_for_the_life_of_the_lo
         log.close();
     }
     let (log, _) = open(dir.path(), None);
-    assert_eq!(log.append(keyed("alice", 1)).await.unwrap(), Appended::Duplicate { first_seq: 1, last_seq: 1 });
-    assert!(log.append(keyed("alice", 3)).await.is_err(), "keys survive a restart");
+    assert_eq!(
+        log.append(keyed("alice", 1)).await.unwrap(),
+        Appended::Duplicate {
+            first_seq: 1,
+            last_seq: 1
+        }
+    );
+    assert!(
+        log.append(keyed("alice", 3)).await.is_err(),
+        "keys survive a restart"
+    );
 }
 
 /// Records the highest sequence number whose batch has been fsynced.
@@ -123,7 +183,8 @@ impl LogObserver for SyncWatch {
             gate.recv().ok();
         }
         self.batches.fetch_add(1, Ordering::SeqCst);
-        self.synced_through.fetch_max(stats.last_seq, Ordering::SeqCst);
+        self.synced_through
+            .fetch_max(stats.last_seq, Ordering::SeqCst);
     }
 }
 
@@ -137,10 +198,20 @@ async fn every_acknowledgement_comes_after_the_fsync_of_its_record() {
         let (log, watch) = (log.clone(), watch.clone());
         tasks.push(tokio::spawn(async move {
             for i in 0..20 {
-                let a = log.append(request(&format!("job/w{w}"), &format!("{i}"), Expected::Any)).await.unwrap();
+                let a = log
+                    .append(request(
+                        &format!("job/w{w}"),
+                        &format!("{i}"),
+                        Expected::Any,
+                    ))
+                    .await
+                    .unwrap();
                 let seq = seqs(&a)[0];
                 let synced = watch.synced_through.load(Ordering::SeqCst);
-                assert!(synced >= seq, "seq {seq} acknowledged before its fsync (synced through {synced})");
+                assert!(
+                    synced >= seq,
+                    "seq {seq} acknowledged before its fsync (synced through {synced})"
+                );
             }
         }));
     }
@@ -148,23 +219,36 @@ async fn every_acknowledgement_comes_after_the_fsync_of_its_record() {
         t.await.unwrap();
     }
     let batches = watch.batches.load(Ordering::SeqCst);
-    assert!(batches < 64 * 20, "group commit: 1280 appends took {batches} fsyncs");
+    assert!(
+        batches < 64 * 20,
+        "group commit: 1280 appends took {batches} fsyncs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_waits_while_its_sync_has_not_completed() {
     let dir = tempfile::tempdir().unwrap();
     let (release, gate) = std::sync::mpsc::channel();
-    let watch = Arc::new(SyncWatch { gate: Mutex::new(Some(gate)), ..SyncWatch::default() });
+    let watch = Arc::new(SyncWatch {
+        gate: Mutex::new(Some(gate)),
+        ..SyncWatch::default()
+    });
     let (log, _) = open(dir.path(), Some(watch.clone()));
     let pending = tokio::spawn({
         let log = log.clone();
         async move { log.append(request("job/a", "x", Expected::Any)).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!pending.is_finished(), "acknowledged while the sync point was still held");
+    assert!(
+        !pending.is_finished(),
+        "acknowledged while the sync point was still held"
+    );
     release.send(()).unwrap();
-    let a = tokio::time::timeout(Duration::from_secs(5), pending).await.unwrap().unwrap().unwrap();
+    let a = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(seqs(&a), vec![1]);
 }
 
@@ -174,7 +258,9 @@ async fn a_tampered_record_stops_verification_at_its_sequence_number() {
     {
         let (log, _) = open(dir.path(), None);
         for i in 0..10 {
-            log.append(request("job/a", &format!("payload-{i}"), Expected::Any)).await.unwrap();
+            log.append(request("job/a", &format!("payload-{i}"), Expected::Any))
+                .await
+                .unwrap();
         }
         log.close();
     }
@@ -194,7 +280,11 @@ async fn a_tampered_record_stops_verification_at_its_sequence_number() {
     let err = results[6].as_ref().unwrap_err();
     assert_eq!(err.seq(), Some(7), "{err}");
     drop(reader);
-    match Log::open(LogConfig::new(twin_log::log_dir(dir.path())), |_| {}, Box::new(|_: &[StoredRecord]| {})) {
+    match Log::open(
+        LogConfig::new(twin_log::log_dir(dir.path())),
+        |_| {},
+        Box::new(|_: &[StoredRecord]| {}),
+    ) {
         Err(e) => assert!(e.to_string().contains("record 7"), "{e}"),
         Ok(_) => panic!("a tampered log must not open for writing"),
     }

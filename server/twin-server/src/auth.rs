@@ -59,13 +59,20 @@ impl Auth {
                 (Some(t), None) => Sha256::digest(t.as_bytes()).into(),
                 (None, Some(h)) => {
                     let mut d = [0u8; 32];
-                    hex::decode_to_slice(h, &mut d)
-                        .map_err(|_| anyhow::anyhow!("token `{}`: token_sha256 is not 64 hex digits", c.name))?;
+                    hex::decode_to_slice(h, &mut d).map_err(|_| {
+                        anyhow::anyhow!("token `{}`: token_sha256 is not 64 hex digits", c.name)
+                    })?;
                     d
                 }
-                _ => anyhow::bail!("token `{}`: give exactly one of `token` and `token_sha256`", c.name),
+                _ => anyhow::bail!(
+                    "token `{}`: give exactly one of `token` and `token_sha256`",
+                    c.name
+                ),
             };
-            if tokens.insert(digest, (c.name.clone(), c.roles.clone())).is_some() {
+            if tokens
+                .insert(digest, (c.name.clone(), c.roles.clone()))
+                .is_some()
+            {
                 anyhow::bail!("token `{}`: the same token is configured twice", c.name);
             }
         }
@@ -79,14 +86,23 @@ impl Auth {
 
     /// Adds a token (the embedded executor's, minted at start-up).
     pub fn add(&mut self, name: &str, token: &str, roles: BTreeSet<Role>) {
-        self.tokens.insert(Sha256::digest(token.as_bytes()).into(), (name.to_owned(), roles));
+        self.tokens.insert(
+            Sha256::digest(token.as_bytes()).into(),
+            (name.to_owned(), roles),
+        );
     }
 
     fn authenticate(&self, req: &HttpRequest) -> Result<Caller, ApiError> {
         if self.is_open() {
-            return Ok(Caller { name: "local".into(), roles: [Role::Admin].into() });
+            return Ok(Caller {
+                name: "local".into(),
+                roles: [Role::Admin].into(),
+            });
         }
-        let header = req.headers().get("authorization").ok_or(ApiError::Unauthenticated)?;
+        let header = req
+            .headers()
+            .get("authorization")
+            .ok_or(ApiError::Unauthenticated)?;
         let token = header
             .to_str()
             .ok()
@@ -95,7 +111,10 @@ impl Auth {
         // Looked up by digest: the comparison never touches the secret itself.
         let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
         let (name, roles) = self.tokens.get(&digest).ok_or(ApiError::BadToken)?;
-        Ok(Caller { name: name.clone(), roles: roles.clone() })
+        Ok(Caller {
+            name: name.clone(),
+            roles: roles.clone(),
+        })
     }
 }
 
@@ -112,7 +131,14 @@ impl Caller {
         let ok = has(Role::Admin)
             || has(role)
             || (role == Role::Read && (has(Role::Submit) || has(Role::Execute)));
-        if ok { Ok(&self.name) } else { Err(ApiError::Forbidden { name: self.name.clone(), role: role.as_str() }) }
+        if ok {
+            Ok(&self.name)
+        } else {
+            Err(ApiError::Forbidden {
+                name: self.name.clone(),
+                role: role.as_str(),
+            })
+        }
     }
 
     /// Blob uploads serve both users and executors.
@@ -120,7 +146,10 @@ impl Caller {
         roles
             .iter()
             .find_map(|r| self.require(*r).ok())
-            .ok_or_else(|| ApiError::Forbidden { name: self.name.clone(), role: roles[0].as_str() })
+            .ok_or_else(|| ApiError::Forbidden {
+                name: self.name.clone(),
+                role: roles[0].as_str(),
+            })
     }
 }
 

@@ -34,7 +34,11 @@ pub struct EmbeddedExecutorConfig {
 
 impl Default for EmbeddedExecutorConfig {
     fn default() -> Self {
-        Self { name: "embedded".into(), gpus: 0, labels: Vec::new() }
+        Self {
+            name: "embedded".into(),
+            gpus: 0,
+            labels: Vec::new(),
+        }
     }
 }
 
@@ -57,7 +61,8 @@ impl Default for ServerConfig {
 impl ServerConfig {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
     }
 

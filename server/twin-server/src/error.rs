@@ -41,7 +41,9 @@ pub enum ApiError {
     PayloadTooLarge { limit: u64 },
     #[error("blob {expected}: uploaded bytes hash to {actual}")]
     BlobHashMismatch { expected: String, actual: String },
-    #[error("the event log could not make the change durable, so nothing was recorded; retry later")]
+    #[error(
+        "the event log could not make the change durable, so nothing was recorded; retry later"
+    )]
     StorageUnavailable,
     #[error("internal error")]
     Internal,
@@ -109,7 +111,10 @@ impl ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         let code = self.code();
-        let status = ApiError::TABLE.iter().find(|(c, _)| *c == code).map_or(500, |(_, s)| *s);
+        let status = ApiError::TABLE
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map_or(500, |(_, s)| *s);
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
@@ -118,7 +123,12 @@ impl ResponseError for ApiError {
         if matches!(self, ApiError::Unauthenticated | ApiError::BadToken) {
             resp.insert_header(("WWW-Authenticate", "Bearer"));
         }
-        resp.json(ErrorBody { error: ErrorDetail { code: self.code().to_owned(), message: self.to_string() } })
+        resp.json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code().to_owned(),
+                message: self.to_string(),
+            },
+        })
     }
 }
 
@@ -151,10 +161,14 @@ impl From<AppendError> for ApiError {
 impl From<BlobError> for ApiError {
     fn from(e: BlobError) -> Self {
         match e {
-            BlobError::NotFound(h) => ApiError::NotFound { what: "blob", id: h.to_hex() },
-            BlobError::HashMismatch { expected, actual } => {
-                ApiError::BlobHashMismatch { expected: expected.to_hex(), actual: actual.to_hex() }
-            }
+            BlobError::NotFound(h) => ApiError::NotFound {
+                what: "blob",
+                id: h.to_hex(),
+            },
+            BlobError::HashMismatch { expected, actual } => ApiError::BlobHashMismatch {
+                expected: expected.to_hex(),
+                actual: actual.to_hex(),
+            },
             BlobError::TooLarge { limit } => ApiError::PayloadTooLarge { limit },
             BlobError::Io { path, source } if source.raw_os_error() == Some(28) => {
                 tracing::error!(path = %path.display(), error = %source, "blob store is full");

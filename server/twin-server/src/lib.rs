@@ -27,7 +27,11 @@ use crate::service::Service;
 
 /// Where a bind address that is not loopback goes when auth is off.
 fn loopback_only(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_loopback() { addr } else { SocketAddr::from(([127, 0, 0, 1], addr.port())) }
+    if addr.ip().is_loopback() {
+        addr
+    } else {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    }
 }
 
 /// Runs the server until SIGINT/SIGTERM, then stops the executor and closes the log.
@@ -43,27 +47,47 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         listen = loopback_only(listen);
         tracing::warn!(requested = %config.listen, using = %listen, "no tokens configured: listening on loopback only");
     } else if auth.is_open() {
-        tracing::warn!("no tokens configured: authentication is off and the server listens on loopback only");
+        tracing::warn!(
+            "no tokens configured: authentication is off and the server listens on loopback only"
+        );
     }
     let executor_token = if config.embedded_executor && !auth.is_open() {
-        let token: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(48).map(char::from).collect();
-        auth.add(&format!("{}-executor", config.executor.name), &token, BTreeSet::from([Role::Execute]));
+        let token: String = rand::rng()
+            .sample_iter(rand::distr::Alphanumeric)
+            .take(48)
+            .map(char::from)
+            .collect();
+        auth.add(
+            &format!("{}-executor", config.executor.name),
+            &token,
+            BTreeSet::from([Role::Execute]),
+        );
         Some(token)
     } else {
         None
     };
     let auth = Arc::new(auth);
-    let limits = api::Limits { max_json_bytes: config.max_json_bytes, max_blob_bytes: config.max_blob_bytes };
+    let limits = api::Limits {
+        max_json_bytes: config.max_json_bytes,
+        max_blob_bytes: config.max_blob_bytes,
+    };
     let app_svc = svc.clone();
-    let mut server = actix_web::HttpServer::new(move || api::app(app_svc.clone(), auth.clone(), limits))
-        .shutdown_timeout(5)
-        // Signals are handled below, so the executor stops before the API it talks to.
-        .disable_signals();
+    let mut server =
+        actix_web::HttpServer::new(move || api::app(app_svc.clone(), auth.clone(), limits))
+            .shutdown_timeout(5)
+            // Signals are handled below, so the executor stops before the API it talks to.
+            .disable_signals();
     if let Some(w) = config.workers {
         server = server.workers(w);
     }
-    let server = server.bind(listen).with_context(|| format!("binding {listen}"))?;
-    let bound = server.addrs().first().copied().context("the server bound no address")?;
+    let server = server
+        .bind(listen)
+        .with_context(|| format!("binding {listen}"))?;
+    let bound = server
+        .addrs()
+        .first()
+        .copied()
+        .context("the server bound no address")?;
     // Tests and scripts read this line to find a port chosen with `:0`.
     println!("twin-server listening on http://{bound}");
     tracing::info!(addr = %bound, data_dir = %config.data_dir.display(), last_seq = svc.last_seq(), "serving");
@@ -72,7 +96,11 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let server = tokio::spawn(server);
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reaper = tokio::spawn(reaper::run(svc.clone(), config.lease_ttl(), stop_rx.clone()));
+    let reaper = tokio::spawn(reaper::run(
+        svc.clone(),
+        config.lease_ttl(),
+        stop_rx.clone(),
+    ));
     let executor = if config.embedded_executor {
         let cfg = twin_executor::ExecutorConfig {
             server: format!("http://{}", loopback_only(bound)),
@@ -95,7 +123,10 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     }
     let _ = reaper.await;
     handle.stop(true).await;
-    let result = server.await.context("http server task")?.context("http server");
+    let result = server
+        .await
+        .context("http server task")?
+        .context("http server");
     svc.close();
     tracing::info!("stopped");
     result

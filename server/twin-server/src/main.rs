@@ -14,7 +14,13 @@ use twin_server::telemetry::{self, LogFormat};
 #[command(name = "twin-server", version, about = "twin job server and executor")]
 struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "human", env = "TWIN_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "TWIN_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -60,7 +66,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -69,7 +78,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve { config, data_dir, listen, no_executor, lease_ttl_ms } => {
+            Command::Serve {
+                config,
+                data_dir,
+                listen,
+                no_executor,
+                lease_ttl_ms,
+            } => {
                 let mut cfg = match config {
                     Some(path) => ServerConfig::from_file(&path)?,
                     None => ServerConfig::default(),
@@ -88,7 +103,13 @@ fn main() -> ExitCode {
                 }
                 twin_server::serve(cfg).await
             }
-            Command::Executor { server, token, name, gpus, labels } => {
+            Command::Executor {
+                server,
+                token,
+                name,
+                gpus,
+                labels,
+            } => {
                 let name = name.unwrap_or_else(|| format!("executor-{}", std::process::id()));
                 twin_server::run_executor(twin_executor::ExecutorConfig {
                     server,

@@ -1,8 +1,8 @@
 //! Prometheus metrics: jobs by state, log appends and their latency, leases, HTTP latency by route.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGaugeVec, Opts, Registry, TextEncoder,
-    exponential_buckets,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGaugeVec, Opts, Registry,
+    TextEncoder, exponential_buckets,
 };
 use twin_core::Projections;
 use twin_log::{BatchStats, LogObserver};
@@ -26,23 +26,38 @@ fn seconds_buckets() -> Vec<f64> {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new_custom(Some("twin".into()), None).expect("static prefix is valid");
+        let registry =
+            Registry::new_custom(Some("twin".into()), None).expect("static prefix is valid");
         let jobs = IntGaugeVec::new(Opts::new("jobs", "Jobs by state"), &["state"]).expect("valid");
         let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
         let histogram = |name: &str, help: &str| {
-            Histogram::with_opts(HistogramOpts::new(name, help).buckets(seconds_buckets())).expect("valid metric")
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(seconds_buckets()))
+                .expect("valid metric")
         };
         let m = Self {
             jobs,
             log_records: counter("log_appended_records_total", "Records made durable"),
             log_batches: counter("log_batches_total", "Group commits (one fsync each)"),
-            log_append_seconds: histogram("log_append_seconds", "Write + fsync time of one group commit"),
+            log_append_seconds: histogram(
+                "log_append_seconds",
+                "Write + fsync time of one group commit",
+            ),
             log_fsync_seconds: histogram("log_fsync_seconds", "fsync time of one group commit"),
-            log_append_failures: counter("log_append_failures_total", "Group commits that failed to become durable"),
-            lease_expiries: counter("lease_expiries_total", "Leases that lapsed without a heartbeat"),
-            stale_epoch_refusals: counter("stale_epoch_refusals_total", "Executor calls refused for a stale epoch"),
+            log_append_failures: counter(
+                "log_append_failures_total",
+                "Group commits that failed to become durable",
+            ),
+            lease_expiries: counter(
+                "lease_expiries_total",
+                "Leases that lapsed without a heartbeat",
+            ),
+            stale_epoch_refusals: counter(
+                "stale_epoch_refusals_total",
+                "Executor calls refused for a stale epoch",
+            ),
             http_seconds: HistogramVec::new(
-                HistogramOpts::new("http_request_seconds", "HTTP latency by route").buckets(seconds_buckets()),
+                HistogramOpts::new("http_request_seconds", "HTTP latency by route")
+                    .buckets(seconds_buckets()),
                 &["method", "route", "status"],
             )
             .expect("valid metric"),
@@ -58,10 +73,11 @@ impl Metrics {
             Box::new(m.lease_expiries.clone()),
             Box::new(m.stale_epoch_refusals.clone()),
             Box::new(m.http_seconds.clone()),
-            Box::new(prometheus::IntGauge::new("up", "1 while the server runs").map(|g| {
-                g.set(1);
-                g
-            }).expect("valid metric")),
+            Box::new(
+                prometheus::IntGauge::new("up", "1 while the server runs")
+                    .inspect(|g| g.set(1))
+                    .expect("valid metric"),
+            ),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -72,10 +88,14 @@ impl Metrics {
     /// The text exposition, with the job gauges refreshed from the projections.
     pub fn render(&self, projections: &Projections) -> String {
         for (status, n) in projections.count_by_status() {
-            self.jobs.with_label_values(&[status.as_str()]).set(n as i64);
+            self.jobs
+                .with_label_values(&[status.as_str()])
+                .set(n as i64);
         }
         let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
         String::from_utf8(out).expect("prometheus text is UTF-8")
     }
 }
@@ -93,7 +113,9 @@ impl LogObserver for LogMetrics {
     fn batch_durable(&self, stats: &BatchStats) {
         self.0.log_records.inc_by(stats.records as u64);
         self.0.log_batches.inc();
-        self.0.log_append_seconds.observe((stats.write + stats.fsync).as_secs_f64());
+        self.0
+            .log_append_seconds
+            .observe((stats.write + stats.fsync).as_secs_f64());
         self.0.log_fsync_seconds.observe(stats.fsync.as_secs_f64());
     }
 

@@ -21,13 +21,18 @@ use twin_core::api::{Capabilities, CreateExperiment, EventsPage, LeaseGrant, Lea
 use twin_core::event::{ExperimentCreated, JobOutput};
 use twin_core::job::{self, JobCommand, JobState};
 use twin_core::{Event, ExperimentId, JobId, JobSubmission, Millis, Projections, StreamName};
-use twin_log::{AppendRequest, Appended, BlobStore, Expected, Idempotency, Log, LogConfig, StoredRecord};
+use twin_log::{
+    AppendRequest, Appended, BlobStore, Expected, Idempotency, Log, LogConfig, StoredRecord,
+};
 
 use crate::error::ApiError;
 use crate::metrics::{LogMetrics, Metrics};
 
 pub fn now_ms() -> Millis {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn mint_id() -> String {
@@ -69,7 +74,11 @@ fn decode(r: &StoredRecord, into: &mut Projections) {
 }
 
 impl Service {
-    pub fn open(data_dir: &std::path::Path, lease_ttl: Duration, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
+    pub fn open(
+        data_dir: &std::path::Path,
+        lease_ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
         let blobs = BlobStore::open(twin_log::blob_dir(data_dir))?;
         let state = Arc::new(RwLock::new(Projections::default()));
         let (seq_tx, last_seq) = watch::channel(0);
@@ -103,7 +112,12 @@ impl Service {
             tracing::warn!(anomaly = %a, "replay anomaly");
         }
         let grace = Instant::now() + lease_ttl;
-        let leases = initial.jobs.values().filter(|j| j.status.is_held()).map(|j| (j.id.clone(), grace)).collect();
+        let leases = initial
+            .jobs
+            .values()
+            .filter(|j| j.status.is_held())
+            .map(|j| (j.id.clone(), grace))
+            .collect();
         let seq = initial.last_seq;
         *state.write() = initial;
         let svc = Service {
@@ -136,7 +150,11 @@ impl Service {
     }
 
     fn job(&self, id: &JobId) -> Result<JobState, ApiError> {
-        self.read(|p| p.jobs.get(id).cloned()).ok_or_else(|| ApiError::NotFound { what: "job", id: id.to_string() })
+        self.read(|p| p.jobs.get(id).cloned())
+            .ok_or_else(|| ApiError::NotFound {
+                what: "job",
+                id: id.to_string(),
+            })
     }
 
     pub fn get_job(&self, id: &str) -> Result<JobState, ApiError> {
@@ -150,12 +168,28 @@ impl Service {
         expect: Vec<(String, Expected)>,
         idempotency: Option<Idempotency>,
     ) -> Result<Appended, ApiError> {
-        let events = events.iter().map(|(s, e)| twin_log::new_event(s, e)).collect();
-        Ok(self.log.append(AppendRequest { actor: actor.to_owned(), events, expect, idempotency }).await?)
+        let events = events
+            .iter()
+            .map(|(s, e)| twin_log::new_event(s, e))
+            .collect();
+        Ok(self
+            .log
+            .append(AppendRequest {
+                actor: actor.to_owned(),
+                events,
+                expect,
+                idempotency,
+            })
+            .await?)
     }
 
     /// Runs one command against a job: decide on the current state, append, retry on a race.
-    async fn execute(&self, id: &JobId, actor: &str, command: impl Fn(&JobState) -> JobCommand) -> Result<JobState, ApiError> {
+    async fn execute(
+        &self,
+        id: &JobId,
+        actor: &str,
+        command: impl Fn(&JobState) -> JobCommand,
+    ) -> Result<JobState, ApiError> {
         for _ in 0..8 {
             let state = self.job(id)?;
             let events = state.decide(command(&state)).inspect_err(|r| {
@@ -168,7 +202,15 @@ impl Service {
                 return Ok(state);
             }
             let stream = StreamName::Job(id.clone()).to_string();
-            match self.append(actor, events, vec![(stream, Expected::Version(state.version))], None).await {
+            match self
+                .append(
+                    actor,
+                    events,
+                    vec![(stream, Expected::Version(state.version))],
+                    None,
+                )
+                .await
+            {
                 Ok(_) => {
                     let after = self.job(id)?;
                     if !after.status.is_held() {
@@ -202,56 +244,114 @@ impl Service {
         submission.validate()?;
         let idempotency = idempotency_key.map(|key| Idempotency {
             key,
-            digest: Sha256::digest(serde_json::to_vec(&submission).expect("submissions serialise")).into(),
+            digest: Sha256::digest(serde_json::to_vec(&submission).expect("submissions serialise"))
+                .into(),
         });
         let id: JobId = mint_id().parse().expect("ULIDs are valid ids");
         let stream = StreamName::Job(id.clone()).to_string();
-        let appended = self.append(actor, job::submit(id, submission), vec![(stream, Expected::NoStream)], idempotency).await?;
+        let appended = self
+            .append(
+                actor,
+                job::submit(id, submission),
+                vec![(stream, Expected::NoStream)],
+                idempotency,
+            )
+            .await?;
         let (first, replayed) = match appended {
             Appended::New(records) => (records[0].stream.clone(), false),
             Appended::Duplicate { first_seq, .. } => {
-                let r = self.log.read_from(first_seq, 1).map_err(|e| ApiError::internal("reading a replayed submission", e))?;
-                (r.first().map(|r| r.stream.clone()).unwrap_or_default(), true)
+                let r = self
+                    .log
+                    .read_from(first_seq, 1)
+                    .map_err(|e| ApiError::internal("reading a replayed submission", e))?;
+                (
+                    r.first().map(|r| r.stream.clone()).unwrap_or_default(),
+                    true,
+                )
             }
         };
         let id = match first.parse::<StreamName>() {
             Ok(StreamName::Job(id)) => id,
-            _ => return Err(ApiError::internal("submission", format!("unexpected stream {first}"))),
+            _ => {
+                return Err(ApiError::internal(
+                    "submission",
+                    format!("unexpected stream {first}"),
+                ));
+            }
         };
         self.work.notify_waiters();
         Ok((self.job(&id)?, replayed))
     }
 
-    pub async fn cancel(&self, actor: &str, id: &str, reason: Option<String>) -> Result<JobState, ApiError> {
+    pub async fn cancel(
+        &self,
+        actor: &str,
+        id: &str,
+        reason: Option<String>,
+    ) -> Result<JobState, ApiError> {
         let id = parse_job_id(id)?;
         let reason = reason.unwrap_or_else(|| format!("cancelled by {actor}"));
-        self.execute(&id, actor, |_| JobCommand::Cancel { reason: reason.clone() }).await
+        self.execute(&id, actor, |_| JobCommand::Cancel {
+            reason: reason.clone(),
+        })
+        .await
     }
 
-    pub async fn create_experiment(&self, actor: &str, body: CreateExperiment) -> Result<twin_core::projection::Experiment, ApiError> {
+    pub async fn create_experiment(
+        &self,
+        actor: &str,
+        body: CreateExperiment,
+    ) -> Result<twin_core::projection::Experiment, ApiError> {
         let id: ExperimentId = body.name.parse().map_err(|_| {
-            ApiError::InvalidBody(format!("name: `{}` must be 1 to 64 characters from a-z, 0-9, `-` and `_`", body.name))
+            ApiError::InvalidBody(format!(
+                "name: `{}` must be 1 to 64 characters from a-z, 0-9, `-` and `_`",
+                body.name
+            ))
         })?;
         let stream = StreamName::Experiment(id.clone());
-        let event = Event::ExperimentCreated(ExperimentCreated { id: id.clone(), name: body.name.clone(), description: body.description });
-        match self.append(actor, vec![(stream.clone(), event)], vec![(stream.to_string(), Expected::NoStream)], None).await {
+        let event = Event::ExperimentCreated(ExperimentCreated {
+            id: id.clone(),
+            name: body.name.clone(),
+            description: body.description,
+        });
+        match self
+            .append(
+                actor,
+                vec![(stream.clone(), event)],
+                vec![(stream.to_string(), Expected::NoStream)],
+                None,
+            )
+            .await
+        {
             Ok(_) => {}
             Err(ApiError::Conflict(_)) => return Err(ApiError::ExperimentExists(body.name)),
             Err(e) => return Err(e),
         }
-        self.read(|p| p.experiments.get(&id).cloned()).ok_or_else(|| ApiError::internal("experiment", "missing after append"))
+        self.read(|p| p.experiments.get(&id).cloned())
+            .ok_or_else(|| ApiError::internal("experiment", "missing after append"))
     }
 
     // --- executor protocol ---
 
     /// Grants the best eligible job to an executor, waiting up to `wait_ms` for one.
-    pub async fn lease(&self, actor: &str, req: LeaseRequest) -> Result<Option<LeaseGrant>, ApiError> {
+    pub async fn lease(
+        &self,
+        actor: &str,
+        req: LeaseRequest,
+    ) -> Result<Option<LeaseGrant>, ApiError> {
         if req.executor.is_empty() || req.executor.len() > 128 {
-            return Err(ApiError::InvalidBody("executor: must be 1 to 128 bytes".into()));
+            return Err(ApiError::InvalidBody(
+                "executor: must be 1 to 128 bytes".into(),
+            ));
         }
         self.executors.lock().insert(
             req.executor.clone(),
-            ExecutorSeen { name: req.executor.clone(), actor: actor.to_owned(), capabilities: req.capabilities.clone(), last_seen: now_ms() },
+            ExecutorSeen {
+                name: req.executor.clone(),
+                actor: actor.to_owned(),
+                capabilities: req.capabilities.clone(),
+                last_seen: now_ms(),
+            },
         );
         let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms.min(30_000));
         loop {
@@ -285,19 +385,43 @@ impl Service {
                 .filter(|j| j.submission.requirements.labels.is_subset(&caps.labels))
                 .collect();
             // Highest priority first; ids are ULIDs, so ties go to the oldest submission.
-            eligible.sort_by(|a, b| b.submission.priority.cmp(&a.submission.priority).then(a.id.cmp(&b.id)));
-            eligible.into_iter().take(16).map(|j| j.id.clone()).collect()
+            eligible.sort_by(|a, b| {
+                b.submission
+                    .priority
+                    .cmp(&a.submission.priority)
+                    .then(a.id.cmp(&b.id))
+            });
+            eligible
+                .into_iter()
+                .take(16)
+                .map(|j| j.id.clone())
+                .collect()
         })
     }
 
-    async fn try_lease(&self, actor: &str, req: &LeaseRequest) -> Result<Option<LeaseGrant>, ApiError> {
+    async fn try_lease(
+        &self,
+        actor: &str,
+        req: &LeaseRequest,
+    ) -> Result<Option<LeaseGrant>, ApiError> {
         let now = now_ms();
         for id in self.candidates(&req.capabilities, now) {
-            let leased = self.execute(&id, actor, |_| JobCommand::Lease { executor: req.executor.clone(), now }).await;
+            let leased = self
+                .execute(&id, actor, |_| JobCommand::Lease {
+                    executor: req.executor.clone(),
+                    now,
+                })
+                .await;
             match leased {
                 Ok(job) => {
-                    self.leases.lock().insert(id, Instant::now() + self.lease_ttl);
-                    return Ok(Some(LeaseGrant { epoch: job.epoch, lease_ttl_ms: self.lease_ttl.as_millis() as u64, job }));
+                    self.leases
+                        .lock()
+                        .insert(id, Instant::now() + self.lease_ttl);
+                    return Ok(Some(LeaseGrant {
+                        epoch: job.epoch,
+                        lease_ttl_ms: self.lease_ttl.as_millis() as u64,
+                        job,
+                    }));
                 }
                 // Another executor got it first.
                 Err(ApiError::Rejected(_)) | Err(ApiError::Conflict(_)) => continue,
@@ -314,23 +438,46 @@ impl Service {
             self.metrics.stale_epoch_refusals.inc();
             tracing::warn!(job = %id, given = epoch, current = job.epoch, status = job.status.as_str(), "stale heartbeat refused");
             return Err(if job.status.is_held() {
-                ApiError::Rejected(twin_core::Rejection::StaleEpoch { job: id, given: epoch, current: job.epoch })
+                ApiError::Rejected(twin_core::Rejection::StaleEpoch {
+                    job: id,
+                    given: epoch,
+                    current: job.epoch,
+                })
             } else {
-                ApiError::Rejected(twin_core::Rejection::InvalidState { job: id, status: job.status.as_str(), action: "heartbeat" })
+                ApiError::Rejected(twin_core::Rejection::InvalidState {
+                    job: id,
+                    status: job.status.as_str(),
+                    action: "heartbeat",
+                })
             });
         }
-        self.leases.lock().insert(id, Instant::now() + self.lease_ttl);
+        self.leases
+            .lock()
+            .insert(id, Instant::now() + self.lease_ttl);
         Ok(job.cancel_requested.is_some())
     }
 
-    pub async fn job_command(&self, actor: &str, id: &str, command: JobCommand) -> Result<JobState, ApiError> {
+    pub async fn job_command(
+        &self,
+        actor: &str,
+        id: &str,
+        command: JobCommand,
+    ) -> Result<JobState, ApiError> {
         let id = parse_job_id(id)?;
         match &command {
             JobCommand::RecordArtefact { blob, .. } if !self.blobs.contains(blob) => {
-                return Err(ApiError::InvalidBody(format!("blob: {blob} is not in the blob store; upload it first")));
+                return Err(ApiError::InvalidBody(format!(
+                    "blob: {blob} is not in the blob store; upload it first"
+                )));
             }
-            JobCommand::Complete { output: JobOutput::Ingest(o), .. } if !self.blobs.contains(&o.manifest) => {
-                return Err(ApiError::InvalidBody(format!("output.manifest: {} is not in the blob store", o.manifest)));
+            JobCommand::Complete {
+                output: JobOutput::Ingest(o),
+                ..
+            } if !self.blobs.contains(&o.manifest) => {
+                return Err(ApiError::InvalidBody(format!(
+                    "output.manifest: {} is not in the blob store",
+                    o.manifest
+                )));
             }
             _ => {}
         }
@@ -344,7 +491,13 @@ impl Service {
     /// Expires every lapsed lease; returns how many.
     pub async fn reap(&self) -> usize {
         let now = Instant::now();
-        let lapsed: Vec<JobId> = self.leases.lock().iter().filter(|(_, d)| **d <= now).map(|(id, _)| id.clone()).collect();
+        let lapsed: Vec<JobId> = self
+            .leases
+            .lock()
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
         let mut expired = 0;
         for id in lapsed {
             let Ok(job) = self.job(&id) else { continue };
@@ -353,7 +506,13 @@ impl Service {
                 continue;
             }
             let epoch = job.epoch;
-            match self.execute(&id, "system", |_| JobCommand::ExpireLease { epoch, now: now_ms() }).await {
+            match self
+                .execute(&id, "system", |_| JobCommand::ExpireLease {
+                    epoch,
+                    now: now_ms(),
+                })
+                .await
+            {
                 Ok(after) => {
                     expired += 1;
                     self.metrics.lease_expiries.inc();
@@ -373,7 +532,13 @@ impl Service {
     // --- events ---
 
     /// One page of events from `from`; waits up to `wait` when there is nothing new.
-    pub async fn events(&self, from: u64, prefix: Option<&str>, limit: usize, wait: Duration) -> Result<EventsPage, ApiError> {
+    pub async fn events(
+        &self,
+        from: u64,
+        prefix: Option<&str>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<EventsPage, ApiError> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut from = from.max(1);
         let mut rx = self.last_seq.clone();
@@ -385,7 +550,10 @@ impl Service {
             from = page.next;
             if page.last_seq < from {
                 // Nothing past `from` yet: wait for the next durable batch.
-                if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                if tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+                {
                     return Ok(page);
                 }
             }
@@ -394,7 +562,10 @@ impl Service {
 
     fn page(&self, from: u64, prefix: Option<&str>, limit: usize) -> Result<EventsPage, ApiError> {
         let scan = if prefix.is_some() { 4096 } else { limit };
-        let records = self.log.read_from(from, scan).map_err(|e| ApiError::internal("reading events", e))?;
+        let records = self
+            .log
+            .read_from(from, scan)
+            .map_err(|e| ApiError::internal("reading events", e))?;
         let mut next = from;
         let mut events = Vec::new();
         for r in &records {
@@ -402,12 +573,19 @@ impl Service {
             if prefix.is_some_and(|p| !r.stream.starts_with(p)) {
                 continue;
             }
-            events.push(r.recorded().map_err(|e| ApiError::internal("decoding an event", e))?);
+            events.push(
+                r.recorded()
+                    .map_err(|e| ApiError::internal("decoding an event", e))?,
+            );
             if events.len() >= limit {
                 break;
             }
         }
-        Ok(EventsPage { events, next, last_seq: self.log.last_seq() })
+        Ok(EventsPage {
+            events,
+            next,
+            last_seq: self.log.last_seq(),
+        })
     }
 
     /// Resolves as soon as the log passes `seq`.
@@ -418,5 +596,8 @@ impl Service {
 }
 
 pub fn parse_job_id(id: &str) -> Result<JobId, ApiError> {
-    id.parse().map_err(|_| ApiError::InvalidId { what: "job id", value: id.chars().take(80).collect() })
+    id.parse().map_err(|_| ApiError::InvalidId {
+        what: "job id",
+        value: id.chars().take(80).collect(),
+    })
 }

@@ -1,5 +1,7 @@
 //! In-process API tests: the real service, log and blob store behind actix's test harness.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +13,10 @@ use twin_server::auth::{Auth, TokenConfig};
 use twin_server::metrics::Metrics;
 use twin_server::service::Service;
 
-const LIMITS: Limits = Limits { max_json_bytes: 64 * 1024, max_blob_bytes: 1024 };
+const LIMITS: Limits = Limits {
+    max_json_bytes: 64 * 1024,
+    max_blob_bytes: 1024,
+};
 
 struct Harness {
     svc: Arc<Service>,
@@ -21,14 +26,23 @@ struct Harness {
 
 fn harness(tokens: &[(&str, &str, &[&str])]) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let svc = Service::open(dir.path(), Duration::from_secs(30), Arc::new(Metrics::new())).unwrap();
+    let svc = Service::open(
+        dir.path(),
+        Duration::from_secs(30),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
     let configs: Vec<TokenConfig> = tokens
         .iter()
         .map(|(name, token, roles)| {
             serde_json::from_value(json!({"name": name, "token": token, "roles": roles})).unwrap()
         })
         .collect();
-    Harness { svc, auth: Arc::new(Auth::new(&configs).unwrap()), _dir: dir }
+    Harness {
+        svc,
+        auth: Arc::new(Auth::new(&configs).unwrap()),
+        _dir: dir,
+    }
 }
 
 macro_rules! call {
@@ -50,21 +64,52 @@ fn assert_error(got: &(StatusCode, Value), status: u16, code: &str, mentions: &s
     assert_eq!(got.0.as_u16(), status, "{:?}", got.1);
     assert_eq!(got.1["error"]["code"], code, "{:?}", got.1);
     let message = got.1["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains(mentions), "message {message:?} should mention {mentions:?}");
+    assert!(
+        message.contains(mentions),
+        "message {message:?} should mention {mentions:?}"
+    );
 }
 
 #[actix_web::test]
 async fn bad_specs_are_refused_with_the_field_named() {
     let h = harness(&[]);
     let post = |body: Value| TestRequest::post().uri("/v1/jobs").set_json(body);
-    assert_error(&call!(h, post(json!({"spec": {"kind": "ingest", "dataset": "d"}}))), 400, "invalid_spec", "spec.source");
-    assert_error(&call!(h, post(json!({"spec": {"kind": "ingest", "dataset": "d", "source": {"dir": "rel/ative"}}}))), 400, "invalid_spec", "spec.source.dir");
-    assert_error(&call!(h, post(json!({"spec": {"kind": "train"}}))), 400, "kind_not_built", "train");
-    assert_error(&call!(h, post(json!({"spec": {"kind": "juggle"}}))), 400, "unknown_kind", "juggle");
+    assert_error(
+        &call!(h, post(json!({"spec": {"kind": "ingest", "dataset": "d"}}))),
+        400,
+        "invalid_spec",
+        "spec.source",
+    );
+    assert_error(
+        &call!(
+            h,
+            post(
+                json!({"spec": {"kind": "ingest", "dataset": "d", "source": {"dir": "rel/ative"}}})
+            )
+        ),
+        400,
+        "invalid_spec",
+        "spec.source.dir",
+    );
+    assert_error(
+        &call!(h, post(json!({"spec": {"kind": "train"}}))),
+        400,
+        "kind_not_built",
+        "train",
+    );
+    assert_error(
+        &call!(h, post(json!({"spec": {"kind": "juggle"}}))),
+        400,
+        "unknown_kind",
+        "juggle",
+    );
     let mut with_exp = ingest("d");
     with_exp["experiment"] = json!("nope");
     assert_error(&call!(h, post(with_exp)), 400, "invalid_spec", "experiment");
-    let not_json = TestRequest::post().uri("/v1/jobs").insert_header(("content-type", "application/json")).set_payload("{nope");
+    let not_json = TestRequest::post()
+        .uri("/v1/jobs")
+        .insert_header(("content-type", "application/json"))
+        .set_payload("{nope");
     assert_error(&call!(h, not_json), 400, "invalid_body", "body");
     assert_eq!(h.svc.last_seq(), 0, "nothing was recorded");
 }
@@ -72,53 +117,146 @@ async fn bad_specs_are_refused_with_the_field_named() {
 #[actix_web::test]
 async fn unknown_and_malformed_ids_and_routes() {
     let h = harness(&[]);
-    assert_error(&call!(h, TestRequest::get().uri("/v1/jobs/01aaaaaaaaaaaaaaaaaaaaaaaa")), 404, "not_found", "01aaaaaaaaaaaaaaaaaaaaaaaa");
-    assert_error(&call!(h, TestRequest::get().uri("/v1/jobs/NOT%20AN%20ID")), 400, "invalid_id", "job id");
-    assert_error(&call!(h, TestRequest::post().uri("/v1/jobs/01aaaaaaaaaaaaaaaaaaaaaaaa/cancel")), 404, "not_found", "job");
-    assert_error(&call!(h, TestRequest::get().uri("/v1/nothing-here")), 404, "route_not_found", "/v1/nothing-here");
-    assert_error(&call!(h, TestRequest::get().uri("/v1/blobs/abc")), 400, "invalid_id", "blob hash");
-    assert_error(&call!(h, TestRequest::get().uri("/v1/jobs?state=sleeping")), 400, "invalid_query", "state");
+    assert_error(
+        &call!(
+            h,
+            TestRequest::get().uri("/v1/jobs/01aaaaaaaaaaaaaaaaaaaaaaaa")
+        ),
+        404,
+        "not_found",
+        "01aaaaaaaaaaaaaaaaaaaaaaaa",
+    );
+    assert_error(
+        &call!(h, TestRequest::get().uri("/v1/jobs/NOT%20AN%20ID")),
+        400,
+        "invalid_id",
+        "job id",
+    );
+    assert_error(
+        &call!(
+            h,
+            TestRequest::post().uri("/v1/jobs/01aaaaaaaaaaaaaaaaaaaaaaaa/cancel")
+        ),
+        404,
+        "not_found",
+        "job",
+    );
+    assert_error(
+        &call!(h, TestRequest::get().uri("/v1/nothing-here")),
+        404,
+        "route_not_found",
+        "/v1/nothing-here",
+    );
+    assert_error(
+        &call!(h, TestRequest::get().uri("/v1/blobs/abc")),
+        400,
+        "invalid_id",
+        "blob hash",
+    );
+    assert_error(
+        &call!(h, TestRequest::get().uri("/v1/jobs?state=sleeping")),
+        400,
+        "invalid_query",
+        "state",
+    );
 }
 
 #[actix_web::test]
 async fn tokens_and_roles_are_enforced_and_the_actor_is_recorded() {
-    let h = harness(&[("alice", "alice-secret", &["submit"]), ("viewer", "view-secret", &["read"])]);
+    let h = harness(&[
+        ("alice", "alice-secret", &["submit"]),
+        ("viewer", "view-secret", &["read"]),
+    ]);
     let submit = || TestRequest::post().uri("/v1/jobs").set_json(ingest("d"));
     assert_error(&call!(h, submit()), 401, "unauthenticated", "Bearer");
-    assert_error(&call!(h, submit().insert_header(("authorization", "Bearer wrong"))), 401, "bad_token", "unknown token");
-    assert_error(&call!(h, submit().insert_header(("authorization", "Bearer view-secret"))), 403, "forbidden", "submit");
-    let ok = call!(h, submit().insert_header(("authorization", "Bearer alice-secret")));
+    assert_error(
+        &call!(h, submit().insert_header(("authorization", "Bearer wrong"))),
+        401,
+        "bad_token",
+        "unknown token",
+    );
+    assert_error(
+        &call!(
+            h,
+            submit().insert_header(("authorization", "Bearer view-secret"))
+        ),
+        403,
+        "forbidden",
+        "submit",
+    );
+    let ok = call!(
+        h,
+        submit().insert_header(("authorization", "Bearer alice-secret"))
+    );
     assert_eq!(ok.0, StatusCode::CREATED, "{:?}", ok.1);
     assert_eq!(ok.1["submitted_by"], "alice");
-    let events = call!(h, TestRequest::get().uri("/v1/events").insert_header(("authorization", "Bearer view-secret")));
-    assert_eq!(events.1["events"][0]["actor"], "alice", "every mutation records its actor");
-    let lease = TestRequest::post().uri("/v1/executors/lease").set_json(json!({"executor": "x"}));
-    assert_error(&call!(h, lease.insert_header(("authorization", "Bearer alice-secret"))), 403, "forbidden", "execute");
+    let events = call!(
+        h,
+        TestRequest::get()
+            .uri("/v1/events")
+            .insert_header(("authorization", "Bearer view-secret"))
+    );
+    assert_eq!(
+        events.1["events"][0]["actor"], "alice",
+        "every mutation records its actor"
+    );
+    let lease = TestRequest::post()
+        .uri("/v1/executors/lease")
+        .set_json(json!({"executor": "x"}));
+    assert_error(
+        &call!(
+            h,
+            lease.insert_header(("authorization", "Bearer alice-secret"))
+        ),
+        403,
+        "forbidden",
+        "execute",
+    );
     // Operational endpoints stay open for probes and scrapers.
-    assert_eq!(call!(h, TestRequest::get().uri("/healthz")).0, StatusCode::OK);
+    assert_eq!(
+        call!(h, TestRequest::get().uri("/healthz")).0,
+        StatusCode::OK
+    );
 }
 
 #[actix_web::test]
 async fn oversized_bodies_get_413() {
     let h = harness(&[]);
     let big = json!({"spec": {"kind": "ingest", "dataset": "d", "source": {"dir": format!("/{}", "x".repeat(70_000))}}});
-    assert_error(&call!(h, TestRequest::post().uri("/v1/jobs").set_json(big)), 413, "payload_too_large", "65536");
+    assert_error(
+        &call!(h, TestRequest::post().uri("/v1/jobs").set_json(big)),
+        413,
+        "payload_too_large",
+        "65536",
+    );
     let blob = vec![7u8; 2048];
     let hash = twin_core::BlobHash::of(&blob);
-    let put = TestRequest::put().uri(&format!("/v1/blobs/{hash}")).set_payload(blob);
+    let put = TestRequest::put()
+        .uri(&format!("/v1/blobs/{hash}"))
+        .set_payload(blob);
     assert_error(&call!(h, put), 413, "payload_too_large", "1024");
 }
 
 #[actix_web::test]
 async fn idempotency_keys_replay_or_conflict() {
     let h = harness(&[]);
-    let post = |body: Value| TestRequest::post().uri("/v1/jobs").insert_header(("idempotency-key", "k-1")).set_json(body);
+    let post = |body: Value| {
+        TestRequest::post()
+            .uri("/v1/jobs")
+            .insert_header(("idempotency-key", "k-1"))
+            .set_json(body)
+    };
     let first = call!(h, post(ingest("d")));
     assert_eq!(first.0, StatusCode::CREATED);
     let again = call!(h, post(ingest("d")));
     assert_eq!(again.0, StatusCode::OK, "a replay answers 200");
     assert_eq!(again.1["id"], first.1["id"], "the original job comes back");
-    assert_error(&call!(h, post(ingest("other"))), 409, "idempotency_key_reused", "k-1");
+    assert_error(
+        &call!(h, post(ingest("other"))),
+        409,
+        "idempotency_key_reused",
+        "k-1",
+    );
     let jobs = call!(h, TestRequest::get().uri("/v1/jobs"));
     assert_eq!(jobs.1.as_array().map(Vec::len), Some(1));
 }
@@ -128,12 +266,42 @@ async fn blobs_are_checked_against_their_hash() {
     let h = harness(&[]);
     let hash = twin_core::BlobHash::of(b"hello");
     let wrong = twin_core::BlobHash::of(b"other");
-    assert_error(&call!(h, TestRequest::put().uri(&format!("/v1/blobs/{wrong}")).set_payload("hello")), 400, "blob_hash_mismatch", &hash.to_hex());
-    assert_eq!(call!(h, TestRequest::put().uri(&format!("/v1/blobs/{hash}")).set_payload("hello")).0, StatusCode::CREATED);
+    assert_error(
+        &call!(
+            h,
+            TestRequest::put()
+                .uri(&format!("/v1/blobs/{wrong}"))
+                .set_payload("hello")
+        ),
+        400,
+        "blob_hash_mismatch",
+        &hash.to_hex(),
+    );
+    assert_eq!(
+        call!(
+            h,
+            TestRequest::put()
+                .uri(&format!("/v1/blobs/{hash}"))
+                .set_payload("hello")
+        )
+        .0,
+        StatusCode::CREATED
+    );
     let app = test::init_service(api::app(h.svc.clone(), h.auth.clone(), LIMITS)).await;
-    let got = test::call_and_read_body(&app, TestRequest::get().uri(&format!("/v1/blobs/{hash}")).to_request()).await;
+    let got = test::call_and_read_body(
+        &app,
+        TestRequest::get()
+            .uri(&format!("/v1/blobs/{hash}"))
+            .to_request(),
+    )
+    .await;
     assert_eq!(&got[..], b"hello");
-    assert_error(&call!(h, TestRequest::get().uri(&format!("/v1/blobs/{wrong}"))), 404, "not_found", &wrong.to_hex());
+    assert_error(
+        &call!(h, TestRequest::get().uri(&format!("/v1/blobs/{wrong}"))),
+        404,
+        "not_found",
+        &wrong.to_hex(),
+    );
 }
 
 #[actix_web::test]
@@ -141,22 +309,93 @@ async fn the_executor_protocol_is_fenced_by_epoch() {
     let h = harness(&[]);
     let job = call!(h, TestRequest::post().uri("/v1/jobs").set_json(ingest("d"))).1;
     let id = job["id"].as_str().unwrap().to_owned();
-    let lease = call!(h, TestRequest::post().uri("/v1/executors/lease").set_json(json!({"executor": "e1", "capabilities": {"kinds": ["ingest"]}})));
+    let lease = call!(
+        h,
+        TestRequest::post()
+            .uri("/v1/executors/lease")
+            .set_json(json!({"executor": "e1", "capabilities": {"kinds": ["ingest"]}}))
+    );
     assert_eq!(lease.0, StatusCode::OK, "{:?}", lease.1);
     assert_eq!(lease.1["epoch"], 1);
-    let none = call!(h, TestRequest::post().uri("/v1/executors/lease").set_json(json!({"executor": "e2", "capabilities": {"kinds": ["ingest"]}})));
-    assert_eq!(none.0, StatusCode::NO_CONTENT, "a leased job is not leased twice");
-    let stale = |verb: &str, body: Value| TestRequest::post().uri(&format!("/v1/jobs/{id}/{verb}")).set_json(body);
-    assert_error(&call!(h, stale("heartbeat", json!({"epoch": 7}))), 409, "stale_epoch", "epoch 7");
-    assert_error(&call!(h, stale("start", json!({"epoch": 2}))), 409, "stale_epoch", "epoch 2");
-    assert_error(&call!(h, stale("fail", json!({"epoch": 0, "error": "x"}))), 409, "stale_epoch", "epoch 0");
-    assert_error(&call!(h, stale("progress", json!({"epoch": 1, "message": "m", "fraction": 2.0}))), 400, "invalid_body", "fraction");
-    assert_error(&call!(h, stale("artefacts", json!({"epoch": 1, "name": "m", "blob": twin_core::BlobHash::of(b"?")}))), 400, "invalid_body", "upload it first");
-    assert_error(&call!(h, stale("fail", json!({"epoch": 1}))), 400, "invalid_body", "error");
-    let failed = call!(h, stale("fail", json!({"epoch": 1, "error": "disk on fire", "retryable": false})));
+    let none = call!(
+        h,
+        TestRequest::post()
+            .uri("/v1/executors/lease")
+            .set_json(json!({"executor": "e2", "capabilities": {"kinds": ["ingest"]}}))
+    );
+    assert_eq!(
+        none.0,
+        StatusCode::NO_CONTENT,
+        "a leased job is not leased twice"
+    );
+    let stale = |verb: &str, body: Value| {
+        TestRequest::post()
+            .uri(&format!("/v1/jobs/{id}/{verb}"))
+            .set_json(body)
+    };
+    assert_error(
+        &call!(h, stale("heartbeat", json!({"epoch": 7}))),
+        409,
+        "stale_epoch",
+        "epoch 7",
+    );
+    assert_error(
+        &call!(h, stale("start", json!({"epoch": 2}))),
+        409,
+        "stale_epoch",
+        "epoch 2",
+    );
+    assert_error(
+        &call!(h, stale("fail", json!({"epoch": 0, "error": "x"}))),
+        409,
+        "stale_epoch",
+        "epoch 0",
+    );
+    assert_error(
+        &call!(
+            h,
+            stale(
+                "progress",
+                json!({"epoch": 1, "message": "m", "fraction": 2.0})
+            )
+        ),
+        400,
+        "invalid_body",
+        "fraction",
+    );
+    assert_error(
+        &call!(
+            h,
+            stale(
+                "artefacts",
+                json!({"epoch": 1, "name": "m", "blob": twin_core::BlobHash::of(b"?")})
+            )
+        ),
+        400,
+        "invalid_body",
+        "upload it first",
+    );
+    assert_error(
+        &call!(h, stale("fail", json!({"epoch": 1}))),
+        400,
+        "invalid_body",
+        "error",
+    );
+    let failed = call!(
+        h,
+        stale(
+            "fail",
+            json!({"epoch": 1, "error": "disk on fire", "retryable": false})
+        )
+    );
     assert_eq!(failed.1["status"], "failed");
     assert_eq!(failed.1["attempts"][0]["error"], "disk on fire");
-    assert_error(&call!(h, stale("heartbeat", json!({"epoch": 1}))), 409, "invalid_state", "failed");
+    assert_error(
+        &call!(h, stale("heartbeat", json!({"epoch": 1}))),
+        409,
+        "invalid_state",
+        "failed",
+    );
 }
 
 #[actix_web::test]
@@ -167,21 +406,39 @@ async fn the_openapi_document_lists_every_route() {
     let mut routes = Vec::new();
     for entry in std::fs::read_dir(&src).unwrap() {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-        assert!(!text.contains(".route("), "register routes with service(), never route(): they would miss the document");
+        assert!(
+            !text.contains(".route("),
+            "register routes with service(), never route(): they would miss the document"
+        );
         for line in text.lines().map(str::trim) {
             for method in ["get", "post", "put", "head", "delete", "patch"] {
                 if let Some(rest) = line.strip_prefix(&format!("#[{method}(\"")) {
                     let path = rest.split('"').next().unwrap();
-                    let full = if ["/healthz", "/metrics"].contains(&path) { path.to_owned() } else { format!("/v1{path}") };
+                    let full = if ["/healthz", "/metrics"].contains(&path) {
+                        path.to_owned()
+                    } else {
+                        format!("/v1{path}")
+                    };
                     routes.push((method, full));
                 }
             }
         }
     }
-    assert!(routes.len() >= 20, "found only {} route macros", routes.len());
+    assert!(
+        routes.len() >= 20,
+        "found only {} route macros",
+        routes.len()
+    );
     for (method, path) in &routes {
-        assert!(paths.get(path).and_then(|p| p.get(*method)).is_some(), "{method} {path} is missing from the OpenAPI document");
+        assert!(
+            paths.get(path).and_then(|p| p.get(*method)).is_some(),
+            "{method} {path} is missing from the OpenAPI document"
+        );
     }
     let documented: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
-    assert_eq!(documented, routes.len(), "the document lists operations that no route serves");
+    assert_eq!(
+        documented,
+        routes.len(),
+        "the document lists operations that no route serves"
+    );
 }

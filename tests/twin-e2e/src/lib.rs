@@ -16,13 +16,19 @@ use nix::unistd::Pid;
 
 /// Path of a workspace binary.
 pub fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("TWIN_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        // target/<profile>/deps/<test binary> → target/<profile>
-        let exe = std::env::current_exe().unwrap();
-        exe.parent().and_then(Path::parent).unwrap().to_path_buf()
-    });
+    let dir = std::env::var_os("TWIN_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            // target/<profile>/deps/<test binary> → target/<profile>
+            let exe = std::env::current_exe().unwrap();
+            exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+        });
     let path = dir.join(name);
-    assert!(path.is_file(), "{} is missing: run `cargo build --workspace --bins` first (or set TWIN_BIN_DIR)", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first (or set TWIN_BIN_DIR)",
+        path.display()
+    );
     path
 }
 
@@ -40,7 +46,10 @@ impl Server {
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -61,7 +70,11 @@ impl Server {
                 panic!("twin-server did not start within 30 s (see its stderr above)");
             }
         };
-        Server { child, url, data_dir: data_dir.to_owned() }
+        Server {
+            child,
+            url,
+            data_dir: data_dir.to_owned(),
+        }
     }
 
     pub fn pid(&self) -> Pid {
@@ -84,7 +97,9 @@ impl Server {
                     assert!(status.success(), "twin-server exited with {status}");
                     return;
                 }
-                _ if Instant::now() > deadline => panic!("twin-server did not stop within 20 s of SIGTERM"),
+                _ if Instant::now() > deadline => {
+                    panic!("twin-server did not stop within 20 s of SIGTERM")
+                }
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
         }
@@ -132,11 +147,18 @@ impl Drop for ExecutorProcess {
 
 /// Runs `twin` with arguments; returns its output.
 pub fn twin(args: &[&str]) -> Output {
-    Command::new(bin("twin")).args(args).env_remove("TWIN_TOKEN").output().unwrap()
+    Command::new(bin("twin"))
+        .args(args)
+        .env_remove("TWIN_TOKEN")
+        .output()
+        .unwrap()
 }
 
 pub fn text(out: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Polls `f` every 50 ms until it returns `Some` or `limit` passes.
@@ -146,14 +168,18 @@ pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// Writes an ingest spec for `dir` and returns its path.
 pub fn ingest_spec(at: &Path, dataset: &str, dir: &Path) -> PathBuf {
-    let spec = serde_json::json!({"spec": {"kind": "ingest", "dataset": dataset, "source": {"dir": dir}}});
+    let spec =
+        serde_json::json!({"spec": {"kind": "ingest", "dataset": dataset, "source": {"dir": dir}}});
     let path = at.join(format!("{dataset}.json"));
     std::fs::write(&path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
     path

@@ -15,7 +15,10 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
 }
 
 fn parse_hash(h: &str) -> Result<BlobHash, ApiError> {
-    h.parse().map_err(|_| ApiError::InvalidId { what: "blob hash", value: h.chars().take(80).collect() })
+    h.parse().map_err(|_| ApiError::InvalidId {
+        what: "blob hash",
+        value: h.chars().take(80).collect(),
+    })
 }
 
 /// Uploads a blob; the body must hash to `{hash}` (SHA-256, lower-case hex).
@@ -38,12 +41,17 @@ async fn upload(
     if svc.blobs.contains(&expected) {
         // Drain nothing: the bytes are known. Answer without reading the body.
         let bytes = svc.blobs.len(&expected)?;
-        return Ok(HttpResponse::Ok().json(BlobStored { hash: expected, bytes }));
+        return Ok(HttpResponse::Ok().json(BlobStored {
+            hash: expected,
+            bytes,
+        }));
     }
     let mut writer = svc.blobs.writer(limits.max_blob_bytes)?;
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| match e {
-            actix_web::error::PayloadError::Overflow => ApiError::PayloadTooLarge { limit: limits.max_blob_bytes },
+            actix_web::error::PayloadError::Overflow => ApiError::PayloadTooLarge {
+                limit: limits.max_blob_bytes,
+            },
             other => ApiError::InvalidBody(format!("body: {other}")),
         })?;
         writer.write(&chunk)?;
@@ -57,19 +65,33 @@ async fn upload(
 /// Downloads a blob.
 #[utoipa::path(tag = "blobs", params(("hash" = String, Path)), responses((status = 200, content_type = "application/octet-stream"), (status = 404)))]
 #[get("/blobs/{hash}")]
-async fn download(caller: Caller, svc: web::Data<Service>, hash: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn download(
+    caller: Caller,
+    svc: web::Data<Service>,
+    hash: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Read)?;
     let hash = parse_hash(&hash)?;
     let svc = svc.into_inner();
-    let bytes = web::block(move || svc.blobs.read(&hash)).await.map_err(|e| ApiError::internal("blob read", e))??;
-    Ok(HttpResponse::Ok().content_type("application/octet-stream").body(bytes))
+    let bytes = web::block(move || svc.blobs.read(&hash))
+        .await
+        .map_err(|e| ApiError::internal("blob read", e))??;
+    Ok(HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .body(bytes))
 }
 
 /// Whether a blob is stored (its size in `Content-Length`).
 #[utoipa::path(tag = "blobs", params(("hash" = String, Path)), responses((status = 200), (status = 404)))]
 #[head("/blobs/{hash}")]
-async fn exists(caller: Caller, svc: web::Data<Service>, hash: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn exists(
+    caller: Caller,
+    svc: web::Data<Service>,
+    hash: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Read)?;
     let len = svc.blobs.len(&parse_hash(&hash)?)?;
-    Ok(HttpResponse::Ok().insert_header(("X-Blob-Bytes", len.to_string())).finish())
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Blob-Bytes", len.to_string()))
+        .finish())
 }

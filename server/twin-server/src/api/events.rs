@@ -31,11 +31,17 @@ struct PageQuery {
 /// A page of events in sequence order; `next` continues it.
 #[utoipa::path(tag = "events", params(PageQuery), responses((status = 200, body = EventsPage)))]
 #[get("/events")]
-async fn events_page(caller: Caller, svc: web::Data<Service>, q: web::Query<PageQuery>) -> Result<web::Json<EventsPage>, ApiError> {
+async fn events_page(
+    caller: Caller,
+    svc: web::Data<Service>,
+    q: web::Query<PageQuery>,
+) -> Result<web::Json<EventsPage>, ApiError> {
     caller.require(Role::Read)?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(60_000));
     let limit = q.limit.unwrap_or(500).clamp(1, 5_000);
-    svc.events(q.from.unwrap_or(1), q.prefix.as_deref(), limit, wait).await.map(web::Json)
+    svc.events(q.from.unwrap_or(1), q.prefix.as_deref(), limit, wait)
+        .await
+        .map(web::Json)
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -50,7 +56,11 @@ struct StreamQuery {
 /// A comment line is sent every 15 s of quiet to keep proxies from closing the stream.
 #[utoipa::path(tag = "events", params(StreamQuery), responses((status = 200, content_type = "text/event-stream")))]
 #[get("/events/stream")]
-async fn stream(caller: Caller, svc: web::Data<Service>, q: web::Query<StreamQuery>) -> Result<HttpResponse, ApiError> {
+async fn stream(
+    caller: Caller,
+    svc: web::Data<Service>,
+    q: web::Query<StreamQuery>,
+) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Read)?;
     let svc = svc.into_inner();
     let from = q.from.unwrap_or_else(|| svc.last_seq() + 1);
@@ -59,20 +69,34 @@ async fn stream(caller: Caller, svc: web::Data<Service>, q: web::Query<StreamQue
     tokio::spawn(async move {
         let mut from = from;
         loop {
-            let page = match svc.events(from, prefix.as_deref(), 500, Duration::from_secs(15)).await {
+            let page = match svc
+                .events(from, prefix.as_deref(), 500, Duration::from_secs(15))
+                .await
+            {
                 Ok(p) => p,
                 Err(e) => {
-                    let _ = tx.send(Bytes::from(format!("event: error\ndata: {e}\n\n"))).await;
+                    let _ = tx
+                        .send(Bytes::from(format!("event: error\ndata: {e}\n\n")))
+                        .await;
                     return;
                 }
             };
             from = page.next;
-            if page.events.is_empty() && tx.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
+            if page.events.is_empty()
+                && tx
+                    .send(Bytes::from_static(b": keep-alive\n\n"))
+                    .await
+                    .is_err()
+            {
                 return;
             }
             for e in page.events {
                 let data = serde_json::to_string(&e).expect("events serialise");
-                let frame = format!("id: {}\nevent: {}\ndata: {data}\n\n", e.seq, e.event.event_type());
+                let frame = format!(
+                    "id: {}\nevent: {}\ndata: {data}\n\n",
+                    e.seq,
+                    e.event.event_type()
+                );
                 if tx.send(Bytes::from(frame)).await.is_err() {
                     return; // the client went away
                 }

@@ -3,7 +3,8 @@
 
 use actix_web::{HttpResponse, post, web};
 use twin_core::api::{
-    ArtefactBody, CompleteBody, EpochBody, FailBody, HeartbeatResponse, LeaseGrant, LeaseRequest, ProgressBody,
+    ArtefactBody, CompleteBody, EpochBody, FailBody, HeartbeatResponse, LeaseGrant, LeaseRequest,
+    ProgressBody,
 };
 use twin_core::job::{JobCommand, JobState};
 
@@ -12,14 +13,24 @@ use crate::error::ApiError;
 use crate::service::{Service, now_ms};
 
 pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(lease).service(start).service(heartbeat).service(progress).service(artefact).service(complete).service(fail);
+    cfg.service(lease)
+        .service(start)
+        .service(heartbeat)
+        .service(progress)
+        .service(artefact)
+        .service(complete)
+        .service(fail);
 }
 
 /// Leases the best queued job this executor can run (priority, then age), waiting up to
 /// `wait_ms`; 204 when none came.
 #[utoipa::path(tag = "executors", request_body = LeaseRequest, responses((status = 200, body = LeaseGrant), (status = 204)))]
 #[post("/executors/lease")]
-async fn lease(caller: Caller, svc: web::Data<Service>, body: web::Json<LeaseRequest>) -> Result<HttpResponse, ApiError> {
+async fn lease(
+    caller: Caller,
+    svc: web::Data<Service>,
+    body: web::Json<LeaseRequest>,
+) -> Result<HttpResponse, ApiError> {
     let actor = caller.require(Role::Execute)?;
     Ok(match svc.lease(actor, body.into_inner()).await? {
         Some(grant) => HttpResponse::Ok().json(grant),
@@ -30,54 +41,107 @@ async fn lease(caller: Caller, svc: web::Data<Service>, body: web::Json<LeaseReq
 /// Marks the leased job running.
 #[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = EpochBody, responses((status = 200, body = JobState), (status = 409)))]
 #[post("/jobs/{id}/start")]
-async fn start(caller: Caller, svc: web::Data<Service>, id: web::Path<String>, body: web::Json<EpochBody>) -> Result<web::Json<JobState>, ApiError> {
+async fn start(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+    body: web::Json<EpochBody>,
+) -> Result<web::Json<JobState>, ApiError> {
     let actor = caller.require(Role::Execute)?;
-    svc.job_command(actor, &id, JobCommand::Start { epoch: body.epoch }).await.map(web::Json)
+    svc.job_command(actor, &id, JobCommand::Start { epoch: body.epoch })
+        .await
+        .map(web::Json)
 }
 
 /// Extends the lease; says whether cancellation was requested.
 #[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = EpochBody, responses((status = 200, body = HeartbeatResponse), (status = 409)))]
 #[post("/jobs/{id}/heartbeat")]
-async fn heartbeat(caller: Caller, svc: web::Data<Service>, id: web::Path<String>, body: web::Json<EpochBody>) -> Result<web::Json<HeartbeatResponse>, ApiError> {
+async fn heartbeat(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+    body: web::Json<EpochBody>,
+) -> Result<web::Json<HeartbeatResponse>, ApiError> {
     caller.require(Role::Execute)?;
     let cancel_requested = svc.heartbeat(&id, body.epoch)?;
-    Ok(web::Json(HeartbeatResponse { cancel_requested, lease_ttl_ms: svc.lease_ttl.as_millis() as u64 }))
+    Ok(web::Json(HeartbeatResponse {
+        cancel_requested,
+        lease_ttl_ms: svc.lease_ttl.as_millis() as u64,
+    }))
 }
 
 /// Records a progress event.
 #[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = ProgressBody, responses((status = 200, body = JobState), (status = 409)))]
 #[post("/jobs/{id}/progress")]
-async fn progress(caller: Caller, svc: web::Data<Service>, id: web::Path<String>, body: web::Json<ProgressBody>) -> Result<web::Json<JobState>, ApiError> {
+async fn progress(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+    body: web::Json<ProgressBody>,
+) -> Result<web::Json<JobState>, ApiError> {
     let actor = caller.require(Role::Execute)?;
     let b = body.into_inner();
     if b.fraction.is_some_and(|f| !(0.0..=1.0).contains(&f)) {
-        return Err(ApiError::InvalidBody("fraction: must be within [0, 1]".into()));
+        return Err(ApiError::InvalidBody(
+            "fraction: must be within [0, 1]".into(),
+        ));
     }
     if b.counters.values().any(|v| !v.is_finite()) {
-        return Err(ApiError::InvalidBody("counters: values must be finite".into()));
+        return Err(ApiError::InvalidBody(
+            "counters: values must be finite".into(),
+        ));
     }
-    let cmd = JobCommand::Progress { epoch: b.epoch, message: b.message, fraction: b.fraction, counters: b.counters };
+    let cmd = JobCommand::Progress {
+        epoch: b.epoch,
+        message: b.message,
+        fraction: b.fraction,
+        counters: b.counters,
+    };
     svc.job_command(actor, &id, cmd).await.map(web::Json)
 }
 
 /// Records an uploaded blob as a named artefact of the job.
 #[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = ArtefactBody, responses((status = 200, body = JobState), (status = 400), (status = 409)))]
 #[post("/jobs/{id}/artefacts")]
-async fn artefact(caller: Caller, svc: web::Data<Service>, id: web::Path<String>, body: web::Json<ArtefactBody>) -> Result<web::Json<JobState>, ApiError> {
+async fn artefact(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+    body: web::Json<ArtefactBody>,
+) -> Result<web::Json<JobState>, ApiError> {
     let actor = caller.require(Role::Execute)?;
     let b = body.into_inner();
-    let bytes = svc.blobs.len(&b.blob).map_err(|_| ApiError::InvalidBody(format!("blob: {} is not in the blob store; upload it first", b.blob)))?;
-    let cmd = JobCommand::RecordArtefact { epoch: b.epoch, name: b.name, blob: b.blob, bytes };
+    let bytes = svc.blobs.len(&b.blob).map_err(|_| {
+        ApiError::InvalidBody(format!(
+            "blob: {} is not in the blob store; upload it first",
+            b.blob
+        ))
+    })?;
+    let cmd = JobCommand::RecordArtefact {
+        epoch: b.epoch,
+        name: b.name,
+        blob: b.blob,
+        bytes,
+    };
     svc.job_command(actor, &id, cmd).await.map(web::Json)
 }
 
 /// Completes the job with its typed output.
 #[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = CompleteBody, responses((status = 200, body = JobState), (status = 409)))]
 #[post("/jobs/{id}/complete")]
-async fn complete(caller: Caller, svc: web::Data<Service>, id: web::Path<String>, body: web::Json<CompleteBody>) -> Result<web::Json<JobState>, ApiError> {
+async fn complete(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+    body: web::Json<CompleteBody>,
+) -> Result<web::Json<JobState>, ApiError> {
     let actor = caller.require(Role::Execute)?;
     let b = body.into_inner();
-    let cmd = JobCommand::Complete { epoch: b.epoch, output: b.output, dataset: Service::dataset_id() };
+    let cmd = JobCommand::Complete {
+        epoch: b.epoch,
+        output: b.output,
+        dataset: Service::dataset_id(),
+    };
     svc.job_command(actor, &id, cmd).await.map(web::Json)
 }
 
@@ -85,10 +149,20 @@ async fn complete(caller: Caller, svc: web::Data<Service>, id: web::Path<String>
 /// cancellation request this ends the job as cancelled.
 #[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = FailBody, responses((status = 200, body = JobState), (status = 409)))]
 #[post("/jobs/{id}/fail")]
-async fn fail(caller: Caller, svc: web::Data<Service>, id: web::Path<String>, body: web::Json<FailBody>) -> Result<web::Json<JobState>, ApiError> {
+async fn fail(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+    body: web::Json<FailBody>,
+) -> Result<web::Json<JobState>, ApiError> {
     let actor = caller.require(Role::Execute)?;
     let b = body.into_inner();
     let error: String = b.error.chars().take(16 * 1024).collect();
-    let cmd = JobCommand::Fail { epoch: b.epoch, error, retryable: b.retryable, now: now_ms() };
+    let cmd = JobCommand::Fail {
+        epoch: b.epoch,
+        error,
+        retryable: b.retryable,
+        now: now_ms(),
+    };
     svc.job_command(actor, &id, cmd).await.map(web::Json)
 }

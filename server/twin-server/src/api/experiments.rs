@@ -15,7 +15,11 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
 /// Creates an experiment; its name is its id.
 #[utoipa::path(tag = "experiments", request_body = CreateExperiment, responses((status = 201, body = Experiment), (status = 400), (status = 409)))]
 #[post("/experiments")]
-async fn create(caller: Caller, svc: web::Data<Service>, body: web::Json<CreateExperiment>) -> Result<HttpResponse, ApiError> {
+async fn create(
+    caller: Caller,
+    svc: web::Data<Service>,
+    body: web::Json<CreateExperiment>,
+) -> Result<HttpResponse, ApiError> {
     let actor = caller.require(Role::Submit)?;
     let exp = svc.create_experiment(actor, body.into_inner()).await?;
     Ok(HttpResponse::Created().json(exp))
@@ -24,16 +28,31 @@ async fn create(caller: Caller, svc: web::Data<Service>, body: web::Json<CreateE
 /// Lists experiments with their job ids.
 #[utoipa::path(tag = "experiments", responses((status = 200, body = Vec<Experiment>)))]
 #[get("/experiments")]
-async fn list(caller: Caller, svc: web::Data<Service>) -> Result<web::Json<Vec<Experiment>>, ApiError> {
+async fn list(
+    caller: Caller,
+    svc: web::Data<Service>,
+) -> Result<web::Json<Vec<Experiment>>, ApiError> {
     caller.require(Role::Read)?;
-    Ok(web::Json(svc.read(|p| p.experiments.values().cloned().collect())))
+    Ok(web::Json(
+        svc.read(|p| p.experiments.values().cloned().collect()),
+    ))
 }
 
 /// One experiment.
 #[utoipa::path(tag = "experiments", params(("id" = String, Path)), responses((status = 200, body = Experiment), (status = 404)))]
 #[get("/experiments/{id}")]
-async fn get_experiment(caller: Caller, svc: web::Data<Service>, id: web::Path<String>) -> Result<web::Json<Experiment>, ApiError> {
+async fn get_experiment(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+) -> Result<web::Json<Experiment>, ApiError> {
     caller.require(Role::Read)?;
-    let found = id.parse().ok().and_then(|id| svc.read(|p| p.experiments.get(&id).cloned()));
-    found.map(web::Json).ok_or_else(|| ApiError::NotFound { what: "experiment", id: id.chars().take(80).collect() })
+    let found = id
+        .parse()
+        .ok()
+        .and_then(|id| svc.read(|p| p.experiments.get(&id).cloned()));
+    found.map(web::Json).ok_or_else(|| ApiError::NotFound {
+        what: "experiment",
+        id: id.chars().take(80).collect(),
+    })
 }

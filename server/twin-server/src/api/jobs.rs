@@ -2,16 +2,19 @@
 
 use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use serde::Deserialize;
+use twin_core::JobKind;
 use twin_core::api::CancelBody;
 use twin_core::job::{JobState, JobStatus};
-use twin_core::JobKind;
 
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::service::Service;
 
 pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(submit).service(list).service(get_job).service(cancel);
+    cfg.service(submit)
+        .service(list)
+        .service(get_job)
+        .service(cancel);
 }
 
 /// Submits a job. With an `Idempotency-Key` header a retried submission returns the original job
@@ -37,12 +40,25 @@ async fn submit(
         None => None,
         Some(v) => {
             let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255);
-            Some(k.ok_or_else(|| ApiError::InvalidBody("Idempotency-Key: 1 to 255 visible ASCII characters".into()))?.to_owned())
+            Some(
+                k.ok_or_else(|| {
+                    ApiError::InvalidBody(
+                        "Idempotency-Key: 1 to 255 visible ASCII characters".into(),
+                    )
+                })?
+                .to_owned(),
+            )
         }
     };
     let (job, replayed) = svc.submit(actor, body.into_inner(), key).await?;
-    let mut resp = if replayed { HttpResponse::Ok() } else { HttpResponse::Created() };
-    Ok(resp.insert_header(("Location", format!("/v1/jobs/{}", job.id))).json(job))
+    let mut resp = if replayed {
+        HttpResponse::Ok()
+    } else {
+        HttpResponse::Created()
+    };
+    Ok(resp
+        .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
+        .json(job))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -59,17 +75,27 @@ struct ListQuery {
 /// Lists jobs, newest first.
 #[utoipa::path(tag = "jobs", params(ListQuery), responses((status = 200, body = Vec<JobState>), (status = 400)))]
 #[get("/jobs")]
-async fn list(caller: Caller, svc: web::Data<Service>, q: web::Query<ListQuery>) -> Result<web::Json<Vec<JobState>>, ApiError> {
+async fn list(
+    caller: Caller,
+    svc: web::Data<Service>,
+    q: web::Query<ListQuery>,
+) -> Result<web::Json<Vec<JobState>>, ApiError> {
     caller.require(Role::Read)?;
     let state = q
         .state
         .as_deref()
-        .map(|s| JobStatus::parse(s).ok_or_else(|| ApiError::InvalidQuery(format!("state: unknown state `{s}`"))))
+        .map(|s| {
+            JobStatus::parse(s)
+                .ok_or_else(|| ApiError::InvalidQuery(format!("state: unknown state `{s}`")))
+        })
         .transpose()?;
     let kind = q
         .kind
         .as_deref()
-        .map(|k| JobKind::parse(k).ok_or_else(|| ApiError::InvalidQuery(format!("kind: unknown kind `{k}`"))))
+        .map(|k| {
+            JobKind::parse(k)
+                .ok_or_else(|| ApiError::InvalidQuery(format!("kind: unknown kind `{k}`")))
+        })
         .transpose()?;
     let limit = q.limit.unwrap_or(100).min(10_000);
     let jobs = svc.read(|p| {
@@ -78,7 +104,11 @@ async fn list(caller: Caller, svc: web::Data<Service>, q: web::Query<ListQuery>)
             .rev()
             .filter(|j| state.is_none_or(|s| j.status == s))
             .filter(|j| kind.is_none_or(|k| j.kind == k))
-            .filter(|j| q.experiment.as_deref().is_none_or(|e| j.experiment.as_ref().is_some_and(|x| x.as_str() == e)))
+            .filter(|j| {
+                q.experiment
+                    .as_deref()
+                    .is_none_or(|e| j.experiment.as_ref().is_some_and(|x| x.as_str() == e))
+            })
             .take(limit)
             .cloned()
             .collect()
@@ -89,7 +119,11 @@ async fn list(caller: Caller, svc: web::Data<Service>, q: web::Query<ListQuery>)
 /// One job with its attempts, progress, artefacts and result.
 #[utoipa::path(tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = JobState), (status = 404)))]
 #[get("/jobs/{id}")]
-async fn get_job(caller: Caller, svc: web::Data<Service>, id: web::Path<String>) -> Result<web::Json<JobState>, ApiError> {
+async fn get_job(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+) -> Result<web::Json<JobState>, ApiError> {
     caller.require(Role::Read)?;
     svc.get_job(&id).map(web::Json)
 }

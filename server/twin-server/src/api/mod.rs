@@ -54,22 +54,30 @@ pub struct Limits {
 
 fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> Error {
     match err {
-        JsonPayloadError::OverflowKnownLength { limit, .. } | JsonPayloadError::Overflow { limit } => {
-            ApiError::PayloadTooLarge { limit: limit as u64 }.into()
+        JsonPayloadError::OverflowKnownLength { limit, .. }
+        | JsonPayloadError::Overflow { limit } => ApiError::PayloadTooLarge {
+            limit: limit as u64,
         }
+        .into(),
         JsonPayloadError::ContentType => {
-            ApiError::InvalidBody("body: send JSON with `Content-Type: application/json`".into()).into()
+            ApiError::InvalidBody("body: send JSON with `Content-Type: application/json`".into())
+                .into()
         }
         JsonPayloadError::Deserialize(e) => ApiError::InvalidBody(format!("body: {e}")).into(),
         other => ApiError::InvalidBody(format!("body: {other}")).into(),
     }
 }
 
-async fn observe(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, Error> {
+async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let started = Instant::now();
     let method = req.method().to_string();
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
-    let metrics = req.app_data::<web::Data<Service>>().map(|s| s.metrics.clone());
+    let metrics = req
+        .app_data::<web::Data<Service>>()
+        .map(|s| s.metrics.clone());
     let res = next.call(req).await?;
     if let Some(m) = metrics {
         m.http_seconds
@@ -80,12 +88,19 @@ async fn observe(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<Se
 }
 
 async fn no_route(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::RouteNotFound { method: req.method().to_string(), path: req.path().chars().take(200).collect() })
+    Err(ApiError::RouteNotFound {
+        method: req.method().to_string(),
+        path: req.path().chars().take(200).collect(),
+    })
 }
 
 /// The OpenAPI document, built from the same registration as the routes.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let (_, doc) = App::new().into_utoipa_app().openapi(ApiDoc::openapi()).configure(routes).split_for_parts();
+    let (_, doc) = App::new()
+        .into_utoipa_app()
+        .openapi(ApiDoc::openapi())
+        .configure(routes)
+        .split_for_parts();
     doc
 }
 
@@ -109,15 +124,32 @@ pub fn app(
     auth: Arc<Auth>,
     limits: Limits,
 ) -> App<
-    impl ServiceFactory<ServiceRequest, Config = (), Response = ServiceResponse<impl MessageBody>, Error = Error, InitError = ()>,
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = Error,
+        InitError = (),
+    >,
 > {
-    let (app, doc) = App::new().into_utoipa_app().openapi(ApiDoc::openapi()).configure(routes).split_for_parts();
+    let (app, doc) = App::new()
+        .into_utoipa_app()
+        .openapi(ApiDoc::openapi())
+        .configure(routes)
+        .split_for_parts();
     app.app_data(web::Data::from(service))
         .app_data(web::Data::from(auth))
         .app_data(web::Data::new(doc))
         .app_data(web::Data::new(limits))
-        .app_data(web::JsonConfig::default().limit(limits.max_json_bytes).error_handler(json_error))
-        .app_data(web::QueryConfig::default().error_handler(|e, _| ApiError::InvalidQuery(format!("query: {e}")).into()))
+        .app_data(
+            web::JsonConfig::default()
+                .limit(limits.max_json_bytes)
+                .error_handler(json_error),
+        )
+        .app_data(
+            web::QueryConfig::default()
+                .error_handler(|e, _| ApiError::InvalidQuery(format!("query: {e}")).into()),
+        )
         .app_data(web::PayloadConfig::default().limit(limits.max_blob_bytes as usize))
         .default_service(web::to(no_route))
         .wrap(from_fn(observe))

@@ -15,14 +15,22 @@ pub fn configure_root(cfg: &mut utoipa_actix_web::service_config::ServiceConfig)
 
 /// Routes under `/v1`.
 pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
-    cfg.service(openapi_json).service(lineage).service(datasets).service(dataset).service(executors);
+    cfg.service(openapi_json)
+        .service(lineage)
+        .service(datasets)
+        .service(dataset)
+        .service(executors);
 }
 
 /// Liveness and the log's head.
 #[utoipa::path(tag = "system", responses((status = 200, body = Health)))]
 #[get("/healthz")]
 async fn healthz(svc: web::Data<Service>) -> web::Json<Health> {
-    web::Json(Health { status: "ok".into(), last_seq: svc.last_seq(), version: env!("CARGO_PKG_VERSION").into() })
+    web::Json(Health {
+        status: "ok".into(),
+        last_seq: svc.last_seq(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
 /// Prometheus text exposition.
@@ -30,7 +38,9 @@ async fn healthz(svc: web::Data<Service>) -> web::Json<Health> {
 #[get("/metrics")]
 async fn metrics(svc: web::Data<Service>) -> HttpResponse {
     let text = svc.read(|p| svc.metrics.render(p));
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(text)
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(text)
 }
 
 /// This document.
@@ -47,34 +57,59 @@ async fn openapi_json(doc: web::Data<utoipa::openapi::OpenApi>) -> HttpResponse 
     responses((status = 200, body = Lineage), (status = 404, body = twin_core::api::ErrorBody))
 )]
 #[get("/lineage/{target}")]
-async fn lineage(caller: Caller, svc: web::Data<Service>, target: web::Path<String>) -> Result<web::Json<Lineage>, ApiError> {
+async fn lineage(
+    caller: Caller,
+    svc: web::Data<Service>,
+    target: web::Path<String>,
+) -> Result<web::Json<Lineage>, ApiError> {
     caller.require(Role::Read)?;
     svc.read(|p| p.lineage(&target))
         .map(web::Json)
-        .ok_or_else(|| ApiError::NotFound { what: "blob or job", id: target.chars().take(80).collect() })
+        .ok_or_else(|| ApiError::NotFound {
+            what: "blob or job",
+            id: target.chars().take(80).collect(),
+        })
 }
 
 /// Registered datasets.
 #[utoipa::path(tag = "datasets", responses((status = 200, body = Vec<Dataset>)))]
 #[get("/datasets")]
-async fn datasets(caller: Caller, svc: web::Data<Service>) -> Result<web::Json<Vec<Dataset>>, ApiError> {
+async fn datasets(
+    caller: Caller,
+    svc: web::Data<Service>,
+) -> Result<web::Json<Vec<Dataset>>, ApiError> {
     caller.require(Role::Read)?;
-    Ok(web::Json(svc.read(|p| p.datasets.values().cloned().collect())))
+    Ok(web::Json(
+        svc.read(|p| p.datasets.values().cloned().collect()),
+    ))
 }
 
 /// One dataset.
 #[utoipa::path(tag = "datasets", params(("id" = String, Path)), responses((status = 200, body = Dataset), (status = 404)))]
 #[get("/datasets/{id}")]
-async fn dataset(caller: Caller, svc: web::Data<Service>, id: web::Path<String>) -> Result<web::Json<Dataset>, ApiError> {
+async fn dataset(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+) -> Result<web::Json<Dataset>, ApiError> {
     caller.require(Role::Read)?;
-    let found = id.parse().ok().and_then(|id| svc.read(|p| p.datasets.get(&id).cloned()));
-    found.map(web::Json).ok_or_else(|| ApiError::NotFound { what: "dataset", id: id.chars().take(80).collect() })
+    let found = id
+        .parse()
+        .ok()
+        .and_then(|id| svc.read(|p| p.datasets.get(&id).cloned()));
+    found.map(web::Json).ok_or_else(|| ApiError::NotFound {
+        what: "dataset",
+        id: id.chars().take(80).collect(),
+    })
 }
 
 /// Executors seen since the server started.
 #[utoipa::path(tag = "executors", responses((status = 200, body = Vec<ExecutorSeen>)))]
 #[get("/executors")]
-async fn executors(caller: Caller, svc: web::Data<Service>) -> Result<web::Json<Vec<ExecutorSeen>>, ApiError> {
+async fn executors(
+    caller: Caller,
+    svc: web::Data<Service>,
+) -> Result<web::Json<Vec<ExecutorSeen>>, ApiError> {
     caller.require(Role::Read)?;
     Ok(web::Json(svc.executors()))
 }

@@ -18,7 +18,10 @@ fn ingest_through_the_cli_then_audit_the_log_offline() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("succeeded"), "{stdout}");
-    assert!(stdout.contains("cannot decode"), "the corrupt file is reported: {stdout}");
+    assert!(
+        stdout.contains("cannot decode"),
+        "the corrupt file is reported: {stdout}"
+    );
     let job_id = stdout.split_whitespace().nth(2).unwrap().to_owned();
 
     let (ls, _) = text(&twin(&["--server", &url, "jobs", "ls"]));
@@ -28,8 +31,16 @@ fn ingest_through_the_cli_then_audit_the_log_offline() {
     assert_eq!(datasets[0]["images"], 36, "{datasets}");
     assert_eq!(datasets[0]["instances"], 12);
     let manifest = datasets[0]["manifest"].as_str().unwrap().to_owned();
-    let (events, _) = text(&twin(&["--server", &url, "events", "tail", "--prefix", "job/"]));
-    for kind in ["job_submitted", "job_leased", "job_started", "job_artefact_recorded", "job_succeeded"] {
+    let (events, _) = text(&twin(&[
+        "--server", &url, "events", "tail", "--prefix", "job/",
+    ]));
+    for kind in [
+        "job_submitted",
+        "job_leased",
+        "job_started",
+        "job_artefact_recorded",
+        "job_succeeded",
+    ] {
         assert!(events.contains(kind), "{kind} missing from:\n{events}");
     }
     // Following with Server-Sent Events delivers the backlog and keeps the stream open.
@@ -53,17 +64,42 @@ fn ingest_through_the_cli_then_audit_the_log_offline() {
     let out = twin(&["replay", "--data-dir", data.to_str().unwrap(), "--verify"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("37 referenced blobs verified"), "manifest + 36 images: {stdout}");
-    let out = twin(&["replay", "--data-dir", data.to_str().unwrap(), "--until", "2", "--json"]);
+    assert!(
+        stdout.contains("37 referenced blobs verified"),
+        "manifest + 36 images: {stdout}"
+    );
+    let out = twin(&[
+        "replay",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--until",
+        "2",
+        "--json",
+    ]);
     let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(state["jobs"][&job_id]["status"], "leased", "the state as of seq 2");
-    let (lineage, _) = text(&twin(&["lineage", &manifest, "--data-dir", data.to_str().unwrap()]));
-    assert!(lineage.contains(&job_id) && lineage.contains("\"dir\""), "offline lineage names the job and its input: {lineage}");
+    assert_eq!(
+        state["jobs"][&job_id]["status"], "leased",
+        "the state as of seq 2"
+    );
+    let (lineage, _) = text(&twin(&[
+        "lineage",
+        &manifest,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]));
+    assert!(
+        lineage.contains(&job_id) && lineage.contains("\"dir\""),
+        "offline lineage names the job and its input: {lineage}"
+    );
 
     // Tamper with one ingested image: verification stops at the event that references it.
     let blobs = data.join("blobs/sha256");
     let victim = eventually(Duration::from_secs(1), "a stored image", || {
-        walk(&blobs).into_iter().find(|p| std::fs::read(p).map(|b| b.starts_with(b"\x89PNG")).unwrap_or(false))
+        walk(&blobs).into_iter().find(|p| {
+            std::fs::read(p)
+                .map(|b| b.starts_with(b"\x89PNG"))
+                .unwrap_or(false)
+        })
     });
     let mut bytes = std::fs::read(&victim).unwrap();
     let last = bytes.len() - 1;
@@ -79,7 +115,11 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let p = e.path();
-        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+        if p.is_dir() {
+            out.extend(walk(&p))
+        } else {
+            out.push(p)
+        }
     }
     out.sort();
     out
@@ -102,9 +142,18 @@ fn a_missing_source_fails_the_job_without_retrying() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&tmp.path().join("data"), &[]);
     let spec = ingest_spec(tmp.path(), "ghost", &tmp.path().join("no-such-dir"));
-    let out = twin(&["--server", &server.url, "submit", spec.to_str().unwrap(), "--wait"]);
+    let out = twin(&[
+        "--server",
+        &server.url,
+        "submit",
+        spec.to_str().unwrap(),
+        "--wait",
+    ]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
-    assert!(stderr.contains("failed") && stderr.contains("is not a directory"), "{stderr}");
+    assert!(
+        stderr.contains("failed") && stderr.contains("is not a directory"),
+        "{stderr}"
+    );
     server.stop();
 }

@@ -33,19 +33,31 @@ async fn every_acknowledged_job_survives_a_kill_during_a_burst() {
         w.await.unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 50, "the burst acknowledged only {} jobs", acked.len());
+    assert!(
+        acked.len() > 50,
+        "the burst acknowledged only {} jobs",
+        acked.len()
+    );
 
     let server = Server::start(&data, &["--no-executor"]);
     let client = Client::new(&server.url, None).unwrap();
     let present: std::collections::HashSet<String> = client
-        .jobs(&JobFilter { limit: Some(10_000), ..JobFilter::default() })
+        .jobs(&JobFilter {
+            limit: Some(10_000),
+            ..JobFilter::default()
+        })
         .await
         .unwrap()
         .into_iter()
         .map(|j| j.id.to_string())
         .collect();
     let lost: Vec<_> = acked.iter().filter(|id| !present.contains(*id)).collect();
-    assert!(lost.is_empty(), "{} of {} acknowledged jobs lost: {lost:?}", lost.len(), acked.len());
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged jobs lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
     server.stop();
     let out = twin(&["replay", "--data-dir", data.to_str().unwrap(), "--verify"]);
     assert!(out.status.success(), "{:?}", text(&out));

@@ -30,7 +30,13 @@ async fn a_full_disk_fails_appends_loudly_and_the_server_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
-    if let Err(e) = mount(Some("tmpfs"), &mnt, Some("tmpfs"), MsFlags::empty(), Some("size=16m")) {
+    if let Err(e) = mount(
+        Some("tmpfs"),
+        &mnt,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("size=16m"),
+    ) {
         eprintln!("skipped: cannot mount a tmpfs here ({e}); run as root to test a full disk");
         return;
     }
@@ -41,7 +47,15 @@ async fn a_full_disk_fails_appends_loudly_and_the_server_recovers() {
     let spec = |i: usize| json!({"spec": {"kind": "ingest", "dataset": format!("d{i}"), "source": {"dir": format!("/{}", "p".repeat(2000))}}});
     let mut acked = Vec::new();
     for i in 0..20 {
-        acked.push(client.submit(&spec(i), None).await.unwrap().job.id.to_string());
+        acked.push(
+            client
+                .submit(&spec(i), None)
+                .await
+                .unwrap()
+                .job
+                .id
+                .to_string(),
+        );
     }
     fill(&mnt.join("filler"));
     let mut refusals = 0;
@@ -58,7 +72,11 @@ async fn a_full_disk_fails_appends_loudly_and_the_server_recovers() {
             }
         }
     }
-    assert!(refusals >= 5, "the full disk never refused an append ({} acknowledged)", acked.len());
+    assert!(
+        refusals >= 5,
+        "the full disk never refused an append ({} acknowledged)",
+        acked.len()
+    );
     assert!(server.alive(), "the server survives a full disk");
     std::fs::remove_file(mnt.join("filler")).unwrap();
     let recovered = async {
@@ -70,15 +88,32 @@ async fn a_full_disk_fails_appends_loudly_and_the_server_recovers() {
         }
         None
     };
-    acked.push(recovered.await.expect("appends succeed again once space returns"));
+    acked.push(
+        recovered
+            .await
+            .expect("appends succeed again once space returns"),
+    );
     server.stop();
 
     let server = Server::start(&data, &["--no-executor"]);
     let client = Client::new(&server.url, None).unwrap();
-    let jobs = client.jobs(&JobFilter { limit: Some(10_000), ..JobFilter::default() }).await.unwrap();
+    let jobs = client
+        .jobs(&JobFilter {
+            limit: Some(10_000),
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap();
     let present: std::collections::HashSet<_> = jobs.iter().map(|j| j.id.to_string()).collect();
-    assert!(acked.iter().all(|id| present.contains(id)), "an acknowledged job was lost");
-    assert_eq!(jobs.len(), acked.len(), "a refused submission must not appear later");
+    assert!(
+        acked.iter().all(|id| present.contains(id)),
+        "an acknowledged job was lost"
+    );
+    assert_eq!(
+        jobs.len(),
+        acked.len(),
+        "a refused submission must not appear later"
+    );
     server.stop();
     let out = twin(&["replay", "--data-dir", data.to_str().unwrap(), "--verify"]);
     assert!(out.status.success(), "{:?}", text(&out));

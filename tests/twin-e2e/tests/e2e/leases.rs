@@ -12,19 +12,32 @@ use twin_e2e::{ExecutorProcess, Server, ingest_spec, text, twin};
 fn lease_request(name: &str, wait_ms: u64) -> LeaseRequest {
     LeaseRequest {
         executor: name.into(),
-        capabilities: Capabilities { kinds: [JobKind::Ingest].into(), ..Capabilities::default() },
+        capabilities: Capabilities {
+            kinds: [JobKind::Ingest].into(),
+            ..Capabilities::default()
+        },
         wait_ms,
     }
 }
 
-async fn wait_for(client: &Client, id: &str, limit: Duration, what: &str, pred: impl Fn(&twin_core::job::JobState) -> bool) -> twin_core::job::JobState {
+async fn wait_for(
+    client: &Client,
+    id: &str,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&twin_core::job::JobState) -> bool,
+) -> twin_core::job::JobState {
     let deadline = Instant::now() + limit;
     loop {
         let job = client.job(id).await.unwrap();
         if pred(&job) {
             return job;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}; job is {:?}", job.status);
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; job is {:?}",
+            job.status
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -33,39 +46,101 @@ async fn wait_for(client: &Client, id: &str, limit: Duration, what: &str, pred: 
 async fn a_killed_executor_loses_its_lease_and_its_late_completion_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
-    crate::sample(&images, &["--categories", "6", "--instances", "25", "--views", "4", "--size", "64"]);
-    let server = Server::start(&tmp.path().join("data"), &["--no-executor", "--lease-ttl-ms", "1000"]);
+    crate::sample(
+        &images,
+        &[
+            "--categories",
+            "6",
+            "--instances",
+            "25",
+            "--views",
+            "4",
+            "--size",
+            "64",
+        ],
+    );
+    let server = Server::start(
+        &tmp.path().join("data"),
+        &["--no-executor", "--lease-ttl-ms", "1000"],
+    );
     let client = Client::new(&server.url, None).unwrap();
     let spec = json!({"spec": {"kind": "ingest", "dataset": "big", "source": {"dir": images}}});
     let id = client.submit(&spec, None).await.unwrap().job.id.to_string();
 
     let executor = ExecutorProcess::start(&server.url, "doomed");
-    let running = wait_for(&client, &id, Duration::from_secs(20), "the executor to start the job", |j| j.status == JobStatus::Running).await;
+    let running = wait_for(
+        &client,
+        &id,
+        Duration::from_secs(20),
+        "the executor to start the job",
+        |j| j.status == JobStatus::Running,
+    )
+    .await;
     assert_eq!(running.epoch, 1);
     executor.kill();
 
-    let requeued = wait_for(&client, &id, Duration::from_secs(10), "the lease to expire", |j| j.status == JobStatus::Queued).await;
+    let requeued = wait_for(
+        &client,
+        &id,
+        Duration::from_secs(10),
+        "the lease to expire",
+        |j| j.status == JobStatus::Queued,
+    )
+    .await;
     assert_eq!(requeued.attempts[0].error.as_deref(), Some("lease expired"));
-    let grant = client.lease(&lease_request("rescuer", 5_000)).await.unwrap().expect("the job is leased again");
+    let grant = client
+        .lease(&lease_request("rescuer", 5_000))
+        .await
+        .unwrap()
+        .expect("the job is leased again");
     assert_eq!(grant.epoch, 2);
 
     // The dead executor's completion (epoch 1) arriving late is refused and changes nothing.
-    let manifest = client.put_blob(bytes::Bytes::from_static(b"{}\n")).await.unwrap().hash;
-    let output = JobOutput::Ingest(IngestOutput { manifest, images: 1, instances: 1, categories: 1, rejected: vec![], rejected_total: 0 });
-    let late = client.complete(&id, &CompleteBody { epoch: 1, output: output.clone() }).await.unwrap_err();
+    let manifest = client
+        .put_blob(bytes::Bytes::from_static(b"{}\n"))
+        .await
+        .unwrap()
+        .hash;
+    let output = JobOutput::Ingest(IngestOutput {
+        manifest,
+        images: 1,
+        instances: 1,
+        categories: 1,
+        rejected: vec![],
+        rejected_total: 0,
+    });
+    let late = client
+        .complete(
+            &id,
+            &CompleteBody {
+                epoch: 1,
+                output: output.clone(),
+            },
+        )
+        .await
+        .unwrap_err();
     assert_eq!(late.code(), Some("stale_epoch"), "{late}");
     let late = client.heartbeat(&id, 1).await.unwrap_err();
     assert_eq!(late.code(), Some("stale_epoch"), "{late}");
-    let done = client.complete(&id, &CompleteBody { epoch: 2, output }).await.unwrap();
+    let done = client
+        .complete(&id, &CompleteBody { epoch: 2, output })
+        .await
+        .unwrap();
     assert_eq!(done.status, JobStatus::Succeeded);
     let metrics = reqwest_metrics(&server.url).await;
     assert!(metrics.contains("twin_lease_expiries_total 1"), "{metrics}");
-    assert!(metrics.contains("twin_stale_epoch_refusals_total 2"), "{metrics}");
+    assert!(
+        metrics.contains("twin_stale_epoch_refusals_total 2"),
+        "{metrics}"
+    );
     server.stop();
 }
 
 async fn reqwest_metrics(url: &str) -> String {
-    let out = tokio::process::Command::new("curl").args(["-s", &format!("{url}/metrics")]).output().await;
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", &format!("{url}/metrics")])
+        .output()
+        .await;
     match out {
         Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
         Err(e) => panic!("curl: {e}"),
@@ -84,22 +159,58 @@ async fn retryable_failures_back_off_exponentially_until_attempts_run_out() {
     let id = client.submit(&spec, None).await.unwrap().job.id.to_string();
     let mut failed_at = Instant::now();
     for (attempt, min_wait_ms) in [(1u64, 0u64), (2, 400), (3, 800)] {
-        let grant = client.lease(&lease_request("flaky", 5_000)).await.unwrap().expect("a lease");
+        let grant = client
+            .lease(&lease_request("flaky", 5_000))
+            .await
+            .unwrap()
+            .expect("a lease");
         let waited = failed_at.elapsed();
         assert_eq!(grant.epoch, attempt);
-        assert!(waited >= Duration::from_millis(min_wait_ms.saturating_sub(50)), "attempt {attempt} came after {waited:?}, before its {min_wait_ms} ms backoff");
+        assert!(
+            waited >= Duration::from_millis(min_wait_ms.saturating_sub(50)),
+            "attempt {attempt} came after {waited:?}, before its {min_wait_ms} ms backoff"
+        );
         if attempt < 3 {
-            assert!(client.lease(&lease_request("flaky", 0)).await.unwrap().is_none(), "no lease during the backoff");
+            assert!(
+                client
+                    .lease(&lease_request("flaky", 0))
+                    .await
+                    .unwrap()
+                    .is_none(),
+                "no lease during the backoff"
+            );
         }
         client.start(&id, attempt).await.unwrap();
-        let job = client.fail(&id, &FailBody { epoch: attempt, error: format!("flake {attempt}"), retryable: true }).await.unwrap();
+        let job = client
+            .fail(
+                &id,
+                &FailBody {
+                    epoch: attempt,
+                    error: format!("flake {attempt}"),
+                    retryable: true,
+                },
+            )
+            .await
+            .unwrap();
         failed_at = Instant::now();
-        let expected = if attempt < 3 { JobStatus::Queued } else { JobStatus::Failed };
+        let expected = if attempt < 3 {
+            JobStatus::Queued
+        } else {
+            JobStatus::Failed
+        };
         assert_eq!(job.status, expected);
     }
     let job = client.job(&id).await.unwrap();
-    let errors: Vec<_> = job.attempts.iter().map(|a| a.error.clone().unwrap_or_default()).collect();
-    assert_eq!(errors, ["flake 1", "flake 2", "flake 3"], "every attempt's error is kept");
+    let errors: Vec<_> = job
+        .attempts
+        .iter()
+        .map(|a| a.error.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        errors,
+        ["flake 1", "flake 2", "flake 3"],
+        "every attempt's error is kept"
+    );
     server.stop();
 }
 
@@ -107,28 +218,81 @@ async fn retryable_failures_back_off_exponentially_until_attempts_run_out() {
 async fn cancellation_reaches_a_running_executor() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
-    crate::sample(&images, &["--categories", "6", "--instances", "25", "--views", "4", "--size", "64"]);
+    crate::sample(
+        &images,
+        &[
+            "--categories",
+            "6",
+            "--instances",
+            "25",
+            "--views",
+            "4",
+            "--size",
+            "64",
+        ],
+    );
     let server = Server::start(&tmp.path().join("data"), &["--lease-ttl-ms", "1500"]);
     let client = Client::new(&server.url, None).unwrap();
     let spec_path = ingest_spec(tmp.path(), "to-cancel", &images);
-    let out = twin(&["--server", &server.url, "--json", "submit", spec_path.to_str().unwrap()]);
+    let out = twin(&[
+        "--server",
+        &server.url,
+        "--json",
+        "submit",
+        spec_path.to_str().unwrap(),
+    ]);
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = job["id"].as_str().unwrap().to_owned();
-    wait_for(&client, &id, Duration::from_secs(20), "the job to run", |j| j.status == JobStatus::Running).await;
+    wait_for(
+        &client,
+        &id,
+        Duration::from_secs(20),
+        "the job to run",
+        |j| j.status == JobStatus::Running,
+    )
+    .await;
     let out = twin(&["--server", &server.url, "jobs", "cancel", &id]);
     assert!(out.status.success(), "{:?}", text(&out));
     let started = Instant::now();
-    let out = twin(&["--server", &server.url, "jobs", "wait", &id, "--timeout", "15"]);
-    assert_eq!(out.status.code(), Some(1), "a cancelled job is not a success: {:?}", text(&out));
+    let out = twin(&[
+        "--server",
+        &server.url,
+        "jobs",
+        "wait",
+        &id,
+        "--timeout",
+        "15",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a cancelled job is not a success: {:?}",
+        text(&out)
+    );
     let job = client.job(&id).await.unwrap();
     assert_eq!(job.status, JobStatus::Cancelled);
-    assert!(job.attempts[0].error.as_deref().unwrap_or_default().contains("cancelled"), "{:?}", job.attempts);
-    assert!(started.elapsed() < Duration::from_secs(10), "cancellation took {:?}", started.elapsed());
+    assert!(
+        job.attempts[0]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("cancelled"),
+        "{:?}",
+        job.attempts
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cancellation took {:?}",
+        started.elapsed()
+    );
     server.stop();
 }
 
 #[test]
 fn blob_hash_helper_matches_the_server() {
     // Guards the test helpers themselves: the client hashes what the server will check.
-    assert_eq!(BlobHash::of(b"").to_hex(), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    assert_eq!(
+        BlobHash::of(b"").to_hex(),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
 }
