@@ -138,6 +138,15 @@ impl Client {
         })
     }
 
+    /// The Prometheus text exposition.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let resp = self.send(self.request(Method::GET, "/metrics")).await?;
+        let url = resp.url().to_string();
+        resp.text()
+            .await
+            .map_err(|source| ClientError::Transport { url, source })
+    }
+
     pub async fn health(&self) -> Result<Health, ClientError> {
         self.json(self.request(Method::GET, "/healthz")).await
     }

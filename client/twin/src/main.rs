@@ -89,7 +89,7 @@ fn main() -> ExitCode {
         Command::Lineage {
             target,
             data_dir: Some(dir),
-        } => replay::lineage(&dir, &target),
+        } => replay::lineage(&dir, &target, cli.conn.json),
         Command::SampleData(args) => sample::run(&args),
         online_command => match tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -142,6 +142,12 @@ fn print_jobs(jobs: &[JobState]) {
     }
 }
 
+/// A millisecond timestamp as RFC 3339 UTC.
+pub fn when(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 fn print_event(e: &RecordedEvent) {
     let data = serde_json::to_value(&e.event)
         .ok()
@@ -150,7 +156,7 @@ fn print_event(e: &RecordedEvent) {
     println!(
         "{:>6}  {}  {:<40}  {:<24} {}  {}",
         e.seq,
-        e.ts,
+        when(e.ts),
         e.stream,
         e.event.event_type(),
         e.actor,
@@ -364,12 +370,7 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
         Command::Lineage {
             target,
             data_dir: None,
-        } => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&client.lineage(&target).await?)?
-            );
-        }
+        } => crate::replay::print_lineage(&client.lineage(&target).await?, conn.json)?,
         Command::Replay(_) | Command::SampleData(_) | Command::Lineage { .. } => {
             return Err(anyhow!("not an online command").into());
         }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use twin_core::event::{Event, ManifestEntry};
+use twin_core::projection::Lineage;
 use twin_core::{BlobHash, Projections};
 use twin_log::{BlobStore, LogReader};
 
@@ -177,12 +178,55 @@ pub fn run(args: &ReplayArgs, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-pub fn lineage(dir: &Path, target: &str) -> Result<(), Failure> {
+pub fn lineage(dir: &Path, target: &str, json: bool) -> Result<(), Failure> {
     let (state, _, _) = replay_dir(dir, false, None)?;
     let lineage = state.lineage(target).ok_or_else(|| Failure {
         code: 1,
         error: anyhow!("nothing in the log produced or is `{target}`"),
     })?;
-    println!("{}", serde_json::to_string_pretty(&lineage)?);
+    print_lineage(&lineage, json)
+}
+
+/// Prints a lineage as a short account (or JSON).
+pub fn print_lineage(l: &Lineage, json: bool) -> Result<(), Failure> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(l)?);
+        return Ok(());
+    }
+    println!("{}", l.target);
+    if let Some(p) = &l.producer {
+        println!("  produced at seq {} as {}", p.seq, p.role);
+    }
+    if let Some(job) = &l.job {
+        println!(
+            "  by job {} ({}, {}), submitted by {} at {}",
+            job.id,
+            job.kind.as_str(),
+            job.status.as_str(),
+            job.submitted_by,
+            crate::online::when(job.submitted_at)
+        );
+        println!("  spec: {}", serde_json::to_string(&job.submission.spec)?);
+        for a in &job.attempts {
+            let outcome = a.error.as_deref().unwrap_or(if a.ended_at.is_some() {
+                "ok"
+            } else {
+                "running"
+            });
+            println!("  attempt epoch {} on {}: {outcome}", a.epoch, a.executor);
+        }
+    }
+    if let Some(e) = &l.experiment {
+        println!("  in experiment {}", e.name);
+    }
+    for d in &l.datasets {
+        println!(
+            "  registered dataset {} ({}): {} images, manifest {}",
+            d.name, d.id, d.images, d.manifest
+        );
+    }
+    for b in &l.blobs {
+        println!("  output blob {b}");
+    }
     Ok(())
 }

@@ -127,24 +127,13 @@ async fn a_killed_executor_loses_its_lease_and_its_late_completion_is_refused() 
         .await
         .unwrap();
     assert_eq!(done.status, JobStatus::Succeeded);
-    let metrics = reqwest_metrics(&server.url).await;
+    let metrics = client.metrics().await.unwrap();
     assert!(metrics.contains("twin_lease_expiries_total 1"), "{metrics}");
     assert!(
         metrics.contains("twin_stale_epoch_refusals_total 2"),
         "{metrics}"
     );
     server.stop();
-}
-
-async fn reqwest_metrics(url: &str) -> String {
-    let out = tokio::process::Command::new("curl")
-        .args(["-s", &format!("{url}/metrics")])
-        .output()
-        .await;
-    match out {
-        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
-        Err(e) => panic!("curl: {e}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

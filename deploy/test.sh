@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it: formatting, lints, then every test.
+# Slow or GPU-only suites are opt-in through environment variables (see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests start the real binaries, so build them first.
+cargo build --workspace --bins --locked
+cargo test --workspace --locked
