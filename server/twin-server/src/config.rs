@@ -70,3 +70,23 @@ impl ServerConfig {
         Duration::from_millis(self.lease_ttl_ms)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config.example.toml");
+        let cfg = ServerConfig::from_file(&path).expect("deploy/config.example.toml is valid");
+        assert_eq!(cfg.tokens.len(), 2);
+        assert!(!cfg.embedded_executor);
+        crate::auth::Auth::new(&cfg.tokens).expect("its tokens are valid");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<ServerConfig>("data_dirr = \"/x\"").unwrap_err();
+        assert!(err.to_string().contains("data_dirr"), "{err}");
+    }
+}
