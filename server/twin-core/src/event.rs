@@ -270,7 +270,8 @@ pub struct IngestOutput {
 }
 
 impl IngestOutput {
-    pub const MAX_LISTED_REJECTS: usize = 1000;
+    /// Keeps the event well under the log's record size limit.
+    pub const MAX_LISTED_REJECTS: usize = 100;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

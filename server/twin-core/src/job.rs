@@ -83,6 +83,8 @@ impl JobStatus {
 pub struct Attempt {
     pub epoch: u64,
     pub executor: String,
+    /// The actor (token name) that took the lease; only it may act on the attempt.
+    pub leased_by: Actor,
     pub leased_at: Millis,
     pub started_at: Option<Millis>,
     pub ended_at: Option<Millis>,
@@ -418,7 +420,7 @@ impl JobState {
     }
 
     /// Folds one event of this job's stream into the state.
-    pub fn apply(&mut self, event: &Event, ts: Millis) {
+    pub fn apply(&mut self, event: &Event, ts: Millis, actor: &str) {
         self.version += 1;
         self.updated_at = ts;
         match event {
@@ -429,6 +431,7 @@ impl JobState {
                 self.attempts.push(Attempt {
                     epoch: e.epoch,
                     executor: e.executor.clone(),
+                    leased_by: actor.to_owned(),
                     leased_at: ts,
                     started_at: None,
                     ended_at: None,
@@ -493,7 +496,7 @@ mod tests {
         };
         let mut s = JobState::from_submitted(first, "alice", 0);
         for (i, e) in events[1..].iter().enumerate() {
-            s.apply(e, (i as i64 + 1) * 10);
+            s.apply(e, (i as i64 + 1) * 10, "executor");
         }
         s
     }

@@ -146,7 +146,11 @@ impl Projections {
             (event, Ok(StreamName::Job(id))) => {
                 self.note_blobs(rec, Some(&id));
                 match self.jobs.get_mut(&id) {
-                    Some(job) => job.apply(event, rec.ts),
+                    Some(job) => {
+                        job.apply(event, rec.ts, &rec.actor);
+                        // The log's count is the truth optimistic concurrency checks against.
+                        job.version = rec.stream_version;
+                    }
                     None => self
                         .anomalies
                         .push(format!("seq {}: event for unknown job {id}", rec.seq)),

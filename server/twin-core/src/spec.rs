@@ -135,6 +135,8 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    pub const MAX_BACKOFF_MS: u64 = 86_400_000;
+
     /// Delay before attempt `failed_attempt + 1`, after `failed_attempt` (1-based) failed.
     pub fn backoff_ms(&self, failed_attempt: u32) -> u64 {
         let exp = failed_attempt.saturating_sub(1).min(32);
@@ -237,6 +239,12 @@ impl JobSubmission {
             return Err(SpecError::invalid(
                 "retry.max_attempts",
                 "must be between 1 and 100",
+            ));
+        }
+        if self.retry.backoff_max_ms > RetryPolicy::MAX_BACKOFF_MS {
+            return Err(SpecError::invalid(
+                "retry.backoff_max_ms",
+                "must be at most 86400000 (one day)",
             ));
         }
         if self.retry.backoff_initial_ms > self.retry.backoff_max_ms {

@@ -250,6 +250,10 @@ impl Stage for IngestStage {
             tracing::warn!(path = %r.path, error = %r.error, "file not ingested");
         }
         rejected.truncate(IngestOutput::MAX_LISTED_REJECTS);
+        for r in &mut rejected {
+            r.path = r.path.chars().take(300).collect();
+            r.error = r.error.chars().take(300).collect();
+        }
         Ok(JobOutput::Ingest(IngestOutput {
             manifest,
             images: entries.len() as u64,
@@ -283,6 +287,30 @@ mod tests {
         let mut bad: Vec<_> = rejected.iter().map(|r| r.path.as_str()).collect();
         bad.sort();
         assert_eq!(bad, vec!["mugs/mug-1/notes.txt", "mugs/stray.png"]);
+    }
+
+    #[test]
+    fn manifest_lines_resolve_relative_paths_and_report_bad_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manifest = dir.path().join("m.jsonl");
+        let lines = [
+            r#"{"path": "a/1.png", "instance": "i1", "category": "c"}"#,
+            r#"{"path": "/abs/2.png", "instance": "i2", "category": "c"}"#,
+            r#"{"path": "x.png", "instance": "", "category": "c"}"#,
+            r#"not json"#,
+            "",
+        ];
+        std::fs::write(&manifest, lines.join("\n")).expect("write");
+        let (items, rejected) = list_manifest(&manifest).expect("readable");
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].path, dir.path().join("a/1.png"));
+        assert_eq!(items[1].path, PathBuf::from("/abs/2.png"));
+        let where_: Vec<_> = rejected
+            .iter()
+            .map(|r| r.path.rsplit(':').next().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(where_, ["3", "4"], "bad lines are reported by line number");
+        assert!(list_manifest(&dir.path().join("missing.jsonl")).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
+use tracing::Instrument;
 use twin_client::{Client, ClientError};
 use twin_core::api::{
     ArtefactBody, Capabilities, CompleteBody, FailBody, LeaseGrant, LeaseRequest, ProgressBody,
@@ -119,7 +120,7 @@ impl StageContext {
 
 fn transient(e: ClientError) -> StageError {
     match e {
-        ClientError::Api { status, .. } if (400..500).contains(&status) => {
+        ref api @ ClientError::Api { .. } if !is_transient(api) => {
             StageError::permanent(e.to_string())
         }
         e => StageError::transient(e.to_string()),
@@ -142,12 +143,6 @@ pub struct Executor {
     config: ExecutorConfig,
     client: Client,
     stages: Vec<Arc<dyn Stage>>,
-}
-
-/// How a job attempt ended, from the executor's side.
-enum Outcome {
-    Done(Result<JobOutput, StageError>),
-    LeaseLost,
 }
 
 impl Executor {
@@ -202,10 +197,13 @@ impl Executor {
     }
 
     async fn run_job(&self, grant: LeaseGrant) {
+        let span = tracing::info_span!("job", job = %grant.job.id, epoch = grant.epoch, kind = %grant.job.kind);
+        self.run_job_in_span(grant).instrument(span).await
+    }
+
+    async fn run_job_in_span(&self, grant: LeaseGrant) {
         let id = grant.job.id.to_string();
         let epoch = grant.epoch;
-        let span = tracing::info_span!("job", job = %id, epoch, kind = %grant.job.kind);
-        let _enter = span.enter();
         let Some(stage) = self
             .stages
             .iter()
@@ -228,11 +226,12 @@ impl Executor {
         tracing::info!("job started");
         let cancel = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(AtomicBool::new(false));
+        let ttl = Duration::from_millis(grant.lease_ttl_ms);
         let heartbeat = tokio::spawn(heartbeat_loop(
             self.client.clone(),
             id.clone(),
             epoch,
-            Duration::from_millis((grant.lease_ttl_ms / 3).max(50)),
+            ttl,
             cancel.clone(),
             lost.clone(),
         ));
@@ -247,63 +246,108 @@ impl Executor {
         let result = tokio::task::spawn_blocking(move || stage.run(&job, &ctx))
             .await
             .unwrap_or_else(|e| Err(StageError::permanent(format!("stage panicked: {e}"))));
+        if lost.load(Ordering::SeqCst) {
+            heartbeat.abort();
+            tracing::warn!("lease lost while running; the result is discarded");
+            return;
+        }
+        // The heartbeat keeps the lease alive until the report is in, so a slow or retried
+        // report cannot lose a finished result to a lease expiry.
+        let reported = self
+            .report(&id, epoch, result, cancel.load(Ordering::SeqCst), ttl)
+            .await;
         heartbeat.abort();
-        let outcome = if lost.load(Ordering::SeqCst) {
-            Outcome::LeaseLost
-        } else {
-            Outcome::Done(result)
-        };
-        let reported = match outcome {
-            Outcome::LeaseLost => {
-                tracing::warn!("lease lost while running; the result is discarded");
-                return;
-            }
-            Outcome::Done(Ok(output)) => {
-                self.client
-                    .complete(&id, &CompleteBody { epoch, output })
-                    .await
-            }
-            Outcome::Done(Err(e)) => {
-                let error = if cancel.load(Ordering::SeqCst) {
-                    format!("cancelled: {e}")
-                } else {
-                    e.message
-                };
-                tracing::warn!(%error, retryable = e.retryable, "job attempt failed");
-                self.client
-                    .fail(
-                        &id,
-                        &FailBody {
-                            epoch,
-                            error,
-                            retryable: e.retryable,
-                        },
-                    )
-                    .await
-            }
-        };
         match reported {
             Ok(state) => tracing::info!(status = state.status.as_str(), "job reported"),
-            Err(e) => tracing::warn!(error = %e, "the server refused the job's report"),
+            Err(e) => tracing::warn!(error = %e, "the job's report was not accepted"),
+        }
+    }
+
+    /// Reports the outcome, retrying transient errors for up to one lease TTL.
+    async fn report(
+        &self,
+        id: &str,
+        epoch: u64,
+        result: Result<JobOutput, StageError>,
+        cancelled: bool,
+        ttl: Duration,
+    ) -> Result<JobState, ClientError> {
+        let deadline = tokio::time::Instant::now() + ttl;
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let sent = match &result {
+                Ok(output) => {
+                    let body = CompleteBody {
+                        epoch,
+                        output: output.clone(),
+                    };
+                    self.client.complete(id, &body).await
+                }
+                Err(e) => {
+                    let error = if cancelled {
+                        format!("cancelled: {e}")
+                    } else {
+                        e.message.clone()
+                    };
+                    tracing::warn!(%error, retryable = e.retryable, "job attempt failed");
+                    let body = FailBody {
+                        epoch,
+                        error,
+                        retryable: e.retryable,
+                    };
+                    self.client.fail(id, &body).await
+                }
+            };
+            match sent {
+                Err(e) if is_transient(&e) && tokio::time::Instant::now() + wait < deadline => {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "report failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
         }
     }
 }
 
+/// Network errors, timeouts, rate limits and server errors may pass; other answers will not.
+fn is_transient(e: &ClientError) -> bool {
+    match e.status() {
+        None => true,
+        Some(s) => s == 408 || s == 429 || s >= 500,
+    }
+}
+
+/// Heartbeats every third of the TTL. Raises `cancel` when the server asks; raises `lost` (and
+/// `cancel`) when the server refuses the epoch or no heartbeat got through for a whole TTL,
+/// since by then the server has expired the lease.
 async fn heartbeat_loop(
     client: Client,
     id: String,
     epoch: u64,
-    every: Duration,
+    ttl: Duration,
     cancel: Arc<AtomicBool>,
     lost: Arc<AtomicBool>,
 ) {
+    let every = (ttl / 3).max(Duration::from_millis(50));
+    let mut last_ok = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(every).await;
         match client.heartbeat(&id, epoch).await {
-            Ok(r) if r.cancel_requested => cancel.store(true, Ordering::SeqCst),
-            Ok(_) => {}
-            Err(e) if e.status() == Some(409) || e.status() == Some(404) => {
+            Ok(r) => {
+                last_ok = tokio::time::Instant::now();
+                if r.cancel_requested {
+                    cancel.store(true, Ordering::SeqCst);
+                }
+            }
+            Err(e) if !is_transient(&e) => {
                 tracing::warn!(error = %e, "heartbeat refused: the lease is gone");
+                lost.store(true, Ordering::SeqCst);
+                cancel.store(true, Ordering::SeqCst);
+                return;
+            }
+            Err(e) if last_ok.elapsed() >= ttl => {
+                tracing::warn!(error = %e, "no heartbeat got through for a whole lease TTL; stopping the job");
                 lost.store(true, Ordering::SeqCst);
                 cancel.store(true, Ordering::SeqCst);
                 return;

@@ -12,7 +12,7 @@ pub use blob::{BlobError, BlobStore, BlobWriter};
 pub use record::{ChainError, GENESIS_HASH, StoredRecord, new_event};
 pub use writer::{
     AppendError, AppendRequest, Appended, BatchStats, Expected, Idempotency, Log, LogConfig,
-    LogObserver, NewEvent, OpenError,
+    LogObserver, MAX_PAYLOAD_BYTES, NewEvent, OpenError,
 };
 
 use std::path::{Path, PathBuf};

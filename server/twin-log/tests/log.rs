@@ -289,3 +289,19 @@ async fn a_tampered_record_stops_verification_at_its_sequence_number() {
         Ok(_) => panic!("a tampered log must not open for writing"),
     }
 }
+
+#[tokio::test]
+async fn an_oversized_event_is_refused_before_it_reaches_sled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = open(dir.path(), None);
+    let mut req = request("job/a", "x", Expected::Any);
+    req.events[0].payload = vec![0; twin_log::MAX_PAYLOAD_BYTES + 1];
+    let err = log.append(req).await.unwrap_err();
+    assert_eq!(
+        err,
+        AppendError::TooLarge {
+            limit: twin_log::MAX_PAYLOAD_BYTES
+        }
+    );
+    assert_eq!(log.last_seq(), 0);
+}

@@ -50,7 +50,7 @@ impl Default for ServerConfig {
             embedded_executor: true,
             executor: EmbeddedExecutorConfig::default(),
             lease_ttl_ms: 30_000,
-            max_json_bytes: 1 << 20,
+            max_json_bytes: 256 << 10,
             max_blob_bytes: 1 << 30,
             tokens: Vec::new(),
             workers: None,

@@ -35,6 +35,8 @@ pub enum ApiError {
     ExperimentExists(String),
     #[error("idempotency key `{0}` was already used with a different request")]
     IdempotencyKeyReused(String),
+    #[error("job {job} is leased by `{holder}`; only the lease holder may act on it")]
+    NotLeaseHolder { job: String, holder: String },
     #[error("concurrent change to {0}; retry")]
     Conflict(String),
     #[error("request body exceeds the limit of {limit} bytes")]
@@ -74,6 +76,7 @@ impl ApiError {
             ApiError::Rejected(Rejection::InvalidState { .. }) => "invalid_state",
             ApiError::ExperimentExists(_) => "experiment_exists",
             ApiError::IdempotencyKeyReused(_) => "idempotency_key_reused",
+            ApiError::NotLeaseHolder { .. } => "not_lease_holder",
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::BlobHashMismatch { .. } => "blob_hash_mismatch",
@@ -101,6 +104,7 @@ impl ApiError {
         ("invalid_state", 409),
         ("experiment_exists", 409),
         ("idempotency_key_reused", 409),
+        ("not_lease_holder", 409),
         ("conflict", 409),
         ("payload_too_large", 413),
         ("internal", 500),
@@ -149,6 +153,9 @@ impl From<AppendError> for ApiError {
         match e {
             AppendError::IdempotencyConflict { key } => ApiError::IdempotencyKeyReused(key),
             AppendError::VersionConflict { stream, .. } => ApiError::Conflict(stream),
+            AppendError::TooLarge { limit } => ApiError::PayloadTooLarge {
+                limit: limit as u64,
+            },
             AppendError::Storage { message } => {
                 tracing::error!(error = %message, "append failed");
                 ApiError::StorageUnavailable

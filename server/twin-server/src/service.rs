@@ -52,8 +52,8 @@ pub struct Service {
     log: Log,
     pub blobs: BlobStore,
     state: Arc<RwLock<Projections>>,
-    /// Held jobs' lease deadlines.
-    leases: Mutex<HashMap<JobId, Instant>>,
+    /// Held jobs' lease deadlines, with the epoch each belongs to.
+    leases: Mutex<HashMap<JobId, (u64, Instant)>>,
     executors: Mutex<BTreeMap<String, ExecutorSeen>>,
     last_seq: watch::Receiver<u64>,
     /// Woken on every durable batch: queued work may have appeared.
@@ -116,7 +116,7 @@ impl Service {
             .jobs
             .values()
             .filter(|j| j.status.is_held())
-            .map(|j| (j.id.clone(), grace))
+            .map(|j| (j.id.clone(), (j.epoch, grace)))
             .collect();
         let seq = initial.last_seq;
         *state.write() = initial;
@@ -214,7 +214,7 @@ impl Service {
                 Ok(_) => {
                     let after = self.job(id)?;
                     if !after.status.is_held() {
-                        self.leases.lock().remove(id);
+                        self.forget_lease(id, after.epoch);
                     }
                     return Ok(after);
                 }
@@ -416,7 +416,7 @@ impl Service {
                 Ok(job) => {
                     self.leases
                         .lock()
-                        .insert(id, Instant::now() + self.lease_ttl);
+                        .insert(id, (job.epoch, Instant::now() + self.lease_ttl));
                     return Ok(Some(LeaseGrant {
                         epoch: job.epoch,
                         lease_ttl_ms: self.lease_ttl.as_millis() as u64,
@@ -431,9 +431,31 @@ impl Service {
         Ok(None)
     }
 
-    pub fn heartbeat(&self, id: &str, epoch: u64) -> Result<bool, ApiError> {
+    /// Drops a lease deadline unless a newer lease has replaced it meanwhile.
+    fn forget_lease(&self, id: &JobId, epoch: u64) {
+        let mut leases = self.leases.lock();
+        if leases.get(id).is_some_and(|(e, _)| *e <= epoch) {
+            leases.remove(id);
+        }
+    }
+
+    /// Only the caller that took the lease may act on it.
+    fn check_holder(job: &JobState, epoch: u64, actor: &str) -> Result<(), ApiError> {
+        match job.attempts.last() {
+            Some(a) if job.status.is_held() && job.epoch == epoch && a.leased_by != actor => {
+                Err(ApiError::NotLeaseHolder {
+                    job: job.id.to_string(),
+                    holder: a.leased_by.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn heartbeat(&self, actor: &str, id: &str, epoch: u64) -> Result<bool, ApiError> {
         let id = parse_job_id(id)?;
         let job = self.job(&id)?;
+        Self::check_holder(&job, epoch, actor)?;
         if !job.status.is_held() || job.epoch != epoch {
             self.metrics.stale_epoch_refusals.inc();
             tracing::warn!(job = %id, given = epoch, current = job.epoch, status = job.status.as_str(), "stale heartbeat refused");
@@ -453,7 +475,7 @@ impl Service {
         }
         self.leases
             .lock()
-            .insert(id, Instant::now() + self.lease_ttl);
+            .insert(id, (epoch, Instant::now() + self.lease_ttl));
         Ok(job.cancel_requested.is_some())
     }
 
@@ -464,6 +486,17 @@ impl Service {
         command: JobCommand,
     ) -> Result<JobState, ApiError> {
         let id = parse_job_id(id)?;
+        let epoch = match &command {
+            JobCommand::Start { epoch }
+            | JobCommand::Progress { epoch, .. }
+            | JobCommand::RecordArtefact { epoch, .. }
+            | JobCommand::Complete { epoch, .. }
+            | JobCommand::Fail { epoch, .. } => Some(*epoch),
+            _ => None,
+        };
+        if let Some(epoch) = epoch {
+            Self::check_holder(&self.job(&id)?, epoch, actor)?;
+        }
         match &command {
             JobCommand::RecordArtefact { blob, .. } if !self.blobs.contains(blob) => {
                 return Err(ApiError::InvalidBody(format!(
@@ -489,23 +522,43 @@ impl Service {
     }
 
     /// Expires every lapsed lease; returns how many.
+    ///
+    /// Held jobs without a deadline (a lease whose caller vanished before it was noted, say)
+    /// get one first, so no job can stay held for ever.
     pub async fn reap(&self) -> usize {
         let now = Instant::now();
-        let lapsed: Vec<JobId> = self
-            .leases
-            .lock()
-            .iter()
-            .filter(|(_, d)| **d <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
+        let held: Vec<(JobId, u64)> = self.read(|p| {
+            p.jobs
+                .values()
+                .filter(|j| j.status.is_held())
+                .map(|j| (j.id.clone(), j.epoch))
+                .collect()
+        });
+        let lapsed: Vec<(JobId, u64)> = {
+            let mut leases = self.leases.lock();
+            for (id, epoch) in held {
+                let entry = leases.entry(id).or_insert((epoch, now + self.lease_ttl));
+                if entry.0 < epoch {
+                    *entry = (epoch, now + self.lease_ttl);
+                }
+            }
+            leases
+                .iter()
+                .filter(|(_, (_, deadline))| *deadline <= now)
+                .map(|(id, (epoch, _))| (id.clone(), *epoch))
+                .collect()
+        };
         let mut expired = 0;
-        for id in lapsed {
-            let Ok(job) = self.job(&id) else { continue };
-            if !job.status.is_held() {
-                self.leases.lock().remove(&id);
+        for (id, epoch) in lapsed {
+            // A heartbeat may have arrived since the scan.
+            let still_lapsed = self
+                .leases
+                .lock()
+                .get(&id)
+                .is_some_and(|(e, d)| *e == epoch && *d <= Instant::now());
+            if !still_lapsed {
                 continue;
             }
-            let epoch = job.epoch;
             match self
                 .execute(&id, "system", |_| JobCommand::ExpireLease {
                     epoch,
@@ -516,10 +569,13 @@ impl Service {
                 Ok(after) => {
                     expired += 1;
                     self.metrics.lease_expiries.inc();
-                    self.leases.lock().remove(&id);
                     tracing::warn!(job = %id, epoch, status = after.status.as_str(), "lease expired");
                 }
-                Err(e) => tracing::warn!(job = %id, error = %e, "could not expire lease"),
+                Err(e) => {
+                    // The job moved on (finished, or a newer epoch): the deadline is stale.
+                    self.forget_lease(&id, epoch);
+                    tracing::debug!(job = %id, error = %e, "lease not expired");
+                }
             }
         }
         expired
@@ -550,11 +606,10 @@ impl Service {
             from = page.next;
             if page.last_seq < from {
                 // Nothing past `from` yet: wait for the next durable batch.
-                if tokio::time::timeout_at(deadline, rx.changed())
-                    .await
-                    .is_err()
-                {
-                    return Ok(page);
+                match tokio::time::timeout_at(deadline, rx.changed()).await {
+                    Ok(Ok(())) => {}
+                    // Timed out, or the log writer is gone: answer with what there is.
+                    Ok(Err(_)) | Err(_) => return Ok(page),
                 }
             }
         }

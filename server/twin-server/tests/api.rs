@@ -442,3 +442,133 @@ async fn the_openapi_document_lists_every_route() {
         "the document lists operations that no route serves"
     );
 }
+
+#[actix_web::test]
+async fn leases_go_by_priority_then_age_and_respect_requirements() {
+    let h = harness(&[]);
+    let submit = |body: Value| TestRequest::post().uri("/v1/jobs").set_json(body);
+    let with = |extra: Value| {
+        let mut b = ingest("d");
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let old_low = call!(h, submit(with(json!({"priority": 0})))).1["id"].clone();
+    let high = call!(h, submit(with(json!({"priority": 9})))).1["id"].clone();
+    let newer_low = call!(h, submit(with(json!({"priority": 0})))).1["id"].clone();
+    let gpu = call!(
+        h,
+        submit(with(
+            json!({"priority": 50, "requirements": {"gpus": 1, "labels": ["a100"]}})
+        ))
+    )
+    .1["id"]
+        .clone();
+    let lease = |caps: Value| {
+        TestRequest::post()
+            .uri("/v1/executors/lease")
+            .set_json(json!({"executor": "e", "capabilities": caps}))
+    };
+    let cpu = json!({"kinds": ["ingest"]});
+    let order: Vec<Value> = vec![
+        call!(h, lease(cpu.clone())).1["job"]["id"].clone(),
+        call!(h, lease(cpu.clone())).1["job"]["id"].clone(),
+        call!(h, lease(cpu.clone())).1["job"]["id"].clone(),
+    ];
+    assert_eq!(
+        order,
+        vec![high, old_low, newer_low],
+        "priority first, then the oldest"
+    );
+    assert_eq!(
+        call!(h, lease(cpu)).0,
+        StatusCode::NO_CONTENT,
+        "a CPU executor never gets the GPU job"
+    );
+    assert_eq!(
+        call!(h, lease(json!({"kinds": ["ingest"], "gpus": 2}))).0,
+        StatusCode::NO_CONTENT,
+        "labels must match too"
+    );
+    assert_eq!(
+        call!(
+            h,
+            lease(json!({"kinds": ["mine"], "gpus": 2, "labels": ["a100"]}))
+        )
+        .0,
+        StatusCode::NO_CONTENT,
+        "and the kind"
+    );
+    let got = call!(
+        h,
+        lease(json!({"kinds": ["ingest"], "gpus": 2, "labels": ["a100", "x"]}))
+    );
+    assert_eq!(got.1["job"]["id"], gpu);
+}
+
+#[actix_web::test]
+async fn experiments_group_jobs_and_names_are_unique() {
+    let h = harness(&[]);
+    let create = |name: &str| {
+        TestRequest::post()
+            .uri("/v1/experiments")
+            .set_json(json!({"name": name}))
+    };
+    assert_eq!(call!(h, create("shoes")).0, StatusCode::CREATED);
+    assert_error(
+        &call!(h, create("shoes")),
+        409,
+        "experiment_exists",
+        "shoes",
+    );
+    assert_error(&call!(h, create("Bad Name")), 400, "invalid_body", "name");
+    let mut body = ingest("d");
+    body["experiment"] = json!("shoes");
+    let job = call!(h, TestRequest::post().uri("/v1/jobs").set_json(body)).1;
+    let exp = call!(h, TestRequest::get().uri("/v1/experiments/shoes")).1;
+    assert_eq!(exp["jobs"][0], job["id"]);
+    let listed = call!(h, TestRequest::get().uri("/v1/jobs?experiment=shoes")).1;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+}
+
+#[actix_web::test]
+async fn only_the_lease_holder_may_act_on_a_lease() {
+    let h = harness(&[
+        ("boss", "boss-secret", &["submit"]),
+        ("gpu-a", "a-secret", &["execute"]),
+        ("gpu-b", "b-secret", &["execute"]),
+    ]);
+    let job = call!(
+        h,
+        TestRequest::post()
+            .uri("/v1/jobs")
+            .insert_header(("authorization", "Bearer boss-secret"))
+            .set_json(ingest("d"))
+    )
+    .1;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let lease = TestRequest::post()
+        .uri("/v1/executors/lease")
+        .insert_header(("authorization", "Bearer a-secret"))
+        .set_json(json!({"executor": "a", "capabilities": {"kinds": ["ingest"]}}));
+    assert_eq!(call!(h, lease).1["epoch"], 1);
+    let as_b = |verb: &str| {
+        TestRequest::post()
+            .uri(&format!("/v1/jobs/{id}/{verb}"))
+            .insert_header(("authorization", "Bearer b-secret"))
+            .set_json(json!({"epoch": 1, "error": "not mine"}))
+    };
+    assert_error(
+        &call!(h, as_b("heartbeat")),
+        409,
+        "not_lease_holder",
+        "gpu-a",
+    );
+    assert_error(&call!(h, as_b("fail")), 409, "not_lease_holder", "gpu-a");
+    let mine = TestRequest::post()
+        .uri(&format!("/v1/jobs/{id}/start"))
+        .insert_header(("authorization", "Bearer a-secret"))
+        .set_json(json!({"epoch": 1}));
+    assert_eq!(call!(h, mine).1["status"], "running");
+}

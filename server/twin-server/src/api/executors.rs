@@ -62,8 +62,8 @@ async fn heartbeat(
     id: web::Path<String>,
     body: web::Json<EpochBody>,
 ) -> Result<web::Json<HeartbeatResponse>, ApiError> {
-    caller.require(Role::Execute)?;
-    let cancel_requested = svc.heartbeat(&id, body.epoch)?;
+    let actor = caller.require(Role::Execute)?;
+    let cancel_requested = svc.heartbeat(actor, &id, body.epoch)?;
     Ok(web::Json(HeartbeatResponse {
         cancel_requested,
         lease_ttl_ms: svc.lease_ttl.as_millis() as u64,
