@@ -553,19 +553,16 @@ async fn only_the_lease_holder_may_act_on_a_lease() {
         .insert_header(("authorization", "Bearer a-secret"))
         .set_json(json!({"executor": "a", "capabilities": {"kinds": ["ingest"]}}));
     assert_eq!(call!(h, lease).1["epoch"], 1);
-    let as_b = |verb: &str| {
+    let as_b = |verb: &str, body: Value| {
         TestRequest::post()
             .uri(&format!("/v1/jobs/{id}/{verb}"))
             .insert_header(("authorization", "Bearer b-secret"))
-            .set_json(json!({"epoch": 1, "error": "not mine"}))
+            .set_json(body)
     };
-    assert_error(
-        &call!(h, as_b("heartbeat")),
-        409,
-        "not_lease_holder",
-        "gpu-a",
-    );
-    assert_error(&call!(h, as_b("fail")), 409, "not_lease_holder", "gpu-a");
+    let heartbeat = as_b("heartbeat", json!({"epoch": 1}));
+    assert_error(&call!(h, heartbeat), 409, "not_lease_holder", "gpu-a");
+    let fail = as_b("fail", json!({"epoch": 1, "error": "not mine"}));
+    assert_error(&call!(h, fail), 409, "not_lease_holder", "gpu-a");
     let mine = TestRequest::post()
         .uri(&format!("/v1/jobs/{id}/start"))
         .insert_header(("authorization", "Bearer a-secret"))
