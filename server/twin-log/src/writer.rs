@@ -106,9 +106,9 @@ pub enum AppendError {
 pub enum OpenError {
     #[error("no event log at {0}")]
     NoLog(PathBuf),
-    #[error(
-        "cannot open the event log at {0}: {1} (is a server already running on this data dir?)"
-    )]
+    #[error("the event log at {0} is locked: is a server already running on this data dir?")]
+    Locked(PathBuf),
+    #[error("cannot open the event log at {0}: {1}")]
     Sled(PathBuf, sled::Error),
     #[error("cannot open the event log at {0}: {1}")]
     Io(PathBuf, std::io::Error),
@@ -197,7 +197,13 @@ pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, OpenError> {
         // No background flusher: durability is the writer's job, batch by batch.
         .flush_every_ms(None)
         .open()
-        .map_err(|e| OpenError::Sled(dir.to_owned(), e))
+        .map_err(|e| match &e {
+            // sled reports its directory lock as a plain I/O error; name it.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                OpenError::Locked(dir.to_owned())
+            }
+            _ => OpenError::Sled(dir.to_owned(), e),
+        })
 }
 
 fn open_storage(dir: &Path) -> Result<Storage, OpenError> {

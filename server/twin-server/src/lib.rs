@@ -153,3 +153,19 @@ pub async fn run_executor(config: twin_executor::ExecutorConfig) -> anyhow::Resu
     let _ = task.await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_tokens_only_loopback_addresses_are_kept() {
+        let lan: SocketAddr = "0.0.0.0:7878".parse().expect("valid address");
+        assert_eq!(
+            loopback_only(lan),
+            "127.0.0.1:7878".parse().expect("valid address")
+        );
+        let local: SocketAddr = "[::1]:9000".parse().expect("valid address");
+        assert_eq!(loopback_only(local), local);
+    }
+}

@@ -157,3 +157,18 @@ fn a_missing_source_fails_the_job_without_retrying() {
     );
     server.stop();
 }
+
+#[test]
+fn offline_replay_of_a_running_servers_data_dir_says_to_stop_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, &["--no-executor"]);
+    let out = twin(&["replay", "--data-dir", data.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).1.contains("is a server already running"),
+        "{:?}",
+        text(&out)
+    );
+    server.stop();
+}
