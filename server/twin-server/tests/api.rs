@@ -569,3 +569,17 @@ async fn only_the_lease_holder_may_act_on_a_lease() {
         .set_json(json!({"epoch": 1}));
     assert_eq!(call!(h, mine).1["status"], "running");
 }
+
+#[actix_web::test]
+async fn large_blobs_download_whole_in_chunks() {
+    let h = harness(&[]);
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let hash = h.svc.blobs.put(&big).unwrap();
+    let app = test::init_service(api::app(h.svc.clone(), h.auth.clone(), LIMITS)).await;
+    let req = TestRequest::get()
+        .uri(&format!("/v1/blobs/{hash}"))
+        .to_request();
+    let got = test::call_and_read_body(&app, req).await;
+    assert_eq!(got.len(), big.len());
+    assert_eq!(twin_core::BlobHash::of(&got), hash);
+}

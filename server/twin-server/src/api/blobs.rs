@@ -72,13 +72,28 @@ async fn download(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Read)?;
     let hash = parse_hash(&hash)?;
-    let svc = svc.into_inner();
-    let bytes = web::block(move || svc.blobs.read(&hash))
+    let len = svc.blobs.len(&hash)?;
+    let file = tokio::fs::File::open(svc.blobs.path(&hash))
         .await
-        .map_err(|e| ApiError::internal("blob read", e))??;
+        .map_err(|e| ApiError::internal("blob open", e))?;
+    // Streamed in 64 KiB chunks: a large artefact never sits whole in memory.
+    let body = futures_util::stream::unfold(Some(file), |file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut file = file?;
+        let mut chunk = vec![0u8; 64 * 1024];
+        match file.read(&mut chunk).await {
+            Ok(0) => None,
+            Ok(n) => {
+                chunk.truncate(n);
+                Some((Ok(bytes::Bytes::from(chunk)), Some(file)))
+            }
+            Err(e) => Some((Err(actix_web::error::ErrorInternalServerError(e)), None)),
+        }
+    });
     Ok(HttpResponse::Ok()
         .content_type("application/octet-stream")
-        .body(bytes))
+        .no_chunking(len)
+        .streaming(body))
 }
 
 /// Whether a blob is stored (its size in `Content-Length`).
