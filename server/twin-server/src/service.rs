@@ -241,7 +241,6 @@ impl Service {
                 }));
             }
         }
-        submission.validate()?;
         let idempotency = idempotency_key.map(|key| Idempotency {
             key,
             digest: Sha256::digest(serde_json::to_vec(&submission).expect("submissions serialise"))
@@ -641,12 +640,6 @@ impl Service {
             next,
             last_seq: self.log.last_seq(),
         })
-    }
-
-    /// Resolves as soon as the log passes `seq`.
-    pub async fn wait_past(&self, seq: u64) {
-        let mut rx = self.last_seq.clone();
-        let _ = rx.wait_for(|s| *s >= seq).await;
     }
 }
 

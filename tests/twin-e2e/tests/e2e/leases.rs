@@ -42,23 +42,26 @@ async fn wait_for(
     }
 }
 
+/// 600 small images: enough that an ingest is still running when the test acts on it.
+fn big_sample(dir: &std::path::Path) {
+    let args = [
+        "--categories",
+        "6",
+        "--instances",
+        "25",
+        "--views",
+        "4",
+        "--size",
+        "64",
+    ];
+    crate::sample(dir, &args);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_executor_loses_its_lease_and_its_late_completion_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
-    crate::sample(
-        &images,
-        &[
-            "--categories",
-            "6",
-            "--instances",
-            "25",
-            "--views",
-            "4",
-            "--size",
-            "64",
-        ],
-    );
+    big_sample(&images);
     let server = Server::start(
         &tmp.path().join("data"),
         &["--no-executor", "--lease-ttl-ms", "1000"],
@@ -207,19 +210,7 @@ async fn retryable_failures_back_off_exponentially_until_attempts_run_out() {
 async fn cancellation_reaches_a_running_executor() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
-    crate::sample(
-        &images,
-        &[
-            "--categories",
-            "6",
-            "--instances",
-            "25",
-            "--views",
-            "4",
-            "--size",
-            "64",
-        ],
-    );
+    big_sample(&images);
     let server = Server::start(&tmp.path().join("data"), &["--lease-ttl-ms", "1500"]);
     let client = Client::new(&server.url, None).unwrap();
     let spec_path = ingest_spec(tmp.path(), "to-cancel", &images);
