@@ -154,6 +154,8 @@ events! {
     JobCancelRequested(JobCancelRequested) = "job_cancel_requested" v 1;
     JobCancelled(JobCancelled) = "job_cancelled" v 1;
     DatasetRegistered(DatasetRegistered) = "dataset_registered" v 1;
+    ModuleRegistered(ModuleRegistered) = "module_registered" v 1;
+    ModuleAliasSet(ModuleAliasSet) = "module_alias_set" v 1;
 }
 
 /// Upcasters of the production schema. Empty while every type is at version 1; the schema test
@@ -250,11 +252,50 @@ pub struct DatasetRegistered {
     pub categories: u64,
 }
 
+/// A Wasm module was uploaded, compiled and described. Stream `module/<hash>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModuleRegistered {
+    #[schema(value_type = String)]
+    pub hash: BlobHash,
+    pub size: u64,
+    /// `reward` or `filter`.
+    pub kind: String,
+    /// The module's own name and version, from `describe`.
+    pub name: String,
+    pub version: String,
+    pub summary: String,
+    pub parameters_schema: String,
+    /// Interfaces it imports; the host capabilities among them must be granted by jobs.
+    pub imports: Vec<String>,
+    pub capabilities: Vec<String>,
+}
+
+/// A registry name now points at `hash`. Stream `module/<alias>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModuleAliasSet {
+    pub alias: String,
+    #[schema(value_type = String)]
+    pub hash: BlobHash,
+    #[schema(value_type = Option<String>)]
+    pub previous: Option<BlobHash>,
+}
+
 /// The typed result of a succeeded job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum JobResult {
     Ingest(IngestResult),
+    Score(crate::score::ScoreOutput),
+}
+
+impl JobResult {
+    /// Blobs the job produced.
+    pub fn blobs(&self) -> Vec<BlobHash> {
+        match self {
+            JobResult::Ingest(r) => vec![r.output.manifest],
+            JobResult::Score(s) => std::iter::once(s.results).chain(s.capability_log).collect(),
+        }
+    }
 }
 
 /// What an executor reports when an ingest finishes; the server adds the dataset id.
@@ -307,6 +348,16 @@ pub struct ManifestEntry {
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum JobOutput {
     Ingest(IngestOutput),
+    Score(crate::score::ScoreOutput),
+}
+
+impl JobOutput {
+    pub fn kind(&self) -> crate::spec::JobKind {
+        match self {
+            JobOutput::Ingest(_) => crate::spec::JobKind::Ingest,
+            JobOutput::Score(_) => crate::spec::JobKind::Score,
+        }
+    }
 }
 
 impl Event {
@@ -314,13 +365,9 @@ impl Event {
     pub fn blob_refs(&self) -> Vec<BlobHash> {
         match self {
             Event::JobArtefactRecorded(a) => vec![a.blob],
-            Event::JobSucceeded(JobSucceeded {
-                result: JobResult::Ingest(r),
-                ..
-            }) => {
-                vec![r.output.manifest]
-            }
+            Event::JobSucceeded(JobSucceeded { result, .. }) => result.blobs(),
             Event::DatasetRegistered(d) => vec![d.manifest],
+            Event::ModuleRegistered(m) => vec![m.hash],
             _ => Vec::new(),
         }
     }

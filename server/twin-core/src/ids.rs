@@ -152,8 +152,9 @@ pub enum StreamName {
     Experiment(ExperimentId),
     Job(JobId),
     Dataset(DatasetId),
-    /// A Wasm module, by content hash (modules arrive with the plugin layer).
-    Module(BlobHash),
+    /// A Wasm module's registration (`module/<hash>`) or a registry name's alias history
+    /// (`module/<name>`); names never look like hashes, so the two cannot collide.
+    Module(String),
     /// A training run (arrives with the training stage).
     Run(String),
 }
@@ -179,7 +180,9 @@ impl FromStr for StreamName {
             "experiment" => StreamName::Experiment(id.parse().map_err(|_| bad())?),
             "job" => StreamName::Job(id.parse().map_err(|_| bad())?),
             "dataset" => StreamName::Dataset(id.parse().map_err(|_| bad())?),
-            "module" => StreamName::Module(id.parse().map_err(|_| bad())?),
+            "module" if id.parse::<BlobHash>().is_ok() || crate::score::valid_module_name(id) => {
+                StreamName::Module(id.to_owned())
+            }
             "run" if valid_id(id) => StreamName::Run(id.to_owned()),
             _ => return Err(bad()),
         })

@@ -206,6 +206,12 @@ pub enum Rejection {
     },
     #[error("job {job} waits for its retry backoff until {not_before}")]
     NotYetEligible { job: JobId, not_before: Millis },
+    #[error("job {job}: a {kind} job cannot complete with a {output} output")]
+    WrongOutput {
+        job: JobId,
+        kind: JobKind,
+        output: JobKind,
+    },
 }
 
 /// Events that start a job's stream.
@@ -335,6 +341,17 @@ impl JobState {
                             }),
                         ),
                     ]),
+                    (JobSpec::Score(_), JobOutput::Score(out)) => {
+                        one(Event::JobSucceeded(JobSucceeded {
+                            epoch,
+                            result: JobResult::Score(out.clone()),
+                        }))
+                    }
+                    (spec, output) => Err(Rejection::WrongOutput {
+                        job: self.id.clone(),
+                        kind: spec.kind(),
+                        output: output.kind(),
+                    }),
                 }
             }
             JobCommand::Fail {

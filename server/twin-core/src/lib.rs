@@ -9,6 +9,7 @@ pub mod event;
 pub mod ids;
 pub mod job;
 pub mod projection;
+pub mod score;
 pub mod spec;
 
 pub use event::{DecodeError, Event, EventSchema, RecordedEvent};

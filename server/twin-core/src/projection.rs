@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use crate::event::{Event, JobResult, RecordedEvent};
+use crate::event::{Event, ModuleRegistered, RecordedEvent};
 use crate::ids::{BlobHash, DatasetId, ExperimentId, JobId, Millis, StreamName};
 use crate::job::{JobState, JobStatus};
 
@@ -35,6 +35,16 @@ pub struct Dataset {
 }
 
 /// Which event first brought a blob into the record.
+/// A registered module and the names that point at it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ModuleInfo {
+    #[serde(flatten)]
+    pub module: ModuleRegistered,
+    pub registered_by: String,
+    pub registered_at: Millis,
+    pub aliases: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Producer {
     pub seq: u64,
@@ -51,6 +61,9 @@ pub struct Projections {
     pub experiments: BTreeMap<ExperimentId, Experiment>,
     pub datasets: BTreeMap<DatasetId, Dataset>,
     pub producers: HashMap<BlobHash, Producer>,
+    pub modules: BTreeMap<BlobHash, ModuleInfo>,
+    /// Registry name → module hash.
+    pub aliases: BTreeMap<String, BlobHash>,
     /// Events whose stream or payload did not fit (kept so a replay can report them).
     pub anomalies: Vec<String>,
 }
@@ -85,6 +98,7 @@ impl Projections {
             let role = match &rec.event {
                 Event::JobArtefactRecorded(a) => format!("artefact:{}", a.name),
                 Event::DatasetRegistered(d) => format!("dataset:{}", d.id),
+                Event::ModuleRegistered(m) => format!("module:{}", m.name),
                 _ => "result".to_owned(),
             };
             self.producers.entry(blob).or_insert(Producer {
@@ -143,6 +157,35 @@ impl Projections {
                     },
                 );
             }
+            (Event::ModuleRegistered(m), Ok(StreamName::Module(_))) => {
+                self.note_blobs(rec, None);
+                let aliases = self
+                    .aliases
+                    .iter()
+                    .filter(|(_, h)| **h == m.hash)
+                    .map(|(a, _)| a.clone())
+                    .collect();
+                self.modules.insert(
+                    m.hash,
+                    ModuleInfo {
+                        module: m.clone(),
+                        registered_by: rec.actor.clone(),
+                        registered_at: rec.ts,
+                        aliases,
+                    },
+                );
+            }
+            (Event::ModuleAliasSet(a), Ok(StreamName::Module(_))) => {
+                if let Some(prev) = self.aliases.insert(a.alias.clone(), a.hash)
+                    && let Some(info) = self.modules.get_mut(&prev)
+                {
+                    info.aliases.retain(|x| x != &a.alias);
+                }
+                if let Some(info) = self.modules.get_mut(&a.hash) {
+                    info.aliases.push(a.alias.clone());
+                    info.aliases.sort();
+                }
+            }
             (event, Ok(StreamName::Job(id))) => {
                 self.note_blobs(rec, Some(&id));
                 match self.jobs.get_mut(&id) {
@@ -168,6 +211,15 @@ impl Projections {
     }
 
     /// What produced a blob (by hash) or a job (by id).
+    /// The module a job reference names: a registry name or a registered hash.
+    pub fn resolve_module(&self, reference: &str) -> Option<&ModuleInfo> {
+        let hash = match reference.parse::<BlobHash>() {
+            Ok(h) => h,
+            Err(_) => *self.aliases.get(reference)?,
+        };
+        self.modules.get(&hash)
+    }
+
     pub fn lineage(&self, target: &str) -> Option<Lineage> {
         let (producer, job_id) = match target.parse::<BlobHash>() {
             Ok(hash) => {
@@ -200,14 +252,12 @@ impl Projections {
         let mut blobs: Vec<BlobHash> = job
             .iter()
             .flat_map(|j| {
-                let results = j
-                    .result
-                    .iter()
-                    .map(|JobResult::Ingest(r)| r.output.manifest);
+                let results = j.result.iter().flat_map(|r| r.blobs());
                 j.artefacts
                     .iter()
                     .map(|a| a.blob)
                     .chain(results)
+                    .chain(j.submission.spec.inputs())
                     .collect::<Vec<_>>()
             })
             .collect();

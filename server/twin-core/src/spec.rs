@@ -5,7 +5,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::ExperimentId;
+use crate::ids::{BlobHash, ExperimentId};
+pub use crate::score::ScoreSpec;
 
 /// Every kind of job the recipe has. The set is open: a kind is listed here as soon as it is
 /// designed, and [`JobKind::is_built`] says whether this version can run it.
@@ -58,7 +59,7 @@ impl JobKind {
 
     /// Whether this version has a spec and a stage for the kind.
     pub fn is_built(self) -> bool {
-        matches!(self, JobKind::Ingest)
+        matches!(self, JobKind::Ingest | JobKind::Score)
     }
 
     pub fn parse(s: &str) -> Option<JobKind> {
@@ -77,12 +78,24 @@ impl fmt::Display for JobKind {
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum JobSpec {
     Ingest(IngestSpec),
+    Score(ScoreSpec),
 }
 
 impl JobSpec {
     pub fn kind(&self) -> JobKind {
         match self {
             JobSpec::Ingest(_) => JobKind::Ingest,
+            JobSpec::Score(_) => JobKind::Score,
+        }
+    }
+
+    /// Blobs the job reads (its inputs, for lineage); module hashes once resolved.
+    pub fn inputs(&self) -> Vec<BlobHash> {
+        match self {
+            JobSpec::Ingest(_) => Vec::new(),
+            JobSpec::Score(s) => std::iter::once(s.rollouts)
+                .chain(s.reward.terms().into_iter().filter_map(|t| t.module_hash))
+                .collect(),
         }
     }
 }
@@ -175,7 +188,7 @@ pub enum SpecError {
 }
 
 impl SpecError {
-    fn invalid(field: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(field: &str, message: impl Into<String>) -> Self {
         SpecError::Invalid {
             field: field.to_owned(),
             message: message.into(),
@@ -263,6 +276,7 @@ impl JobSubmission {
         }
         match &self.spec {
             JobSpec::Ingest(spec) => spec.validate(),
+            JobSpec::Score(spec) => spec.validate(),
         }
     }
 }

@@ -1,0 +1,50 @@
+//! Host capabilities: functions beyond WASI that a job may grant to a module, each call recorded.
+//!
+//! A module declares a capability by importing its interface; the host refuses to run it unless
+//! the job's [`Grants`] name that capability, and records every call (input and output) so an
+//! audit sees exactly what outside information a score depended on.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The interface name of the `lookup` capability.
+pub const LOOKUP: &str = "twin:plugin/lookup@0.1.0";
+
+/// Capabilities a job grants, with their configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    /// A read-only string table served by `twin:plugin/lookup.get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookup: Option<BTreeMap<String, String>>,
+}
+
+impl Grants {
+    /// Whether the capability behind interface `name` is granted.
+    pub fn grants(&self, name: &str) -> bool {
+        match name {
+            LOOKUP => self.lookup.is_some(),
+            _ => false,
+        }
+    }
+}
+
+/// Short capability name for an interface name ("twin:plugin/lookup@0.1.0" → "lookup").
+pub fn short_name(interface: &str) -> &str {
+    let tail = interface.rsplit('/').next().unwrap_or(interface);
+    tail.split('@').next().unwrap_or(tail)
+}
+
+/// Interfaces of capabilities this host implements.
+pub fn known(interface: &str) -> bool {
+    interface == LOOKUP
+}
+
+/// One recorded capability call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityCall {
+    pub capability: String,
+    pub input: String,
+    pub output: Option<String>,
+}

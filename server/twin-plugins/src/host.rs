@@ -1,0 +1,880 @@
+//! The engine, the module table and the per-call sandbox.
+//!
+//! One [`Host`] per process. Loading a module compiles it once (or reads the disk cache), links
+//! it against WASI-with-nothing-granted plus the capabilities this host implements, works out
+//! which world it exports, and asks it to `describe` itself. Each call then instantiates it from
+//! its `InstancePre` into a fresh store from the pooling allocator (microseconds), configures it
+//! with the job's parameters, and runs one batch under fuel, an epoch deadline and memory limits.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
+
+use crate::bindings::{filter, lookup, reward};
+use crate::capability::{self, CapabilityCall, Grants};
+use crate::compile::{self, Compiler};
+use crate::types::{CandidatePair, Descriptor, ModuleKind, QuestionType, RewardScore, Rollout};
+use crate::{PluginError, Verdict, module_hash};
+
+/// How often the engine's epoch advances: the granularity of call deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// What a guest may write to stderr per call (kept for panic messages in errors).
+const STDERR_CAPACITY: usize = 16 * 1024;
+/// Modules kept loaded; beyond this the least recently loaded is dropped (the disk cache remains).
+const MAX_LOADED: usize = 64;
+
+/// Resource limits of one call (one batch).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Fuel units (roughly one per Wasm instruction).
+    pub fuel: u64,
+    /// Wall-clock deadline, enforced by epoch interruption.
+    pub deadline: Duration,
+    /// Largest linear memory, in bytes (capped by [`HostConfig::max_memory_bytes`]).
+    pub memory_bytes: u64,
+    /// Largest table, in elements.
+    pub table_elements: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            fuel: 20_000_000_000,
+            deadline: Duration::from_secs(30),
+            memory_bytes: 512 << 20,
+            table_elements: 200_000,
+        }
+    }
+}
+
+/// Settings of a [`Host`].
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Where compiled modules are cached; `None` keeps them in memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// Largest module accepted, in bytes.
+    pub max_module_bytes: u64,
+    pub compiler: Compiler,
+    /// Limits of a call when the caller gives none.
+    pub limits: Limits,
+    /// Meter fuel. Always on in production; off only to measure fuel's overhead.
+    pub consume_fuel: bool,
+    /// Upper bound on any call's linear memory; sizes the pooling allocator's slots.
+    pub max_memory_bytes: u64,
+    /// Calls that may run at once (pool slots).
+    pub concurrency: u32,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            max_module_bytes: 64 << 20,
+            compiler: Compiler::InProcess,
+            limits: Limits::default(),
+            consume_fuel: true,
+            max_memory_bytes: 1 << 30,
+            concurrency: 32,
+        }
+    }
+}
+
+/// What an engine's compiled code depends on; the compiler child must use the same.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct EngineSettings {
+    pub consume_fuel: bool,
+    pub max_memory_bytes: u64,
+    pub concurrency: u32,
+}
+
+impl EngineSettings {
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--max-memory".to_owned(),
+            self.max_memory_bytes.to_string(),
+            "--concurrency".to_owned(),
+            self.concurrency.to_string(),
+        ];
+        if !self.consume_fuel {
+            args.push("--no-fuel".to_owned());
+        }
+        args
+    }
+
+    /// Parses `INPUT OUTPUT` and the flags of [`Self::to_args`] plus `--cpu-seconds N`.
+    #[allow(clippy::type_complexity)]
+    pub fn from_args(args: &[String]) -> Result<(String, String, Self, Option<u64>), String> {
+        let usage = "usage: INPUT OUTPUT [--no-fuel] [--max-memory BYTES] [--concurrency N] \
+                     [--cpu-seconds N]";
+        let mut it = args.iter();
+        let input = it.next().ok_or(usage)?.clone();
+        let output = it.next().ok_or(usage)?.clone();
+        let defaults = HostConfig::default();
+        let mut settings = Self {
+            consume_fuel: true,
+            max_memory_bytes: defaults.max_memory_bytes,
+            concurrency: defaults.concurrency,
+        };
+        let mut cpu = None;
+        while let Some(flag) = it.next() {
+            let mut number = || -> Result<u64, String> {
+                it.next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| format!("{flag} needs a number; {usage}"))
+            };
+            match flag.as_str() {
+                "--no-fuel" => settings.consume_fuel = false,
+                "--max-memory" => settings.max_memory_bytes = number()?,
+                "--concurrency" => {
+                    settings.concurrency = u32::try_from(number()?).map_err(|e| e.to_string())?
+                }
+                "--cpu-seconds" => cpu = Some(number()?),
+                other => return Err(format!("unknown flag {other}; {usage}")),
+            }
+        }
+        Ok((input, output, settings, cpu))
+    }
+}
+
+/// Builds the engine every module runs on. Compilation settings here must match between the
+/// server and its compiler child, so both call this.
+pub(crate) fn engine(settings: &EngineSettings) -> wasmtime::Result<Engine> {
+    let mut config = Config::new();
+    config.consume_fuel(settings.consume_fuel);
+    config.epoch_interruption(true);
+    config.wasm_component_model(true);
+    config.max_wasm_stack(1 << 20);
+    let slots = settings.concurrency.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(slots)
+        // Python and JavaScript components link a few dozen core instances sharing one memory.
+        .max_core_instances_per_component(64)
+        .total_core_instances(slots * 64)
+        .max_memories_per_component(4)
+        .max_memories_per_module(1)
+        .total_memories(slots * 4)
+        .max_tables_per_component(16)
+        .total_tables(slots * 16)
+        .table_elements(Limits::default().table_elements as usize)
+        .max_memory_size(settings.max_memory_bytes as usize)
+        .max_component_instance_size(4 << 20)
+        .max_core_instance_size(4 << 20);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config)
+}
+
+/// A loaded module, ready to instantiate.
+pub struct Module {
+    pub hash: String,
+    pub descriptor: Descriptor,
+    /// Every interface the component imports.
+    pub imports: Vec<String>,
+    /// The host capabilities among them (interface names).
+    pub capabilities: Vec<String>,
+    pub size: u64,
+    exports: Exports,
+}
+
+enum Exports {
+    Reward(reward::RewardPre<CallState>),
+    Filter(filter::FilterPre<CallState>),
+}
+
+impl std::fmt::Debug for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Module")
+            .field("hash", &self.hash)
+            .field("descriptor", &self.descriptor)
+            .field("imports", &self.imports)
+            .finish()
+    }
+}
+
+impl Module {
+    pub fn kind(&self) -> ModuleKind {
+        self.descriptor.kind
+    }
+}
+
+/// What a call produced besides its values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome<T> {
+    pub values: Vec<T>,
+    /// Capability calls, in order.
+    pub calls: Vec<CapabilityCall>,
+    pub fuel_used: u64,
+}
+
+/// The store's data: WASI with nothing granted, the limiter and the capability log.
+pub(crate) struct CallState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+    grants: Arc<Grants>,
+    calls: Vec<CapabilityCall>,
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl lookup::twin::plugin::lookup::Host for CallState {
+    fn get(&mut self, key: String) -> Option<String> {
+        let output = self
+            .grants
+            .lookup
+            .as_ref()
+            .and_then(|table| table.get(&key).cloned());
+        self.calls.push(CapabilityCall {
+            capability: "lookup".into(),
+            input: key,
+            output: output.clone(),
+        });
+        output
+    }
+}
+
+impl lookup::twin::plugin::types::Host for CallState {}
+
+/// Memory and table limits that remember which one was hit, so the trap can be named.
+struct Limiter {
+    memory_bytes: u64,
+    table_elements: u64,
+    hit: Option<PluginError>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("resource limit reached")]
+struct LimitReached;
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired as u64 > self.memory_bytes {
+            self.hit = Some(PluginError::MemoryLimit {
+                what: "linear memory",
+                limit: self.memory_bytes,
+            });
+            return Err(wasmtime::Error::new(LimitReached));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired as u64 > self.table_elements {
+            self.hit = Some(PluginError::MemoryLimit {
+                what: "a table",
+                limit: self.table_elements,
+            });
+            return Err(wasmtime::Error::new(LimitReached));
+        }
+        Ok(true)
+    }
+}
+
+/// A clock stuck at the Unix epoch: modules must not observe time.
+struct FixedClock;
+
+impl HostWallClock for FixedClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for FixedClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// Advances the engine's epoch in the background; deadlines count these ticks.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .ok();
+        Self { stop, thread }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Loads, caches and runs modules. Cheap to share behind an `Arc`; calls may run concurrently.
+pub struct Host {
+    engine: Engine,
+    linker: Linker<CallState>,
+    config: HostConfig,
+    settings: EngineSettings,
+    compat: String,
+    loaded: Mutex<Vec<Arc<Module>>>,
+    _ticker: Ticker,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Host {
+    pub fn new(config: HostConfig) -> Result<Self, PluginError> {
+        let settings = EngineSettings {
+            consume_fuel: config.consume_fuel,
+            max_memory_bytes: config.max_memory_bytes,
+            concurrency: config.concurrency,
+        };
+        let host_err = |e: wasmtime::Error| PluginError::Host(format!("{e:#}"));
+        let engine = engine(&settings).map_err(host_err)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(host_err)?;
+        lookup::twin::plugin::lookup::add_to_linker::<CallState, HasSelf<CallState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(host_err)?;
+        lookup::twin::plugin::types::add_to_linker::<CallState, HasSelf<CallState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(host_err)?;
+        let compat = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut h);
+            format!("{:016x}", h.finish())
+        };
+        if let Some(dir) = &config.cache_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| PluginError::Host(format!("cache dir {}: {e}", dir.display())))?;
+        }
+        Ok(Self {
+            _ticker: Ticker::start(engine.clone()),
+            engine,
+            linker,
+            config,
+            settings,
+            compat,
+            loaded: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn config(&self) -> &HostConfig {
+        &self.config
+    }
+
+    /// The module with this hash, if it is loaded.
+    pub fn get(&self, hash: &str) -> Option<Arc<Module>> {
+        self.loaded.lock().iter().find(|m| m.hash == hash).cloned()
+    }
+
+    /// Compiles (or reads from the cache), links and describes a module.
+    pub fn load(&self, bytes: &[u8]) -> Result<Arc<Module>, PluginError> {
+        let size = bytes.len() as u64;
+        if size > self.config.max_module_bytes {
+            return Err(PluginError::TooLarge {
+                size,
+                limit: self.config.max_module_bytes,
+            });
+        }
+        let hash = module_hash(bytes);
+        if let Some(m) = self.get(&hash) {
+            return Ok(m);
+        }
+        let component = self.component(&hash, bytes)?;
+        let module = Arc::new(self.link(hash, size, &component)?);
+        let mut loaded = self.loaded.lock();
+        if let Some(m) = loaded.iter().find(|m| m.hash == module.hash) {
+            return Ok(m.clone());
+        }
+        if loaded.len() >= MAX_LOADED {
+            loaded.remove(0);
+        }
+        loaded.push(module.clone());
+        Ok(module)
+    }
+
+    fn component(&self, hash: &str, bytes: &[u8]) -> Result<Component, PluginError> {
+        let cached = self
+            .config
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{hash}-{}.cwasm", self.compat)));
+        if let Some(path) = &cached
+            && let Ok(artefact) = std::fs::read(path)
+        {
+            match self.deserialize(&artefact) {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "recompiling a cached module")
+                }
+            }
+        }
+        compile::check_header(bytes)?;
+        let artefact = compile::compile(&self.config.compiler, &self.settings, bytes)?;
+        let component = self.deserialize(&artefact)?;
+        if let Some(path) = &cached {
+            // Best effort: a failed cache write costs a recompilation later, nothing more.
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, &artefact).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+        Ok(component)
+    }
+
+    fn deserialize(&self, artefact: &[u8]) -> Result<Component, PluginError> {
+        // SAFETY: the artefact was produced by `precompile_component` on an engine built by
+        // `engine()` with this host's settings — in this process, by our compiler child, or by an
+        // earlier run into our own cache directory, which only this host writes. wasmtime also
+        // checks the engine compatibility header and rejects artefacts from other settings.
+        #[allow(unsafe_code)]
+        let component = unsafe { Component::deserialize(&self.engine, artefact) };
+        component.map_err(|e| PluginError::CompilerFailed(format!("load artefact: {e:#}")))
+    }
+
+    fn link(&self, hash: String, size: u64, component: &Component) -> Result<Module, PluginError> {
+        let ty = component.component_type();
+        let imports: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        for import in &imports {
+            let provided = import.starts_with("wasi:")
+                || import == "twin:plugin/types@0.1.0"
+                || capability::known(import);
+            if !provided {
+                return Err(PluginError::UnknownImport {
+                    import: import.clone(),
+                });
+            }
+        }
+        let capabilities: Vec<String> = imports
+            .iter()
+            .filter(|i| capability::known(i))
+            .cloned()
+            .collect();
+        let pre: InstancePre<CallState> =
+            self.linker
+                .instantiate_pre(component)
+                .map_err(|e| PluginError::UnknownImport {
+                    import: format!("{e:#}"),
+                })?;
+        let exports = match reward::RewardPre::new(pre.clone()) {
+            Ok(r) => Exports::Reward(r),
+            Err(reward_err) => match filter::FilterPre::new(pre) {
+                Ok(f) => Exports::Filter(f),
+                Err(filter_err) => {
+                    return Err(PluginError::WorldMismatch(format!(
+                        "as a reward: {reward_err:#}; as a filter: {filter_err:#}"
+                    )));
+                }
+            },
+        };
+        let mut module = Module {
+            hash,
+            descriptor: Descriptor {
+                name: String::new(),
+                version: String::new(),
+                kind: ModuleKind::Reward,
+                summary: String::new(),
+                parameters_schema: String::new(),
+            },
+            imports,
+            capabilities,
+            size,
+            exports,
+        };
+        // `describe` runs like any call, with all capabilities granted: describing must not
+        // depend on them, and a module that calls one here gets empty answers.
+        let grants = Grants {
+            lookup: Some(Default::default()),
+        };
+        let descriptor = self.describe(&module, &grants)?;
+        let world = match module.exports {
+            Exports::Reward(_) => ModuleKind::Reward,
+            Exports::Filter(_) => ModuleKind::Filter,
+        };
+        if descriptor.kind != world {
+            return Err(PluginError::WrongKind {
+                expected: world.as_str().into(),
+                actual: descriptor.kind.as_str().into(),
+            });
+        }
+        serde_json::from_str::<serde_json::Value>(&descriptor.parameters_schema).map_err(|e| {
+            PluginError::BadOutput(format!("describe: parameters-schema is not JSON: {e}"))
+        })?;
+        if descriptor.name.trim().is_empty() {
+            return Err(PluginError::BadOutput("describe: empty name".into()));
+        }
+        module.descriptor = descriptor;
+        Ok(module)
+    }
+
+    fn describe(&self, module: &Module, grants: &Grants) -> Result<Descriptor, PluginError> {
+        let limits = self.config.limits;
+        let (mut store, stderr) = self.store(&limits, Arc::new(grants.clone()))?;
+        let result = match &module.exports {
+            Exports::Reward(pre) => pre
+                .instantiate(&mut store)
+                .and_then(|r| r.twin_plugin_module().call_describe(&mut store))
+                .map(|d| from_reward_descriptor(&d)),
+            Exports::Filter(pre) => pre
+                .instantiate(&mut store)
+                .and_then(|f| f.twin_plugin_module().call_describe(&mut store))
+                .map(|d| from_filter_descriptor(&d)),
+        };
+        result.map_err(|e| classify(&mut store, &limits, &stderr, e))
+    }
+
+    fn store(
+        &self,
+        limits: &Limits,
+        grants: Arc<Grants>,
+    ) -> Result<(Store<CallState>, MemoryOutputPipe), PluginError> {
+        use rand010::SeedableRng;
+        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        let wasi = WasiCtx::builder()
+            .stderr(stderr.clone())
+            .wall_clock(FixedClock)
+            .monotonic_clock(FixedClock)
+            .secure_random(rand010::rngs::StdRng::seed_from_u64(0x7477_696e))
+            .insecure_random(rand010::rngs::StdRng::seed_from_u64(0x7477_696e + 1))
+            .insecure_random_seed(0x7477_696e)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = CallState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                memory_bytes: limits.memory_bytes.min(self.config.max_memory_bytes),
+                table_elements: limits.table_elements,
+                hit: None,
+            },
+            grants,
+            calls: Vec::new(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        if self.config.consume_fuel {
+            store
+                .set_fuel(limits.fuel)
+                .map_err(|e| PluginError::Host(format!("{e:#}")))?;
+        }
+        let ticks = limits.deadline.as_nanos() / EPOCH_TICK.as_nanos() + 1;
+        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+        store.epoch_deadline_trap();
+        Ok((store, stderr))
+    }
+
+    fn check_grants(&self, module: &Module, grants: &Grants) -> Result<(), PluginError> {
+        for cap in &module.capabilities {
+            if !grants.grants(cap) {
+                return Err(PluginError::NotGranted {
+                    capability: capability::short_name(cap).into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Scores `batch` with a reward module configured with `params` (a JSON object).
+    pub fn score(
+        &self,
+        module: &Module,
+        params: &str,
+        grants: &Grants,
+        limits: Option<&Limits>,
+        batch: &[Rollout],
+    ) -> Result<Outcome<RewardScore>, PluginError> {
+        let Exports::Reward(pre) = &module.exports else {
+            return Err(PluginError::WrongKind {
+                expected: "reward".into(),
+                actual: module.kind().as_str().into(),
+            });
+        };
+        self.check_grants(module, grants)?;
+        let limits = limits.copied().unwrap_or(self.config.limits);
+        let (mut store, stderr) = self.store(&limits, Arc::new(grants.clone()))?;
+        let input: Vec<reward::twin::plugin::types::Rollout> =
+            batch.iter().map(to_wit_rollout).collect();
+        let run = (|| {
+            let instance = pre.instantiate(&mut store)?;
+            let configured = instance
+                .twin_plugin_module()
+                .call_configure(&mut store, params)?;
+            if let Err(message) = configured {
+                return Ok(Err(PluginError::BadParams(message)));
+            }
+            let scored = instance
+                .twin_plugin_scorer()
+                .call_score(&mut store, &input)?;
+            Ok(scored.map_err(PluginError::GuestError))
+        })();
+        let scores = match run {
+            Ok(Ok(scores)) => scores,
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(classify(&mut store, &limits, &stderr, e)),
+        };
+        if scores.len() != batch.len() {
+            return Err(PluginError::BadOutput(format!(
+                "{} scores for a batch of {}",
+                scores.len(),
+                batch.len()
+            )));
+        }
+        let values = scores
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| check_score(i, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.outcome(&mut store, &limits, values))
+    }
+
+    /// Judges `batch` with a filter module configured with `params` (a JSON object).
+    pub fn judge(
+        &self,
+        module: &Module,
+        params: &str,
+        grants: &Grants,
+        limits: Option<&Limits>,
+        batch: &[CandidatePair],
+    ) -> Result<Outcome<Verdict>, PluginError> {
+        let Exports::Filter(pre) = &module.exports else {
+            return Err(PluginError::WrongKind {
+                expected: "filter".into(),
+                actual: module.kind().as_str().into(),
+            });
+        };
+        self.check_grants(module, grants)?;
+        let limits = limits.copied().unwrap_or(self.config.limits);
+        let (mut store, stderr) = self.store(&limits, Arc::new(grants.clone()))?;
+        let input: Vec<filter::twin::plugin::types::CandidatePair> =
+            batch.iter().map(to_wit_pair).collect();
+        let run = (|| {
+            let instance = pre.instantiate(&mut store)?;
+            let configured = instance
+                .twin_plugin_module()
+                .call_configure(&mut store, params)?;
+            if let Err(message) = configured {
+                return Ok(Err(PluginError::BadParams(message)));
+            }
+            let judged = instance
+                .twin_plugin_judge()
+                .call_judge(&mut store, &input)?;
+            Ok(judged.map_err(PluginError::GuestError))
+        })();
+        let verdicts = match run {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(classify(&mut store, &limits, &stderr, e)),
+        };
+        if verdicts.len() != batch.len() {
+            return Err(PluginError::BadOutput(format!(
+                "{} verdicts for a batch of {}",
+                verdicts.len(),
+                batch.len()
+            )));
+        }
+        let values = verdicts
+            .into_iter()
+            .map(|v| Verdict {
+                keep: v.keep,
+                reason: v.reason,
+            })
+            .collect();
+        Ok(self.outcome(&mut store, &limits, values))
+    }
+
+    fn outcome<T>(
+        &self,
+        store: &mut Store<CallState>,
+        limits: &Limits,
+        values: Vec<T>,
+    ) -> Outcome<T> {
+        let fuel_used = if self.config.consume_fuel {
+            limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0))
+        } else {
+            0
+        };
+        Outcome {
+            values,
+            calls: std::mem::take(&mut store.data_mut().calls),
+            fuel_used,
+        }
+    }
+}
+
+/// Maps a failed call to the limit or fault behind it.
+fn classify(
+    store: &mut Store<CallState>,
+    limits: &Limits,
+    stderr: &MemoryOutputPipe,
+    err: wasmtime::Error,
+) -> PluginError {
+    if let Some(hit) = store.data_mut().limiter.hit.take() {
+        return hit;
+    }
+    let stderr_text = || String::from_utf8_lossy(&stderr.contents()).into_owned();
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => PluginError::OutOfFuel { fuel: limits.fuel },
+        Some(Trap::Interrupt) => PluginError::Deadline(limits.deadline),
+        Some(Trap::StackOverflow) => PluginError::StackOverflow,
+        Some(trap) => PluginError::GuestTrap {
+            trap: trap.to_string(),
+            stderr: stderr_text(),
+        },
+        None => {
+            let message = format!("{err:#}");
+            if message.contains("concurrent") {
+                PluginError::Host(format!("too many module calls at once: {message}"))
+            } else {
+                PluginError::GuestTrap {
+                    trap: message,
+                    stderr: stderr_text(),
+                }
+            }
+        }
+    }
+}
+
+fn check_score(
+    index: usize,
+    s: reward::twin::plugin::types::RewardScore,
+) -> Result<RewardScore, PluginError> {
+    if !s.score.is_finite() {
+        return Err(PluginError::BadOutput(format!(
+            "score {} of rollout {index} is not finite",
+            s.score
+        )));
+    }
+    let mut components = std::collections::BTreeMap::new();
+    for c in s.components {
+        if !c.value.is_finite() {
+            return Err(PluginError::BadOutput(format!(
+                "component {:?} of rollout {index} is {}",
+                c.name, c.value
+            )));
+        }
+        if c.name.is_empty() || components.insert(c.name.clone(), c.value).is_some() {
+            return Err(PluginError::BadOutput(format!(
+                "component name {:?} of rollout {index} is empty or repeated",
+                c.name
+            )));
+        }
+    }
+    Ok(RewardScore {
+        score: s.score,
+        components,
+    })
+}
+
+fn to_wit_rollout(r: &Rollout) -> reward::twin::plugin::types::Rollout {
+    use reward::twin::plugin::types::QuestionType as Q;
+    reward::twin::plugin::types::Rollout {
+        prompt: r.prompt.clone(),
+        completion: r.completion.clone(),
+        ground_truth: r.ground_truth.clone(),
+        question_type: match r.question_type {
+            QuestionType::Pair => Q::Pair,
+            QuestionType::Multi => Q::Multi,
+            QuestionType::Other => Q::Other,
+        },
+        metadata: r.metadata.clone(),
+    }
+}
+
+fn to_wit_pair(p: &CandidatePair) -> filter::twin::plugin::types::CandidatePair {
+    filter::twin::plugin::types::CandidatePair {
+        image_a: p.image_a.clone(),
+        image_b: p.image_b.clone(),
+        instance_a: p.instance_a.clone(),
+        instance_b: p.instance_b.clone(),
+        category_a: p.category_a.clone(),
+        category_b: p.category_b.clone(),
+        phash_a: p.phash_a,
+        phash_b: p.phash_b,
+        similarity: p.similarity,
+        rank: p.rank,
+        metadata: p.metadata.clone(),
+    }
+}
+
+fn from_reward_descriptor(d: &reward::twin::plugin::types::Descriptor) -> Descriptor {
+    use reward::twin::plugin::types::ModuleKind as K;
+    Descriptor {
+        name: d.name.clone(),
+        version: d.version.clone(),
+        kind: match d.kind {
+            K::Reward => ModuleKind::Reward,
+            K::Filter => ModuleKind::Filter,
+        },
+        summary: d.summary.clone(),
+        parameters_schema: d.parameters_schema.clone(),
+    }
+}
+
+fn from_filter_descriptor(d: &filter::twin::plugin::types::Descriptor) -> Descriptor {
+    use filter::twin::plugin::types::ModuleKind as K;
+    Descriptor {
+        name: d.name.clone(),
+        version: d.version.clone(),
+        kind: match d.kind {
+            K::Reward => ModuleKind::Reward,
+            K::Filter => ModuleKind::Filter,
+        },
+        summary: d.summary.clone(),
+        parameters_schema: d.parameters_schema.clone(),
+    }
+}
