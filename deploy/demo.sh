@@ -39,6 +39,18 @@ dir = "images"
 SPEC
 "$bin/twin" submit "$demo/ingest.toml" --idempotency-key demo-ingest --wait
 
+step "register the TWIN reward (a Wasm component) and re-score a few rollouts with it"
+./deploy/build-modules.sh >/dev/null
+"$bin/twin" modules add target/wasm32-wasip2/guest/binary_match.wasm --name binary-match
+cat >"$demo/rollouts.jsonl" <<'JSONL'
+{"completion": "Same stitching and logo. <answer>yes</answer>", "ground_truth": "yes", "question_type": "pair"}
+{"completion": "The handle differs. <answer>No.</answer>", "ground_truth": "no", "question_type": "pair"}
+{"completion": "Looks alike. <answer>yes</answer>", "ground_truth": "no", "question_type": "pair"}
+{"completion": "I cannot tell.", "ground_truth": "yes", "question_type": "pair"}
+JSONL
+"$bin/twin" modules run target/wasm32-wasip2/guest/binary_match.wasm --input "$demo/rollouts.jsonl"
+"$bin/twin" score --rollouts "$demo/rollouts.jsonl" --module binary-match --experiment demo --wait
+
 step "jobs, datasets and the event stream"
 "$bin/twin" jobs ls
 "$bin/twin" datasets

@@ -16,7 +16,7 @@ use twin_core::api::{
     EventsPage, FailBody, Health, HeartbeatResponse, LeaseGrant, LeaseRequest, ProgressBody,
 };
 use twin_core::job::JobState;
-use twin_core::projection::{Dataset, Experiment, Lineage};
+use twin_core::projection::{Dataset, Experiment, Lineage, ModuleInfo};
 use twin_core::{BlobHash, RecordedEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -322,6 +322,48 @@ impl Client {
             });
         }
         Ok(bytes)
+    }
+
+    // --- the module registry ---
+
+    /// Uploads a Wasm component; the server compiles and describes it before registering it,
+    /// and points `name` at it when given.
+    pub async fn add_module(
+        &self,
+        bytes: Bytes,
+        name: Option<&str>,
+    ) -> Result<ModuleInfo, ClientError> {
+        let mut rb = self
+            .request(Method::POST, "/v1/modules")
+            .header("content-type", "application/wasm")
+            .body(bytes);
+        if let Some(name) = name {
+            rb = rb.query(&[("name", name)]);
+        }
+        self.json(rb).await
+    }
+
+    pub async fn modules(&self) -> Result<Vec<ModuleInfo>, ClientError> {
+        self.json(self.request(Method::GET, "/v1/modules")).await
+    }
+
+    /// A module by registry name or hash.
+    pub async fn module(&self, reference: &str) -> Result<ModuleInfo, ClientError> {
+        self.json(self.request(Method::GET, &format!("/v1/modules/{reference}")))
+            .await
+    }
+
+    /// Points registry name `name` at module `hash` (atomically: jobs see the old or the new).
+    pub async fn set_module_alias(
+        &self,
+        name: &str,
+        hash: &str,
+    ) -> Result<ModuleInfo, ClientError> {
+        self.json(
+            self.request(Method::PUT, &format!("/v1/modules/aliases/{name}"))
+                .json(&serde_json::json!({ "hash": hash })),
+        )
+        .await
     }
 
     // --- the executor protocol ---

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 the thing checked is bad (a failed job, a broken chain); 2 the
 //! command could not run (bad arguments, server unreachable, API error).
 
+mod modules;
 mod online;
 mod replay;
 mod sample;
@@ -54,6 +55,11 @@ enum Command {
     Experiments(online::ExperimentsCommand),
     /// List datasets.
     Datasets,
+    /// Register, list, describe and name Wasm modules; `run` scores a file offline.
+    #[command(subcommand)]
+    Modules(modules::ModulesCommand),
+    /// Score a JSONL file of rollouts with a registered reward (uploads it, submits a job).
+    Score(modules::ScoreArgs),
     /// Replay a data directory offline: verify the chain and blobs, show the state at a point.
     Replay(replay::ReplayArgs),
     /// What produced a blob or a job (offline with --data-dir, else asks the server).
@@ -91,6 +97,7 @@ fn main() -> ExitCode {
             data_dir: Some(dir),
         } => replay::lineage(&dir, &target, cli.conn.json),
         Command::SampleData(args) => sample::run(&args),
+        Command::Modules(modules::ModulesCommand::Run(args)) => modules::run(&args),
         online_command => match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -258,6 +258,22 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
                 return wait(&client, job.id.as_str(), None, conn.json).await;
             }
         }
+        Command::Modules(command) => {
+            return crate::modules::online(&client, command, conn.json).await;
+        }
+        Command::Score(args) => {
+            let wait_for = args.wait;
+            let submission = crate::modules::score(&client, args).await?;
+            let job = client.submit(&submission, None).await?.job;
+            if conn.json && !wait_for {
+                println!("{}", serde_json::to_string_pretty(&job)?);
+            } else if !conn.json {
+                println!("submitted job {} (score)", job.id);
+            }
+            if wait_for {
+                return wait(&client, job.id.as_str(), None, conn.json).await;
+            }
+        }
         Command::Jobs(JobsCommand::Ls {
             state,
             kind,

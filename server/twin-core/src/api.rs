@@ -137,3 +137,11 @@ pub struct Health {
     pub last_seq: u64,
     pub version: String,
 }
+
+/// Body of `PUT /v1/modules/aliases/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AliasBody {
+    /// SHA-256 of a registered module.
+    pub hash: String,
+}

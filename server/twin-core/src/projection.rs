@@ -64,6 +64,8 @@ pub struct Projections {
     pub modules: BTreeMap<BlobHash, ModuleInfo>,
     /// Registry name → module hash.
     pub aliases: BTreeMap<String, BlobHash>,
+    /// Registry name → version of its `module/<name>` stream (for optimistic switches).
+    pub alias_versions: BTreeMap<String, u64>,
     /// Events whose stream or payload did not fit (kept so a replay can report them).
     pub anomalies: Vec<String>,
 }
@@ -176,6 +178,8 @@ impl Projections {
                 );
             }
             (Event::ModuleAliasSet(a), Ok(StreamName::Module(_))) => {
+                self.alias_versions
+                    .insert(a.alias.clone(), rec.stream_version);
                 if let Some(prev) = self.aliases.insert(a.alias.clone(), a.hash)
                     && let Some(info) = self.modules.get_mut(&prev)
                 {

@@ -163,7 +163,11 @@ impl Stage for IngestStage {
     }
 
     fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError> {
-        let JobSpec::Ingest(spec) = &job.submission.spec;
+        let JobSpec::Ingest(spec) = &job.submission.spec else {
+            return Err(StageError::permanent(
+                "the ingest stage got another kind of job",
+            ));
+        };
         let (mut items, mut rejected) = match &spec.source {
             IngestSource::Dir(d) => list_dir(Path::new(d))?,
             IngestSource::Manifest(m) => list_manifest(Path::new(m))?,

@@ -5,6 +5,8 @@
 
 mod ingest;
 mod runtime;
+mod score;
 
 pub use ingest::IngestStage;
 pub use runtime::{Executor, ExecutorConfig, Stage, StageContext, StageError, default_stages};
+pub use score::{ScoreStage, parse_rollouts};

@@ -56,9 +56,12 @@ pub trait Stage: Send + Sync + 'static {
     fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError>;
 }
 
-/// Every stage this build has.
-pub fn default_stages() -> Vec<Arc<dyn Stage>> {
-    vec![Arc::new(crate::IngestStage)]
+/// Every stage this build has; `plugins` runs the Wasm modules of `score` jobs.
+pub fn default_stages(plugins: Arc<twin_plugins::Host>) -> Vec<Arc<dyn Stage>> {
+    vec![
+        Arc::new(crate::IngestStage),
+        Arc::new(crate::ScoreStage::new(plugins)),
+    ]
 }
 
 /// What a running stage may do: report progress, store blobs, record artefacts, see cancellation.
@@ -103,6 +106,13 @@ impl StageContext {
             debug_assert_eq!(stored.hash, hash);
         }
         Ok(hash)
+    }
+
+    /// Fetches a blob from the server (its hash checked).
+    pub fn download(&self, hash: &BlobHash) -> Result<Bytes, StageError> {
+        self.rt
+            .block_on(self.client.get_blob(hash))
+            .map_err(transient)
     }
 
     pub fn record_artefact(&self, name: &str, blob: BlobHash) -> Result<(), StageError> {

@@ -22,6 +22,29 @@ pub struct ServerConfig {
     pub max_blob_bytes: u64,
     pub tokens: Vec<TokenConfig>,
     pub workers: Option<usize>,
+    pub modules: ModulesConfig,
+}
+
+/// The Wasm module registry and host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModulesConfig {
+    /// Largest module accepted for upload.
+    pub max_module_bytes: u64,
+    /// Compilation (in a child process) is stopped after this long.
+    pub compile_timeout_ms: u64,
+    /// Compiled modules; defaults to `<data_dir>/module-cache`.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for ModulesConfig {
+    fn default() -> Self {
+        Self {
+            max_module_bytes: 64 << 20,
+            compile_timeout_ms: 120_000,
+            cache_dir: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -54,6 +77,7 @@ impl Default for ServerConfig {
             max_blob_bytes: 1 << 30,
             tokens: Vec::new(),
             workers: None,
+            modules: ModulesConfig::default(),
         }
     }
 }

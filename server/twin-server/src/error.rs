@@ -47,6 +47,9 @@ pub enum ApiError {
         "the event log could not make the change durable, so nothing was recorded; retry later"
     )]
     StorageUnavailable,
+    /// An uploaded module was refused (not a component, invalid, too slow to compile, …).
+    #[error("{0}")]
+    Module(twin_plugins::PluginError),
     #[error("internal error")]
     Internal,
 }
@@ -74,6 +77,7 @@ impl ApiError {
             ApiError::Rejected(Rejection::StaleEpoch { .. }) => "stale_epoch",
             ApiError::Rejected(Rejection::NotYetEligible { .. }) => "not_yet_eligible",
             ApiError::Rejected(Rejection::InvalidState { .. }) => "invalid_state",
+            ApiError::Rejected(Rejection::WrongOutput { .. }) => "wrong_output",
             ApiError::ExperimentExists(_) => "experiment_exists",
             ApiError::IdempotencyKeyReused(_) => "idempotency_key_reused",
             ApiError::NotLeaseHolder { .. } => "not_lease_holder",
@@ -81,6 +85,8 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::BlobHashMismatch { .. } => "blob_hash_mismatch",
             ApiError::StorageUnavailable => "storage_unavailable",
+            ApiError::Module(e) if e.is_module_fault() => e.code(),
+            ApiError::Module(_) => "internal",
             ApiError::Internal => "internal",
         }
     }
@@ -93,6 +99,7 @@ impl ApiError {
         ("invalid_body", 400),
         ("invalid_query", 400),
         ("invalid_id", 400),
+        ("wrong_output", 400),
         ("blob_hash_mismatch", 400),
         ("unauthenticated", 401),
         ("bad_token", 401),
@@ -107,6 +114,22 @@ impl ApiError {
         ("not_lease_holder", 409),
         ("conflict", 409),
         ("payload_too_large", 413),
+        ("module_too_large", 413),
+        ("not_wasm", 422),
+        ("invalid_module", 422),
+        ("compile_timeout", 422),
+        ("world_mismatch", 422),
+        ("unknown_import", 422),
+        ("wrong_module_kind", 422),
+        ("out_of_fuel", 422),
+        ("deadline_exceeded", 422),
+        ("memory_limit", 422),
+        ("stack_overflow", 422),
+        ("guest_trap", 422),
+        ("guest_error", 422),
+        ("bad_params", 422),
+        ("bad_output", 422),
+        ("capability_not_granted", 422),
         ("internal", 500),
         ("storage_unavailable", 503),
     ];

@@ -39,8 +39,23 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::new());
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let svc = Service::open(&config.data_dir, config.lease_ttl(), metrics)
-        .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
+    let cache = config
+        .modules
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("module-cache"));
+    let plugins = plugin_host(
+        cache,
+        config.modules.max_module_bytes,
+        Duration::from_millis(config.modules.compile_timeout_ms),
+    )?;
+    let svc = Service::open(
+        &config.data_dir,
+        config.lease_ttl(),
+        metrics,
+        plugins.clone(),
+    )
+    .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
     let mut auth = Auth::new(&config.tokens)?;
     let mut listen = config.listen;
     if auth.is_open() && !listen.ip().is_loopback() {
@@ -110,7 +125,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
             labels: config.executor.labels.clone(),
             poll_wait: Duration::from_secs(20),
         };
-        let exec = twin_executor::Executor::new(cfg, twin_executor::default_stages())?;
+        let exec = twin_executor::Executor::new(cfg, twin_executor::default_stages(plugins))?;
         Some(tokio::spawn(exec.run(stop_rx)))
     } else {
         None
@@ -143,9 +158,35 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The Wasm host of a server or executor. Modules are compiled by this same binary run as
+/// `twin-server compile-module`, a child process killed at `compile_timeout`.
+pub fn plugin_host(
+    cache_dir: std::path::PathBuf,
+    max_module_bytes: u64,
+    compile_timeout: Duration,
+) -> anyhow::Result<Arc<twin_plugins::Host>> {
+    let program = std::env::current_exe().context("locating this binary for the compiler child")?;
+    let host = twin_plugins::Host::new(twin_plugins::HostConfig {
+        cache_dir: Some(cache_dir),
+        max_module_bytes,
+        compiler: twin_plugins::Compiler::Subprocess {
+            program,
+            args: vec!["compile-module".into()],
+            timeout: compile_timeout,
+        },
+        ..twin_plugins::HostConfig::default()
+    })
+    .map_err(|e| anyhow::anyhow!("starting the Wasm host: {e}"))?;
+    Ok(Arc::new(host))
+}
+
 /// Runs a standalone executor until SIGINT/SIGTERM.
-pub async fn run_executor(config: twin_executor::ExecutorConfig) -> anyhow::Result<()> {
-    let exec = twin_executor::Executor::new(config, twin_executor::default_stages())?;
+pub async fn run_executor(
+    config: twin_executor::ExecutorConfig,
+    module_cache: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    let plugins = plugin_host(module_cache, 64 << 20, Duration::from_secs(120))?;
+    let exec = twin_executor::Executor::new(config, twin_executor::default_stages(plugins))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(exec.run(stop_rx));
     shutdown_signal().await?;

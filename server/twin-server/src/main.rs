@@ -60,11 +60,24 @@ enum Command {
         /// Labels jobs may require (repeatable).
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// Where compiled Wasm modules are cached.
+        #[arg(long, env = "TWIN_MODULE_CACHE")]
+        module_cache: Option<PathBuf>,
+    },
+    /// Internal: compiles one Wasm module for a parent server or executor (INPUT OUTPUT FLAGS…).
+    #[command(hide = true)]
+    CompileModule {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::CompileModule { args } = &cli.command {
+        // No runtime, no logging: the child only compiles and exits.
+        return ExitCode::from(twin_plugins::compile_main(args).clamp(0, 255) as u8);
+    }
     telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -109,18 +122,25 @@ fn main() -> ExitCode {
                 name,
                 gpus,
                 labels,
+                module_cache,
             } => {
                 let name = name.unwrap_or_else(|| format!("executor-{}", std::process::id()));
-                twin_server::run_executor(twin_executor::ExecutorConfig {
-                    server,
-                    token,
-                    name,
-                    gpus,
-                    labels,
-                    poll_wait: Duration::from_secs(20),
-                })
+                let cache =
+                    module_cache.unwrap_or_else(|| std::env::temp_dir().join("twin-module-cache"));
+                twin_server::run_executor(
+                    twin_executor::ExecutorConfig {
+                        server,
+                        token,
+                        name,
+                        gpus,
+                        labels,
+                        poll_wait: Duration::from_secs(20),
+                    },
+                    cache,
+                )
                 .await
             }
+            Command::CompileModule { .. } => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

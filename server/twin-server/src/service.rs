@@ -18,9 +18,13 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 use twin_core::api::{Capabilities, CreateExperiment, EventsPage, LeaseGrant, LeaseRequest};
-use twin_core::event::{ExperimentCreated, JobOutput};
+use twin_core::event::{ExperimentCreated, JobOutput, ModuleAliasSet, ModuleRegistered};
 use twin_core::job::{self, JobCommand, JobState};
-use twin_core::{Event, ExperimentId, JobId, JobSubmission, Millis, Projections, StreamName};
+use twin_core::projection::ModuleInfo;
+use twin_core::spec::JobSpec;
+use twin_core::{
+    BlobHash, Event, ExperimentId, JobId, JobSubmission, Millis, Projections, StreamName,
+};
 use twin_log::{
     AppendRequest, Appended, BlobStore, Expected, Idempotency, Log, LogConfig, StoredRecord,
 };
@@ -60,6 +64,8 @@ pub struct Service {
     work: Arc<Notify>,
     pub metrics: Arc<Metrics>,
     pub lease_ttl: Duration,
+    /// Compiles and describes uploaded modules (compilation runs in a child process).
+    pub plugins: Arc<twin_plugins::Host>,
 }
 
 fn decode(r: &StoredRecord, into: &mut Projections) {
@@ -78,6 +84,7 @@ impl Service {
         data_dir: &std::path::Path,
         lease_ttl: Duration,
         metrics: Arc<Metrics>,
+        plugins: Arc<twin_plugins::Host>,
     ) -> anyhow::Result<Arc<Self>> {
         let blobs = BlobStore::open(twin_log::blob_dir(data_dir))?;
         let state = Arc::new(RwLock::new(Projections::default()));
@@ -130,6 +137,7 @@ impl Service {
             work,
             metrics,
             lease_ttl,
+            plugins,
         };
         // The watch was created before the replay; bring it up to date.
         seq_tx.send_replace(seq);
@@ -231,7 +239,7 @@ impl Service {
         body: serde_json::Value,
         idempotency_key: Option<String>,
     ) -> Result<(JobState, bool), ApiError> {
-        let submission = JobSubmission::from_json(body)?;
+        let mut submission = JobSubmission::from_json(body)?;
         if let Some(exp) = &submission.experiment {
             let known = self.read(|p| p.experiments.contains_key(exp));
             if !known {
@@ -246,6 +254,9 @@ impl Service {
             digest: Sha256::digest(serde_json::to_vec(&submission).expect("submissions serialise"))
                 .into(),
         });
+        // Resolved after the idempotency digest, so a retry after an alias switch is still the
+        // same request (and gets the job the first attempt created).
+        self.resolve_modules(&mut submission)?;
         let id: JobId = mint_id().parse().expect("ULIDs are valid ids");
         let stream = StreamName::Job(id.clone()).to_string();
         let appended = self
@@ -280,6 +291,179 @@ impl Service {
         };
         self.work.notify_waiters();
         Ok((self.job(&id)?, replayed))
+    }
+
+    /// Pins every module a submission names to the hash its name points at now, and checks what
+    /// the job will need: the input blobs, reward modules, granted capabilities.
+    fn resolve_modules(&self, submission: &mut JobSubmission) -> Result<(), ApiError> {
+        let JobSpec::Score(spec) = &mut submission.spec else {
+            return Ok(());
+        };
+        let invalid = |field: &str, message: String| {
+            ApiError::InvalidSpec(twin_core::SpecError::Invalid {
+                field: field.into(),
+                message,
+            })
+        };
+        if !self.blobs.contains(&spec.rollouts) {
+            return Err(invalid(
+                "spec.rollouts",
+                format!(
+                    "no blob {}; upload the rollouts first (PUT /v1/blobs/{{hash}})",
+                    spec.rollouts
+                ),
+            ));
+        }
+        let grants = spec.grants.clone();
+        let single = spec.reward.module.is_some();
+        for (i, (reference, slot)) in spec.reward.references_mut().into_iter().enumerate() {
+            let field = if single {
+                "spec.reward.module".to_owned()
+            } else {
+                format!("spec.reward.weighted_sum[{i}].module")
+            };
+            let info = self
+                .read(|p| p.resolve_module(reference).cloned())
+                .ok_or_else(|| invalid(&field, format!("no module `{reference}` is registered")))?;
+            if info.module.kind != "reward" {
+                return Err(invalid(
+                    &field,
+                    format!(
+                        "`{reference}` is a {} module, not a reward",
+                        info.module.kind
+                    ),
+                ));
+            }
+            for cap in &info.module.capabilities {
+                let short = twin_plugins::capability::short_name(cap);
+                if short != "lookup" || grants.lookup.is_none() {
+                    return Err(invalid(
+                        "spec.grants",
+                        format!(
+                            "`{reference}` needs the `{short}` capability; grant it in spec.grants"
+                        ),
+                    ));
+                }
+            }
+            *slot = Some(info.module.hash);
+        }
+        Ok(())
+    }
+
+    /// Compiles, describes and registers a module (unless its bytes are registered already), then
+    /// points `alias` at it. Nothing is stored or logged unless the module loads.
+    pub async fn add_module(
+        &self,
+        actor: &str,
+        bytes: bytes::Bytes,
+        alias: Option<String>,
+    ) -> Result<(ModuleInfo, bool), ApiError> {
+        if let Some(a) = &alias {
+            check_module_name(a)?;
+        }
+        let hash = BlobHash::of(&bytes);
+        let created = !self.read(|p| p.modules.contains_key(&hash));
+        if created {
+            let plugins = self.plugins.clone();
+            let blobs = self.blobs.clone();
+            let started = Instant::now();
+            let module = tokio::task::spawn_blocking(move || {
+                let module = plugins.load(&bytes).map_err(ApiError::Module)?;
+                blobs.put(&bytes)?;
+                Ok::<_, ApiError>(module)
+            })
+            .await
+            .map_err(|e| ApiError::internal("module load task", e))??;
+            tracing::info!(hash = %hash, name = %module.descriptor.name, ms = started.elapsed().as_millis() as u64, "module compiled");
+            let event = ModuleRegistered {
+                hash,
+                size: module.size,
+                kind: module.kind().as_str().into(),
+                name: module.descriptor.name.clone(),
+                version: module.descriptor.version.clone(),
+                summary: module.descriptor.summary.clone(),
+                parameters_schema: module.descriptor.parameters_schema.clone(),
+                imports: module.imports.clone(),
+                capabilities: module.capabilities.clone(),
+            };
+            let stream = StreamName::Module(hash.to_hex());
+            match self
+                .append(
+                    actor,
+                    vec![(stream.clone(), Event::ModuleRegistered(event))],
+                    vec![(stream.to_string(), Expected::NoStream)],
+                    None,
+                )
+                .await
+            {
+                // Another upload of the same bytes won the race: same module, same record.
+                Ok(_) | Err(ApiError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let info = match alias {
+            Some(a) => self.set_module_alias(actor, &a, &hash.to_hex()).await?,
+            None => self.module(&hash.to_hex())?,
+        };
+        Ok((info, created))
+    }
+
+    pub fn module(&self, reference: &str) -> Result<ModuleInfo, ApiError> {
+        self.read(|p| p.resolve_module(reference).cloned())
+            .ok_or_else(|| ApiError::NotFound {
+                what: "module",
+                id: reference.chars().take(80).collect(),
+            })
+    }
+
+    /// Points registry name `alias` at a registered module; one event, so atomic for readers.
+    pub async fn set_module_alias(
+        &self,
+        actor: &str,
+        alias: &str,
+        hash: &str,
+    ) -> Result<ModuleInfo, ApiError> {
+        check_module_name(alias)?;
+        let hash: BlobHash = hash.parse().map_err(|_| ApiError::InvalidId {
+            what: "module hash",
+            value: hash.chars().take(80).collect(),
+        })?;
+        self.module(&hash.to_hex())?;
+        for _ in 0..8 {
+            let (previous, version) = self.read(|p| {
+                (
+                    p.aliases.get(alias).copied(),
+                    p.alias_versions.get(alias).copied(),
+                )
+            });
+            if previous == Some(hash) {
+                return self.module(&hash.to_hex());
+            }
+            let stream = StreamName::Module(alias.to_owned());
+            let expected = match version {
+                Some(v) => Expected::Version(v),
+                None => Expected::NoStream,
+            };
+            let event = Event::ModuleAliasSet(ModuleAliasSet {
+                alias: alias.to_owned(),
+                hash,
+                previous,
+            });
+            match self
+                .append(
+                    actor,
+                    vec![(stream.clone(), event)],
+                    vec![(stream.to_string(), expected)],
+                    None,
+                )
+                .await
+            {
+                Ok(_) => return self.module(&hash.to_hex()),
+                Err(ApiError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ApiError::Conflict(format!("module/{alias}")))
     }
 
     pub async fn cancel(
@@ -639,6 +823,17 @@ impl Service {
             events,
             next,
             last_seq: self.log.last_seq(),
+        })
+    }
+}
+
+fn check_module_name(name: &str) -> Result<(), ApiError> {
+    if twin_core::score::valid_module_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidId {
+            what: "module name (1 to 64 of a-z, 0-9, `-`, `_`, not a hash)",
+            value: name.chars().take(80).collect(),
         })
     }
 }

@@ -30,6 +30,7 @@ fn harness(tokens: &[(&str, &str, &[&str])]) -> Harness {
         dir.path(),
         Duration::from_secs(30),
         Arc::new(Metrics::new()),
+        Arc::new(twin_plugins::Host::new(twin_plugins::HostConfig::default()).unwrap()),
     )
     .unwrap();
     let configs: Vec<TokenConfig> = tokens

@@ -9,6 +9,7 @@ mod events;
 mod executors;
 mod experiments;
 mod jobs;
+mod modules;
 mod system;
 
 use std::sync::Arc;
@@ -114,7 +115,8 @@ fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
             .configure(experiments::configure)
             .configure(events::configure)
             .configure(executors::configure)
-            .configure(blobs::configure),
+            .configure(blobs::configure)
+            .configure(modules::configure),
     );
 }
 

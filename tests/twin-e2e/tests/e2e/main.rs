@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod disk;
 mod leases;
+mod modules;
 
 use std::path::Path;
 

@@ -1,0 +1,401 @@
+//! `twin modules …` (the registry, and `run`: scoring offline with no server) and `twin score`.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Subcommand};
+use twin_client::Client;
+use twin_core::projection::ModuleInfo;
+use twin_plugins::{
+    CandidatePair, Compiler, Grants, Host, HostConfig, Limits, Module, ModuleKind, PluginError,
+    Rollout,
+};
+
+use crate::Failure;
+
+#[derive(Subcommand)]
+pub enum ModulesCommand {
+    /// Upload a Wasm component; the server compiles and describes it, then registers it.
+    Add {
+        file: PathBuf,
+        /// Point this registry name at it.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List registered modules.
+    Ls,
+    /// Show one module (by name or hash), with its parameter schema.
+    Describe { reference: String },
+    /// Point registry name NAME at module HASH (later jobs naming NAME use it).
+    Use { name: String, hash: String },
+    /// Run a module over a JSONL file offline, without a server: one JSON result per line.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The component (.wasm).
+    pub module: PathBuf,
+    /// JSONL input: rollouts for a reward, candidate pairs for a filter.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// The module's parameters, a JSON object.
+    #[arg(long, default_value = "{}")]
+    pub params: String,
+    /// Grant the `lookup` capability with this JSON object of strings as its table.
+    #[arg(long)]
+    pub grant_lookup: Option<PathBuf>,
+    /// Lines per module call.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Fuel per call (default: the host's).
+    #[arg(long)]
+    pub fuel: Option<u64>,
+    /// Print capability calls to stderr.
+    #[arg(long)]
+    pub show_calls: bool,
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// JSONL rollouts: `completion`, `ground_truth`, optional `prompt`, `question_type`, `metadata`.
+    #[arg(long)]
+    pub rollouts: PathBuf,
+    /// A reward module (name or hash).
+    #[arg(long, conflicts_with = "term", required_unless_present = "term")]
+    pub module: Option<String>,
+    /// Parameters of --module, a JSON object.
+    #[arg(long, default_value = "{}", requires = "module")]
+    pub params: String,
+    /// A weighted-sum term NAME=MODULE:WEIGHT (repeat for each term).
+    #[arg(long)]
+    pub term: Vec<String>,
+    /// Grant the `lookup` capability with this JSON object of strings.
+    #[arg(long)]
+    pub grant_lookup: Option<PathBuf>,
+    #[arg(long)]
+    pub experiment: Option<String>,
+    /// Wait for the job and print its result.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+fn lookup_table(path: &Option<PathBuf>) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(path) = path else { return Ok(None) };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let table: std::collections::BTreeMap<String, String> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: a JSON object of strings", path.display()))?;
+    Ok(Some(serde_json::to_value(table)?))
+}
+
+fn print_module(m: &ModuleInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(m)?);
+    } else {
+        let r = &m.module;
+        println!(
+            "{} {} {} ({}, {} bytes)",
+            r.hash, r.name, r.version, r.kind, r.size
+        );
+        println!("  {}", r.summary);
+        if !m.aliases.is_empty() {
+            println!("  names: {}", m.aliases.join(", "));
+        }
+        if !r.capabilities.is_empty() {
+            println!("  needs capabilities: {}", r.capabilities.join(", "));
+        }
+        println!("  parameters: {}", r.parameters_schema);
+    }
+    Ok(())
+}
+
+pub async fn online(client: &Client, command: ModulesCommand, json: bool) -> Result<(), Failure> {
+    match command {
+        ModulesCommand::Add { file, name } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let m = client.add_module(bytes.into(), name.as_deref()).await?;
+            print_module(&m, json)?;
+        }
+        ModulesCommand::Ls => {
+            let modules = client.modules().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&modules)?);
+            } else {
+                println!(
+                    "{:<64}  {:<6}  {:<20}  {:<8}  names",
+                    "hash", "kind", "name", "version"
+                );
+                for m in modules {
+                    let r = &m.module;
+                    println!(
+                        "{:<64}  {:<6}  {:<20}  {:<8}  {}",
+                        r.hash.to_hex(),
+                        r.kind,
+                        r.name,
+                        r.version,
+                        m.aliases.join(",")
+                    );
+                }
+            }
+        }
+        ModulesCommand::Describe { reference } => {
+            print_module(&client.module(&reference).await?, json)?
+        }
+        ModulesCommand::Use { name, hash } => {
+            let m = client.set_module_alias(&name, &hash).await?;
+            if json {
+                print_module(&m, true)?;
+            } else {
+                println!("{name} → {}", m.module.hash);
+            }
+        }
+        ModulesCommand::Run(_) => unreachable!("`modules run` is offline"),
+    }
+    Ok(())
+}
+
+fn parse_term(term: &str) -> anyhow::Result<serde_json::Value> {
+    let (name, rest) = term
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--term {term:?}: expected NAME=MODULE:WEIGHT"))?;
+    let (module, weight) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("--term {term:?}: expected NAME=MODULE:WEIGHT"))?;
+    let weight: f64 = weight
+        .parse()
+        .map_err(|_| anyhow!("--term {term:?}: the weight must be a number"))?;
+    Ok(serde_json::json!({"name": name, "module": module, "weight": weight}))
+}
+
+/// `twin score`: uploads the rollouts and submits a `score` job.
+pub async fn score(client: &Client, args: ScoreArgs) -> Result<serde_json::Value, Failure> {
+    let bytes = std::fs::read(&args.rollouts)
+        .with_context(|| format!("reading {}", args.rollouts.display()))?;
+    // Checked here so a typo is reported with its line before anything is uploaded.
+    let n = twin_executor_free_parse(&bytes)?;
+    let stored = client.put_blob(bytes.into()).await?;
+    let reward = match &args.module {
+        Some(m) => {
+            let params: serde_json::Value =
+                serde_json::from_str(&args.params).context("--params must be a JSON object")?;
+            serde_json::json!({"module": m, "params": params})
+        }
+        None => serde_json::json!({
+            "weighted_sum": args.term.iter().map(|t| parse_term(t)).collect::<anyhow::Result<Vec<_>>>()?
+        }),
+    };
+    let mut spec = serde_json::json!({
+        "kind": "score",
+        "rollouts": stored.hash.to_hex(),
+        "reward": reward,
+    });
+    if let Some(table) = lookup_table(&args.grant_lookup)? {
+        spec["grants"] = serde_json::json!({ "lookup": table });
+    }
+    let mut submission = serde_json::json!({ "spec": spec });
+    if let Some(e) = args.experiment {
+        submission["experiment"] = e.into();
+    }
+    eprintln!("uploaded {n} rollouts as blob {}", stored.hash);
+    Ok(submission)
+}
+
+/// Counts rollouts, failing on the first bad line.
+fn twin_executor_free_parse(bytes: &[u8]) -> anyhow::Result<usize> {
+    let text = std::str::from_utf8(bytes).context("the rollouts file is not UTF-8")?;
+    let mut n = 0;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        serde_json::from_str::<Rollout>(line)
+            .with_context(|| format!("rollouts line {}", i + 1))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(anyhow!("the rollouts file has no rollouts"));
+    }
+    Ok(n)
+}
+
+/// Where `twin modules run` keeps compiled modules between runs.
+fn cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .map(|c| c.join("twin").join("module-cache"))
+}
+
+enum Line {
+    Bad(String),
+    Reward(Rollout),
+    Pair(CandidatePair),
+}
+
+/// `twin modules run`: exit 0 when every line was scored, 1 when some line failed.
+pub fn run(args: &RunArgs) -> Result<(), Failure> {
+    let host = Host::new(HostConfig {
+        cache_dir: cache_dir(),
+        compiler: Compiler::InProcess,
+        ..HostConfig::default()
+    })
+    .map_err(|e| anyhow!("{e}"))?;
+    let bytes = std::fs::read(&args.module)
+        .with_context(|| format!("reading {}", args.module.display()))?;
+    let module = host
+        .load(&bytes)
+        .map_err(|e| anyhow!("{}: {e} [{}]", args.module.display(), e.code()))?;
+    let grants = Grants {
+        lookup: lookup_table(&args.grant_lookup)?
+            .map(serde_json::from_value)
+            .transpose()?,
+    };
+    let limits = Limits {
+        fuel: args.fuel.unwrap_or(host.config().limits.fuel),
+        ..host.config().limits
+    };
+    let input = std::fs::File::open(&args.input)
+        .with_context(|| format!("reading {}", args.input.display()))?;
+    let mut lines = Vec::new();
+    for (i, line) in std::io::BufReader::new(input).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", args.input.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = match module.kind() {
+            ModuleKind::Reward => serde_json::from_str(&line).map(Line::Reward),
+            ModuleKind::Filter => serde_json::from_str(&line).map(Line::Pair),
+        };
+        lines.push(parsed.unwrap_or_else(|e| Line::Bad(format!("line {}: {e}", i + 1))));
+    }
+    let ctx = Ctx {
+        host: &host,
+        module: &module,
+        params: &args.params,
+        grants: &grants,
+        limits: &limits,
+        show_calls: args.show_calls,
+    };
+    let mut out = std::io::stdout().lock();
+    let mut failed = 0usize;
+    for chunk in lines.chunks(args.batch_size.max(1)) {
+        for result in ctx.batch(chunk) {
+            if result.get("error").is_some() {
+                failed += 1;
+            }
+            writeln!(out, "{result}")?;
+        }
+    }
+    out.flush()?;
+    if failed > 0 {
+        return Err(Failure {
+            code: 1,
+            error: anyhow!("{failed} of {} lines failed", lines.len()),
+        });
+    }
+    Ok(())
+}
+
+struct Ctx<'a> {
+    host: &'a Host,
+    module: &'a Module,
+    params: &'a str,
+    grants: &'a Grants,
+    limits: &'a Limits,
+    show_calls: bool,
+}
+
+impl Ctx<'_> {
+    /// Results for a chunk of lines, in order. A failed call is retried line by line so the
+    /// error lands on the line that caused it.
+    fn batch(&self, chunk: &[Line]) -> Vec<serde_json::Value> {
+        let good: Vec<&Line> = chunk
+            .iter()
+            .filter(|l| !matches!(l, Line::Bad(_)))
+            .collect();
+        let results = match self.call(&good) {
+            Ok(r) => r,
+            Err(_) if good.len() > 1 => good
+                .iter()
+                .map(|l| match self.call(&[*l]) {
+                    Ok(mut r) => r.pop().unwrap_or(serde_json::Value::Null),
+                    Err(e) => error_json(&e),
+                })
+                .collect(),
+            Err(e) => vec![error_json(&e); good.len()],
+        };
+        let mut results = results.into_iter();
+        chunk
+            .iter()
+            .map(|l| match l {
+                Line::Bad(message) => serde_json::json!({ "error": message }),
+                _ => results.next().unwrap_or(serde_json::Value::Null),
+            })
+            .collect()
+    }
+
+    fn call(&self, lines: &[&Line]) -> Result<Vec<serde_json::Value>, PluginError> {
+        if lines.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (values, calls) = match self.module.kind() {
+            ModuleKind::Reward => {
+                let batch: Vec<Rollout> = lines
+                    .iter()
+                    .filter_map(|l| match l {
+                        Line::Reward(r) => Some(r.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let out = self.host.score(
+                    self.module,
+                    self.params,
+                    self.grants,
+                    Some(self.limits),
+                    &batch,
+                )?;
+                let values = out
+                    .values
+                    .iter()
+                    .map(|s| serde_json::json!({ "score": s.score, "components": s.components }))
+                    .collect();
+                (values, out.calls)
+            }
+            ModuleKind::Filter => {
+                let batch: Vec<CandidatePair> = lines
+                    .iter()
+                    .filter_map(|l| match l {
+                        Line::Pair(p) => Some(p.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let out = self.host.judge(
+                    self.module,
+                    self.params,
+                    self.grants,
+                    Some(self.limits),
+                    &batch,
+                )?;
+                let values = out
+                    .values
+                    .iter()
+                    .map(|v| serde_json::json!({ "keep": v.keep, "reason": v.reason }))
+                    .collect();
+                (values, out.calls)
+            }
+        };
+        if self.show_calls {
+            for c in calls {
+                eprintln!("{}", serde_json::to_string(&c).unwrap_or_default());
+            }
+        }
+        Ok(values)
+    }
+}
+
+fn error_json(e: &PluginError) -> serde_json::Value {
+    serde_json::json!({ "error": format!("{e} [{}]", e.code()) })
+}

@@ -1,0 +1,227 @@
+//! The `score` stage: re-scores a JSONL blob of rollouts with reward modules run by twin-plugins.
+//!
+//! Each term of the reward (one module, or a weighted sum) is loaded by the hash the server
+//! resolved at submission, checked against that hash, and run over the rollouts in batches. A
+//! module failure fails the job with the module's typed error: a reward that cannot score must
+//! never be mistaken for a reward of zero. Results go to a blob, one line per rollout; the job's
+//! output carries the means, the module hashes and the capability-call log.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use twin_core::event::JobOutput;
+use twin_core::job::JobState;
+use twin_core::score::{ScoreOutput, ScoreSpec, TermSummary};
+use twin_core::spec::JobSpec;
+use twin_core::{BlobHash, JobKind};
+use twin_plugins::{Host, Limits, PluginError, RewardScore, Rollout};
+
+use crate::{Stage, StageContext, StageError};
+
+/// Runs `score` jobs with a shared plugin host.
+pub struct ScoreStage {
+    host: Arc<Host>,
+}
+
+impl ScoreStage {
+    pub fn new(host: Arc<Host>) -> Self {
+        Self { host }
+    }
+}
+
+/// Parses a JSONL rollouts file; errors name the line.
+pub fn parse_rollouts(bytes: &[u8]) -> Result<Vec<Rollout>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("rollouts are not UTF-8: {e}"))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| format!("rollouts line {}: {e}", i + 1))
+        })
+        .collect()
+}
+
+fn module_error(term: &str, module: &str, e: PluginError) -> StageError {
+    let what = if term.is_empty() {
+        format!("reward module {module}")
+    } else {
+        format!("reward term {term:?} (module {module})")
+    };
+    let message = format!("{what} failed [{}]: {e}", e.code());
+    // The host's own trouble (pool exhausted, I/O) may pass; a module's fault will not.
+    if matches!(e, PluginError::Host(_)) {
+        StageError::transient(message)
+    } else {
+        StageError::permanent(message)
+    }
+}
+
+impl Stage for ScoreStage {
+    fn kind(&self) -> JobKind {
+        JobKind::Score
+    }
+
+    fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError> {
+        let JobSpec::Score(spec) = &job.submission.spec else {
+            return Err(StageError::permanent(
+                "the score stage got another kind of job",
+            ));
+        };
+        let rollouts =
+            parse_rollouts(&ctx.download(&spec.rollouts)?).map_err(StageError::permanent)?;
+        if rollouts.is_empty() {
+            return Err(StageError::permanent("the rollouts file has no rollouts"));
+        }
+        score(&self.host, spec, &rollouts, ctx)
+    }
+}
+
+fn limits(spec: &ScoreSpec, defaults: Limits) -> Limits {
+    let l = &spec.limits;
+    Limits {
+        fuel: l.fuel.unwrap_or(defaults.fuel),
+        deadline: l
+            .deadline_ms
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(defaults.deadline),
+        memory_bytes: l
+            .memory_mb
+            .map(|m| m << 20)
+            .unwrap_or(defaults.memory_bytes),
+        table_elements: defaults.table_elements,
+    }
+}
+
+fn score(
+    host: &Host,
+    spec: &ScoreSpec,
+    rollouts: &[Rollout],
+    ctx: &StageContext,
+) -> Result<JobOutput, StageError> {
+    let grants = twin_plugins::Grants {
+        lookup: spec.grants.lookup.clone(),
+    };
+    let limits = limits(spec, host.config().limits);
+    let terms = spec.reward.terms();
+    let single = spec.reward.module.is_some();
+    let mut totals = vec![0.0f64; rollouts.len()];
+    let mut components: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); rollouts.len()];
+    let mut summaries = Vec::new();
+    let mut calls = Vec::new();
+    let mut fuel_used = 0u64;
+    let batch = spec.batch_size.max(1) as usize;
+    let steps = terms.len() * rollouts.len().div_ceil(batch);
+    let mut step = 0usize;
+    for term in &terms {
+        let hash = term.module_hash.ok_or_else(|| {
+            StageError::permanent(format!("module {} was not resolved to a hash", term.module))
+        })?;
+        let module = match host.get(&hash.to_hex()) {
+            Some(m) => m,
+            None => {
+                let bytes = ctx.download(&hash)?;
+                host.load(&bytes)
+                    .map_err(|e| module_error(&term.name, &term.module, e))?
+            }
+        };
+        let params = term.params.to_string();
+        let name = if single {
+            String::new()
+        } else if term.name.is_empty() {
+            term.module.clone()
+        } else {
+            term.name.clone()
+        };
+        let mut sum = 0.0;
+        for (chunk_index, chunk) in rollouts.chunks(batch).enumerate() {
+            if ctx.is_cancelled() {
+                return Err(StageError::permanent("cancelled"));
+            }
+            let out = host
+                .score(&module, &params, &grants, Some(&limits), chunk)
+                .map_err(|e| module_error(&name, &term.module, e))?;
+            fuel_used = fuel_used.saturating_add(out.fuel_used);
+            calls.extend(out.calls);
+            for (
+                j,
+                RewardScore {
+                    score,
+                    components: parts,
+                },
+            ) in out.values.into_iter().enumerate()
+            {
+                let i = chunk_index * batch + j;
+                sum += score;
+                totals[i] += term.weight * score;
+                if !name.is_empty() {
+                    components[i].insert(name.clone(), score);
+                }
+                for (part, value) in parts {
+                    let key = if name.is_empty() {
+                        part
+                    } else {
+                        format!("{name}.{part}")
+                    };
+                    components[i].insert(key, value);
+                }
+            }
+            step += 1;
+            ctx.progress(
+                &format!(
+                    "scored {} of {} rollouts with {}",
+                    (chunk_index * batch + chunk.len()),
+                    rollouts.len(),
+                    term.module
+                ),
+                Some(step as f64 / steps as f64),
+                BTreeMap::new(),
+            );
+        }
+        summaries.push(TermSummary {
+            name,
+            module: term.module.clone(),
+            module_hash: hash,
+            module_version: module.descriptor.version.clone(),
+            weight: term.weight,
+            mean: sum / rollouts.len() as f64,
+        });
+    }
+    let n = rollouts.len() as f64;
+    let mut results = Vec::with_capacity(rollouts.len() * 48);
+    let mut component_sums: BTreeMap<String, f64> = BTreeMap::new();
+    for (i, (total, parts)) in totals.iter().zip(&components).enumerate() {
+        for (k, v) in parts {
+            *component_sums.entry(k.clone()).or_default() += v;
+        }
+        let line = serde_json::json!({ "index": i, "score": total, "components": parts });
+        results.extend_from_slice(line.to_string().as_bytes());
+        results.push(b'\n');
+    }
+    let results = ctx.upload(results)?;
+    ctx.record_artefact("scores", results)?;
+    let capability_log = if calls.is_empty() {
+        None
+    } else {
+        let mut log = Vec::new();
+        for c in &calls {
+            log.extend_from_slice(serde_json::to_string(c).unwrap_or_default().as_bytes());
+            log.push(b'\n');
+        }
+        let hash: BlobHash = ctx.upload(log)?;
+        ctx.record_artefact("capability-calls", hash)?;
+        Some(hash)
+    };
+    Ok(JobOutput::Score(ScoreOutput {
+        rollouts: rollouts.len() as u64,
+        mean: totals.iter().sum::<f64>() / n,
+        component_means: component_sums
+            .into_iter()
+            .map(|(k, v)| (k, v / n))
+            .collect(),
+        terms: summaries,
+        results,
+        capability_calls: calls.len() as u64,
+        capability_log,
+        fuel_used,
+    }))
+}
