@@ -98,6 +98,7 @@ fn main() -> ExitCode {
         } => replay::lineage(&dir, &target, cli.conn.json),
         Command::SampleData(args) => sample::run(&args),
         Command::Modules(modules::ModulesCommand::Run(args)) => modules::run(&args),
+        Command::Modules(modules::ModulesCommand::Inspect { module }) => modules::inspect(&module),
         online_command => match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

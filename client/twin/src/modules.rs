@@ -31,6 +31,8 @@ pub enum ModulesCommand {
     Use { name: String, hash: String },
     /// Run a module over a JSONL file offline, without a server: one JSON result per line.
     Run(RunArgs),
+    /// Load a module offline and print what it declares: descriptor, imports, capabilities.
+    Inspect { module: PathBuf },
 }
 
 #[derive(Args)]
@@ -152,7 +154,9 @@ pub async fn online(client: &Client, command: ModulesCommand, json: bool) -> Res
                 println!("{name} → {}", m.module.hash);
             }
         }
-        ModulesCommand::Run(_) => unreachable!("`modules run` is offline"),
+        ModulesCommand::Run(_) | ModulesCommand::Inspect { .. } => {
+            unreachable!("`modules run` and `modules inspect` are offline")
+        }
     }
     Ok(())
 }
@@ -235,19 +239,40 @@ enum Line {
     Pair(CandidatePair),
 }
 
-/// `twin modules run`: exit 0 when every line was scored, 1 when some line failed.
-pub fn run(args: &RunArgs) -> Result<(), Failure> {
-    let host = Host::new(HostConfig {
+fn offline_host() -> anyhow::Result<Host> {
+    Host::new(HostConfig {
         cache_dir: cache_dir(),
         compiler: Compiler::InProcess,
         ..HostConfig::default()
     })
-    .map_err(|e| anyhow!("{e}"))?;
-    let bytes = std::fs::read(&args.module)
-        .with_context(|| format!("reading {}", args.module.display()))?;
-    let module = host
-        .load(&bytes)
-        .map_err(|e| anyhow!("{}: {e} [{}]", args.module.display(), e.code()))?;
+    .map_err(|e| anyhow!("{e}"))
+}
+
+fn load(host: &Host, path: &Path) -> anyhow::Result<std::sync::Arc<Module>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    host.load(&bytes)
+        .map_err(|e| anyhow!("{}: {e} [{}]", path.display(), e.code()))
+}
+
+/// `twin modules inspect`: always JSON, for scripts (CI checks templates import nothing).
+pub fn inspect(path: &Path) -> Result<(), Failure> {
+    let host = offline_host()?;
+    let m = load(&host, path)?;
+    let out = serde_json::json!({
+        "hash": m.hash,
+        "size": m.size,
+        "descriptor": m.descriptor,
+        "imports": m.imports,
+        "capabilities": m.capabilities,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// `twin modules run`: exit 0 when every line was scored, 1 when some line failed.
+pub fn run(args: &RunArgs) -> Result<(), Failure> {
+    let host = offline_host()?;
+    let module = load(&host, &args.module)?;
     let grants = Grants {
         lookup: lookup_table(&args.grant_lookup)?
             .map(serde_json::from_value)
@@ -282,8 +307,8 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     let mut failed = 0usize;
     for chunk in lines.chunks(args.batch_size.max(1)) {
-        for result in ctx.batch(chunk) {
-            if result.get("error").is_some() {
+        for (ok, result) in ctx.batch(chunk) {
+            if !ok {
                 failed += 1;
             }
             writeln!(out, "{result}")?;
@@ -311,33 +336,33 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     /// Results for a chunk of lines, in order. A failed call is retried line by line so the
     /// error lands on the line that caused it.
-    fn batch(&self, chunk: &[Line]) -> Vec<serde_json::Value> {
+    fn batch(&self, chunk: &[Line]) -> Vec<(bool, String)> {
         let good: Vec<&Line> = chunk
             .iter()
             .filter(|l| !matches!(l, Line::Bad(_)))
             .collect();
-        let results = match self.call(&good) {
-            Ok(r) => r,
+        let results: Vec<(bool, String)> = match self.call(&good) {
+            Ok(r) => r.into_iter().map(|l| (true, l)).collect(),
             Err(_) if good.len() > 1 => good
                 .iter()
                 .map(|l| match self.call(&[*l]) {
-                    Ok(mut r) => r.pop().unwrap_or(serde_json::Value::Null),
-                    Err(e) => error_json(&e),
+                    Ok(mut r) => (true, r.pop().unwrap_or_default()),
+                    Err(e) => (false, error_json(&e)),
                 })
                 .collect(),
-            Err(e) => vec![error_json(&e); good.len()],
+            Err(e) => vec![(false, error_json(&e)); good.len()],
         };
         let mut results = results.into_iter();
         chunk
             .iter()
             .map(|l| match l {
-                Line::Bad(message) => serde_json::json!({ "error": message }),
-                _ => results.next().unwrap_or(serde_json::Value::Null),
+                Line::Bad(message) => (false, error_line(message)),
+                _ => results.next().unwrap_or_default(),
             })
             .collect()
     }
 
-    fn call(&self, lines: &[&Line]) -> Result<Vec<serde_json::Value>, PluginError> {
+    fn call(&self, lines: &[&Line]) -> Result<Vec<String>, PluginError> {
         if lines.is_empty() {
             return Ok(Vec::new());
         }
@@ -360,7 +385,12 @@ impl Ctx<'_> {
                 let values = out
                     .values
                     .iter()
-                    .map(|s| serde_json::json!({ "score": s.score, "components": s.components }))
+                    .map(|s| {
+                        line(&RewardLine {
+                            score: s.score,
+                            components: &s.components,
+                        })
+                    })
                     .collect();
                 (values, out.calls)
             }
@@ -382,7 +412,12 @@ impl Ctx<'_> {
                 let values = out
                     .values
                     .iter()
-                    .map(|v| serde_json::json!({ "keep": v.keep, "reason": v.reason }))
+                    .map(|v| {
+                        line(&FilterLine {
+                            keep: v.keep,
+                            reason: v.reason.as_deref(),
+                        })
+                    })
                     .collect();
                 (values, out.calls)
             }
@@ -396,6 +431,32 @@ impl Ctx<'_> {
     }
 }
 
-fn error_json(e: &PluginError) -> serde_json::Value {
-    serde_json::json!({ "error": format!("{e} [{}]", e.code()) })
+/// Output lines keep the documented field order (`score` first), which `json!` would sort.
+#[derive(serde::Serialize)]
+struct RewardLine<'a> {
+    score: f64,
+    components: &'a std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(serde::Serialize)]
+struct FilterLine<'a> {
+    keep: bool,
+    reason: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct ErrorLine<'a> {
+    error: &'a str,
+}
+
+fn line<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn error_line(message: &str) -> String {
+    line(&ErrorLine { error: message })
+}
+
+fn error_json(e: &PluginError) -> String {
+    error_line(&format!("{e} [{}]", e.code()))
 }
