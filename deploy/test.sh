@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The end-to-end tests start the real binaries, so build them first.
+# The end-to-end tests start the real binaries, and the plugin tests load the Wasm components:
+# build both first.
 cargo build --workspace --bins --locked
+./deploy/build-modules.sh
 cargo test --workspace --locked
+# The SDKs in three languages against the shared vectors (builds the Python and JS templates).
+./deploy/conformance.sh

@@ -737,6 +737,38 @@ impl Host {
         Ok(self.outcome(&mut store, &limits, values))
     }
 
+    /// Judges `batch` failing closed: when the filter cannot judge (a trap, an error, bad
+    /// output), every candidate is dropped with the error as its reason, and the error is
+    /// returned alongside for the job's log. A broken filter never lets a candidate through.
+    pub fn judge_or_drop(
+        &self,
+        module: &Module,
+        params: &str,
+        grants: &Grants,
+        limits: Option<&Limits>,
+        batch: &[CandidatePair],
+    ) -> (Outcome<Verdict>, Option<PluginError>) {
+        match self.judge(module, params, grants, limits, batch) {
+            Ok(out) => (out, None),
+            Err(e) => {
+                let reason = format!("filter failed [{}]: {e}", e.code());
+                let values = batch
+                    .iter()
+                    .map(|_| Verdict {
+                        keep: false,
+                        reason: Some(reason.clone()),
+                    })
+                    .collect();
+                let out = Outcome {
+                    values,
+                    calls: Vec::new(),
+                    fuel_used: 0,
+                };
+                (out, Some(e))
+            }
+        }
+    }
+
     fn outcome<T>(
         &self,
         store: &mut Store<CallState>,

@@ -3,6 +3,8 @@
 //! The components are built by `deploy/build-modules.sh` (cargo, target wasm32-wasip2, profile
 //! `guest`) into `target/wasm32-wasip2/guest/`, or wherever `TWIN_MODULES_DIR` points.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -166,6 +168,23 @@ fn filters_judge_and_explain() {
         )
         .unwrap();
     assert!(!out.values[0].keep);
+    // A filter that cannot judge fails closed: everything is dropped, the error is kept.
+    let (out, err) = host.judge_or_drop(
+        &band,
+        r#"{"min": 2, "max": 1}"#,
+        &Grants::default(),
+        None,
+        &[pair(0.9, "mug-2")],
+    );
+    assert!(matches!(err, Some(PluginError::BadParams(_))), "{err:?}");
+    assert!(!out.values[0].keep);
+    assert!(
+        out.values[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("bad_params")
+    );
     // A reward is not a filter.
     let err = host
         .score(&distinct, "{}", &Grants::default(), None, &[])
