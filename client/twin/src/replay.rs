@@ -117,6 +117,8 @@ pub fn run(args: &ReplayArgs, json: bool) -> Result<(), Failure> {
             "jobs": state.jobs,
             "experiments": state.experiments,
             "datasets": state.datasets,
+            "modules": state.modules.values().collect::<Vec<_>>(),
+            "aliases": state.aliases,
             "anomalies": state.anomalies,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -170,6 +172,22 @@ pub fn run(args: &ReplayArgs, json: bool) -> Result<(), Failure> {
         println!(
             "dataset {} ({}): {} images, {} instances, {} categories, manifest {} (from job {})",
             d.name, d.id, d.images, d.instances, d.categories, d.manifest, d.job
+        );
+    }
+    for m in state.modules.values() {
+        let r = &m.module;
+        println!(
+            "module {} {} {} ({}), registered by {}{}",
+            r.hash,
+            r.name,
+            r.version,
+            r.kind,
+            m.registered_by,
+            if m.aliases.is_empty() {
+                String::new()
+            } else {
+                format!(", named {}", m.aliases.join(", "))
+            }
         );
     }
     for a in &state.anomalies {

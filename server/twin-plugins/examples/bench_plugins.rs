@@ -134,6 +134,13 @@ fn main() {
         .expect("binary-match");
     let rows = rollouts(2400);
     let grants = Grants::default();
+    if std::env::var_os("TWIN_BENCH_PROFILE_CALLS").is_some() {
+        // For `perf record`: nothing but empty calls, so the profile shows the per-call path.
+        for _ in 0..100_000 {
+            host.score(&bm, "{}", &grants, None, &[]).expect("score");
+        }
+        return;
+    }
     let py = cpython(&rows);
 
     println!("binary-match, per rollout (median of {REPEATS}), ~700-char completions");

@@ -167,6 +167,10 @@ pub(crate) fn engine(settings: &EngineSettings) -> wasmtime::Result<Engine> {
         .max_memory_size(settings.max_memory_bytes as usize)
         .max_component_instance_size(4 << 20)
         .max_core_instance_size(4 << 20);
+    // Page faults are about a third of a small call's cost (the slot's pages are given back
+    // after each call). `linear_memory_keep_resident` trades them for a memset of the kept
+    // region on every call; with a Rust guest's 1 MiB stack below its heap that made calls
+    // slower (53 µs vs 30 µs, BENCHMARKS.md), so it stays off.
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&config)
 }
