@@ -28,6 +28,9 @@ use crate::{PluginError, Verdict, module_hash};
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// What a guest may write to stderr per call (kept for panic messages in errors).
 const STDERR_CAPACITY: usize = 16 * 1024;
+/// Budget of the `describe` call made when a module is loaded.
+const DESCRIBE_FUEL: u64 = 2_000_000_000;
+const DESCRIBE_DEADLINE: Duration = Duration::from_secs(10);
 /// Modules kept loaded; beyond this the least recently loaded is dropped (the disk cache remains).
 const MAX_LOADED: usize = 64;
 
@@ -565,7 +568,13 @@ impl Host {
     }
 
     fn describe(&self, module: &Module, grants: &Grants) -> Result<Descriptor, PluginError> {
-        let limits = self.config.limits;
+        // `describe` runs on upload, in the server: a module that stalls there holds a request,
+        // so it gets a tighter budget than a scoring call.
+        let limits = Limits {
+            fuel: self.config.limits.fuel.min(DESCRIBE_FUEL),
+            deadline: self.config.limits.deadline.min(DESCRIBE_DEADLINE),
+            ..self.config.limits
+        };
         let (mut store, stderr) = self.store(&limits, Arc::new(grants.clone()))?;
         let result = match &module.exports {
             Exports::Reward(pre) => pre
