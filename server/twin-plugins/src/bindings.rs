@@ -8,11 +8,13 @@ pub mod reward {
     });
 }
 
-/// A module exporting the `filter` world.
+/// A module exporting the `filter` world. Shared records come from the reward bindings, so one
+/// set of conversions serves both.
 pub mod filter {
     wasmtime::component::bindgen!({
         path: "../../wasm-sdk/wit",
         world: "filter",
+        with: { "twin:plugin/types": crate::bindings::reward::twin::plugin::types },
     });
 }
 
@@ -21,5 +23,6 @@ pub mod lookup {
     wasmtime::component::bindgen!({
         path: "../../wasm-sdk/wit",
         world: "reward-with-lookup",
+        with: { "twin:plugin/types": crate::bindings::reward::twin::plugin::types },
     });
 }

@@ -580,11 +580,11 @@ impl Host {
             Exports::Reward(pre) => pre
                 .instantiate(&mut store)
                 .and_then(|r| r.twin_plugin_module().call_describe(&mut store))
-                .map(|d| from_reward_descriptor(&d)),
+                .map(|d| from_wit_descriptor(&d)),
             Exports::Filter(pre) => pre
                 .instantiate(&mut store)
                 .and_then(|f| f.twin_plugin_module().call_describe(&mut store))
-                .map(|d| from_filter_descriptor(&d)),
+                .map(|d| from_wit_descriptor(&d)),
         };
         result.map_err(|e| classify(&mut store, &limits, &stderr, e))
     }
@@ -896,22 +896,8 @@ fn to_wit_pair(p: &CandidatePair) -> filter::twin::plugin::types::CandidatePair 
     }
 }
 
-fn from_reward_descriptor(d: &reward::twin::plugin::types::Descriptor) -> Descriptor {
+fn from_wit_descriptor(d: &reward::twin::plugin::types::Descriptor) -> Descriptor {
     use reward::twin::plugin::types::ModuleKind as K;
-    Descriptor {
-        name: d.name.clone(),
-        version: d.version.clone(),
-        kind: match d.kind {
-            K::Reward => ModuleKind::Reward,
-            K::Filter => ModuleKind::Filter,
-        },
-        summary: d.summary.clone(),
-        parameters_schema: d.parameters_schema.clone(),
-    }
-}
-
-fn from_filter_descriptor(d: &filter::twin::plugin::types::Descriptor) -> Descriptor {
-    use filter::twin::plugin::types::ModuleKind as K;
     Descriptor {
         name: d.name.clone(),
         version: d.version.clone(),
