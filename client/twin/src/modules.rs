@@ -179,7 +179,9 @@ pub async fn score(client: &Client, args: ScoreArgs) -> Result<serde_json::Value
     let bytes = std::fs::read(&args.rollouts)
         .with_context(|| format!("reading {}", args.rollouts.display()))?;
     // Checked here so a typo is reported with its line before anything is uploaded.
-    let n = twin_executor_free_parse(&bytes)?;
+    let n = twin_plugins::parse_rollouts(&bytes)
+        .map_err(|e| anyhow!(e))?
+        .len();
     let stored = client.put_blob(bytes.into()).await?;
     let reward = match &args.module {
         Some(m) => {
@@ -205,24 +207,6 @@ pub async fn score(client: &Client, args: ScoreArgs) -> Result<serde_json::Value
     }
     eprintln!("uploaded {n} rollouts as blob {}", stored.hash);
     Ok(submission)
-}
-
-/// Counts rollouts, failing on the first bad line.
-fn twin_executor_free_parse(bytes: &[u8]) -> anyhow::Result<usize> {
-    let text = std::str::from_utf8(bytes).context("the rollouts file is not UTF-8")?;
-    let mut n = 0;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        serde_json::from_str::<Rollout>(line)
-            .with_context(|| format!("rollouts line {}", i + 1))?;
-        n += 1;
-    }
-    if n == 0 {
-        return Err(anyhow!("the rollouts file has no rollouts"));
-    }
-    Ok(n)
 }
 
 /// Where `twin modules run` keeps compiled modules between runs.

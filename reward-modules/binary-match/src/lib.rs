@@ -50,11 +50,7 @@ mod tests {
     #[test]
     fn scores_the_last_tag() {
         let mut m = BinaryMatch::configure("{}").unwrap();
-        let s = |c: &str, t: &str| {
-            BinaryMatch::score(&mut BinaryMatch, &rollout(c, t))
-                .unwrap()
-                .score
-        };
+        let mut s = |c: &str, t: &str| m.score(&rollout(c, t)).unwrap().score;
         assert_eq!(s("Same logo. <answer>Yes.</answer>", "yes"), 1.0);
         assert_eq!(
             s("<answer>no</answer> wait <answer>yes</answer>", "yes"),
@@ -66,7 +62,6 @@ mod tests {
         );
         assert_eq!(s("yes", "yes"), 0.0);
         assert_eq!(s("<answer> ... </answer>", "..."), 0.0);
-        let _ = m.score(&rollout("", "")).unwrap();
     }
 
     #[test]

@@ -125,6 +125,16 @@ pub struct Grants {
     pub lookup: Option<BTreeMap<String, String>>,
 }
 
+impl Grants {
+    /// Whether the capability with this short name (e.g. `lookup`) is granted.
+    pub fn grants(&self, capability: &str) -> bool {
+        match capability {
+            "lookup" => self.lookup.is_some(),
+            _ => false,
+        }
+    }
+}
+
 /// Registry names: the job-id alphabet, and never 64 hex digits (which would read as a hash).
 pub fn valid_module_name(name: &str) -> bool {
     (1..=64).contains(&name.len())

@@ -9,4 +9,4 @@ mod score;
 
 pub use ingest::IngestStage;
 pub use runtime::{Executor, ExecutorConfig, Stage, StageContext, StageError, default_stages};
-pub use score::{ScoreStage, parse_rollouts};
+pub use score::ScoreStage;

@@ -29,18 +29,6 @@ impl ScoreStage {
     }
 }
 
-/// Parses a JSONL rollouts file; errors name the line.
-pub fn parse_rollouts(bytes: &[u8]) -> Result<Vec<Rollout>, String> {
-    let text = std::str::from_utf8(bytes).map_err(|e| format!("rollouts are not UTF-8: {e}"))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, line)| {
-            serde_json::from_str(line).map_err(|e| format!("rollouts line {}: {e}", i + 1))
-        })
-        .collect()
-}
-
 fn module_error(term: &str, module: &str, e: PluginError) -> StageError {
     let what = if term.is_empty() {
         format!("reward module {module}")
@@ -67,11 +55,8 @@ impl Stage for ScoreStage {
                 "the score stage got another kind of job",
             ));
         };
-        let rollouts =
-            parse_rollouts(&ctx.download(&spec.rollouts)?).map_err(StageError::permanent)?;
-        if rollouts.is_empty() {
-            return Err(StageError::permanent("the rollouts file has no rollouts"));
-        }
+        let rollouts = twin_plugins::parse_rollouts(&ctx.download(&spec.rollouts)?)
+            .map_err(StageError::permanent)?;
         score(&self.host, spec, &rollouts, ctx)
     }
 }
@@ -98,9 +83,7 @@ fn score(
     rollouts: &[Rollout],
     ctx: &StageContext,
 ) -> Result<JobOutput, StageError> {
-    let grants = twin_plugins::Grants {
-        lookup: spec.grants.lookup.clone(),
-    };
+    let grants = &spec.grants;
     let limits = limits(spec, host.config().limits);
     let terms = spec.reward.terms();
     let single = spec.reward.module.is_some();
@@ -138,7 +121,7 @@ fn score(
                 return Err(StageError::permanent("cancelled"));
             }
             let out = host
-                .score(&module, &params, &grants, Some(&limits), chunk)
+                .score(&module, &params, grants, Some(&limits), chunk)
                 .map_err(|e| module_error(&name, &term.module, e))?;
             fuel_used = fuel_used.saturating_add(out.fuel_used);
             calls.extend(out.calls);

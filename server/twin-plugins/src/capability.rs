@@ -4,31 +4,13 @@
 //! the job's [`Grants`] name that capability, and records every call (input and output) so an
 //! audit sees exactly what outside information a score depended on.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 /// The interface name of the `lookup` capability.
 pub const LOOKUP: &str = "twin:plugin/lookup@0.1.0";
 
-/// Capabilities a job grants, with their configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Grants {
-    /// A read-only string table served by `twin:plugin/lookup.get`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lookup: Option<BTreeMap<String, String>>,
-}
-
-impl Grants {
-    /// Whether the capability behind interface `name` is granted.
-    pub fn grants(&self, name: &str) -> bool {
-        match name {
-            LOOKUP => self.lookup.is_some(),
-            _ => false,
-        }
-    }
-}
+/// Capabilities a job grants: the job spec's own type, so nothing converts between the two.
+pub use twin_core::score::Grants;
 
 /// Short capability name for an interface name ("twin:plugin/lookup@0.1.0" → "lookup").
 pub fn short_name(interface: &str) -> &str {

@@ -471,7 +471,6 @@ impl Host {
                 }
             }
         }
-        compile::check_header(bytes)?;
         let artefact = compile::compile(&self.config.compiler, &self.settings, bytes)?;
         let component = self.deserialize(&artefact)?;
         if let Some(path) = &cached {
@@ -532,27 +531,8 @@ impl Host {
                 }
             },
         };
-        let mut module = Module {
-            hash,
-            descriptor: Descriptor {
-                name: String::new(),
-                version: String::new(),
-                kind: ModuleKind::Reward,
-                summary: String::new(),
-                parameters_schema: String::new(),
-            },
-            imports,
-            capabilities,
-            size,
-            exports,
-        };
-        // `describe` runs like any call, with all capabilities granted: describing must not
-        // depend on them, and a module that calls one here gets empty answers.
-        let grants = Grants {
-            lookup: Some(Default::default()),
-        };
-        let descriptor = self.describe(&module, &grants)?;
-        let world = match module.exports {
+        let descriptor = self.describe(&exports)?;
+        let world = match exports {
             Exports::Reward(_) => ModuleKind::Reward,
             Exports::Filter(_) => ModuleKind::Filter,
         };
@@ -568,11 +548,17 @@ impl Host {
         if descriptor.name.trim().is_empty() {
             return Err(PluginError::BadOutput("describe: empty name".into()));
         }
-        module.descriptor = descriptor;
-        Ok(module)
+        Ok(Module {
+            hash,
+            descriptor,
+            imports,
+            capabilities,
+            size,
+            exports,
+        })
     }
 
-    fn describe(&self, module: &Module, grants: &Grants) -> Result<Descriptor, PluginError> {
+    fn describe(&self, exports: &Exports) -> Result<Descriptor, PluginError> {
         // `describe` runs on upload, in the server: a module that stalls there holds a request,
         // so it gets a tighter budget than a scoring call.
         let limits = Limits {
@@ -580,8 +566,13 @@ impl Host {
             deadline: self.config.limits.deadline.min(DESCRIBE_DEADLINE),
             ..self.config.limits
         };
-        let (mut store, stderr) = self.store(&limits, Arc::new(grants.clone()))?;
-        let result = match &module.exports {
+        // All capabilities granted: describing must not depend on them, and a module that calls
+        // one here gets empty answers.
+        let grants = Grants {
+            lookup: Some(Default::default()),
+        };
+        let (mut store, stderr) = self.store(&limits, Arc::new(grants))?;
+        let result = match exports {
             Exports::Reward(pre) => pre
                 .instantiate(&mut store)
                 .and_then(|r| r.twin_plugin_module().call_describe(&mut store))
@@ -638,13 +629,49 @@ impl Host {
 
     fn check_grants(&self, module: &Module, grants: &Grants) -> Result<(), PluginError> {
         for cap in &module.capabilities {
-            if !grants.grants(cap) {
+            if !grants.grants(capability::short_name(cap)) {
                 return Err(PluginError::NotGranted {
                     capability: capability::short_name(cap).into(),
                 });
             }
         }
         Ok(())
+    }
+
+    /// Runs one call in a fresh sandbox. `body` instantiates, configures and calls the module;
+    /// traps are classified and the output's length is checked against the batch's.
+    fn call<T>(
+        &self,
+        module: &Module,
+        grants: &Grants,
+        limits: Option<&Limits>,
+        batch_len: usize,
+        what: &str,
+        body: impl FnOnce(&mut Store<CallState>) -> wasmtime::Result<Result<Vec<T>, PluginError>>,
+    ) -> Result<Outcome<T>, PluginError> {
+        self.check_grants(module, grants)?;
+        let limits = limits.copied().unwrap_or(self.config.limits);
+        let (mut store, stderr) = self.store(&limits, Arc::new(grants.clone()))?;
+        let values = match body(&mut store) {
+            Ok(result) => result?,
+            Err(e) => return Err(classify(&mut store, &limits, &stderr, e)),
+        };
+        if values.len() != batch_len {
+            return Err(PluginError::BadOutput(format!(
+                "{} {what} for a batch of {batch_len}",
+                values.len()
+            )));
+        }
+        let fuel_used = if self.config.consume_fuel {
+            limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0))
+        } else {
+            0
+        };
+        Ok(Outcome {
+            values,
+            calls: std::mem::take(&mut store.data_mut().calls),
+            fuel_used,
+        })
     }
 
     /// Scores `batch` with a reward module configured with `params` (a JSON object).
@@ -662,42 +689,29 @@ impl Host {
                 actual: module.kind().as_str().into(),
             });
         };
-        self.check_grants(module, grants)?;
-        let limits = limits.copied().unwrap_or(self.config.limits);
-        let (mut store, stderr) = self.store(&limits, Arc::new(grants.clone()))?;
-        let input: Vec<reward::twin::plugin::types::Rollout> =
-            batch.iter().map(to_wit_rollout).collect();
-        let run = (|| {
-            let instance = pre.instantiate(&mut store)?;
-            let configured = instance
+        let input: Vec<_> = batch.iter().map(to_wit_rollout).collect();
+        let out = self.call(module, grants, limits, batch.len(), "scores", |store| {
+            let instance = pre.instantiate(&mut *store)?;
+            if let Err(message) = instance
                 .twin_plugin_module()
-                .call_configure(&mut store, params)?;
-            if let Err(message) = configured {
+                .call_configure(&mut *store, params)?
+            {
                 return Ok(Err(PluginError::BadParams(message)));
             }
-            let scored = instance
-                .twin_plugin_scorer()
-                .call_score(&mut store, &input)?;
+            let scored = instance.twin_plugin_scorer().call_score(store, &input)?;
             Ok(scored.map_err(PluginError::GuestError))
-        })();
-        let scores = match run {
-            Ok(Ok(scores)) => scores,
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(classify(&mut store, &limits, &stderr, e)),
-        };
-        if scores.len() != batch.len() {
-            return Err(PluginError::BadOutput(format!(
-                "{} scores for a batch of {}",
-                scores.len(),
-                batch.len()
-            )));
-        }
-        let values = scores
+        })?;
+        let values = out
+            .values
             .into_iter()
             .enumerate()
             .map(|(i, s)| check_score(i, s))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.outcome(&mut store, &limits, values))
+        Ok(Outcome {
+            values,
+            calls: out.calls,
+            fuel_used: out.fuel_used,
+        })
     }
 
     /// Judges `batch` with a filter module configured with `params` (a JSON object).
@@ -715,44 +729,31 @@ impl Host {
                 actual: module.kind().as_str().into(),
             });
         };
-        self.check_grants(module, grants)?;
-        let limits = limits.copied().unwrap_or(self.config.limits);
-        let (mut store, stderr) = self.store(&limits, Arc::new(grants.clone()))?;
-        let input: Vec<filter::twin::plugin::types::CandidatePair> =
-            batch.iter().map(to_wit_pair).collect();
-        let run = (|| {
-            let instance = pre.instantiate(&mut store)?;
-            let configured = instance
+        let input: Vec<_> = batch.iter().map(to_wit_pair).collect();
+        let out = self.call(module, grants, limits, batch.len(), "verdicts", |store| {
+            let instance = pre.instantiate(&mut *store)?;
+            if let Err(message) = instance
                 .twin_plugin_module()
-                .call_configure(&mut store, params)?;
-            if let Err(message) = configured {
+                .call_configure(&mut *store, params)?
+            {
                 return Ok(Err(PluginError::BadParams(message)));
             }
-            let judged = instance
-                .twin_plugin_judge()
-                .call_judge(&mut store, &input)?;
+            let judged = instance.twin_plugin_judge().call_judge(store, &input)?;
             Ok(judged.map_err(PluginError::GuestError))
-        })();
-        let verdicts = match run {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(classify(&mut store, &limits, &stderr, e)),
-        };
-        if verdicts.len() != batch.len() {
-            return Err(PluginError::BadOutput(format!(
-                "{} verdicts for a batch of {}",
-                verdicts.len(),
-                batch.len()
-            )));
-        }
-        let values = verdicts
+        })?;
+        let values = out
+            .values
             .into_iter()
             .map(|v| Verdict {
                 keep: v.keep,
                 reason: v.reason,
             })
             .collect();
-        Ok(self.outcome(&mut store, &limits, values))
+        Ok(Outcome {
+            values,
+            calls: out.calls,
+            fuel_used: out.fuel_used,
+        })
     }
 
     /// Judges `batch` failing closed: when the filter cannot judge (a trap, an error, bad
@@ -784,24 +785,6 @@ impl Host {
                 };
                 (out, Some(e))
             }
-        }
-    }
-
-    fn outcome<T>(
-        &self,
-        store: &mut Store<CallState>,
-        limits: &Limits,
-        values: Vec<T>,
-    ) -> Outcome<T> {
-        let fuel_used = if self.config.consume_fuel {
-            limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0))
-        } else {
-            0
-        };
-        Outcome {
-            values,
-            calls: std::mem::take(&mut store.data_mut().calls),
-            fuel_used,
         }
     }
 }

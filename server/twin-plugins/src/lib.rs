@@ -19,6 +19,7 @@ pub use error::PluginError;
 pub use host::{Host, HostConfig, Limits, Module, Outcome};
 pub use types::{
     CandidatePair, Descriptor, ModuleKind, QuestionType, RewardScore, Rollout, Verdict,
+    parse_rollouts,
 };
 
 /// The WIT package every module must target.

@@ -99,6 +99,24 @@ pub struct Verdict {
     pub reason: Option<String>,
 }
 
+/// Parses a JSONL file of rollouts (blank lines skipped); the error names the first bad line.
+/// An empty file is an error: there is nothing to score.
+pub fn parse_rollouts(bytes: &[u8]) -> Result<Vec<Rollout>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("rollouts are not UTF-8: {e}"))?;
+    let rollouts = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| format!("rollouts line {}: {e}", i + 1))
+        })
+        .collect::<Result<Vec<Rollout>, String>>()?;
+    if rollouts.is_empty() {
+        return Err("the rollouts file has no rollouts".into());
+    }
+    Ok(rollouts)
+}
+
 fn empty_object() -> String {
     "{}".to_owned()
 }

@@ -336,7 +336,7 @@ impl Service {
             }
             for cap in &info.module.capabilities {
                 let short = twin_plugins::capability::short_name(cap);
-                if short != "lookup" || grants.lookup.is_none() {
+                if !grants.grants(short) {
                     return Err(invalid(
                         "spec.grants",
                         format!(

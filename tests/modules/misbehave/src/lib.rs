@@ -64,12 +64,10 @@ impl Reward for Misbehave {
                 Ok(_) => 1.0,
                 Err(_) => 0.0,
             })),
+            // RandomState seeds itself from WASI's random source.
             "random" => {
-                let mut h = std::collections::hash_map::RandomState::new();
                 use std::hash::BuildHasher;
-                let v = h.hash_one(1u8);
-                h = std::collections::hash_map::RandomState::new();
-                let _ = h;
+                let v = std::collections::hash_map::RandomState::new().hash_one(1u8);
                 Ok(Score::new((v % 1_000_000) as f64))
             }
             other => Err(format!("unknown mode {other:?}")),
