@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::dataset::DatasetBuilt;
 use crate::ids::{BlobHash, DatasetId, ExperimentId, JobId, Millis};
+use crate::mine::CandidateReviewed;
 use crate::spec::JobSubmission;
 
 /// A schema: how a set of events is encoded into and decoded from the log.
@@ -156,6 +158,8 @@ events! {
     DatasetRegistered(DatasetRegistered) = "dataset_registered" v 1;
     ModuleRegistered(ModuleRegistered) = "module_registered" v 1;
     ModuleAliasSet(ModuleAliasSet) = "module_alias_set" v 1;
+    CandidateReviewed(CandidateReviewed) = "candidate_reviewed" v 1;
+    DatasetBuilt(DatasetBuilt) = "dataset_built" v 1;
 }
 
 /// Upcasters of the production schema. Empty while every type is at version 1; the schema test
@@ -286,6 +290,16 @@ pub struct ModuleAliasSet {
 pub enum JobResult {
     Ingest(IngestResult),
     Score(crate::score::ScoreOutput),
+    Mine(crate::mine::MineOutput),
+    BuildDataset(BuildDatasetResult),
+}
+
+/// A build-dataset result: the output plus the dataset id the server minted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BuildDatasetResult {
+    pub dataset: DatasetId,
+    #[serde(flatten)]
+    pub output: crate::dataset::BuildDatasetOutput,
 }
 
 impl JobResult {
@@ -294,6 +308,10 @@ impl JobResult {
         match self {
             JobResult::Ingest(r) => vec![r.output.manifest],
             JobResult::Score(s) => std::iter::once(s.results).chain(s.capability_log).collect(),
+            JobResult::Mine(m) => vec![m.embeddings, m.candidates],
+            JobResult::BuildDataset(b) => std::iter::once(b.output.manifest)
+                .chain(b.output.exports.values().copied())
+                .collect(),
         }
     }
 }
@@ -349,6 +367,8 @@ pub struct ManifestEntry {
 pub enum JobOutput {
     Ingest(IngestOutput),
     Score(crate::score::ScoreOutput),
+    Mine(crate::mine::MineOutput),
+    BuildDataset(crate::dataset::BuildDatasetOutput),
 }
 
 impl JobOutput {
@@ -356,6 +376,8 @@ impl JobOutput {
         match self {
             JobOutput::Ingest(_) => crate::spec::JobKind::Ingest,
             JobOutput::Score(_) => crate::spec::JobKind::Score,
+            JobOutput::Mine(_) => crate::spec::JobKind::Mine,
+            JobOutput::BuildDataset(_) => crate::spec::JobKind::BuildDataset,
         }
     }
 }
@@ -368,6 +390,9 @@ impl Event {
             Event::JobSucceeded(JobSucceeded { result, .. }) => result.blobs(),
             Event::DatasetRegistered(d) => vec![d.manifest],
             Event::ModuleRegistered(m) => vec![m.hash],
+            Event::DatasetBuilt(d) => std::iter::once(d.output.manifest)
+                .chain(d.output.exports.values().copied())
+                .collect(),
             _ => Vec::new(),
         }
     }

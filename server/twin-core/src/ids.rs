@@ -157,6 +157,8 @@ pub enum StreamName {
     Module(String),
     /// A training run (arrives with the training stage).
     Run(String),
+    /// Reviews of a mine job's candidates (`review/<job>`).
+    Review(JobId),
 }
 
 impl fmt::Display for StreamName {
@@ -167,6 +169,7 @@ impl fmt::Display for StreamName {
             StreamName::Dataset(id) => write!(f, "dataset/{id}"),
             StreamName::Module(h) => write!(f, "module/{h}"),
             StreamName::Run(id) => write!(f, "run/{id}"),
+            StreamName::Review(id) => write!(f, "review/{id}"),
         }
     }
 }
@@ -184,6 +187,7 @@ impl FromStr for StreamName {
                 StreamName::Module(id.to_owned())
             }
             "run" if valid_id(id) => StreamName::Run(id.to_owned()),
+            "review" => StreamName::Review(id.parse().map_err(|_| bad())?),
             _ => return Err(bad()),
         })
     }

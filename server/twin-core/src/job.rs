@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::dataset::DatasetBuilt;
 use crate::event::{
+    BuildDatasetResult,
     DatasetRegistered, Event, IngestResult, JobArtefactRecorded, JobAttemptFailed,
     JobCancelRequested, JobCancelled, JobLeaseExpired, JobLeased, JobOutput, JobProgress,
     JobResult, JobStarted, JobSubmitted, JobSucceeded,
@@ -303,6 +305,15 @@ impl JobState {
                 bytes,
             } => {
                 self.check_epoch(&cmd, epoch)?;
+                // A stage that resumes after a lost lease records its finished phases again;
+                // the same artefact is recorded once.
+                if self
+                    .artefacts
+                    .iter()
+                    .any(|a| a.name == *name && a.blob == blob)
+                {
+                    return Ok(Vec::new());
+                }
                 one(Event::JobArtefactRecorded(JobArtefactRecorded {
                     epoch,
                     name: name.clone(),
@@ -347,6 +358,32 @@ impl JobState {
                             result: JobResult::Score(out.clone()),
                         }))
                     }
+                    (JobSpec::Mine(_), JobOutput::Mine(out)) => one(Event::JobSucceeded(JobSucceeded {
+                        epoch,
+                        result: JobResult::Mine(out.clone()),
+                    })),
+                    (JobSpec::BuildDataset(spec), JobOutput::BuildDataset(out)) => Ok(vec![
+                        (
+                            self.stream(),
+                            Event::JobSucceeded(JobSucceeded {
+                                epoch,
+                                result: JobResult::BuildDataset(BuildDatasetResult {
+                                    dataset: dataset.clone(),
+                                    output: out.clone(),
+                                }),
+                            }),
+                        ),
+                        (
+                            StreamName::Dataset(dataset.clone()),
+                            Event::DatasetBuilt(DatasetBuilt {
+                                id: dataset.clone(),
+                                hash: out.manifest,
+                                name: spec.name.clone(),
+                                job: self.id.clone(),
+                                output: out.clone(),
+                            }),
+                        ),
+                    ]),
                     (spec, output) => Err(Rejection::WrongOutput {
                         job: self.id.clone(),
                         kind: spec.kind(),

@@ -5,9 +5,11 @@
 //! deterministic function of its arguments and replaying the log reproduces state exactly.
 
 pub mod api;
+pub mod dataset;
 pub mod event;
 pub mod ids;
 pub mod job;
+pub mod mine;
 pub mod projection;
 pub mod score;
 pub mod spec;

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::event::{Event, ModuleRegistered, RecordedEvent};
 use crate::ids::{BlobHash, DatasetId, ExperimentId, JobId, Millis, StreamName};
+use crate::mine::Verdict;
 use crate::job::{JobState, JobStatus};
 
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -32,6 +33,28 @@ pub struct Dataset {
     pub instances: u64,
     pub categories: u64,
     pub registered_at: Millis,
+}
+
+/// A dataset built by a build-dataset job, identified by its manifest's hash.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct BuiltDataset {
+    pub hash: BlobHash,
+    pub id: DatasetId,
+    pub name: String,
+    pub job: JobId,
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub exports: BTreeMap<String, BlobHash>,
+    pub counts: BTreeMap<String, u64>,
+    pub built_at: Millis,
+}
+
+/// The latest verdict on one candidate pair.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Review {
+    pub verdict: Verdict,
+    pub actor: String,
+    pub at: Millis,
+    pub note: String,
 }
 
 /// Which event first brought a blob into the record.
@@ -66,6 +89,10 @@ pub struct Projections {
     pub aliases: BTreeMap<String, BlobHash>,
     /// Registry name → version of its `module/<name>` stream (for optimistic switches).
     pub alias_versions: BTreeMap<String, u64>,
+    /// Built datasets by manifest hash.
+    pub built: BTreeMap<BlobHash, BuiltDataset>,
+    /// Mine job → candidate pair id → latest review.
+    pub reviews: BTreeMap<JobId, BTreeMap<String, Review>>,
     /// Events whose stream or payload did not fit (kept so a replay can report them).
     pub anomalies: Vec<String>,
 }
@@ -100,6 +127,7 @@ impl Projections {
             let role = match &rec.event {
                 Event::JobArtefactRecorded(a) => format!("artefact:{}", a.name),
                 Event::DatasetRegistered(d) => format!("dataset:{}", d.id),
+                Event::DatasetBuilt(d) => format!("dataset:{}", d.id),
                 Event::ModuleRegistered(m) => format!("module:{}", m.name),
                 _ => "result".to_owned(),
             };
@@ -159,6 +187,32 @@ impl Projections {
                     },
                 );
             }
+            (Event::DatasetBuilt(d), Ok(StreamName::Dataset(_))) => {
+                self.note_blobs(rec, Some(&d.job));
+                self.built.insert(
+                    d.hash,
+                    BuiltDataset {
+                        hash: d.hash,
+                        id: d.id.clone(),
+                        name: d.name.clone(),
+                        job: d.job.clone(),
+                        exports: d.output.exports.clone(),
+                        counts: d.output.counts.clone(),
+                        built_at: rec.ts,
+                    },
+                );
+            }
+            (Event::CandidateReviewed(r), Ok(StreamName::Review(job))) if job == r.job => {
+                self.reviews.entry(job).or_default().insert(
+                    r.pair.clone(),
+                    Review {
+                        verdict: r.verdict,
+                        actor: rec.actor.clone(),
+                        at: rec.ts,
+                        note: r.note.clone(),
+                    },
+                );
+            }
             (Event::ModuleRegistered(m), Ok(StreamName::Module(_))) => {
                 self.note_blobs(rec, None);
                 let aliases = self
@@ -214,7 +268,32 @@ impl Projections {
         }
     }
 
-    /// What produced a blob (by hash) or a job (by id).
+    /// An ingested dataset by id, or by name (the latest registration of that name).
+    pub fn resolve_dataset(&self, reference: &str) -> Option<&Dataset> {
+        if let Some(d) = reference
+            .parse::<DatasetId>()
+            .ok()
+            .and_then(|id| self.datasets.get(&id))
+        {
+            return Some(d);
+        }
+        self.datasets
+            .values()
+            .filter(|d| d.name == reference)
+            .max_by_key(|d| d.registered_at)
+    }
+
+    /// A built dataset by manifest hash, or by name (the latest build of that name).
+    pub fn resolve_built(&self, reference: &str) -> Option<&BuiltDataset> {
+        if let Ok(hash) = reference.parse::<BlobHash>() {
+            return self.built.get(&hash);
+        }
+        self.built
+            .values()
+            .filter(|d| d.name == reference)
+            .max_by_key(|d| d.built_at)
+    }
+
     /// The module a job reference names: a registry name or a registered hash.
     pub fn resolve_module(&self, reference: &str) -> Option<&ModuleInfo> {
         let hash = match reference.parse::<BlobHash>() {

@@ -6,6 +6,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{BlobHash, ExperimentId};
+pub use crate::dataset::BuildDatasetSpec;
+pub use crate::mine::MineSpec;
 pub use crate::score::ScoreSpec;
 
 /// Every kind of job the recipe has. The set is open: a kind is listed here as soon as it is
@@ -59,7 +61,10 @@ impl JobKind {
 
     /// Whether this version has a spec and a stage for the kind.
     pub fn is_built(self) -> bool {
-        matches!(self, JobKind::Ingest | JobKind::Score)
+        matches!(
+            self,
+            JobKind::Ingest | JobKind::Score | JobKind::Mine | JobKind::BuildDataset
+        )
     }
 
     pub fn parse(s: &str) -> Option<JobKind> {
@@ -79,6 +84,8 @@ impl fmt::Display for JobKind {
 pub enum JobSpec {
     Ingest(IngestSpec),
     Score(ScoreSpec),
+    Mine(MineSpec),
+    BuildDataset(BuildDatasetSpec),
 }
 
 impl JobSpec {
@@ -86,6 +93,8 @@ impl JobSpec {
         match self {
             JobSpec::Ingest(_) => JobKind::Ingest,
             JobSpec::Score(_) => JobKind::Score,
+            JobSpec::Mine(_) => JobKind::Mine,
+            JobSpec::BuildDataset(_) => JobKind::BuildDataset,
         }
     }
 
@@ -95,6 +104,17 @@ impl JobSpec {
             JobSpec::Ingest(_) => Vec::new(),
             JobSpec::Score(s) => std::iter::once(s.rollouts)
                 .chain(s.reward.terms().into_iter().filter_map(|t| t.module_hash))
+                .collect(),
+            JobSpec::Mine(m) => m
+                .manifest
+                .into_iter()
+                .chain(m.filters.iter().filter_map(|f| f.module_hash))
+                .collect(),
+            JobSpec::BuildDataset(b) => b
+                .manifest
+                .into_iter()
+                .chain(b.hard_negatives)
+                .chain(b.synthetic.iter().copied())
                 .collect(),
         }
     }
@@ -179,7 +199,9 @@ pub struct JobSubmission {
 pub enum SpecError {
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
-    #[error("spec.kind: job kind `{0}` is not built in this version (built: ingest)")]
+    #[error(
+        "spec.kind: job kind `{0}` is not built in this version (built: ingest, score, mine, build-dataset)"
+    )]
     KindNotBuilt(String),
     #[error(
         "spec.kind: unknown job kind `{0}` (known: ingest, mine, build-dataset, eval, score, synthesize, train)"
@@ -277,6 +299,8 @@ impl JobSubmission {
         match &self.spec {
             JobSpec::Ingest(spec) => spec.validate(),
             JobSpec::Score(spec) => spec.validate(),
+            JobSpec::Mine(spec) => spec.validate(),
+            JobSpec::BuildDataset(spec) => spec.validate(),
         }
     }
 }
@@ -293,6 +317,11 @@ fn field_of(path: &str, message: &str) -> String {
         (p, Some(f)) => format!("{p}.{f}"),
         (p, None) => p.to_owned(),
     }
+}
+
+/// Dataset names: 1 to 64 characters from a-z, 0-9, `-` and `_`.
+pub(crate) fn valid_name(name: &str) -> bool {
+    name.parse::<crate::ids::DatasetId>().is_ok()
 }
 
 impl IngestSpec {

@@ -1,0 +1,93 @@
+//! The `build-dataset` job: TWIN pair and multi questions from instances and hard negatives.
+//!
+//! The spec names an ingested dataset and the mine jobs whose accepted candidates are the hard
+//! negatives. At submission the server pins both: the dataset's manifest, and a snapshot of the
+//! accepted pairs as a blob (`hard_negatives`), so a review arriving later cannot change what a
+//! queued job builds. The building itself (split, sampling, question texts, exports) lives in
+//! `twin-data`; its options travel here as a JSON object that the server validates at submission.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{BlobHash, DatasetId, JobId};
+use crate::spec::SpecError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildDatasetSpec {
+    /// Name of the built dataset (1..=64 of a-z, 0-9, `-`, `_`).
+    pub name: String,
+    /// The ingested dataset whose instances give the positives: name or id.
+    pub dataset: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub dataset_id: Option<DatasetId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub manifest: Option<BlobHash>,
+    /// Succeeded mine jobs on the same dataset; their accepted candidates are the hard negatives.
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub mines: Vec<JobId>,
+    /// Set by the server: JSONL snapshot of the accepted pairs (`{"pair","a","b","by"}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub hard_negatives: Option<BlobHash>,
+    /// Synthetic negatives (JSONL blobs of `{"a","b"}` image hashes) — filled by the synthesis
+    /// stage of a later version; accepted as given.
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub synthetic: Vec<BlobHash>,
+    /// Building options (split, sampling, question counts, exports); see `twin_data::build`.
+    #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
+    pub options: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+impl BuildDatasetSpec {
+    pub(crate) fn validate(&self) -> Result<(), SpecError> {
+        if !crate::spec::valid_name(&self.name) {
+            return Err(SpecError::invalid(
+                "spec.name",
+                "must be 1..=64 characters of a-z, 0-9, `-`, `_`",
+            ));
+        }
+        if self.dataset.is_empty() {
+            return Err(SpecError::invalid("spec.dataset", "must not be empty"));
+        }
+        if !self.options.is_object() {
+            return Err(SpecError::invalid("spec.options", "must be a JSON object"));
+        }
+        Ok(())
+    }
+}
+
+/// What a build-dataset job reports; the server adds the registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BuildDatasetOutput {
+    /// The dataset's manifest blob; its hash is the dataset's identity.
+    #[schema(value_type = String)]
+    pub manifest: BlobHash,
+    /// Exported files by name (`train.jsonl`, `eval.parquet`, …).
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub exports: BTreeMap<String, BlobHash>,
+    /// Row counts (`train.pair.yes`, `eval.multi`, `dropped.cross_split`, …).
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// A dataset was built. Stream `dataset/<id>`; `hash` (the manifest's) identifies it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DatasetBuilt {
+    pub id: DatasetId,
+    #[schema(value_type = String)]
+    pub hash: BlobHash,
+    pub name: String,
+    pub job: JobId,
+    #[serde(flatten)]
+    pub output: BuildDatasetOutput,
+}
