@@ -3,6 +3,8 @@
 # Slow or GPU-only suites are opt-in through environment variables (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# libtorch (PyPI's torch 2.11.0 wheel) and the reference implementations, in ./.venv.
+./deploy/setup-ml.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the real binaries, and the plugin tests load the Wasm components:
@@ -10,5 +12,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
 ./deploy/build-modules.sh
 cargo test --workspace --locked
+# Parity against transformers on fixtures exported afresh (the committed ones ran above).
+fixtures=target/parity-fixtures
+rm -rf "$fixtures"
+.venv/bin/python tests/fixtures/make_parity_fixtures.py "$fixtures"
+TWIN_PARITY_FIXTURES=$fixtures cargo test -p twin-ml --locked --test parity
 # The SDKs in three languages against the shared vectors (builds the Python and JS templates).
 ./deploy/conformance.sh

@@ -12,11 +12,12 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use twin_core::api::{
+    CandidatePage, ReviewBody, ReviewOutcome,
     ArtefactBody, BlobStored, CancelBody, CompleteBody, CreateExperiment, EpochBody, ErrorBody,
     EventsPage, FailBody, Health, HeartbeatResponse, LeaseGrant, LeaseRequest, ProgressBody,
 };
 use twin_core::job::JobState;
-use twin_core::projection::{Dataset, Experiment, Lineage, ModuleInfo};
+use twin_core::projection::{BuiltDataset, Dataset, Experiment, Lineage, ModuleInfo};
 use twin_core::{BlobHash, RecordedEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,19 @@ pub struct JobFilter {
     pub kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub experiment: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+/// Query of [`Client::candidates`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CandidateFilter {
+    /// `pending`, `accepted` or `rejected`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    pub offset: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
 }
@@ -204,6 +218,39 @@ impl Client {
 
     pub async fn datasets(&self) -> Result<Vec<Dataset>, ClientError> {
         self.json(self.request(Method::GET, "/v1/datasets")).await
+    }
+
+    pub async fn built_datasets(&self) -> Result<Vec<BuiltDataset>, ClientError> {
+        self.json(self.request(Method::GET, "/v1/built-datasets"))
+            .await
+    }
+
+    /// A built dataset by manifest hash or name.
+    pub async fn built_dataset(&self, reference: &str) -> Result<BuiltDataset, ClientError> {
+        self.json(self.request(Method::GET, &format!("/v1/built-datasets/{reference}")))
+            .await
+    }
+
+    /// A succeeded mine job's candidates with their review status.
+    pub async fn candidates(
+        &self,
+        job: &str,
+        query: &CandidateFilter,
+    ) -> Result<CandidatePage, ClientError> {
+        self.json(
+            self.request(Method::GET, &format!("/v1/jobs/{job}/candidates"))
+                .query(query),
+        )
+        .await
+    }
+
+    /// Accepts or rejects candidates of a mine job.
+    pub async fn review(&self, job: &str, body: &ReviewBody) -> Result<ReviewOutcome, ClientError> {
+        self.json(
+            self.request(Method::POST, &format!("/v1/jobs/{job}/reviews"))
+                .json(body),
+        )
+        .await
     }
 
     pub async fn lineage(&self, target: &str) -> Result<Lineage, ClientError> {

@@ -3,9 +3,11 @@
 //! Exit codes: 0 success; 1 the thing checked is bad (a failed job, a broken chain); 2 the
 //! command could not run (bad arguments, server unreachable, API error).
 
+mod import;
 mod modules;
 mod online;
 mod replay;
+mod review;
 mod sample;
 
 use std::path::PathBuf;
@@ -55,6 +57,12 @@ enum Command {
     Experiments(online::ExperimentsCommand),
     /// List datasets.
     Datasets,
+    /// Review a mine job's candidate hard negatives: list, accept, reject (also in bulk).
+    #[command(subcommand)]
+    Review(review::ReviewCommand),
+    /// Built datasets: list, export with images.
+    #[command(subcommand)]
+    Dataset(review::DatasetCommand),
     /// Register, list, describe and name Wasm modules; `run` scores a file offline.
     #[command(subcommand)]
     Modules(modules::ModulesCommand),
@@ -70,7 +78,11 @@ enum Command {
         data_dir: Option<PathBuf>,
     },
     /// Generate a small image set `<category>/<instance>/<view>.png` for trying twin out.
+    #[command(visible_alias = "sample")]
     SampleData(sample::SampleArgs),
+    /// Convert the public TWIN or FGVQA parquet files into images and an ingest manifest.
+    #[command(subcommand)]
+    Import(import::ImportCommand),
 }
 
 /// An error and the exit code it maps to.
@@ -97,6 +109,7 @@ fn main() -> ExitCode {
             data_dir: Some(dir),
         } => replay::lineage(&dir, &target, cli.conn.json),
         Command::SampleData(args) => sample::run(&args),
+        Command::Import(command) => import::run(&command),
         Command::Modules(modules::ModulesCommand::Run(args)) => modules::run(&args),
         Command::Modules(modules::ModulesCommand::Inspect { module }) => modules::inspect(&module),
         online_command => match tokio::runtime::Builder::new_current_thread()

@@ -261,6 +261,12 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
         Command::Modules(command) => {
             return crate::modules::online(&client, command, conn.json).await;
         }
+        Command::Review(command) => {
+            return crate::review::review(&client, command, conn.json).await;
+        }
+        Command::Dataset(command) => {
+            return crate::review::dataset(&client, command, conn.json).await;
+        }
         Command::Score(args) => {
             let wait_for = args.wait;
             let submission = crate::modules::score(&client, args).await?;
@@ -387,7 +393,10 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
             target,
             data_dir: None,
         } => crate::replay::print_lineage(&client.lineage(&target).await?, conn.json)?,
-        Command::Replay(_) | Command::SampleData(_) | Command::Lineage { .. } => {
+        Command::Replay(_)
+        | Command::SampleData(_)
+        | Command::Import(_)
+        | Command::Lineage { .. } => {
             return Err(anyhow!("not an online command").into());
         }
     }

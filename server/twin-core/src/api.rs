@@ -145,3 +145,66 @@ pub struct AliasBody {
     /// SHA-256 of a registered module.
     pub hash: String,
 }
+
+/// `POST /v1/jobs/{id}/reviews`: accept or reject candidates of a mine job, by id or in bulk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewBody {
+    pub verdict: crate::mine::Verdict,
+    /// Candidate ids (as listed).
+    #[serde(default)]
+    pub pairs: Vec<String>,
+    /// Bulk: every pending candidate on which this filter gave the verdict `keep`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_filter: Option<BulkByFilter>,
+    #[serde(default)]
+    pub note: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkByFilter {
+    pub filter: String,
+    #[serde(default = "yes")]
+    pub keep: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What a review request recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReviewOutcome {
+    /// Verdicts recorded (one event each).
+    pub recorded: u64,
+    /// Pairs that already had this verdict (nothing recorded for them).
+    pub unchanged: u64,
+    pub pairs: Vec<String>,
+}
+
+/// A candidate with its review status, as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ListedCandidate {
+    #[serde(flatten)]
+    pub candidate: crate::mine::Candidate,
+    pub status: crate::mine::ReviewStatus,
+    /// Who decided: a reviewer's name, or `filter:<name>` for an auto-accepted pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+}
+
+/// `GET /v1/jobs/{id}/candidates`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CandidatePage {
+    pub job: String,
+    /// Kept candidates by status, over the whole job.
+    pub pending: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Candidates dropped by a required filter (never reviewed).
+    pub dropped: u64,
+    /// Matching the query, before `offset`/`limit`.
+    pub total: u64,
+    pub candidates: Vec<ListedCandidate>,
+}

@@ -93,6 +93,8 @@ pub struct Projections {
     pub built: BTreeMap<BlobHash, BuiltDataset>,
     /// Mine job → candidate pair id → latest review.
     pub reviews: BTreeMap<JobId, BTreeMap<String, Review>>,
+    /// Version of each `review/<job>` stream (for optimistic appends).
+    pub review_versions: BTreeMap<JobId, u64>,
     /// Events whose stream or payload did not fit (kept so a replay can report them).
     pub anomalies: Vec<String>,
 }
@@ -203,6 +205,7 @@ impl Projections {
                 );
             }
             (Event::CandidateReviewed(r), Ok(StreamName::Review(job))) if job == r.job => {
+                self.review_versions.insert(job.clone(), rec.stream_version);
                 self.reviews.entry(job).or_default().insert(
                     r.pair.clone(),
                     Review {

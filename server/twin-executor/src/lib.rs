@@ -2,11 +2,19 @@
 //!
 //! Used two ways: standalone (`twin-server executor --server URL`) on GPU machines, and embedded
 //! in `twin-server serve`, where it talks to its own server over loopback with the same protocol.
+//! The `ml` feature (on by default) adds the stages that need libtorch.
 
+mod build;
+pub mod embeddings;
 mod ingest;
+#[cfg(feature = "ml")]
+mod mine;
 mod runtime;
 mod score;
 
+pub use build::BuildDatasetStage;
 pub use ingest::IngestStage;
+#[cfg(feature = "ml")]
+pub use mine::MineStage;
 pub use runtime::{Executor, ExecutorConfig, Stage, StageContext, StageError, default_stages};
 pub use score::ScoreStage;

@@ -56,11 +56,15 @@ pub trait Stage: Send + Sync + 'static {
     fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError>;
 }
 
-/// Every stage this build has; `plugins` runs the Wasm modules of `score` jobs.
+/// Every stage this build has; `plugins` runs the Wasm modules of `score` and `mine` jobs.
+/// Without the `ml` feature (no libtorch) there is no `mine` stage.
 pub fn default_stages(plugins: Arc<twin_plugins::Host>) -> Vec<Arc<dyn Stage>> {
     vec![
         Arc::new(crate::IngestStage),
-        Arc::new(crate::ScoreStage::new(plugins)),
+        Arc::new(crate::ScoreStage::new(plugins.clone())),
+        #[cfg(feature = "ml")]
+        Arc::new(crate::mine::MineStage::new(plugins)),
+        Arc::new(crate::build::BuildDatasetStage),
     ]
 }
 
@@ -115,6 +119,13 @@ impl StageContext {
             .map_err(transient)
     }
 
+    /// Jobs on the server (to find reusable results of earlier jobs).
+    pub fn jobs(&self, filter: &twin_client::JobFilter) -> Result<Vec<JobState>, StageError> {
+        self.rt
+            .block_on(self.client.jobs(filter))
+            .map_err(transient)
+    }
+
     pub fn record_artefact(&self, name: &str, blob: BlobHash) -> Result<(), StageError> {
         let body = ArtefactBody {
             epoch: self.epoch,
@@ -123,8 +134,21 @@ impl StageContext {
         };
         self.rt
             .block_on(self.client.record_artefact(&self.job, &body))
-            .map(|_| ())
-            .map_err(transient)
+            .map_err(transient)?;
+        self.stall_if_asked(name);
+        Ok(())
+    }
+
+    /// Fault injection for the resume tests: with `TWIN_FAULT_STALL_AFTER=<artefact>`, the stage
+    /// stops making progress once it has recorded that artefact (until cancelled), so a test
+    /// can kill the executor at a known phase boundary.
+    fn stall_if_asked(&self, artefact: &str) {
+        if std::env::var("TWIN_FAULT_STALL_AFTER").as_deref() == Ok(artefact) {
+            tracing::warn!(artefact, "TWIN_FAULT_STALL_AFTER: stalling this job");
+            while !self.is_cancelled() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
     }
 }
 

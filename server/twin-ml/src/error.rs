@@ -23,6 +23,10 @@ pub enum MlError {
     Config { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
+    /// A weights file that cannot be read as safetensors: a bad header, a truncated body, or
+    /// a shard that does not hold what its index says.
+    #[error("corrupt weights file {path}: {message}")]
+    CorruptWeights { path: PathBuf, message: String },
     #[error("image {name}: {message}")]
     Image { name: String, message: String },
     #[error("CUDA was requested but is not available on this machine: {0}")]
@@ -44,6 +48,12 @@ impl MlError {
         MlError::Io {
             path: path.into(),
             message: e.to_string(),
+        }
+    }
+    pub fn corrupt(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        MlError::CorruptWeights {
+            path: path.into(),
+            message: message.into(),
         }
     }
     pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {

@@ -51,7 +51,8 @@ impl Default for ModulesConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct EmbeddedExecutorConfig {
     pub name: String,
-    pub gpus: u32,
+    /// GPUs offered to jobs; unset = the CUDA devices libtorch sees.
+    pub gpus: Option<u32>,
     pub labels: Vec<String>,
 }
 
@@ -59,7 +60,7 @@ impl Default for EmbeddedExecutorConfig {
     fn default() -> Self {
         Self {
             name: "embedded".into(),
-            gpus: 0,
+            gpus: None,
             labels: Vec::new(),
         }
     }

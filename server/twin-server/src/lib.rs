@@ -8,6 +8,9 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod mining;
+#[cfg(feature = "ml")]
+pub mod model;
 pub mod reaper;
 pub mod service;
 pub mod telemetry;
@@ -32,6 +35,17 @@ fn loopback_only(addr: SocketAddr) -> SocketAddr {
     } else {
         SocketAddr::from(([127, 0, 0, 1], addr.port()))
     }
+}
+
+/// CUDA devices this process can use (0 without the `ml` feature).
+pub fn detected_gpus() -> u32 {
+    #[cfg(feature = "ml")]
+    {
+        if twin_ml::cuda_available() {
+            return twin_ml::tch::Cuda::device_count().max(0) as u32;
+        }
+    }
+    0
 }
 
 /// Runs the server until SIGINT/SIGTERM, then stops the executor and closes the log.
@@ -121,7 +135,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
             server: format!("http://{}", loopback_only(bound)),
             token: executor_token,
             name: config.executor.name.clone(),
-            gpus: config.executor.gpus,
+            gpus: config.executor.gpus.unwrap_or_else(detected_gpus),
             labels: config.executor.labels.clone(),
             poll_wait: Duration::from_secs(20),
         };

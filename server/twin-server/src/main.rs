@@ -55,8 +55,9 @@ enum Command {
         /// Name recorded in leases (default: executor-<pid>).
         #[arg(long)]
         name: Option<String>,
-        #[arg(long, default_value_t = 0)]
-        gpus: u32,
+        /// GPUs offered to jobs (default: the CUDA devices libtorch sees).
+        #[arg(long)]
+        gpus: Option<u32>,
         /// Labels jobs may require (repeatable).
         #[arg(long = "label")]
         labels: Vec<String>,
@@ -64,6 +65,10 @@ enum Command {
         #[arg(long, env = "TWIN_MODULE_CACHE")]
         module_cache: Option<PathBuf>,
     },
+    /// Model checkpoints: make a random-weight one, describe one.
+    #[cfg(feature = "ml")]
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Internal: compiles one Wasm module for a parent server or executor (INPUT OUTPUT FLAGS…).
     #[command(hide = true)]
     CompileModule {
@@ -72,8 +77,48 @@ enum Command {
     },
 }
 
+#[cfg(feature = "ml")]
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Write a CLIP image tower with seeded random weights, in the Hugging Face layout.
+    InitClip {
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value = "b32")]
+        preset: twin_server::model::ClipPreset,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Architecture, sizes, parameter count and weights hash of a checkpoint directory.
+    Info { dir: PathBuf },
+}
+
+#[cfg(feature = "ml")]
+fn model_command(command: ModelCommand) -> anyhow::Result<()> {
+    match command {
+        ModelCommand::InitClip { dir, preset, seed } => {
+            let hash = twin_server::model::init_clip(&dir, preset, seed)?;
+            println!("wrote {} (weights {hash})", dir.display());
+        }
+        ModelCommand::Info { dir } => {
+            let info = twin_server::model::info(&dir)?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "ml")]
+    if let Command::Model(command) = cli.command {
+        return match model_command(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Command::CompileModule { args } = &cli.command {
         // No runtime, no logging: the child only compiles and exits.
         return ExitCode::from(twin_plugins::compile_main(args).clamp(0, 255) as u8);
@@ -132,7 +177,7 @@ fn main() -> ExitCode {
                         server,
                         token,
                         name,
-                        gpus,
+                        gpus: gpus.unwrap_or_else(twin_server::detected_gpus),
                         labels,
                         poll_wait: Duration::from_secs(20),
                     },
@@ -141,6 +186,8 @@ fn main() -> ExitCode {
                 .await
             }
             Command::CompileModule { .. } => unreachable!("handled before the runtime starts"),
+            #[cfg(feature = "ml")]
+            Command::Model(_) => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

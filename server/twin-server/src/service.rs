@@ -169,7 +169,7 @@ impl Service {
         self.job(&parse_job_id(id)?)
     }
 
-    async fn append(
+    pub(crate) async fn append(
         &self,
         actor: &str,
         events: Vec<(StreamName, Event)>,
@@ -293,20 +293,24 @@ impl Service {
         Ok((self.job(&id)?, replayed))
     }
 
-    /// Pins every module a submission names to the hash its name points at now, and checks what
-    /// the job will need: the input blobs, reward modules, granted capabilities.
+    /// Pins every module and dataset a submission names to what its name points at now, and
+    /// checks what the job will need: the input blobs, module kinds, granted capabilities.
     fn resolve_modules(&self, submission: &mut JobSubmission) -> Result<(), ApiError> {
-        let JobSpec::Score(spec) = &mut submission.spec else {
-            return Ok(());
-        };
-        let invalid = |field: &str, message: String| {
-            ApiError::InvalidSpec(twin_core::SpecError::Invalid {
-                field: field.into(),
-                message,
-            })
+        let spec = match &mut submission.spec {
+            JobSpec::Score(spec) => spec,
+            JobSpec::Mine(spec) => {
+                self.resolve_mine(spec)?;
+                // Only an executor with a GPU may lease a job that asks for CUDA.
+                if spec.device == twin_core::mine::ComputeDevice::Cuda {
+                    submission.requirements.gpus = submission.requirements.gpus.max(1);
+                }
+                return Ok(());
+            }
+            JobSpec::BuildDataset(spec) => return self.resolve_build(spec),
+            JobSpec::Ingest(_) => return Ok(()),
         };
         if !self.blobs.contains(&spec.rollouts) {
-            return Err(invalid(
+            return Err(crate::mining::invalid(
                 "spec.rollouts",
                 format!(
                     "no blob {}; upload the rollouts first (PUT /v1/blobs/{{hash}})",
@@ -322,30 +326,7 @@ impl Service {
             } else {
                 format!("spec.reward.weighted_sum[{i}].module")
             };
-            let info = self
-                .read(|p| p.resolve_module(reference).cloned())
-                .ok_or_else(|| invalid(&field, format!("no module `{reference}` is registered")))?;
-            if info.module.kind != "reward" {
-                return Err(invalid(
-                    &field,
-                    format!(
-                        "`{reference}` is a {} module, not a reward",
-                        info.module.kind
-                    ),
-                ));
-            }
-            for cap in &info.module.capabilities {
-                let short = twin_plugins::capability::short_name(cap);
-                if !grants.grants(short) {
-                    return Err(invalid(
-                        "spec.grants",
-                        format!(
-                            "`{reference}` needs the `{short}` capability; grant it in spec.grants"
-                        ),
-                    ));
-                }
-            }
-            *slot = Some(info.module.hash);
+            *slot = Some(self.resolve_module_ref(reference, &field, "reward", &grants)?);
         }
         Ok(())
     }

@@ -123,8 +123,14 @@ pub struct ExecutorProcess(Child);
 
 impl ExecutorProcess {
     pub fn start(server: &str, name: &str) -> Self {
+        Self::start_with_env(server, name, &[])
+    }
+
+    /// Starts an executor with extra environment variables (fault injection, limits).
+    pub fn start_with_env(server: &str, name: &str, env: &[(&str, &str)]) -> Self {
         let child = Command::new(bin("twin-server"))
             .args(["executor", "--server", server, "--name", name])
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()

@@ -10,6 +10,7 @@ mod executors;
 mod experiments;
 mod jobs;
 mod modules;
+mod review;
 mod system;
 
 use std::sync::Arc;
@@ -116,7 +117,8 @@ fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
             .configure(events::configure)
             .configure(executors::configure)
             .configure(blobs::configure)
-            .configure(modules::configure),
+            .configure(modules::configure)
+            .configure(review::configure),
     );
 }
 

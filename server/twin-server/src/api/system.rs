@@ -2,7 +2,7 @@
 
 use actix_web::{HttpResponse, get, web};
 use twin_core::api::Health;
-use twin_core::projection::{Dataset, Lineage};
+use twin_core::projection::{BuiltDataset, Dataset, Lineage};
 
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
@@ -19,6 +19,8 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
         .service(lineage)
         .service(datasets)
         .service(dataset)
+        .service(built_datasets)
+        .service(built_dataset)
         .service(executors);
 }
 
@@ -101,6 +103,34 @@ async fn dataset(
         what: "dataset",
         id: id.chars().take(80).collect(),
     })
+}
+
+/// Datasets built by build-dataset jobs, each identified by its manifest's hash.
+#[utoipa::path(tag = "datasets", responses((status = 200, body = Vec<BuiltDataset>)))]
+#[get("/built-datasets")]
+async fn built_datasets(
+    caller: Caller,
+    svc: web::Data<Service>,
+) -> Result<web::Json<Vec<BuiltDataset>>, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(web::Json(svc.read(|p| p.built.values().cloned().collect())))
+}
+
+/// One built dataset, by manifest hash or by name (its latest build).
+#[utoipa::path(tag = "datasets", params(("reference" = String, Path, description = "manifest hash or name")), responses((status = 200, body = BuiltDataset), (status = 404)))]
+#[get("/built-datasets/{reference}")]
+async fn built_dataset(
+    caller: Caller,
+    svc: web::Data<Service>,
+    reference: web::Path<String>,
+) -> Result<web::Json<BuiltDataset>, ApiError> {
+    caller.require(Role::Read)?;
+    svc.read(|p| p.resolve_built(&reference).cloned())
+        .map(web::Json)
+        .ok_or_else(|| ApiError::NotFound {
+            what: "built dataset",
+            id: reference.chars().take(80).collect(),
+        })
 }
 
 /// Executors seen since the server started.

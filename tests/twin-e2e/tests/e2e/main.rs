@@ -6,9 +6,10 @@ mod cli;
 mod crash;
 mod disk;
 mod leases;
+mod mining;
 mod modules;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use twin_e2e::{text, twin};
 
@@ -18,4 +19,11 @@ pub fn sample(dir: &Path, args: &[&str]) {
     all.extend_from_slice(args);
     let out = twin(&all);
     assert!(out.status.success(), "{:?}", text(&out));
+}
+
+/// Where deploy/build-modules.sh put the Wasm components (or `TWIN_MODULES_DIR`).
+pub fn modules_dir() -> PathBuf {
+    std::env::var_os("TWIN_MODULES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm32-wasip2/guest"))
 }

@@ -1,0 +1,1492 @@
+//! Building a TWIN dataset from ingested images and accepted negative pairs: an instance-disjoint
+//! train/eval split, positive pairs (two images of one instance), negative pairs (accepted hard
+//! negatives, synthetic negatives, or random pairs of one category for the "without hard
+//! negatives" ablation), multi questions (a reference and three candidates, answer 0–3) and
+//! optional yes/no balancing.
+//!
+//! [`build`] is a pure function of its inputs and [`BuildConfig`]: every random choice comes from
+//! [`StageRng`], a SplitMix64 stream derived from the seed and the stage's name, and every input is
+//! put in canonical order first, so the same images, pairs and config give the same
+//! [`BuiltDataset`] byte for byte, whatever order the inputs came in. The dataset is identified by
+//! the hash of its canonical serialisation ([`BuiltDataset::manifest`]).
+//!
+//! Choices worth knowing:
+//! - an instance is the pair (category, instance label): `shoes/001` and `bags/001` differ;
+//! - a dataset with a single instance is an error, not a positives-only dataset: TWIN's task is
+//!   telling instances apart, and a set without a single `no` answer would train a model to say
+//!   `yes` (the same holds when no negative pair survives the build);
+//! - random negatives never repeat an accepted hard or synthetic pair, so the random ablation
+//!   contains none of them, and multi questions in `random` mode draw their negatives at random
+//!   too; in `hard` and `both` modes multi negatives are the reference instance's hard (and
+//!   synthetic) negatives, as in the reference recipe.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use twin_core::BlobHash;
+use twin_core::event::ManifestEntry;
+
+use crate::prompts;
+
+/// The `format` of a manifest this version writes and reads.
+pub const MANIFEST_FORMAT: &str = "twin-dataset/1";
+
+/// The longest side of an image as the model sees it (TWIN resizes to at most 512 px).
+pub const DEFAULT_MAX_SIDE: u32 = 512;
+
+/// Which side of the instance-disjoint split a row belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+impl Split {
+    pub const ALL: [Split; 2] = [Split::Train, Split::Eval];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Eval => "eval",
+        }
+    }
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "train" => Ok(Split::Train),
+            "eval" => Ok(Split::Eval),
+            other => Err(format!(
+                "unknown split `{other}` (expected `train` or `eval`)"
+            )),
+        }
+    }
+}
+
+/// Where the negative pairs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NegativesMode {
+    /// Accepted hard negatives and synthetic negatives (the TWIN recipe).
+    Hard,
+    /// Random pairs of images of different instances of one category, and no hard or synthetic
+    /// pair anywhere (the "without hard negatives" ablation).
+    Random,
+    /// Every hard and synthetic negative plus random pairs, so that hard ones make up
+    /// [`BuildConfig::hard_share`] of the negatives.
+    Both,
+}
+
+impl NegativesMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            NegativesMode::Hard => "hard",
+            NegativesMode::Random => "random",
+            NegativesMode::Both => "both",
+        }
+    }
+}
+
+/// Equalising the yes and no pair rows of each split (multi rows are balanced by construction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Keep every pair.
+    None,
+    /// Drop randomly chosen pairs of the larger side.
+    Downsample,
+    /// Repeat pairs of the smaller side (each copy is its own row), cycling through a shuffled
+    /// order so no pair is repeated twice before every pair is repeated once.
+    Oversample,
+}
+
+/// One value per split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerSplit<T> {
+    #[serde(default)]
+    pub train: T,
+    #[serde(default)]
+    pub eval: T,
+}
+
+impl<T> PerSplit<T> {
+    pub fn get(&self, split: Split) -> &T {
+        match split {
+            Split::Train => &self.train,
+            Split::Eval => &self.eval,
+        }
+    }
+}
+
+/// How to build a dataset. Deserialised from a job's `options` with [`BuildConfig::from_json`];
+/// every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildConfig {
+    /// Seeds every random choice (split, sampling, order). Default 0.
+    pub seed: u64,
+    /// Share of each category's instances (not images) assigned to eval, in [0, 1). Every
+    /// category with two or more instances gets at least one in each split when this is above 0.
+    /// Default 0.1.
+    pub eval_fraction: f64,
+    /// At most this many positive pairs (two distinct images) per instance, ≥ 1. Default 4.
+    pub positives_per_instance: u32,
+    /// Where negatives come from. Default `hard`.
+    pub negatives: NegativesMode,
+    /// `random` mode: random negative pairs anchored at each instance, ≥ 1. Default 2.
+    pub random_negatives_per_instance: u32,
+    /// `both` mode: the share of hard (and synthetic) pairs among negatives, in (0, 1); every
+    /// hard pair is kept and random pairs are added to reach it. Default 0.5.
+    pub hard_share: f64,
+    /// Multi questions per split, each a multiple of 4 (an equal number per answer 0–3).
+    /// Default 0 and 0.
+    pub multi_questions: PerSplit<u32>,
+    /// Equalise yes and no pair rows per split. Default `none`.
+    pub balance: Balance,
+    /// Longest side of the resized images, ≥ 1. Default 512.
+    pub max_side: u32,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            eval_fraction: 0.1,
+            positives_per_instance: 4,
+            negatives: NegativesMode::Hard,
+            random_negatives_per_instance: 2,
+            hard_share: 0.5,
+            multi_questions: PerSplit { train: 0, eval: 0 },
+            balance: Balance::None,
+            max_side: DEFAULT_MAX_SIDE,
+        }
+    }
+}
+
+impl BuildConfig {
+    /// Reads options given as a JSON object (absent fields take their defaults) and validates
+    /// them. Errors name the field.
+    pub fn from_json(options: &serde_json::Value) -> Result<Self, BuildError> {
+        let object = options
+            .as_object()
+            .ok_or_else(|| BuildError::config("options", "must be a JSON object"))?;
+        let mut config = BuildConfig::default();
+        // Field by field rather than one `from_value`, so a type error names its field.
+        for (key, value) in object {
+            match key.as_str() {
+                "seed" => config.seed = field(key, value)?,
+                "eval_fraction" => config.eval_fraction = field(key, value)?,
+                "positives_per_instance" => config.positives_per_instance = field(key, value)?,
+                "negatives" => config.negatives = field(key, value)?,
+                "random_negatives_per_instance" => {
+                    config.random_negatives_per_instance = field(key, value)?
+                }
+                "hard_share" => config.hard_share = field(key, value)?,
+                "multi_questions" => config.multi_questions = field(key, value)?,
+                "balance" => config.balance = field(key, value)?,
+                "max_side" => config.max_side = field(key, value)?,
+                other => {
+                    return Err(BuildError::config(
+                        other,
+                        "unknown option (expected one of seed, eval_fraction, \
+                         positives_per_instance, negatives, random_negatives_per_instance, \
+                         hard_share, multi_questions, balance, max_side)",
+                    ));
+                }
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every field's range; [`build`] calls it too.
+    pub fn validate(&self) -> Result<(), BuildError> {
+        if !(self.eval_fraction.is_finite() && (0.0..1.0).contains(&self.eval_fraction)) {
+            return Err(BuildError::config(
+                "eval_fraction",
+                format!("must be in [0, 1), got {}", self.eval_fraction),
+            ));
+        }
+        if self.positives_per_instance == 0 {
+            return Err(BuildError::config(
+                "positives_per_instance",
+                "must be at least 1",
+            ));
+        }
+        if self.negatives == NegativesMode::Random && self.random_negatives_per_instance == 0 {
+            return Err(BuildError::config(
+                "random_negatives_per_instance",
+                "must be at least 1 when negatives is `random`",
+            ));
+        }
+        if self.negatives == NegativesMode::Both
+            && !(self.hard_share.is_finite() && self.hard_share > 0.0 && self.hard_share < 1.0)
+        {
+            return Err(BuildError::config(
+                "hard_share",
+                format!(
+                    "must be in (0, 1) when negatives is `both`, got {}",
+                    self.hard_share
+                ),
+            ));
+        }
+        for split in Split::ALL {
+            let count = *self.multi_questions.get(split);
+            if !count.is_multiple_of(4) {
+                return Err(BuildError::config(
+                    format!("multi_questions.{split}"),
+                    format!(
+                        "must be a multiple of 4 (the same number per answer 0-3), got {count}"
+                    ),
+                ));
+            }
+        }
+        if self.multi_questions.eval > 0 && self.eval_fraction == 0.0 {
+            return Err(BuildError::config(
+                "multi_questions.eval",
+                "must be 0 when eval_fraction is 0 (there is no eval split)",
+            ));
+        }
+        if self.max_side == 0 {
+            return Err(BuildError::config("max_side", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn field<T: DeserializeOwned>(name: &str, value: &serde_json::Value) -> Result<T, BuildError> {
+    T::deserialize(value).map_err(|e| BuildError::config(name, e.to_string()))
+}
+
+/// A negative pair of two images, by blob hash. Reads the lines of a hard-negative snapshot
+/// (`{"pair","a","b","by"}`) and of a synthetic-negative blob (`{"a","b"}`); other fields are
+/// ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NegativePair {
+    pub a: BlobHash,
+    pub b: BlobHash,
+}
+
+/// Which input list a negative pair came from (named in errors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NegativeList {
+    Hard,
+    Synthetic,
+}
+
+impl std::fmt::Display for NegativeList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NegativeList::Hard => "hard-negative",
+            NegativeList::Synthetic => "synthetic-negative",
+        })
+    }
+}
+
+/// What [`build`] reads.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildInputs<'a> {
+    /// The ingested images (one manifest line each).
+    pub images: &'a [ManifestEntry],
+    /// Accepted hard-negative pairs (mining + review).
+    pub hard_negatives: &'a [NegativePair],
+    /// Synthetic negative pairs; both images must be among `images`.
+    pub synthetic_negatives: &'a [NegativePair],
+}
+
+/// Why a dataset could not be built. Every variant names the offending input.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid build option `{field}`: {message}")]
+    Config { field: String, message: String },
+    #[error("the dataset has no images")]
+    NoImages,
+    #[error("image `{path}` ({blob}) has an empty {label} label")]
+    EmptyLabel {
+        path: String,
+        blob: BlobHash,
+        label: &'static str,
+    },
+    #[error("image {blob} is listed under two instances: `{first}` and `{second}`")]
+    ConflictingImage {
+        blob: BlobHash,
+        first: String,
+        second: String,
+    },
+    #[error(
+        "the dataset has a single instance (`{instance}`): negative pairs need two instances, and a dataset of positives only would teach a model to always answer yes"
+    )]
+    SingleInstance { instance: String },
+    #[error("no instance has two images, so there is no positive pair")]
+    NoPositives,
+    #[error("{list} pair #{index} names image {blob}, which is not in the dataset")]
+    UnknownImage {
+        list: NegativeList,
+        index: usize,
+        blob: BlobHash,
+    },
+    #[error(
+        "{list} pair #{index} ({a}, {b}) shows one instance, `{instance}`: it is not a negative"
+    )]
+    SameInstanceNegative {
+        list: NegativeList,
+        index: usize,
+        a: BlobHash,
+        b: BlobHash,
+        instance: String,
+    },
+    #[error("no negative pair in the dataset (negatives mode `{mode}`): {reason}")]
+    NoNegatives { mode: &'static str, reason: String },
+    #[error("cannot balance the {split} split: it has {yes} yes and {no} no pairs")]
+    CannotBalance { split: Split, yes: u64, no: u64 },
+}
+
+impl BuildError {
+    fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
+        BuildError::Config {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Where a pair row, or one candidate of a multi question, comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Two images of one instance (answer yes).
+    Positive,
+    /// An accepted hard negative.
+    Hard,
+    /// A random pair of two instances of one category.
+    Random,
+    /// A synthetic negative.
+    Synthetic,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Positive => "positive",
+            Source::Hard => "hard",
+            Source::Random => "random",
+            Source::Synthetic => "synthetic",
+        }
+    }
+}
+
+/// One image of a row: what it is, where it came from, and the size the model sees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub blob: BlobHash,
+    /// Path relative to the ingest source.
+    pub path: String,
+    pub category: String,
+    pub instance: String,
+    pub width: u32,
+    pub height: u32,
+    /// Longest side at most [`BuildConfig::max_side`], aspect ratio kept.
+    pub resized_width: u32,
+    pub resized_height: u32,
+}
+
+/// What a row asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RowKind {
+    /// Two images; the answer is `yes` or `no`.
+    Pair { source: Source },
+    /// A reference image and three candidates; `candidates[i]` is where candidate `i` (image
+    /// `i + 1`) comes from, [`Source::Positive`] for one of the reference's instance. The answer is
+    /// the number of positives.
+    Multi { candidates: Vec<Source> },
+}
+
+/// One question of the dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    /// `{split}-pair-{n:06}` or `{split}-multi-{n:06}`, unique in the dataset.
+    pub id: String,
+    pub split: Split,
+    pub kind: RowKind,
+    /// The question text, without image tokens or evaluation instructions (see
+    /// [`crate::prompts`]).
+    pub question: String,
+    /// `yes` / `no` for a pair, `0`–`3` for a multi question.
+    pub answer: String,
+    pub images: Vec<ImageRef>,
+}
+
+impl Row {
+    /// Which candidates (images 1..=3) of a multi question show the reference's instance; empty
+    /// for a pair.
+    pub fn positive_candidates(&self) -> Vec<bool> {
+        match &self.kind {
+            RowKind::Pair { .. } => Vec::new(),
+            RowKind::Multi { candidates } => candidates
+                .iter()
+                .map(|source| *source == Source::Positive)
+                .collect(),
+        }
+    }
+}
+
+/// Pair rows by source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SourceCounts {
+    pub positive: u64,
+    pub hard: u64,
+    pub random: u64,
+    pub synthetic: u64,
+}
+
+impl SourceCounts {
+    fn add(&mut self, source: Source, n: u64) {
+        match source {
+            Source::Positive => self.positive += n,
+            Source::Hard => self.hard += n,
+            Source::Random => self.random += n,
+            Source::Synthetic => self.synthetic += n,
+        }
+    }
+}
+
+/// What one split holds, and what it could not get.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SplitCounts {
+    pub instances: u64,
+    pub images: u64,
+    pub pair_rows: u64,
+    pub multi_rows: u64,
+    /// Pair rows by source, after balancing.
+    pub pairs: SourceCounts,
+    pub yes: u64,
+    pub no: u64,
+    /// Multi rows by answer (index = answer).
+    pub multi_answers: [u64; 4],
+    /// Multi questions asked for but not feasible, by answer.
+    pub multi_shortfall: [u64; 4],
+    /// Random negatives asked for but not found (too few instances or images).
+    pub random_shortfall: u64,
+    /// Positive pairs left out by `positives_per_instance`.
+    pub positives_over_cap: u64,
+    /// Pair rows removed (`downsample`) or added (`oversample`) by balancing.
+    pub balance_removed: u64,
+    pub balance_added: u64,
+}
+
+/// Inputs left out of the dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Dropped {
+    /// Hard-negative pairs whose two instances fell in different splits.
+    pub cross_split_hard: u64,
+    /// Synthetic pairs whose two instances fell in different splits.
+    pub cross_split_synthetic: u64,
+    /// Negative pairs given more than once (in either order or in both lists; the hard one is
+    /// kept).
+    pub duplicate_pairs: u64,
+    /// Images listed more than once under the same instance.
+    pub duplicate_images: u64,
+    /// Hard and synthetic pairs not used because `negatives` is `random`.
+    pub unused_by_mode: u64,
+}
+
+/// A count and a hash of one input list, in canonical order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputDigest {
+    pub count: u64,
+    /// SHA-256 of the list's canonical JSON (images sorted by blob and path; pairs as
+    /// `[lower, higher]` hashes, sorted).
+    pub hash: BlobHash,
+}
+
+/// What the dataset was built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputDigests {
+    pub images: InputDigest,
+    pub hard_negatives: InputDigest,
+    pub synthetic_negatives: InputDigest,
+}
+
+/// An immutable TWIN dataset: every row with its images, the counts, the config and the inputs.
+/// Field order is the serialisation order, which [`BuiltDataset::manifest`] relies on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuiltDataset {
+    /// [`MANIFEST_FORMAT`].
+    pub format: String,
+    pub config: BuildConfig,
+    pub inputs: InputDigests,
+    pub counts: PerSplit<SplitCounts>,
+    pub dropped: Dropped,
+    /// Train rows then eval rows, each split in a seeded random order.
+    pub rows: Vec<Row>,
+}
+
+/// A dataset's serialisation and identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// SHA-256 of `bytes`: the dataset's identity.
+    pub id: BlobHash,
+    /// Compact JSON, fields in declaration order, no maps with unordered keys.
+    pub bytes: Vec<u8>,
+}
+
+/// Why manifest bytes could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest is not a twin dataset: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("manifest format `{found}` is not `{MANIFEST_FORMAT}`")]
+    Format { found: String },
+}
+
+impl BuiltDataset {
+    /// The canonical bytes and their hash. Stable: struct fields serialise in declaration order,
+    /// and nothing here is a hash map.
+    pub fn manifest(&self) -> Manifest {
+        let bytes = serde_json::to_vec(self)
+            .expect("a dataset is strings, numbers and lists: serialising it cannot fail");
+        Manifest {
+            id: BlobHash::of(&bytes),
+            bytes,
+        }
+    }
+
+    /// Reads manifest bytes written by [`BuiltDataset::manifest`].
+    pub fn from_manifest(bytes: &[u8]) -> Result<Self, ManifestError> {
+        #[derive(Deserialize)]
+        struct Header {
+            format: String,
+        }
+        let header: Header = serde_json::from_slice(bytes)?;
+        if header.format != MANIFEST_FORMAT {
+            return Err(ManifestError::Format {
+                found: header.format,
+            });
+        }
+        Ok(serde_json::from_slice(bytes)?)
+    }
+
+    /// The rows of one split, in dataset order.
+    pub fn rows(&self, split: Split) -> impl Iterator<Item = &Row> {
+        self.rows.iter().filter(move |row| row.split == split)
+    }
+
+    /// Counts as flat `dotted.keys` (`train.pair.yes`, `eval.multi.2`, `dropped.cross_split`, …)
+    /// for a job's output.
+    pub fn flat_counts(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for split in Split::ALL {
+            let c = self.counts.get(split);
+            let mut put = |key: &str, value: u64| {
+                out.insert(format!("{split}.{key}"), value);
+            };
+            put("instances", c.instances);
+            put("images", c.images);
+            put("pair", c.pair_rows);
+            put("pair.yes", c.yes);
+            put("pair.no", c.no);
+            put("pair.positive", c.pairs.positive);
+            put("pair.hard", c.pairs.hard);
+            put("pair.random", c.pairs.random);
+            put("pair.synthetic", c.pairs.synthetic);
+            put("multi", c.multi_rows);
+            for answer in 0..4 {
+                put(&format!("multi.{answer}"), c.multi_answers[answer]);
+                put(
+                    &format!("multi.{answer}.shortfall"),
+                    c.multi_shortfall[answer],
+                );
+            }
+            put("random_shortfall", c.random_shortfall);
+            put("positives_over_cap", c.positives_over_cap);
+            put("balance_removed", c.balance_removed);
+            put("balance_added", c.balance_added);
+        }
+        let d = &self.dropped;
+        out.insert(
+            "dropped.cross_split".into(),
+            d.cross_split_hard + d.cross_split_synthetic,
+        );
+        out.insert("dropped.cross_split.hard".into(), d.cross_split_hard);
+        out.insert(
+            "dropped.cross_split.synthetic".into(),
+            d.cross_split_synthetic,
+        );
+        out.insert("dropped.duplicate_pairs".into(), d.duplicate_pairs);
+        out.insert("dropped.duplicate_images".into(), d.duplicate_images);
+        out.insert("dropped.unused_by_mode".into(), d.unused_by_mode);
+        out
+    }
+}
+
+/// The size the model sees: the longest side at most `max_side`, aspect ratio kept (rounded to
+/// the nearest pixel, never below 1); images already small enough are unchanged.
+/// Returns `(width, height)`.
+pub fn resized_size(width: u32, height: u32, max_side: u32) -> (u32, u32) {
+    let long = width.max(height);
+    if long <= max_side {
+        return (width, height);
+    }
+    let scale = |side: u32| -> u32 {
+        let scaled =
+            (u64::from(side) * u64::from(max_side) + u64::from(long) / 2) / u64::from(long);
+        u32::try_from(scaled)
+            .expect("scaled side is at most max_side")
+            .max(1)
+    };
+    if width >= height {
+        (max_side, scale(height))
+    } else {
+        (scale(width), max_side)
+    }
+}
+
+/// A deterministic random stream for one stage of the build.
+///
+/// SplitMix64 rather than `rand`'s `StdRng`: `StdRng`'s algorithm, and `rand`'s shuffling and
+/// range sampling, may change between `rand` versions, and a dataset's identity is the hash of
+/// what these choices produce. Seeding each stage from (seed, stage name) also keeps stages
+/// independent: asking for more multi questions does not change the pairs.
+#[derive(Debug, Clone)]
+pub struct StageRng(u64);
+
+impl StageRng {
+    pub fn new(seed: u64, stage: &str) -> Self {
+        let digest = BlobHash::of(format!("twin-data/{seed}/{stage}").as_bytes());
+        let mut state = [0u8; 8];
+        state.copy_from_slice(&digest.0[..8]);
+        StageRng(u64::from_le_bytes(state))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (Lemire's multiply-and-reject, unbiased). `n` must be above 0.
+    pub fn below(&mut self, n: usize) -> usize {
+        assert!(n > 0, "StageRng::below(0) has no value to return");
+        let n = n as u64;
+        let threshold = n.wrapping_neg() % n;
+        loop {
+            let product = u128::from(self.next_u64()) * u128::from(n);
+            if (product as u64) >= threshold {
+                return (product >> 64) as usize;
+            }
+        }
+    }
+
+    pub fn coin(&mut self) -> bool {
+        self.next_u64() >> 63 == 1
+    }
+
+    /// Fisher–Yates.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i + 1);
+            items.swap(i, j);
+        }
+    }
+
+    /// `k` distinct elements of `items` in random order (`k` at most `items.len()`).
+    fn sample<T: Copy>(&mut self, items: &[T], k: usize) -> Vec<T> {
+        let mut pool = items.to_vec();
+        let k = k.min(pool.len());
+        for i in 0..k {
+            let j = i + self.below(pool.len() - i);
+            pool.swap(i, j);
+        }
+        pool.truncate(k);
+        pool
+    }
+}
+
+/// Builds a dataset. Pure: no I/O, no clock; deterministic for given inputs and config.
+pub fn build(inputs: &BuildInputs<'_>, config: &BuildConfig) -> Result<BuiltDataset, BuildError> {
+    config.validate()?;
+    let mut dropped = Dropped::default();
+    let catalog = Catalog::new(inputs.images, config, &mut dropped)?;
+    let negatives = catalog.negatives(inputs, &mut dropped)?;
+
+    let digests = InputDigests {
+        images: digest_images(inputs.images),
+        hard_negatives: digest_pairs(inputs.hard_negatives),
+        synthetic_negatives: digest_pairs(inputs.synthetic_negatives),
+    };
+
+    let mut rows = Vec::new();
+    let mut counts = PerSplit::<SplitCounts>::default();
+    let mut total_negatives = 0u64;
+    for split in Split::ALL {
+        let built = catalog.build_split(split, &negatives, config)?;
+        total_negatives += built.negatives;
+        match split {
+            Split::Train => counts.train = built.counts,
+            Split::Eval => counts.eval = built.counts,
+        }
+        rows.extend(built.rows);
+    }
+    if config.negatives == NegativesMode::Random {
+        dropped.unused_by_mode = negatives.len() as u64;
+    }
+    if total_negatives == 0 {
+        let reason = match config.negatives {
+            NegativesMode::Hard | NegativesMode::Both
+                if inputs.hard_negatives.is_empty() && inputs.synthetic_negatives.is_empty() =>
+            {
+                "no hard-negative or synthetic pair was given".to_owned()
+            }
+            NegativesMode::Hard | NegativesMode::Both => format!(
+                "every given pair was dropped ({} cross-split, {} duplicate)",
+                dropped.cross_split_hard + dropped.cross_split_synthetic,
+                dropped.duplicate_pairs
+            ),
+            NegativesMode::Random => {
+                "no category has two instances in the same split to pair at random".to_owned()
+            }
+        };
+        return Err(BuildError::NoNegatives {
+            mode: config.negatives.as_str(),
+            reason,
+        });
+    }
+
+    Ok(BuiltDataset {
+        format: MANIFEST_FORMAT.to_owned(),
+        config: config.clone(),
+        inputs: digests,
+        counts,
+        dropped,
+        rows,
+    })
+}
+
+/// Every given image (duplicates included), sorted by blob and path.
+fn digest_images(images: &[ManifestEntry]) -> InputDigest {
+    let mut sorted: Vec<&ManifestEntry> = images.iter().collect();
+    sorted.sort_by(|x, y| (x.blob, &x.path).cmp(&(y.blob, &y.path)));
+    let bytes = serde_json::to_vec(&sorted).expect("manifest entries serialise");
+    InputDigest {
+        count: sorted.len() as u64,
+        hash: BlobHash::of(&bytes),
+    }
+}
+
+fn digest_pairs(pairs: &[NegativePair]) -> InputDigest {
+    let mut canonical: Vec<[BlobHash; 2]> =
+        pairs.iter().map(|p| [p.a.min(p.b), p.a.max(p.b)]).collect();
+    canonical.sort();
+    let bytes = serde_json::to_vec(&canonical).expect("hashes serialise");
+    InputDigest {
+        count: pairs.len() as u64,
+        hash: BlobHash::of(&bytes),
+    }
+}
+
+/// One instance: a (category, instance) label pair and its images.
+struct Instance {
+    category: usize,
+    label: String,
+    /// Image indices, ascending (= by blob hash).
+    images: Vec<usize>,
+    split: Split,
+}
+
+/// A kept negative pair: image indices `a < b`.
+#[derive(Clone, Copy)]
+struct Negative {
+    a: usize,
+    b: usize,
+    source: Source,
+}
+
+/// The images in canonical order, grouped by instance and category, with the split decided.
+struct Catalog {
+    /// Image index of each blob. Images are numbered in blob-hash order, so `a < b` for indices
+    /// is `a < b` for hashes.
+    by_blob: HashMap<BlobHash, usize>,
+    /// Instance of each image.
+    instance_of: Vec<usize>,
+    /// Sorted by (category, label).
+    instances: Vec<Instance>,
+    categories: Vec<String>,
+    /// Per category, its instances, ascending.
+    category_instances: Vec<Vec<usize>>,
+    refs: Vec<ImageRef>,
+}
+
+impl Catalog {
+    fn new(
+        images: &[ManifestEntry],
+        config: &BuildConfig,
+        dropped: &mut Dropped,
+    ) -> Result<Self, BuildError> {
+        if images.is_empty() {
+            return Err(BuildError::NoImages);
+        }
+        for entry in images {
+            for (label, value) in [("category", &entry.category), ("instance", &entry.instance)] {
+                if value.trim().is_empty() {
+                    return Err(BuildError::EmptyLabel {
+                        path: entry.path.clone(),
+                        blob: entry.blob,
+                        label,
+                    });
+                }
+            }
+        }
+        let mut sorted: Vec<&ManifestEntry> = images.iter().collect();
+        sorted.sort_by(|x, y| (x.blob, &x.path).cmp(&(y.blob, &y.path)));
+        let mut entries: Vec<&ManifestEntry> = Vec::with_capacity(sorted.len());
+        for entry in sorted {
+            if let Some(previous) = entries.last()
+                && previous.blob == entry.blob
+            {
+                if (&previous.category, &previous.instance) != (&entry.category, &entry.instance) {
+                    return Err(BuildError::ConflictingImage {
+                        blob: entry.blob,
+                        first: format!("{}/{}", previous.category, previous.instance),
+                        second: format!("{}/{}", entry.category, entry.instance),
+                    });
+                }
+                dropped.duplicate_images += 1;
+                continue;
+            }
+            entries.push(entry);
+        }
+
+        let mut grouped: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
+        for (index, entry) in entries.iter().enumerate() {
+            grouped
+                .entry((entry.category.as_str(), entry.instance.as_str()))
+                .or_default()
+                .push(index);
+        }
+        if grouped.len() < 2 {
+            let instance = grouped
+                .keys()
+                .next()
+                .map(|(c, i)| format!("{c}/{i}"))
+                .unwrap_or_default();
+            return Err(BuildError::SingleInstance { instance });
+        }
+        if grouped.values().all(|images| images.len() < 2) {
+            return Err(BuildError::NoPositives);
+        }
+
+        let mut categories: Vec<String> = Vec::new();
+        let mut category_instances: Vec<Vec<usize>> = Vec::new();
+        let mut instances = Vec::with_capacity(grouped.len());
+        let mut instance_of = vec![0; entries.len()];
+        for ((category, label), images) in grouped {
+            if categories.last().map(String::as_str) != Some(category) {
+                categories.push(category.to_owned());
+                category_instances.push(Vec::new());
+            }
+            let category_index = categories.len() - 1;
+            let instance_index = instances.len();
+            for &image in &images {
+                instance_of[image] = instance_index;
+            }
+            category_instances[category_index].push(instance_index);
+            instances.push(Instance {
+                category: category_index,
+                label: label.to_owned(),
+                images,
+                split: Split::Train,
+            });
+        }
+
+        // Instance-disjoint split, per category so each category with two or more instances is
+        // in both splits. Each category's shuffle is seeded by its own name, so adding a category
+        // does not move another category's instances.
+        for (category, members) in categories.iter().zip(&category_instances) {
+            let n = members.len();
+            let eval = if config.eval_fraction == 0.0 || n < 2 {
+                0
+            } else {
+                ((n as f64 * config.eval_fraction).round() as usize).clamp(1, n - 1)
+            };
+            let mut order = members.clone();
+            StageRng::new(config.seed, &format!("split/{category}")).shuffle(&mut order);
+            for &instance in &order[..eval] {
+                instances[instance].split = Split::Eval;
+            }
+        }
+
+        let by_blob = entries
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| (entry.blob, index))
+            .collect();
+        let refs = entries
+            .iter()
+            .map(|entry| {
+                let (resized_width, resized_height) =
+                    resized_size(entry.width, entry.height, config.max_side);
+                ImageRef {
+                    blob: entry.blob,
+                    path: entry.path.clone(),
+                    category: entry.category.clone(),
+                    instance: entry.instance.clone(),
+                    width: entry.width,
+                    height: entry.height,
+                    resized_width,
+                    resized_height,
+                }
+            })
+            .collect();
+        Ok(Catalog {
+            by_blob,
+            instance_of,
+            instances,
+            categories,
+            category_instances,
+            refs,
+        })
+    }
+
+    fn split_of(&self, image: usize) -> Split {
+        self.instances[self.instance_of[image]].split
+    }
+
+    fn instance_name(&self, instance: usize) -> String {
+        let i = &self.instances[instance];
+        format!("{}/{}", self.categories[i.category], i.label)
+    }
+
+    /// Validates the hard and synthetic pairs and keeps those inside one split, in canonical
+    /// order, without duplicates (a pair in both lists counts as hard).
+    fn negatives(
+        &self,
+        inputs: &BuildInputs<'_>,
+        dropped: &mut Dropped,
+    ) -> Result<Vec<Negative>, BuildError> {
+        let mut all = Vec::new();
+        for (list, pairs, source) in [
+            (NegativeList::Hard, inputs.hard_negatives, Source::Hard),
+            (
+                NegativeList::Synthetic,
+                inputs.synthetic_negatives,
+                Source::Synthetic,
+            ),
+        ] {
+            for (index, pair) in pairs.iter().enumerate() {
+                let image = |blob: BlobHash| {
+                    self.by_blob
+                        .get(&blob)
+                        .copied()
+                        .ok_or(BuildError::UnknownImage { list, index, blob })
+                };
+                let (a, b) = (image(pair.a)?, image(pair.b)?);
+                if self.instance_of[a] == self.instance_of[b] {
+                    return Err(BuildError::SameInstanceNegative {
+                        list,
+                        index,
+                        a: pair.a,
+                        b: pair.b,
+                        instance: self.instance_name(self.instance_of[a]),
+                    });
+                }
+                all.push(Negative {
+                    a: a.min(b),
+                    b: a.max(b),
+                    source,
+                });
+            }
+        }
+        // Source orders hard before synthetic, so the first of a duplicate run is the hard one.
+        all.sort_by_key(|n| (n.a, n.b, n.source));
+        let mut kept: Vec<Negative> = Vec::with_capacity(all.len());
+        for negative in all {
+            if kept
+                .last()
+                .is_some_and(|k| (k.a, k.b) == (negative.a, negative.b))
+            {
+                dropped.duplicate_pairs += 1;
+                continue;
+            }
+            if self.split_of(negative.a) != self.split_of(negative.b) {
+                match negative.source {
+                    Source::Synthetic => dropped.cross_split_synthetic += 1,
+                    _ => dropped.cross_split_hard += 1,
+                }
+                continue;
+            }
+            kept.push(negative);
+        }
+        Ok(kept)
+    }
+
+    fn build_split(
+        &self,
+        split: Split,
+        negatives: &[Negative],
+        config: &BuildConfig,
+    ) -> Result<SplitRows, BuildError> {
+        let mut counts = SplitCounts::default();
+        let instances: Vec<usize> = (0..self.instances.len())
+            .filter(|&i| self.instances[i].split == split)
+            .collect();
+        counts.instances = instances.len() as u64;
+        counts.images = instances
+            .iter()
+            .map(|&i| self.instances[i].images.len() as u64)
+            .sum();
+
+        // (first image, second image, source), in the order shown to the model.
+        let mut pairs: Vec<(usize, usize, Source)> = Vec::new();
+
+        let mut rng = StageRng::new(config.seed, &format!("positives/{split}"));
+        let cap = config.positives_per_instance as usize;
+        for &instance in &instances {
+            let images = &self.instances[instance].images;
+            let mut all = Vec::new();
+            for (i, &a) in images.iter().enumerate() {
+                for &b in &images[i + 1..] {
+                    all.push((a, b));
+                }
+            }
+            rng.shuffle(&mut all);
+            counts.positives_over_cap += all.len().saturating_sub(cap) as u64;
+            for &(a, b) in all.iter().take(cap) {
+                let (first, second) = if rng.coin() { (b, a) } else { (a, b) };
+                pairs.push((first, second, Source::Positive));
+            }
+        }
+
+        let split_negatives: Vec<Negative> = negatives
+            .iter()
+            .filter(|n| self.split_of(n.a) == split)
+            .copied()
+            .collect();
+        let mut rng = StageRng::new(config.seed, &format!("negatives/{split}"));
+        let hard_used = config.negatives != NegativesMode::Random;
+        if hard_used {
+            for n in &split_negatives {
+                let (first, second) = if rng.coin() { (n.b, n.a) } else { (n.a, n.b) };
+                pairs.push((first, second, n.source));
+            }
+        }
+        let random_target = match config.negatives {
+            NegativesMode::Hard => 0,
+            NegativesMode::Random => {
+                config.random_negatives_per_instance as usize
+                    * self.pairable_instances(&instances).len()
+            }
+            NegativesMode::Both => {
+                let hard = split_negatives.len() as f64;
+                (hard * (1.0 - config.hard_share) / config.hard_share).round() as usize
+            }
+        };
+        if random_target > 0 {
+            // Every given pair is excluded, used or not, so random pairs never repeat one.
+            let taken: HashSet<(usize, usize)> = negatives.iter().map(|n| (n.a, n.b)).collect();
+            let random = self.random_negatives(&instances, random_target, taken, &mut rng);
+            counts.random_shortfall = (random_target - random.len()) as u64;
+            for (a, b) in random {
+                pairs.push((a, b, Source::Random));
+            }
+        }
+        let negative_count = pairs.iter().filter(|p| p.2 != Source::Positive).count() as u64;
+
+        let multi = self.multi_questions(split, &instances, &split_negatives, config, &mut counts);
+        let pairs = balance(split, pairs, config, &mut counts)?;
+
+        let mut rows: Vec<Row> = Vec::with_capacity(pairs.len() + multi.len());
+        for (first, second, source) in pairs {
+            counts.pairs.add(source, 1);
+            let answer = if source == Source::Positive {
+                counts.yes += 1;
+                "yes"
+            } else {
+                counts.no += 1;
+                "no"
+            };
+            rows.push(Row {
+                id: String::new(),
+                split,
+                kind: RowKind::Pair { source },
+                question: prompts::PAIR_QUESTION.to_owned(),
+                answer: answer.to_owned(),
+                images: vec![self.refs[first].clone(), self.refs[second].clone()],
+            });
+        }
+        counts.pair_rows = rows.len() as u64;
+        for question in multi {
+            counts.multi_answers[question.answer] += 1;
+            let mut images = vec![self.refs[question.reference].clone()];
+            images.extend(
+                question
+                    .candidates
+                    .iter()
+                    .map(|&(c, _)| self.refs[c].clone()),
+            );
+            rows.push(Row {
+                id: String::new(),
+                split,
+                kind: RowKind::Multi {
+                    candidates: question.candidates.iter().map(|&(_, s)| s).collect(),
+                },
+                question: prompts::MULTI_QUESTION.to_owned(),
+                answer: question.answer.to_string(),
+                images,
+            });
+        }
+        counts.multi_rows = rows.len() as u64 - counts.pair_rows;
+
+        // Pairs and multi questions interleaved, so a loader that does not shuffle still mixes
+        // them; ids are numbered in this final order.
+        StageRng::new(config.seed, &format!("order/{split}")).shuffle(&mut rows);
+        let (mut pair_n, mut multi_n) = (0, 0);
+        for row in &mut rows {
+            row.id = match row.kind {
+                RowKind::Pair { .. } => {
+                    pair_n += 1;
+                    format!("{split}-pair-{:06}", pair_n - 1)
+                }
+                RowKind::Multi { .. } => {
+                    multi_n += 1;
+                    format!("{split}-multi-{:06}", multi_n - 1)
+                }
+            };
+        }
+        Ok(SplitRows {
+            rows,
+            counts,
+            negatives: negative_count,
+        })
+    }
+
+    /// Instances of `instances` whose category has another instance among them.
+    fn pairable_instances(&self, instances: &[usize]) -> Vec<usize> {
+        let mut per_category: HashMap<usize, usize> = HashMap::new();
+        for &i in instances {
+            *per_category.entry(self.instances[i].category).or_default() += 1;
+        }
+        instances
+            .iter()
+            .copied()
+            .filter(|&i| per_category[&self.instances[i].category] >= 2)
+            .collect()
+    }
+
+    /// Up to `target` new random negative pairs, anchored at the instances in turn (shuffled
+    /// order, round robin) so each instance anchors about the same number; each pairs an image
+    /// of the anchor with an image of another instance of its category in the split.
+    fn random_negatives(
+        &self,
+        instances: &[usize],
+        target: usize,
+        mut taken: HashSet<(usize, usize)>,
+        rng: &mut StageRng,
+    ) -> Vec<(usize, usize)> {
+        // The split's instances per category; an anchor's rivals are its category's members but
+        // itself. Kept per category: a list of rivals per anchor would be quadratic.
+        let mut members: HashMap<usize, Vec<usize>> = HashMap::new();
+        for &instance in instances {
+            members
+                .entry(self.instances[instance].category)
+                .or_default()
+                .push(instance);
+        }
+        let mut anchors = self.pairable_instances(instances);
+        rng.shuffle(&mut anchors);
+        let mut out = Vec::with_capacity(target);
+        while out.len() < target && !anchors.is_empty() {
+            // Anchors with no untaken pair left drop out of the next round.
+            let mut live = Vec::with_capacity(anchors.len());
+            for &anchor in &anchors {
+                if out.len() == target {
+                    break;
+                }
+                let category = &members[&self.instances[anchor].category];
+                if let Some((a, b)) = self.draw_random_pair(anchor, category, &taken, rng) {
+                    taken.insert((a.min(b), a.max(b)));
+                    out.push((a, b));
+                    live.push(anchor);
+                }
+            }
+            anchors = live;
+        }
+        out
+    }
+
+    /// A random untaken pair (anchor image, rival image), the rival among `members` (the anchor's
+    /// category in the split, anchor included): a few random tries, then an exhaustive scan so a
+    /// nearly exhausted anchor still finds its last pairs.
+    fn draw_random_pair(
+        &self,
+        anchor: usize,
+        members: &[usize],
+        taken: &HashSet<(usize, usize)>,
+        rng: &mut StageRng,
+    ) -> Option<(usize, usize)> {
+        let own = &self.instances[anchor].images;
+        for _ in 0..16 {
+            let rival = members[rng.below(members.len())];
+            if rival == anchor {
+                continue;
+            }
+            let a = own[rng.below(own.len())];
+            let rival = &self.instances[rival].images;
+            let b = rival[rng.below(rival.len())];
+            if !taken.contains(&(a.min(b), a.max(b))) {
+                return Some((a, b));
+            }
+        }
+        let mut free = Vec::new();
+        for &a in own {
+            for &rival in members.iter().filter(|&&rival| rival != anchor) {
+                for &b in &self.instances[rival].images {
+                    if !taken.contains(&(a.min(b), a.max(b))) {
+                        free.push((a, b));
+                    }
+                }
+            }
+        }
+        (!free.is_empty()).then(|| free[rng.below(free.len())])
+    }
+
+    fn negative_pools(
+        &self,
+        instances: &[usize],
+        split_negatives: &[Negative],
+        mode: NegativesMode,
+    ) -> NegativePools {
+        match mode {
+            NegativesMode::Hard | NegativesMode::Both => {
+                let mut pools: HashMap<usize, Vec<(usize, Source)>> = HashMap::new();
+                let mut listed: HashSet<(usize, usize)> = HashSet::new();
+                for n in split_negatives {
+                    for (own, other) in [(n.a, n.b), (n.b, n.a)] {
+                        let instance = self.instance_of[own];
+                        // An image partnered with several of the instance's images is listed
+                        // once, with the source of its first pair in canonical order.
+                        if listed.insert((instance, other)) {
+                            pools.entry(instance).or_default().push((other, n.source));
+                        }
+                    }
+                }
+                NegativePools::Partners(pools)
+            }
+            NegativesMode::Random => {
+                let mut images: HashMap<usize, Vec<usize>> = HashMap::new();
+                for &instance in instances {
+                    let i = &self.instances[instance];
+                    images.entry(i.category).or_default().extend(&i.images);
+                }
+                NegativePools::Category(images)
+            }
+        }
+    }
+
+    /// `multi_questions` of the split, the same number per answer 0–3 where feasible; the rest is
+    /// counted as shortfall.
+    fn multi_questions(
+        &self,
+        split: Split,
+        instances: &[usize],
+        split_negatives: &[Negative],
+        config: &BuildConfig,
+        counts: &mut SplitCounts,
+    ) -> Vec<MultiQuestion> {
+        let per_answer = (*config.multi_questions.get(split) / 4) as usize;
+        if per_answer == 0 {
+            return Vec::new();
+        }
+        let mut rng = StageRng::new(config.seed, &format!("multi/{split}"));
+
+        let pools = self.negative_pools(instances, split_negatives, config.negatives);
+        let mut out = Vec::with_capacity(per_answer * 4);
+        let mut seen: HashSet<(usize, [usize; 3])> = HashSet::new();
+        for answer in 0..4usize {
+            let needed_negatives = 3 - answer;
+            // Every reference image with enough positives and negatives, equally likely.
+            let references: Vec<usize> = instances
+                .iter()
+                .filter(|&&i| {
+                    self.instances[i].images.len() > answer
+                        && pools.size(self, i) >= needed_negatives
+                })
+                .flat_map(|&i| self.instances[i].images.iter().copied())
+                .collect();
+            let mut made = 0;
+            let mut attempts = 0;
+            let max_attempts = per_answer * 50 + 200;
+            while made < per_answer && !references.is_empty() && attempts < max_attempts {
+                attempts += 1;
+                let reference = references[rng.below(references.len())];
+                let instance = self.instance_of[reference];
+                let others: Vec<usize> = self.instances[instance]
+                    .images
+                    .iter()
+                    .copied()
+                    .filter(|&image| image != reference)
+                    .collect();
+                let mut candidates: Vec<(usize, Source)> = rng
+                    .sample(&others, answer)
+                    .into_iter()
+                    .map(|image| (image, Source::Positive))
+                    .collect();
+                candidates.extend(pools.sample(self, instance, needed_negatives, &mut rng));
+                rng.shuffle(&mut candidates);
+                let mut key = [candidates[0].0, candidates[1].0, candidates[2].0];
+                key.sort_unstable();
+                if !seen.insert((reference, key)) {
+                    continue;
+                }
+                out.push(MultiQuestion {
+                    reference,
+                    candidates,
+                    answer,
+                });
+                made += 1;
+            }
+            counts.multi_shortfall[answer] = (per_answer - made) as u64;
+        }
+        out
+    }
+}
+
+/// The negative candidates of multi questions, per reference instance.
+enum NegativePools {
+    /// `hard` and `both`: each instance's hard and synthetic partners (image, source), without
+    /// repeats.
+    Partners(HashMap<usize, Vec<(usize, Source)>>),
+    /// `random`: any image of another instance of the category in the split. Kept per category
+    /// rather than per instance, which would hold a category's images once per instance.
+    Category(HashMap<usize, Vec<usize>>),
+}
+
+impl NegativePools {
+    fn size(&self, catalog: &Catalog, instance: usize) -> usize {
+        match self {
+            NegativePools::Partners(pools) => pools.get(&instance).map_or(0, Vec::len),
+            NegativePools::Category(images) => {
+                let category = catalog.instances[instance].category;
+                images.get(&category).map_or(0, Vec::len) - catalog.instances[instance].images.len()
+            }
+        }
+    }
+
+    /// `k` distinct negatives of `instance` (`k` at most its [`NegativePools::size`]).
+    fn sample(
+        &self,
+        catalog: &Catalog,
+        instance: usize,
+        k: usize,
+        rng: &mut StageRng,
+    ) -> Vec<(usize, Source)> {
+        match self {
+            NegativePools::Partners(pools) => {
+                rng.sample(pools.get(&instance).map_or(&[][..], Vec::as_slice), k)
+            }
+            NegativePools::Category(images) => {
+                let category = catalog.instances[instance].category;
+                let pool = images.get(&category).map_or(&[][..], Vec::as_slice);
+                let foreign = |image: &usize| catalog.instance_of[*image] != instance;
+                // Rejection keeps this O(k) for large categories; a category dominated by the
+                // reference's own images falls back to filtering.
+                let mut chosen: Vec<usize> = Vec::with_capacity(k);
+                for _ in 0..k * 16 {
+                    if chosen.len() == k {
+                        break;
+                    }
+                    let image = pool[rng.below(pool.len())];
+                    if foreign(&image) && !chosen.contains(&image) {
+                        chosen.push(image);
+                    }
+                }
+                if chosen.len() < k {
+                    let rest: Vec<usize> = pool
+                        .iter()
+                        .copied()
+                        .filter(|image| foreign(image) && !chosen.contains(image))
+                        .collect();
+                    chosen.extend(rng.sample(&rest, k - chosen.len()));
+                }
+                chosen
+                    .into_iter()
+                    .map(|image| (image, Source::Random))
+                    .collect()
+            }
+        }
+    }
+}
+
+struct MultiQuestion {
+    reference: usize,
+    /// (image, source) in the order shown.
+    candidates: Vec<(usize, Source)>,
+    answer: usize,
+}
+
+struct SplitRows {
+    rows: Vec<Row>,
+    counts: SplitCounts,
+    /// Negative pairs before balancing.
+    negatives: u64,
+}
+
+/// Equal yes and no pairs, per [`BuildConfig::balance`].
+fn balance(
+    split: Split,
+    pairs: Vec<(usize, usize, Source)>,
+    config: &BuildConfig,
+    counts: &mut SplitCounts,
+) -> Result<Vec<(usize, usize, Source)>, BuildError> {
+    if config.balance == Balance::None {
+        return Ok(pairs);
+    }
+    let (yes, no): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|p| p.2 == Source::Positive);
+    if yes.len() == no.len() {
+        return Ok(yes.into_iter().chain(no).collect());
+    }
+    if yes.is_empty() || no.is_empty() {
+        return Err(BuildError::CannotBalance {
+            split,
+            yes: yes.len() as u64,
+            no: no.len() as u64,
+        });
+    }
+    let (mut major, mut minor) = if yes.len() > no.len() {
+        (yes, no)
+    } else {
+        (no, yes)
+    };
+    let mut rng = StageRng::new(config.seed, &format!("balance/{split}"));
+    if config.balance == Balance::Downsample {
+        counts.balance_removed = (major.len() - minor.len()) as u64;
+        rng.shuffle(&mut major);
+        major.truncate(minor.len());
+    } else {
+        let extra = major.len() - minor.len();
+        counts.balance_added = extra as u64;
+        let mut copies = Vec::with_capacity(extra);
+        while copies.len() < extra {
+            let mut round = minor.clone();
+            rng.shuffle(&mut round);
+            round.truncate(extra - copies.len());
+            copies.extend(round);
+        }
+        minor.extend(copies);
+    }
+    Ok(major.into_iter().chain(minor).collect())
+}

@@ -1,0 +1,126 @@
+//! The `build-dataset` stage: TWIN pair and multi questions from an ingested dataset and the
+//! accepted hard negatives, exported as JSONL and parquet in the verl layout.
+//!
+//! The building itself is `twin_data::build` (pure and seeded); this stage fetches the inputs
+//! the server pinned at submission, stores the manifest (whose hash is the dataset's identity)
+//! and the exports as blobs, and reports the counts. Exported records name each image
+//! `images/<sha256>.<ext>`, the layout `twin dataset export` writes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use twin_core::dataset::BuildDatasetOutput;
+use twin_core::event::{JobOutput, ManifestEntry};
+use twin_core::job::JobState;
+use twin_core::spec::JobSpec;
+use twin_core::{BlobHash, JobKind};
+use twin_data::build::{BuildConfig, BuildInputs, ImageRef, NegativePair, Split};
+use twin_data::export::{ExportOptions, PromptStyle};
+
+use crate::{Stage, StageContext, StageError};
+
+pub struct BuildDatasetStage;
+
+fn jsonl<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<Vec<T>, StageError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| StageError::permanent(format!("{what} is not UTF-8")))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| StageError::permanent(format!("{what} line {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
+/// Where an exported record points for an image: `images/<sha256>.<ext>`.
+pub fn image_file(image: &ImageRef) -> String {
+    let ext = Path::new(&image.path)
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_else(|| "img".into());
+    format!("images/{}.{ext}", image.blob)
+}
+
+impl Stage for BuildDatasetStage {
+    fn kind(&self) -> JobKind {
+        JobKind::BuildDataset
+    }
+
+    fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError> {
+        let JobSpec::BuildDataset(spec) = &job.submission.spec else {
+            return Err(StageError::permanent(
+                "the build-dataset stage got another kind of job",
+            ));
+        };
+        let config = BuildConfig::from_json(&spec.options)
+            .map_err(|e| StageError::permanent(format!("spec.options: {e}")))?;
+        let manifest = spec
+            .manifest
+            .ok_or_else(|| StageError::permanent("spec.manifest was not pinned at submission"))?;
+        let images: Vec<ManifestEntry> =
+            jsonl(&ctx.download(&manifest)?, "the dataset manifest")?;
+        let hard: Vec<NegativePair> = match spec.hard_negatives {
+            Some(h) => jsonl(&ctx.download(&h)?, "the accepted hard negatives")?,
+            None => Vec::new(),
+        };
+        let mut synthetic: Vec<NegativePair> = Vec::new();
+        for h in &spec.synthetic {
+            synthetic.extend(jsonl::<NegativePair>(
+                &ctx.download(h)?,
+                &format!("synthetic negatives {h}"),
+            )?);
+        }
+        ctx.progress(
+            &format!(
+                "building from {} images, {} hard and {} synthetic negatives",
+                images.len(),
+                hard.len(),
+                synthetic.len()
+            ),
+            Some(0.1),
+            BTreeMap::new(),
+        );
+        let dataset = twin_data::build::build(
+            &BuildInputs {
+                images: &images,
+                hard_negatives: &hard,
+                synthetic_negatives: &synthetic,
+            },
+            &config,
+        )
+        .map_err(|e| StageError::permanent(e.to_string()))?;
+        let manifest = dataset.manifest();
+        let stored = ctx.upload(manifest.bytes)?;
+        debug_assert_eq!(stored, manifest.id);
+        ctx.record_artefact("manifest", stored)?;
+        let mut exports: BTreeMap<String, BlobHash> = BTreeMap::new();
+        for split in [Split::Train, Split::Eval] {
+            let options = ExportOptions {
+                split,
+                prompt: PromptStyle::Training,
+            };
+            let records = twin_data::export::records(&dataset, &options, image_file);
+            let mut jsonl = Vec::new();
+            let mut parquet = Vec::new();
+            twin_data::export::write_jsonl(&records, &mut jsonl)
+                .and_then(|()| twin_data::export::write_parquet(&records, &mut parquet))
+                .map_err(|e| StageError::permanent(format!("exporting {}: {e}", split.as_str())))?;
+            for (name, bytes) in [
+                (format!("{}.jsonl", split.as_str()), jsonl),
+                (format!("{}.parquet", split.as_str()), parquet),
+            ] {
+                let hash: BlobHash = ctx.upload(bytes)?;
+                ctx.record_artefact(&name, hash)?;
+                exports.insert(name, hash);
+            }
+        }
+        Ok(JobOutput::BuildDataset(BuildDatasetOutput {
+            manifest: stored,
+            exports,
+            counts: dataset.flat_counts(),
+        }))
+    }
+}

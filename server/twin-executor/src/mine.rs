@@ -1,0 +1,679 @@
+//! The `mine` stage: CLIP embeddings → nearest neighbours from other instances → filter
+//! modules → candidate hard negatives.
+//!
+//! Three phases, each ending in an artefact: `embeddings` (the embedding table), `neighbours`
+//! (the unfiltered pairs, with the search's recall) and `candidates` (the filtered pairs). A job
+//! re-leased after its executor died starts from the last phase it finished: the artefacts are in
+//! the job's state, and recording one again is a no-op on the server, so a resumed job adds no
+//! duplicate events. Embeddings are keyed by (model hash, image hash): images already embedded
+//! by an earlier mine job with the same weights are taken from its table, not recomputed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use twin_client::JobFilter;
+use twin_core::event::{JobOutput, JobResult, ManifestEntry, RejectedFile};
+use twin_core::job::{JobState, JobStatus};
+use twin_core::mine::{
+    Candidate, ComputeDevice, FilterMode, FilterSummary, FilterVerdict, MineOutput, MineScope,
+    MineSpec, PairImage, SearchMethod,
+};
+use twin_core::spec::JobSpec;
+use twin_core::{BlobHash, JobKind};
+use twin_ml::clip::{ClipModel, ClipPreprocessor};
+use twin_ml::index::{
+    Determinism, EmbeddingMatrix, HnswParams, Neighbours, Queries, RowLabel, Scope,
+    recall_at_k, sample_queries, search_exact, search_hnsw,
+};
+use twin_ml::tch::Device;
+use twin_plugins::{CandidatePair, Host, Limits, PluginError};
+
+use crate::embeddings::EmbeddingTable;
+use crate::{Stage, StageContext, StageError};
+
+const EMBEDDINGS: &str = "embeddings";
+const NEIGHBOURS: &str = "neighbours";
+const CANDIDATES: &str = "candidates";
+
+/// A loaded checkpoint, kept between jobs that name the same directory. libtorch tensors are
+/// not `Sync`, so the model lives behind the stage's mutex and is used while it is held (an
+/// executor runs one job at a time anyway).
+struct Loaded {
+    dir: String,
+    model: ClipModel,
+    preprocessor: ClipPreprocessor,
+    hash: String,
+}
+
+/// Runs `mine` jobs; filter modules run on the shared plugin host.
+pub struct MineStage {
+    host: Arc<Host>,
+    loaded: Mutex<Option<Loaded>>,
+}
+
+impl MineStage {
+    pub fn new(host: Arc<Host>) -> Self {
+        Self {
+            host,
+            loaded: Mutex::new(None),
+        }
+    }
+
+    /// Runs `f` with the checkpoint at `dir` on `device`, loading it unless it is the one held.
+    fn with_model<T>(
+        &self,
+        dir: &str,
+        device: Device,
+        f: impl FnOnce(&ClipModel, &ClipPreprocessor, &str) -> Result<T, StageError>,
+    ) -> Result<T, StageError> {
+        let mut slot = self.loaded.lock();
+        let reuse = slot
+            .as_ref()
+            .is_some_and(|l| l.dir == dir && l.model.device() == device);
+        if !reuse {
+            *slot = None;
+            let path = Path::new(dir);
+            let model = ClipModel::load_vision(path, device)
+                .map_err(|e| StageError::permanent(format!("spec.model: {e}")))?;
+            let preprocessor = ClipPreprocessor::load(path)
+                .map_err(|e| StageError::permanent(format!("spec.model: {e}")))?;
+            let hash = model
+                .weights_hash()
+                .ok_or_else(|| {
+                    StageError::permanent("spec.model: the checkpoint has no weights hash")
+                })?
+                .to_owned();
+            *slot = Some(Loaded {
+                dir: dir.to_owned(),
+                model,
+                preprocessor,
+                hash,
+            });
+        }
+        let l = slot.as_ref().expect("loaded above");
+        f(&l.model, &l.preprocessor, &l.hash)
+    }
+}
+
+/// One unordered pair found by the search, before filtering.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FoundPair {
+    a: usize,
+    b: usize,
+    similarity: f64,
+    /// Best rank of either image in the other's list, from 0.
+    rank: u32,
+}
+
+/// The `neighbours` artefact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct NeighbourPhase {
+    /// Manifest rows (in manifest order) that were embedded; pair indices point into it.
+    rows: Vec<usize>,
+    search: SearchMethod,
+    recall_at_k: Option<f64>,
+    pairs: Vec<FoundPair>,
+    millis: u64,
+}
+
+fn ml_error(what: &str, e: twin_ml::MlError) -> StageError {
+    StageError::permanent(format!("{what}: {e}"))
+}
+
+fn artefact(job: &JobState, name: &str) -> Option<BlobHash> {
+    job.artefacts
+        .iter()
+        .rev()
+        .find(|a| a.name == name)
+        .map(|a| a.blob)
+}
+
+fn parse_manifest(bytes: &[u8]) -> Result<Vec<ManifestEntry>, StageError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| StageError::permanent("the dataset manifest is not UTF-8"))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| {
+                StageError::permanent(format!("dataset manifest line {}: {e}", i + 1))
+            })
+        })
+        .collect()
+}
+
+impl Stage for MineStage {
+    fn kind(&self) -> JobKind {
+        JobKind::Mine
+    }
+
+    fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError> {
+        let JobSpec::Mine(spec) = &job.submission.spec else {
+            return Err(StageError::permanent("the mine stage got another kind of job"));
+        };
+        let manifest = spec
+            .manifest
+            .ok_or_else(|| StageError::permanent("spec.manifest was not pinned at submission"))?;
+        let entries = parse_manifest(&ctx.download(&manifest)?)?;
+        if entries.is_empty() {
+            return Err(StageError::permanent("the dataset has no images"));
+        }
+        let device = twin_ml::device::select(match spec.device {
+            ComputeDevice::Auto => twin_ml::DeviceRequest::Auto,
+            ComputeDevice::Cpu => twin_ml::DeviceRequest::Cpu,
+            ComputeDevice::Cuda => twin_ml::DeviceRequest::Cuda,
+        })
+        .map_err(|e| StageError::permanent(format!("spec.device: {e}")))?;
+        let mut timings = BTreeMap::new();
+
+        // Phase 1: embeddings.
+        let started = Instant::now();
+        let (table, skipped, reused) = match artefact(job, EMBEDDINGS) {
+            Some(blob) => {
+                let table = EmbeddingTable::decode(&ctx.download(&blob)?)
+                    .map_err(StageError::permanent)?;
+                ctx.progress("resumed: embeddings from the previous attempt", None, BTreeMap::new());
+                let skipped = entries
+                    .iter()
+                    .filter(|e| !table.rows.contains_key(&e.blob))
+                    .map(|e| RejectedFile {
+                        path: e.path.clone(),
+                        error: "not embedded by the previous attempt".into(),
+                    })
+                    .collect();
+                (table, skipped, 0)
+            }
+            None => {
+                let (table, skipped, reused) =
+                    self.with_model(&spec.model, device, |model, preprocessor, hash| {
+                        embed(spec, &entries, model, preprocessor, hash, ctx)
+                    })?;
+                let blob = ctx.upload(table.encode())?;
+                ctx.record_artefact(EMBEDDINGS, blob)?;
+                (table, skipped, reused)
+            }
+        };
+        timings.insert("embed".to_owned(), started.elapsed().as_millis() as u64);
+        let embeddings_blob = BlobHash::of(&table.encode());
+
+        // Phase 2: neighbours.
+        let started = Instant::now();
+        let phase = match artefact(job, NEIGHBOURS) {
+            Some(blob) => serde_json::from_slice::<NeighbourPhase>(&ctx.download(&blob)?)
+                .map_err(|e| StageError::permanent(format!("neighbours artefact: {e}")))?,
+            None => {
+                let phase = search(spec, &entries, &table, device, ctx)?;
+                let blob = ctx.upload(serde_json::to_vec(&phase).expect("phases serialise"))?;
+                ctx.record_artefact(NEIGHBOURS, blob)?;
+                phase
+            }
+        };
+        timings.insert("search".to_owned(), started.elapsed().as_millis() as u64);
+
+        // Phase 3: filters.
+        let started = Instant::now();
+        let (candidates, candidates_blob, fuel) = match artefact(job, CANDIDATES) {
+            Some(blob) => (parse_candidates(&ctx.download(&blob)?)?, blob, BTreeMap::new()),
+            None => {
+                let (candidates, fuel) = self.filter(spec, &entries, &phase, ctx)?;
+                let blob = ctx.upload(candidates_jsonl(&candidates))?;
+                ctx.record_artefact(CANDIDATES, blob)?;
+                (candidates, blob, fuel)
+            }
+        };
+        timings.insert("filter".to_owned(), started.elapsed().as_millis() as u64);
+        let summaries = self.summarise(spec, &candidates, &fuel);
+        let mut listed = skipped.clone();
+        listed.truncate(twin_core::event::IngestOutput::MAX_LISTED_REJECTS);
+        Ok(JobOutput::Mine(MineOutput {
+            model_hash: table.model_hash.clone(),
+            embeddings: embeddings_blob,
+            candidates: candidates_blob,
+            images: entries.len() as u64,
+            reused_embeddings: reused,
+            skipped: listed,
+            skipped_total: skipped.len() as u64,
+            search: phase.search,
+            device: format!("{device:?}").to_lowercase(),
+            pairs: candidates.len() as u64,
+            kept: candidates.iter().filter(|c| c.kept).count() as u64,
+            auto_accepted: candidates.iter().filter(|c| c.auto_accepted).count() as u64,
+            recall_at_k: phase.recall_at_k,
+            filters: summaries,
+            timings_ms: timings,
+        }))
+    }
+}
+
+fn candidates_jsonl(candidates: &[Candidate]) -> Vec<u8> {
+    let mut jsonl = Vec::new();
+    for c in candidates {
+        serde_json::to_writer(&mut jsonl, c).expect("candidates serialise");
+        jsonl.push(b'\n');
+    }
+    jsonl
+}
+
+fn parse_candidates(bytes: &[u8]) -> Result<Vec<Candidate>, StageError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| StageError::permanent("candidates artefact is not UTF-8"))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l)
+                .map_err(|e| StageError::permanent(format!("candidates artefact: {e}")))
+        })
+        .collect()
+}
+
+/// Embeddings of earlier succeeded mine jobs with the same weights, merged (best effort: a
+/// table that cannot be fetched is simply not reused).
+fn earlier_embeddings(model_hash: &str, ctx: &StageContext) -> EmbeddingTable {
+    let mut merged = EmbeddingTable::new(model_hash, 0);
+    let filter = JobFilter {
+        state: Some("succeeded".into()),
+        kind: Some("mine".into()),
+        experiment: None,
+        limit: Some(1000),
+    };
+    let Ok(jobs) = ctx.jobs(&filter) else {
+        return merged;
+    };
+    for j in jobs {
+        let Some(JobResult::Mine(out)) = &j.result else {
+            continue;
+        };
+        if out.model_hash != model_hash || j.status != JobStatus::Succeeded {
+            continue;
+        }
+        let Ok(bytes) = ctx.download(&out.embeddings) else {
+            continue;
+        };
+        if let Ok(t) = EmbeddingTable::decode(&bytes)
+            && t.model_hash == model_hash
+            && (merged.dim == 0 || merged.dim == t.dim)
+        {
+            merged.dim = t.dim;
+            merged.rows.extend(t.rows);
+        }
+    }
+    merged
+}
+
+/// Embeds every image of the manifest not embedded before; returns the table (for exactly the
+/// manifest's images that decode), the images skipped with their reason, and how many were reused.
+fn embed(
+    spec: &MineSpec,
+    entries: &[ManifestEntry],
+    model: &ClipModel,
+    preprocessor: &ClipPreprocessor,
+    model_hash: &str,
+    ctx: &StageContext,
+) -> Result<(EmbeddingTable, Vec<RejectedFile>, u64), StageError> {
+    let dim = model.embedding_dim() as usize;
+    let earlier = earlier_embeddings(model_hash, ctx);
+    let mut table = EmbeddingTable::new(model_hash, dim);
+    let mut reused = 0u64;
+    let mut todo = Vec::new();
+    let mut seen = BTreeSet::new();
+    for e in entries {
+        if !seen.insert(e.blob) {
+            continue;
+        }
+        match earlier.rows.get(&e.blob) {
+            Some(v) if v.len() == dim => {
+                table.rows.insert(e.blob, v.clone());
+                reused += 1;
+            }
+            _ => todo.push(e),
+        }
+    }
+    let mut skipped = Vec::new();
+    let batch = spec.batch_size.max(1) as usize;
+    let total = todo.len();
+    for (i, chunk) in todo.chunks(batch).enumerate() {
+        if ctx.is_cancelled() {
+            return Err(StageError::permanent("cancelled"));
+        }
+        let mut images = Vec::with_capacity(chunk.len());
+        let mut hashes = Vec::with_capacity(chunk.len());
+        for e in chunk {
+            let bytes = ctx.download(&e.blob)?;
+            match image::load_from_memory(&bytes) {
+                Ok(img) => {
+                    images.push(img);
+                    hashes.push(e.blob);
+                }
+                Err(err) => skipped.push(RejectedFile {
+                    path: e.path.clone(),
+                    error: format!("cannot decode: {err}"),
+                }),
+            }
+        }
+        if images.is_empty() {
+            continue;
+        }
+        let features = model
+            .embed_images(preprocessor, &images)
+            .map_err(|e| ml_error("embedding", e))?;
+        let flat: Vec<f32> = Vec::<f32>::try_from(
+            features
+                .to_kind(twin_ml::tch::Kind::Float)
+                .to_device(Device::Cpu)
+                .flatten(0, -1),
+        )
+        .map_err(|e| StageError::permanent(format!("embedding: {e}")))?;
+        for (h, v) in hashes.iter().zip(flat.chunks_exact(dim)) {
+            table.rows.insert(*h, v.to_vec());
+        }
+        let done = ((i + 1) * batch).min(total);
+        ctx.progress(
+            &format!("embedded {done} of {total} images ({reused} reused)"),
+            Some(done as f64 / total.max(1) as f64 / 3.0),
+            BTreeMap::from([("embedded".to_owned(), done as f64)]),
+        );
+    }
+    Ok((table, skipped, reused))
+}
+
+/// Numbers names in order of first appearance.
+fn intern(names: impl Iterator<Item = String>) -> (Vec<u32>, usize) {
+    let mut ids: HashMap<String, u32> = HashMap::new();
+    let out = names
+        .map(|n| {
+            let next = ids.len() as u32;
+            *ids.entry(n).or_insert(next)
+        })
+        .collect();
+    (out, ids.len())
+}
+
+/// Finds each embedded image's neighbours from other instances and folds them into unordered
+/// pairs; measures HNSW's recall against exact search on a sample.
+fn search(
+    spec: &MineSpec,
+    entries: &[ManifestEntry],
+    table: &EmbeddingTable,
+    device: Device,
+    ctx: &StageContext,
+) -> Result<NeighbourPhase, StageError> {
+    let started = Instant::now();
+    let mut seen = BTreeSet::new();
+    let rows: Vec<usize> = (0..entries.len())
+        .filter(|&i| table.rows.contains_key(&entries[i].blob) && seen.insert(entries[i].blob))
+        .collect();
+    let (instances, _) = intern(
+        rows.iter()
+            .map(|&i| format!("{}\u{0}{}", entries[i].category, entries[i].instance)),
+    );
+    let (categories, _) = intern(rows.iter().map(|&i| entries[i].category.clone()));
+    let labels: Vec<RowLabel> = instances
+        .iter()
+        .zip(&categories)
+        .map(|(&instance, &category)| RowLabel { instance, category })
+        .collect();
+    let mut values = Vec::with_capacity(rows.len() * table.dim);
+    for &i in &rows {
+        values.extend_from_slice(&table.rows[&entries[i].blob]);
+    }
+    let method = match spec.search {
+        SearchMethod::Auto if device.is_cuda() => SearchMethod::Exact,
+        SearchMethod::Auto => SearchMethod::Hnsw,
+        m => m,
+    };
+    let mut phase = NeighbourPhase {
+        rows: rows.clone(),
+        search: method,
+        recall_at_k: None,
+        pairs: Vec::new(),
+        millis: 0,
+    };
+    if rows.is_empty() {
+        return Ok(phase);
+    }
+    let matrix =
+        EmbeddingMatrix::new(table.dim, values, labels).map_err(|e| ml_error("embeddings", e))?;
+    let scope = match spec.scope {
+        MineScope::PerCategory => Scope::PerCategory,
+        MineScope::Global => Scope::Global,
+    };
+    let k = spec.k as usize;
+    ctx.progress(
+        &format!("searching {} images ({method:?})", rows.len()),
+        Some(1.0 / 3.0),
+        BTreeMap::new(),
+    );
+    let found: Neighbours = match method {
+        SearchMethod::Exact | SearchMethod::Auto => {
+            search_exact(&matrix, scope, k, Queries::All, device)
+                .map_err(|e| ml_error("exact search", e))?
+        }
+        SearchMethod::Hnsw => {
+            let params = HnswParams {
+                ef_construction: spec.hnsw.ef_construction as usize,
+                ef_search: spec.hnsw.ef_search as usize,
+                seed: spec.seed,
+                determinism: if spec.deterministic {
+                    Determinism::Deterministic
+                } else {
+                    Determinism::Parallel
+                },
+                ..HnswParams::default()
+            };
+            let found = search_hnsw(&matrix, scope, k, &params)
+                .map_err(|e| ml_error("HNSW search", e))?;
+            if spec.recall_sample > 0 {
+                let sample = sample_queries(rows.len(), spec.recall_sample as usize, spec.seed);
+                let exact = search_exact(&matrix, scope, k, Queries::Rows(&sample), device)
+                    .map_err(|e| ml_error("exact search", e))?;
+                phase.recall_at_k = Some(recall_at_k(&found, &exact, k).recall);
+            }
+            found
+        }
+    };
+    // Unordered pairs, each with its best rank; indices are positions in `rows`.
+    let mut best: BTreeMap<(usize, usize), FoundPair> = BTreeMap::new();
+    for q in found.results() {
+        for n in &q.neighbours {
+            let (a, b) = if q.query < n.row {
+                (q.query, n.row)
+            } else {
+                (n.row, q.query)
+            };
+            let rank = n.rank.saturating_sub(1);
+            best.entry((a, b))
+                .and_modify(|p| p.rank = p.rank.min(rank))
+                .or_insert(FoundPair {
+                    a,
+                    b,
+                    similarity: f64::from(n.similarity),
+                    rank,
+                });
+        }
+    }
+    phase.pairs = best.into_values().collect();
+    phase.millis = started.elapsed().as_millis() as u64;
+    Ok(phase)
+}
+
+fn phash(hex: &str) -> u64 {
+    u64::from_str_radix(hex, 16).unwrap_or(0)
+}
+
+fn limits(spec: &MineSpec, defaults: Limits) -> Limits {
+    let l = &spec.limits;
+    Limits {
+        fuel: l.fuel.unwrap_or(defaults.fuel),
+        deadline: l
+            .deadline_ms
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(defaults.deadline),
+        memory_bytes: l
+            .memory_mb
+            .map(|m| m << 20)
+            .unwrap_or(defaults.memory_bytes),
+        table_elements: defaults.table_elements,
+    }
+}
+
+impl MineStage {
+    /// Runs every filter over every pair (in batches); returns the candidates, sorted by id, and
+    /// the fuel each filter used. A filter that traps drops its batch with the error as the
+    /// reason (fail closed); one that refuses its parameters fails the job.
+    fn filter(
+        &self,
+        spec: &MineSpec,
+        entries: &[ManifestEntry],
+        phase: &NeighbourPhase,
+        ctx: &StageContext,
+    ) -> Result<(Vec<Candidate>, BTreeMap<String, u64>), StageError> {
+        let image = |i: usize| {
+            let e = &entries[phase.rows[i]];
+            PairImage {
+                blob: e.blob,
+                path: e.path.clone(),
+                instance: e.instance.clone(),
+                category: e.category.clone(),
+            }
+        };
+        let mut candidates: Vec<Candidate> = phase
+            .pairs
+            .iter()
+            .map(|p| {
+                let (a, b) = (image(p.a), image(p.b));
+                Candidate {
+                    id: Candidate::pair_id(&a.blob, &b.blob),
+                    a,
+                    b,
+                    similarity: p.similarity,
+                    rank: p.rank,
+                    verdicts: Vec::new(),
+                    kept: true,
+                    auto_accepted: false,
+                }
+            })
+            .collect();
+        let pairs: Vec<CandidatePair> = phase
+            .pairs
+            .iter()
+            .map(|p| {
+                let (ea, eb) = (&entries[phase.rows[p.a]], &entries[phase.rows[p.b]]);
+                CandidatePair {
+                    image_a: ea.blob.to_hex(),
+                    image_b: eb.blob.to_hex(),
+                    instance_a: ea.instance.clone(),
+                    instance_b: eb.instance.clone(),
+                    category_a: ea.category.clone(),
+                    category_b: eb.category.clone(),
+                    phash_a: phash(&ea.phash),
+                    phash_b: phash(&eb.phash),
+                    similarity: p.similarity,
+                    rank: p.rank,
+                    metadata: "{}".into(),
+                }
+            })
+            .collect();
+        let limits = limits(spec, self.host.config().limits);
+        let batch = spec.filter_batch.max(1) as usize;
+        let mut fuel = BTreeMap::new();
+        let steps = (spec.filters.len() * pairs.len().div_ceil(batch)).max(1);
+        let mut step = 0;
+        for f in &spec.filters {
+            let hash = f.module_hash.ok_or_else(|| {
+                StageError::permanent(format!("filter {} was not resolved to a hash", f.module))
+            })?;
+            let module = match self.host.get(&hash.to_hex()) {
+                Some(m) => m,
+                None => self.host.load(&ctx.download(&hash)?).map_err(|e| {
+                    StageError::permanent(format!("filter {} [{}]: {e}", f.label(), e.code()))
+                })?,
+            };
+            let params = f.params.to_string();
+            let mut used = 0u64;
+            for (chunk_index, chunk) in pairs.chunks(batch).enumerate() {
+                if ctx.is_cancelled() {
+                    return Err(StageError::permanent("cancelled"));
+                }
+                let (out, err) =
+                    self.host
+                        .judge_or_drop(&module, &params, &spec.grants, Some(&limits), chunk);
+                match err {
+                    Some(e @ (PluginError::BadParams(_) | PluginError::WrongKind { .. })) => {
+                        return Err(StageError::permanent(format!(
+                            "filter {} [{}]: {e}",
+                            f.label(),
+                            e.code()
+                        )));
+                    }
+                    Some(PluginError::Host(e)) => {
+                        return Err(StageError::transient(format!("filter {}: {e}", f.label())));
+                    }
+                    Some(e) => tracing::warn!(filter = f.label(), error = %e, "filter failed on a batch; its pairs are dropped"),
+                    None => {}
+                }
+                used = used.saturating_add(out.fuel_used);
+                for (j, v) in out.values.into_iter().enumerate() {
+                    let c = &mut candidates[chunk_index * batch + j];
+                    if !v.keep && f.mode == FilterMode::Require {
+                        c.kept = false;
+                    }
+                    c.verdicts.push(FilterVerdict {
+                        filter: f.label().to_owned(),
+                        keep: v.keep,
+                        reason: v.reason,
+                    });
+                }
+                step += 1;
+                ctx.progress(
+                    &format!("filter {}: {} of {} pairs", f.label(), ((chunk_index + 1) * batch).min(pairs.len()), pairs.len()),
+                    Some(2.0 / 3.0 + step as f64 / steps as f64 / 3.0),
+                    BTreeMap::new(),
+                );
+            }
+            fuel.insert(f.label().to_owned(), used);
+        }
+        if let Some(auto) = &spec.auto_accept {
+            for c in &mut candidates {
+                c.auto_accepted = c.kept && c.verdict(auto).is_some_and(|v| v.keep);
+            }
+        }
+        candidates.sort_by(|x, y| x.id.cmp(&y.id));
+        Ok((candidates, fuel))
+    }
+
+    fn summarise(
+        &self,
+        spec: &MineSpec,
+        candidates: &[Candidate],
+        fuel: &BTreeMap<String, u64>,
+    ) -> BTreeMap<String, FilterSummary> {
+        spec.filters
+            .iter()
+            .map(|f| {
+                let name = f.label().to_owned();
+                let kept = candidates
+                    .iter()
+                    .filter(|c| c.verdict(&name).is_some_and(|v| v.keep))
+                    .count() as u64;
+                let version = f
+                    .module_hash
+                    .and_then(|h| self.host.get(&h.to_hex()))
+                    .map(|m| m.descriptor.version.clone())
+                    .unwrap_or_default();
+                let summary = FilterSummary {
+                    module_hash: f.module_hash.unwrap_or(BlobHash([0; 32])),
+                    module_version: version,
+                    mode: f.mode,
+                    kept,
+                    dropped: candidates.len() as u64 - kept,
+                    fuel_used: fuel.get(&name).copied().unwrap_or(0),
+                };
+                (name, summary)
+            })
+            .collect()
+    }
+}

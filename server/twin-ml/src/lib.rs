@@ -1,0 +1,14 @@
+//! twin's libtorch layer: device selection, model loading, CLIP, the parity harness and the
+//! mining index. The only crate in the workspace that imports tch.
+
+pub mod clip;
+pub mod device;
+pub mod error;
+pub mod index;
+pub mod parity;
+pub mod resample;
+pub mod weights;
+
+pub use device::{DeviceRequest, cuda_available};
+pub use error::MlError;
+pub use tch;

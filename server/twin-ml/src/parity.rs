@@ -1,0 +1,360 @@
+//! The parity harness every model of this crate is held to: a fixture directory holds a
+//! checkpoint made by the reference implementation (transformers), the inputs it was given and
+//! the outputs it produced; the harness runs our model on the same inputs and compares each
+//! named output by its largest absolute difference.
+//!
+//! A fixture directory (layout documented in `tests/fixtures/parity/README.md`):
+//!
+//! - `meta.json`: [`FixtureMeta`]: the model `kind` (which [`Runner`] runs it), the `outputs`
+//!   to compare, the `tolerance` (max abs diff, default 1e-4, per-output overrides in
+//!   `tolerances`), the `images` in batch order, and `expect`: `"match"`, or `"mismatch"` for a
+//!   fixture built to fail (it proves the harness can);
+//! - the checkpoint itself: `config.json`, `model.safetensors` or shards with their index,
+//!   `preprocessor_config.json` when images are preprocessed;
+//! - `images/*.png`: raw images, preprocessed by our preprocessor (so preprocessing is under
+//!   test too, through the `pixel_values` output);
+//! - `inputs.safetensors`: other inputs (`input_ids`, `attention_mask`, or `pixel_values`
+//!   when there are no images);
+//! - `expected.safetensors`: the reference's outputs, by output name.
+//!
+//! A new model kind plugs in by implementing [`Runner`] and adding it to [`runners`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use image::DynamicImage;
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::MlError;
+use crate::clip::{ClipModel, ClipPreprocessor};
+use crate::weights::{read_json, read_safetensors};
+
+pub const META_FILE: &str = "meta.json";
+pub const INPUTS_FILE: &str = "inputs.safetensors";
+pub const EXPECTED_FILE: &str = "expected.safetensors";
+
+/// Default largest absolute difference for f32 on the CPU, for outputs of magnitude ~1.
+pub const DEFAULT_TOLERANCE: f64 = 1e-4;
+
+/// Whether a fixture's outputs should agree with the reference.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expectation {
+    #[default]
+    Match,
+    /// Built to disagree (weights changed after the expected outputs were computed).
+    Mismatch,
+}
+
+/// `meta.json`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureMeta {
+    /// Which runner builds the model: "clip".
+    pub kind: String,
+    #[serde(default)]
+    pub description: String,
+    /// Outputs compared, by name (each must be in `expected.safetensors`).
+    pub outputs: Vec<String>,
+    #[serde(default = "default_tolerance")]
+    pub tolerance: f64,
+    /// Per-output tolerances overriding `tolerance`.
+    #[serde(default)]
+    pub tolerances: BTreeMap<String, f64>,
+    /// Image files, relative to the fixture, in batch order.
+    #[serde(default)]
+    pub images: Vec<String>,
+    #[serde(default)]
+    pub expect: Expectation,
+    /// Free-form notes from the script that made the fixture (reference versions, seed).
+    #[serde(default)]
+    pub reference: serde_json::Value,
+}
+
+fn default_tolerance() -> f64 {
+    DEFAULT_TOLERANCE
+}
+
+/// An opened fixture directory.
+#[derive(Debug, Clone)]
+pub struct Fixture {
+    pub dir: PathBuf,
+    pub meta: FixtureMeta,
+}
+
+impl Fixture {
+    pub fn open(dir: &Path) -> Result<Fixture, MlError> {
+        let path = dir.join(META_FILE);
+        let meta: FixtureMeta = serde_json::from_value(read_json(&path)?)
+            .map_err(|e| MlError::config(&path, e.to_string()))?;
+        Ok(Fixture {
+            dir: dir.to_path_buf(),
+            meta,
+        })
+    }
+
+    pub fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.dir.display().to_string())
+    }
+
+    fn tensors(&self, file: &str) -> Result<BTreeMap<String, Tensor>, MlError> {
+        let path = self.dir.join(file);
+        if !path.exists() {
+            return Ok(BTreeMap::new());
+        }
+        Ok(read_safetensors(&path)?.into_iter().collect())
+    }
+
+    /// `inputs.safetensors` (empty when absent).
+    pub fn inputs(&self) -> Result<BTreeMap<String, Tensor>, MlError> {
+        self.tensors(INPUTS_FILE)
+    }
+
+    /// `expected.safetensors`.
+    pub fn expected(&self) -> Result<BTreeMap<String, Tensor>, MlError> {
+        let path = self.dir.join(EXPECTED_FILE);
+        Ok(read_safetensors(&path)?.into_iter().collect())
+    }
+
+    /// The images `meta.json` lists, decoded, in its order.
+    pub fn images(&self) -> Result<Vec<DynamicImage>, MlError> {
+        self.meta
+            .images
+            .iter()
+            .map(|name| {
+                image::open(self.dir.join(name)).map_err(|e| MlError::Image {
+                    name: self.dir.join(name).display().to_string(),
+                    message: e.to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Runs one kind of model on a fixture's inputs, producing named outputs.
+pub trait Runner {
+    /// The `kind` in `meta.json` this runner handles.
+    fn kind(&self) -> &'static str;
+    fn run(&self, fixture: &Fixture, device: Device) -> Result<BTreeMap<String, Tensor>, MlError>;
+}
+
+/// The runners the harness knows, one per model kind.
+pub fn runners() -> Vec<Box<dyn Runner>> {
+    vec![Box::new(ClipRunner)]
+}
+
+/// CLIP: loads the fixture as a checkpoint with [`ClipModel::load`]. Produces `pixel_values`
+/// (our preprocessing of the images), `image_embeds` (from `image_features`),
+/// `vision_image_embeds` (the same from `vision_forward`), `vision_last_hidden_state`,
+/// `vision_pooler_output`, and with `input_ids` in the inputs (and a text tower)
+/// `text_embeds`, `text_last_hidden_state`, `text_pooler_output`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClipRunner;
+
+impl Runner for ClipRunner {
+    fn kind(&self) -> &'static str {
+        "clip"
+    }
+
+    fn run(&self, fixture: &Fixture, device: Device) -> Result<BTreeMap<String, Tensor>, MlError> {
+        let model = ClipModel::load(&fixture.dir, device)?;
+        let inputs = fixture.inputs()?;
+        let mut out = BTreeMap::new();
+        let pixel_values = if fixture.meta.images.is_empty() {
+            inputs.get("pixel_values").map(Tensor::shallow_clone)
+        } else {
+            let preprocessor = ClipPreprocessor::load(&fixture.dir)?;
+            Some(preprocessor.preprocess_batch(&fixture.images()?)?)
+        };
+        if let Some(pixel_values) = pixel_values {
+            let vision = model.vision_forward(&pixel_values)?;
+            // `image_features` (what callers use) takes a shorter path than `vision_forward`;
+            // both are held to the reference.
+            out.insert("image_embeds".into(), model.image_features(&pixel_values)?);
+            out.insert("vision_image_embeds".into(), vision.image_embeds);
+            out.insert("pixel_values".into(), pixel_values);
+            out.insert("vision_last_hidden_state".into(), vision.last_hidden_state);
+            out.insert("vision_pooler_output".into(), vision.pooler_output);
+        }
+        if let (Some(ids), Some(_)) = (inputs.get("input_ids"), &model.config().text) {
+            let text = model.text_forward(ids, inputs.get("attention_mask"))?;
+            out.insert("text_embeds".into(), text.text_embeds);
+            out.insert("text_last_hidden_state".into(), text.last_hidden_state);
+            out.insert("text_pooler_output".into(), text.pooler_output);
+        }
+        Ok(out)
+    }
+}
+
+/// One output's comparison.
+#[derive(Debug, Clone)]
+pub struct OutputComparison {
+    pub name: String,
+    pub shape: Vec<i64>,
+    /// Largest |ours − expected|; infinite when the shapes differ or a value is NaN.
+    pub max_abs_diff: f64,
+    pub tolerance: f64,
+    /// `(ours, expected)` when they differ.
+    pub shape_mismatch: Option<(Vec<i64>, Vec<i64>)>,
+}
+
+impl OutputComparison {
+    pub fn within_tolerance(&self) -> bool {
+        self.shape_mismatch.is_none() && self.max_abs_diff <= self.tolerance
+    }
+}
+
+/// Everything one fixture's run found.
+#[derive(Debug, Clone)]
+pub struct FixtureReport {
+    pub fixture: String,
+    pub kind: String,
+    pub expect: Expectation,
+    pub outputs: Vec<OutputComparison>,
+}
+
+impl FixtureReport {
+    pub fn all_within_tolerance(&self) -> bool {
+        self.outputs.iter().all(OutputComparison::within_tolerance)
+    }
+
+    /// A "match" fixture with every output within tolerance, or a "mismatch" fixture with at
+    /// least one output outside it.
+    pub fn as_expected(&self) -> bool {
+        match self.expect {
+            Expectation::Match => self.all_within_tolerance(),
+            Expectation::Mismatch => !self.all_within_tolerance(),
+        }
+    }
+}
+
+impl fmt::Display for FixtureReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.as_expected() {
+            "as expected"
+        } else {
+            "UNEXPECTED"
+        };
+        writeln!(
+            f,
+            "{} ({}, expect {:?}): {verdict}",
+            self.fixture, self.kind, self.expect
+        )?;
+        for o in &self.outputs {
+            let status = if o.within_tolerance() {
+                "within"
+            } else {
+                "OUTSIDE"
+            };
+            match &o.shape_mismatch {
+                Some((ours, expected)) => writeln!(
+                    f,
+                    "  {:<26} shape {ours:?} but expected {expected:?}",
+                    o.name
+                )?,
+                None => writeln!(
+                    f,
+                    "  {:<26} {:?} max |diff| {:.3e} {status} tolerance {:.0e}",
+                    o.name, o.shape, o.max_abs_diff, o.tolerance
+                )?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one fixture: opens it, runs its kind's runner on `device` and compares every output
+/// `meta.json` names. An `Err` means the fixture could not be run at all (a broken fixture, a
+/// model that failed to load), never that outputs differ: that is in the report.
+pub fn run_fixture(dir: &Path, device: Device) -> Result<FixtureReport, MlError> {
+    let fixture = Fixture::open(dir)?;
+    let runners = runners();
+    let runner = runners
+        .iter()
+        .find(|r| r.kind() == fixture.meta.kind)
+        .ok_or_else(|| {
+            let known: Vec<&str> = runners.iter().map(|r| r.kind()).collect();
+            MlError::Invalid(format!(
+                "fixture {}: no runner for model kind {:?} (known: {})",
+                fixture.name(),
+                fixture.meta.kind,
+                known.join(", ")
+            ))
+        })?;
+    let ours = runner.run(&fixture, device)?;
+    let expected = fixture.expected()?;
+    let mut outputs = Vec::new();
+    for name in &fixture.meta.outputs {
+        let missing = |what: &str| {
+            MlError::Invalid(format!(
+                "fixture {}: output `{name}` {what}",
+                fixture.name()
+            ))
+        };
+        let mine = ours
+            .get(name)
+            .ok_or_else(|| missing("is not produced by the runner"))?;
+        let theirs = expected
+            .get(name)
+            .ok_or_else(|| missing("is not in expected.safetensors"))?;
+        let tolerance = *fixture
+            .meta
+            .tolerances
+            .get(name)
+            .unwrap_or(&fixture.meta.tolerance);
+        outputs.push(compare(name, mine, theirs, tolerance));
+    }
+    Ok(FixtureReport {
+        fixture: fixture.name(),
+        kind: fixture.meta.kind.clone(),
+        expect: fixture.meta.expect,
+        outputs,
+    })
+}
+
+fn compare(name: &str, ours: &Tensor, expected: &Tensor, tolerance: f64) -> OutputComparison {
+    let (a, b) = (ours.size(), expected.size());
+    if a != b {
+        return OutputComparison {
+            name: name.to_owned(),
+            shape: a.clone(),
+            max_abs_diff: f64::INFINITY,
+            tolerance,
+            shape_mismatch: Some((a, b)),
+        };
+    }
+    let to_f64 = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
+    let diff = (to_f64(ours) - to_f64(expected)).abs();
+    let max = if diff.numel() == 0 {
+        0.0
+    } else if diff.isnan().any().int64_value(&[]) != 0 {
+        f64::INFINITY
+    } else {
+        diff.max().double_value(&[])
+    };
+    OutputComparison {
+        name: name.to_owned(),
+        shape: a,
+        max_abs_diff: max,
+        tolerance,
+        shape_mismatch: None,
+    }
+}
+
+/// The fixture directories under `root` (those holding a `meta.json`), sorted by name.
+pub fn fixture_dirs(root: &Path) -> Result<Vec<PathBuf>, MlError> {
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(root).map_err(|e| MlError::io(root, e))? {
+        let path = entry.map_err(|e| MlError::io(root, e))?.path();
+        if path.join(META_FILE).is_file() {
+            dirs.push(path);
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}

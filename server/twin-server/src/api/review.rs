@@ -1,0 +1,50 @@
+//! Candidate review: list a mine job's candidates with their status, record verdicts.
+
+use actix_web::{HttpResponse, get, post, web};
+use twin_core::api::{CandidatePage, ReviewBody, ReviewOutcome};
+
+use crate::auth::{Caller, Role};
+use crate::error::ApiError;
+use crate::mining::CandidateQuery;
+use crate::service::Service;
+
+pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(candidates).service(review);
+}
+
+/// A succeeded mine job's kept candidates (both images' blobs and source paths, similarity,
+/// every filter's verdict) with their review status, filtered and paged.
+#[utoipa::path(
+    tag = "review",
+    params(("id" = String, Path, description = "mine job id"), CandidateQuery),
+    responses((status = 200, body = CandidatePage), (status = 400, body = twin_core::api::ErrorBody), (status = 404, body = twin_core::api::ErrorBody))
+)]
+#[get("/jobs/{id}/candidates")]
+async fn candidates(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+    query: web::Query<CandidateQuery>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Read)?;
+    Ok(HttpResponse::Ok().json(svc.list_candidates(&id, &query)?))
+}
+
+/// Accepts or rejects candidates, by id or every pending one a filter kept. One
+/// `candidate_reviewed` event per changed verdict, with the caller as its actor.
+#[utoipa::path(
+    tag = "review",
+    params(("id" = String, Path, description = "mine job id")),
+    request_body = ReviewBody,
+    responses((status = 200, body = ReviewOutcome), (status = 400, body = twin_core::api::ErrorBody), (status = 404, body = twin_core::api::ErrorBody))
+)]
+#[post("/jobs/{id}/reviews")]
+async fn review(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+    body: web::Json<ReviewBody>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = caller.require(Role::Submit)?;
+    Ok(HttpResponse::Ok().json(svc.review(actor, &id, body.into_inner()).await?))
+}
