@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 demo=${1:-.twin-demo}
+./deploy/setup-ml.sh
 cargo build --workspace --bins --locked --quiet
 bin=target/debug
 rm -rf "$demo" && mkdir -p "$demo"
@@ -12,8 +13,8 @@ data="$demo/data"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "generate a sample image set (3 categories x 4 instances x 3 views, plus 1 corrupt file)"
-"$bin/twin" sample-data "$demo/images" --corrupt 1
+step "generate a sample image set (6 categories x 4 instances x 4 views, plus 1 corrupt file)"
+"$bin/twin" sample-data "$demo/images" --corrupt 1 --contact-sheet "$demo/contact-sheet.png"
 
 step "start twin-server (embedded executor) on $data"
 RUST_LOG=${RUST_LOG:-warn} "$bin/twin-server" serve --data-dir "$data" --listen 127.0.0.1:0 >"$demo/server.out" 2>"$demo/server.log" &
@@ -50,6 +51,59 @@ cat >"$demo/rollouts.jsonl" <<'JSONL'
 JSONL
 "$bin/twin" modules run target/wasm32-wasip2/guest/binary_match.wasm --input "$demo/rollouts.jsonl"
 "$bin/twin" score --rollouts "$demo/rollouts.jsonl" --module binary-match --experiment demo --wait
+
+step "mine hard negatives: a random-weight CLIP ViT-B/32 (no download), HNSW, two filter modules"
+"$bin/twin-server" model init-clip "$demo/clip" --preset b32 --seed 0
+"$bin/twin" modules add target/wasm32-wasip2/guest/distinct_instance.wasm --name distinct
+"$bin/twin" modules add target/wasm32-wasip2/guest/similarity_band.wasm --name band
+cat >"$demo/mine.toml" <<SPEC
+experiment = "demo"
+
+[spec]
+kind = "mine"
+dataset = "sample"
+model = "clip"
+k = 5
+
+[[spec.filters]]
+module = "distinct"
+
+[[spec.filters]]
+module = "band"
+mode = "advise"
+params = { min = 0.0, max = 0.999 }
+SPEC
+mine=$("$bin/twin" --json submit "$demo/mine.toml" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+"$bin/twin" jobs wait "$mine"
+"$bin/twin" --json jobs show "$mine" | python3 -c 'import json,sys; r=json.load(sys.stdin)["result"]; print("%d images embedded on %s; %d pairs, %d kept by the filters; HNSW recall@5 against exact search: %.3f" % (r["images"], r["device"], r["pairs"], r["kept"], r["recall_at_k"]))'
+
+step "review: the first pending candidates, accept two, reject one, then accept the rest the band filter kept"
+"$bin/twin" review ls "$mine" --limit 3
+read -r a b c < <("$bin/twin" --json review ls "$mine" --limit 3 | python3 -c 'import json,sys; print(*[c["id"] for c in json.load(sys.stdin)["candidates"]])')
+"$bin/twin" review accept "$mine" "$a" "$b"
+"$bin/twin" review reject "$mine" "$c" --note "looks like the same product"
+"$bin/twin" review accept "$mine" --by-filter band
+
+step "build a dataset from the accepted hard negatives and export it"
+cat >"$demo/build.toml" <<SPEC
+experiment = "demo"
+
+[spec]
+kind = "build-dataset"
+name = "pairs"
+dataset = "sample"
+mines = ["$mine"]
+
+[spec.options]
+seed = 7
+eval_fraction = 0.25
+multi_questions = { train = 8, eval = 4 }
+SPEC
+"$bin/twin" submit "$demo/build.toml" --wait
+"$bin/twin" dataset ls
+"$bin/twin" dataset export pairs --out "$demo/export"
+ls "$demo/export"
+head -c 700 "$demo/export/train.jsonl"; echo
 
 step "jobs, datasets and the event stream"
 "$bin/twin" jobs ls

@@ -12,9 +12,9 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use twin_core::api::{
-    CandidatePage, ReviewBody, ReviewOutcome,
-    ArtefactBody, BlobStored, CancelBody, CompleteBody, CreateExperiment, EpochBody, ErrorBody,
-    EventsPage, FailBody, Health, HeartbeatResponse, LeaseGrant, LeaseRequest, ProgressBody,
+    ArtefactBody, BlobStored, CancelBody, CandidatePage, CompleteBody, CreateExperiment, EpochBody,
+    ErrorBody, EventsPage, FailBody, Health, HeartbeatResponse, LeaseGrant, LeaseRequest,
+    ProgressBody, ReviewBody, ReviewOutcome,
 };
 use twin_core::job::JobState;
 use twin_core::projection::{BuiltDataset, Dataset, Experiment, Lineage, ModuleInfo};

@@ -11,10 +11,9 @@ use serde::Serialize;
 
 use crate::dataset::DatasetBuilt;
 use crate::event::{
-    BuildDatasetResult,
-    DatasetRegistered, Event, IngestResult, JobArtefactRecorded, JobAttemptFailed,
-    JobCancelRequested, JobCancelled, JobLeaseExpired, JobLeased, JobOutput, JobProgress,
-    JobResult, JobStarted, JobSubmitted, JobSucceeded,
+    BuildDatasetResult, DatasetRegistered, Event, IngestResult, JobArtefactRecorded,
+    JobAttemptFailed, JobCancelRequested, JobCancelled, JobLeaseExpired, JobLeased, JobOutput,
+    JobProgress, JobResult, JobStarted, JobSubmitted, JobSucceeded,
 };
 use crate::ids::{Actor, BlobHash, DatasetId, ExperimentId, JobId, Millis, StreamName};
 use crate::spec::{JobKind, JobSpec, JobSubmission};
@@ -358,10 +357,12 @@ impl JobState {
                             result: JobResult::Score(out.clone()),
                         }))
                     }
-                    (JobSpec::Mine(_), JobOutput::Mine(out)) => one(Event::JobSucceeded(JobSucceeded {
-                        epoch,
-                        result: JobResult::Mine(out.clone()),
-                    })),
+                    (JobSpec::Mine(_), JobOutput::Mine(out)) => {
+                        one(Event::JobSucceeded(JobSucceeded {
+                            epoch,
+                            result: JobResult::Mine(out.clone()),
+                        }))
+                    }
                     (JobSpec::BuildDataset(spec), JobOutput::BuildDataset(out)) => Ok(vec![
                         (
                             self.stream(),

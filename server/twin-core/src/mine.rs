@@ -17,9 +17,7 @@ use crate::score::{Grants, ModuleLimits, valid_module_name};
 use crate::spec::SpecError;
 
 /// Where the model runs. `auto` takes a GPU when the executor has one.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ComputeDevice {
     #[default]
@@ -29,9 +27,7 @@ pub enum ComputeDevice {
 }
 
 /// Which images a query may be paired with.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MineScope {
     /// Only images of the query's own category (the paper's setting).
@@ -42,9 +38,7 @@ pub enum MineScope {
 
 /// How neighbours are found. `auto` = exact on a GPU (a matrix product is fastest there), HNSW
 /// on the CPU.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SearchMethod {
     #[default]
@@ -54,9 +48,7 @@ pub enum SearchMethod {
 }
 
 /// Whether a filter's "drop" removes the pair or is only recorded.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FilterMode {
     #[default]

@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use crate::event::{Event, ModuleRegistered, RecordedEvent};
 use crate::ids::{BlobHash, DatasetId, ExperimentId, JobId, Millis, StreamName};
-use crate::mine::Verdict;
 use crate::job::{JobState, JobStatus};
+use crate::mine::Verdict;
 
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Experiment {

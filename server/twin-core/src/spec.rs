@@ -5,8 +5,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{BlobHash, ExperimentId};
 pub use crate::dataset::BuildDatasetSpec;
+use crate::ids::{BlobHash, ExperimentId};
 pub use crate::mine::MineSpec;
 pub use crate::score::ScoreSpec;
 

@@ -132,7 +132,7 @@ impl<T> PerSplit<T> {
 /// How to build a dataset. Deserialised from a job's `options` with [`BuildConfig::from_json`];
 /// every field has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct BuildConfig {
     /// Seeds every random choice (split, sampling, order). Default 0.
     pub seed: u64,
@@ -723,6 +723,22 @@ pub fn build(inputs: &BuildInputs<'_>, config: &BuildConfig) -> Result<BuiltData
     let mut dropped = Dropped::default();
     let catalog = Catalog::new(inputs.images, config, &mut dropped)?;
     let negatives = catalog.negatives(inputs, &mut dropped)?;
+    // Checked before the splits are built, so this error, not a balancing one, says why.
+    if config.negatives != NegativesMode::Random && negatives.is_empty() {
+        let reason = if inputs.hard_negatives.is_empty() && inputs.synthetic_negatives.is_empty() {
+            "no hard-negative or synthetic pair was given".to_owned()
+        } else {
+            format!(
+                "every given pair was dropped ({} cross-split, {} duplicate)",
+                dropped.cross_split_hard + dropped.cross_split_synthetic,
+                dropped.duplicate_pairs
+            )
+        };
+        return Err(BuildError::NoNegatives {
+            mode: config.negatives.as_str(),
+            reason,
+        });
+    }
 
     let digests = InputDigests {
         images: digest_images(inputs.images),
@@ -746,24 +762,9 @@ pub fn build(inputs: &BuildInputs<'_>, config: &BuildConfig) -> Result<BuiltData
         dropped.unused_by_mode = negatives.len() as u64;
     }
     if total_negatives == 0 {
-        let reason = match config.negatives {
-            NegativesMode::Hard | NegativesMode::Both
-                if inputs.hard_negatives.is_empty() && inputs.synthetic_negatives.is_empty() =>
-            {
-                "no hard-negative or synthetic pair was given".to_owned()
-            }
-            NegativesMode::Hard | NegativesMode::Both => format!(
-                "every given pair was dropped ({} cross-split, {} duplicate)",
-                dropped.cross_split_hard + dropped.cross_split_synthetic,
-                dropped.duplicate_pairs
-            ),
-            NegativesMode::Random => {
-                "no category has two instances in the same split to pair at random".to_owned()
-            }
-        };
         return Err(BuildError::NoNegatives {
             mode: config.negatives.as_str(),
-            reason,
+            reason: "no category has two instances in the same split to pair at random".to_owned(),
         });
     }
 

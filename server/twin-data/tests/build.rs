@@ -785,6 +785,38 @@ fn no_positive_or_no_negative_is_an_error() {
         error.to_string(),
         "no negative pair in the dataset (negatives mode `hard`): no hard-negative or synthetic pair was given"
     );
+
+    // Two instances, one per split: their hard pairs all cross the split. Reported as such, even
+    // with balancing on (which would otherwise fail first).
+    let fixture = Fixture {
+        images: images(&["bags"], 2, 2),
+        hard: hard_negatives(&["bags"], 2, 2),
+        synthetic: Vec::new(),
+    };
+    let balanced = BuildConfig {
+        eval_fraction: 0.5,
+        balance: Balance::Downsample,
+        ..config()
+    };
+    assert_eq!(
+        build_error(&fixture, &balanced).to_string(),
+        "no negative pair in the dataset (negatives mode `hard`): every given pair was dropped (2 cross-split, 0 duplicate)"
+    );
+
+    // Random pairs stay inside a category: one instance per category gives none.
+    let fixture = Fixture {
+        images: images(CATEGORIES, 1, 2),
+        hard: Vec::new(),
+        synthetic: Vec::new(),
+    };
+    let random = BuildConfig {
+        negatives: NegativesMode::Random,
+        ..config()
+    };
+    assert!(matches!(
+        build_error(&fixture, &random),
+        BuildError::NoNegatives { mode: "random", .. }
+    ));
 }
 
 #[test]

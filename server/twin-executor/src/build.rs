@@ -60,8 +60,7 @@ impl Stage for BuildDatasetStage {
         let manifest = spec
             .manifest
             .ok_or_else(|| StageError::permanent("spec.manifest was not pinned at submission"))?;
-        let images: Vec<ManifestEntry> =
-            jsonl(&ctx.download(&manifest)?, "the dataset manifest")?;
+        let images: Vec<ManifestEntry> = jsonl(&ctx.download(&manifest)?, "the dataset manifest")?;
         let hard: Vec<NegativePair> = match spec.hard_negatives {
             Some(h) => jsonl(&ctx.download(&h)?, "the accepted hard negatives")?,
             None => Vec::new(),

@@ -105,7 +105,8 @@ mod tests {
     fn round_trips_and_refuses_truncation() {
         let mut t = EmbeddingTable::new("abc", 3);
         t.rows.insert(BlobHash::of(b"x"), vec![1.0, -2.5, 3.25]);
-        t.rows.insert(BlobHash::of(b"y"), vec![0.0, 0.5, f32::MIN_POSITIVE]);
+        t.rows
+            .insert(BlobHash::of(b"y"), vec![0.0, 0.5, f32::MIN_POSITIVE]);
         let bytes = t.encode();
         assert_eq!(EmbeddingTable::decode(&bytes), Ok(t));
         let err = EmbeddingTable::decode(&bytes[..bytes.len() - 1]).unwrap_err();

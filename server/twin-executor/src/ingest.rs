@@ -88,6 +88,15 @@ fn list_dir(root: &Path) -> Result<(Vec<Item>, Vec<RejectedFile>), StageError> {
             .expect("walkdir yields paths under its root");
         let parts: Vec<_> = rel.iter().filter_map(|c| c.to_str()).collect();
         let rel_str = rel.display().to_string();
+        // Metadata beside the tree (e.g. the sample generator's manifest.jsonl) is not an image.
+        if parts.len() == 1
+            && entry
+                .path()
+                .extension()
+                .is_some_and(|e| e == "json" || e == "jsonl")
+        {
+            continue;
+        }
         if parts.len() != 3 || !has_image_extension(entry.path()) {
             rejected.push(RejectedFile {
                 path: rel_str,

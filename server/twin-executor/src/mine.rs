@@ -26,8 +26,8 @@ use twin_core::spec::JobSpec;
 use twin_core::{BlobHash, JobKind};
 use twin_ml::clip::{ClipModel, ClipPreprocessor};
 use twin_ml::index::{
-    Determinism, EmbeddingMatrix, HnswParams, Neighbours, Queries, RowLabel, Scope,
-    recall_at_k, sample_queries, search_exact, search_hnsw,
+    Determinism, EmbeddingMatrix, HnswParams, Neighbours, Queries, RowLabel, Scope, recall_at_k,
+    sample_queries, search_exact, search_hnsw,
 };
 use twin_ml::tch::Device;
 use twin_plugins::{CandidatePair, Host, Limits, PluginError};
@@ -139,9 +139,8 @@ fn parse_manifest(bytes: &[u8]) -> Result<Vec<ManifestEntry>, StageError> {
         .filter(|l| !l.trim().is_empty())
         .enumerate()
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| {
-                StageError::permanent(format!("dataset manifest line {}: {e}", i + 1))
-            })
+            serde_json::from_str(l)
+                .map_err(|e| StageError::permanent(format!("dataset manifest line {}: {e}", i + 1)))
         })
         .collect()
 }
@@ -153,7 +152,9 @@ impl Stage for MineStage {
 
     fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError> {
         let JobSpec::Mine(spec) = &job.submission.spec else {
-            return Err(StageError::permanent("the mine stage got another kind of job"));
+            return Err(StageError::permanent(
+                "the mine stage got another kind of job",
+            ));
         };
         let manifest = spec
             .manifest
@@ -174,9 +175,13 @@ impl Stage for MineStage {
         let started = Instant::now();
         let (table, skipped, reused) = match artefact(job, EMBEDDINGS) {
             Some(blob) => {
-                let table = EmbeddingTable::decode(&ctx.download(&blob)?)
-                    .map_err(StageError::permanent)?;
-                ctx.progress("resumed: embeddings from the previous attempt", None, BTreeMap::new());
+                let table =
+                    EmbeddingTable::decode(&ctx.download(&blob)?).map_err(StageError::permanent)?;
+                ctx.progress(
+                    "resumed: embeddings from the previous attempt",
+                    None,
+                    BTreeMap::new(),
+                );
                 let skipped = entries
                     .iter()
                     .filter(|e| !table.rows.contains_key(&e.blob))
@@ -217,7 +222,11 @@ impl Stage for MineStage {
         // Phase 3: filters.
         let started = Instant::now();
         let (candidates, candidates_blob, fuel) = match artefact(job, CANDIDATES) {
-            Some(blob) => (parse_candidates(&ctx.download(&blob)?)?, blob, BTreeMap::new()),
+            Some(blob) => (
+                parse_candidates(&ctx.download(&blob)?)?,
+                blob,
+                BTreeMap::new(),
+            ),
             None => {
                 let (candidates, fuel) = self.filter(spec, &entries, &phase, ctx)?;
                 let blob = ctx.upload(candidates_jsonl(&candidates))?;
@@ -464,8 +473,8 @@ fn search(
                 },
                 ..HnswParams::default()
             };
-            let found = search_hnsw(&matrix, scope, k, &params)
-                .map_err(|e| ml_error("HNSW search", e))?;
+            let found =
+                search_hnsw(&matrix, scope, k, &params).map_err(|e| ml_error("HNSW search", e))?;
             if spec.recall_sample > 0 {
                 let sample = sample_queries(rows.len(), spec.recall_sample as usize, spec.seed);
                 let exact = search_exact(&matrix, scope, k, Queries::Rows(&sample), device)
@@ -612,7 +621,9 @@ impl MineStage {
                     Some(PluginError::Host(e)) => {
                         return Err(StageError::transient(format!("filter {}: {e}", f.label())));
                     }
-                    Some(e) => tracing::warn!(filter = f.label(), error = %e, "filter failed on a batch; its pairs are dropped"),
+                    Some(e) => {
+                        tracing::warn!(filter = f.label(), error = %e, "filter failed on a batch; its pairs are dropped")
+                    }
                     None => {}
                 }
                 used = used.saturating_add(out.fuel_used);
@@ -629,7 +640,12 @@ impl MineStage {
                 }
                 step += 1;
                 ctx.progress(
-                    &format!("filter {}: {} of {} pairs", f.label(), ((chunk_index + 1) * batch).min(pairs.len()), pairs.len()),
+                    &format!(
+                        "filter {}: {} of {} pairs",
+                        f.label(),
+                        ((chunk_index + 1) * batch).min(pairs.len()),
+                        pairs.len()
+                    ),
                     Some(2.0 / 3.0 + step as f64 / steps as f64 / 3.0),
                     BTreeMap::new(),
                 );

@@ -3,12 +3,14 @@
 //! and, as the same-run baseline, the build with the naive dot product.
 //!
 //! `cargo run --release -p twin-ml --example bench_mining [-- --sizes 10000,100000]
-//!  [--ef-construction N] [--ef-search N] [--image-spread X] [--sweep] [--full-exact]`
+//!  [--ef-construction N] [--ef-search N] [--image-spread X] [--sweep] [--full-exact]
+//!  [--exact-only]`
 //!
-//! `--sweep` also builds with (ef_construction, ef_search) = (40, 40) and (64, 64) at every size,
-//! to tune the defaults; `--image-spread X` draws images X from their instance centre instead of
-//! 0.35 (0.6 makes instances of a category overlap); `--full-exact` also times exact search of every row at sizes above 10k (otherwise it
-//! is extrapolated from the 1,000-query sample, and the summary says so).
+//! `--sweep` also builds with (ef_construction, ef_search) = (40, 40) and (64, 64) at every
+//! size, to tune the defaults. `--image-spread X` draws images X from their instance centre
+//! instead of 0.35 (0.6 makes instances of a category overlap). `--full-exact` also times exact
+//! global search of every row above 10k rows (otherwise it is extrapolated from the 1,000-query
+//! sample, and the summary says so). `--exact-only` skips everything HNSW.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -34,6 +36,7 @@ struct Args {
     params: HnswParams,
     sweep: bool,
     full_exact: bool,
+    exact_only: bool,
     image_spread: Option<f32>,
 }
 
@@ -46,6 +49,7 @@ fn parse_args() -> anyhow::Result<Args> {
         },
         sweep: false,
         full_exact: false,
+        exact_only: false,
         image_spread: None,
     };
     let mut raw = std::env::args().skip(1);
@@ -63,6 +67,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--image-spread" => args.image_spread = Some(value()?.parse()?),
             "--sweep" => args.sweep = true,
             "--full-exact" => args.full_exact = true,
+            "--exact-only" => args.exact_only = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -153,6 +158,7 @@ fn hnsw_run(
         params.ef_construction, params.ef_search, params.determinism, recall.recall
     );
     Ok(json!({
+        "rows": matrix.len(),
         "scope": scope,
         "ef_construction": params.ef_construction,
         "ef_search": params.ef_search,
@@ -203,19 +209,26 @@ fn main() -> anyhow::Result<()> {
             exact.insert(format!("{scope:?}_sample_s"), json!(sample_s));
             exact_samples.push((scope, neighbours));
         }
+        // Per category, exact search multiplies each category by itself: cheap at any size.
+        let started = Instant::now();
+        search_exact(&matrix, Scope::PerCategory, K, Queries::All, Device::Cpu)?;
+        let all_s = seconds(started);
+        println!("  exact PerCategory, all {rows} queries: {all_s} s");
+        exact.insert("PerCategory_all_s".into(), json!(all_s));
         if rows <= 10_000 || args.full_exact {
             let started = Instant::now();
-            let all = search_exact(&matrix, Scope::Global, K, Queries::All, Device::Cpu)?;
+            search_exact(&matrix, Scope::Global, K, Queries::All, Device::Cpu)?;
             let all_s = seconds(started);
-            println!(
-                "  exact Global, all {} queries: {all_s} s",
-                all.results().len()
-            );
+            println!("  exact Global, all {rows} queries: {all_s} s");
             exact.insert("Global_all_s".into(), json!(all_s));
         } else {
             let sample_s = exact["Global_sample_s"].as_f64().unwrap_or(0.0);
             let estimate = (sample_s * rows as f64 / SAMPLE as f64).round();
             exact.insert("Global_all_s_extrapolated".into(), json!(estimate));
+        }
+        if args.exact_only {
+            sizes.push(json!({ "rows": rows, "exact_cpu": exact }));
+            continue;
         }
 
         if args.sweep {
@@ -266,7 +279,7 @@ fn main() -> anyhow::Result<()> {
             "rows": rows,
             "categories": shape.categories,
             "instances": shape.categories * shape.instances_per_category,
-            "image_spread": shape.image_spread,
+            "image_spread": (f64::from(shape.image_spread) * 100.0).round() / 100.0,
             "hnsw": hnsw,
             "exact_cpu": exact,
         }));

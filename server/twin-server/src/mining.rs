@@ -56,7 +56,11 @@ pub struct AcceptedPair {
     pub mine: JobId,
 }
 
-fn status_of(c: &Candidate, review: Option<&Review>, auto_filter: Option<&str>) -> (ReviewStatus, Option<String>) {
+fn status_of(
+    c: &Candidate,
+    review: Option<&Review>,
+    auto_filter: Option<&str>,
+) -> (ReviewStatus, Option<String>) {
     match review {
         Some(r) => (
             match r.verdict {
@@ -111,7 +115,10 @@ impl Service {
         spec.manifest = Some(manifest);
         for (i, h) in spec.synthetic.iter().enumerate() {
             if !self.blobs.contains(h) {
-                return Err(invalid(&format!("spec.synthetic[{i}]"), format!("no blob {h}")));
+                return Err(invalid(
+                    &format!("spec.synthetic[{i}]"),
+                    format!("no blob {h}"),
+                ));
             }
         }
         let mut accepted = Vec::new();
@@ -120,11 +127,16 @@ impl Service {
             let (state, output) = self
                 .mine_result(job)
                 .map_err(|e| invalid(&field, e.to_string()))?;
-            let JobSpecRef { manifest: mined, .. } = mine_spec(&state);
+            let JobSpecRef {
+                manifest: mined, ..
+            } = mine_spec(&state);
             if mined != Some(manifest) {
                 return Err(invalid(
                     &field,
-                    format!("mine job {job} mined another dataset than `{}`", spec.dataset),
+                    format!(
+                        "mine job {job} mined another dataset than `{}`",
+                        spec.dataset
+                    ),
                 ));
             }
             let candidates = self.read_candidates(&output)?;
@@ -160,13 +172,16 @@ impl Service {
     }
 
     fn pin_dataset(&self, reference: &str) -> Result<(twin_core::DatasetId, BlobHash), ApiError> {
-        self.read(|p| p.resolve_dataset(reference).map(|d| (d.id.clone(), d.manifest)))
-            .ok_or_else(|| {
-                invalid(
-                    "spec.dataset",
-                    format!("no ingested dataset `{reference}`; run an ingest job first"),
-                )
-            })
+        self.read(|p| {
+            p.resolve_dataset(reference)
+                .map(|d| (d.id.clone(), d.manifest))
+        })
+        .ok_or_else(|| {
+            invalid(
+                "spec.dataset",
+                format!("no ingested dataset `{reference}`; run an ingest job first"),
+            )
+        })
     }
 
     /// A registered module of `kind` by name or hash, whose capabilities `grants` covers.
@@ -183,7 +198,10 @@ impl Service {
         if info.module.kind != kind {
             return Err(invalid(
                 field,
-                format!("`{reference}` is a {} module, not a {kind}", info.module.kind),
+                format!(
+                    "`{reference}` is a {} module, not a {kind}",
+                    info.module.kind
+                ),
             ));
         }
         for cap in &info.module.capabilities {
@@ -191,7 +209,9 @@ impl Service {
             if !grants.grants(short) {
                 return Err(invalid(
                     "spec.grants",
-                    format!("`{reference}` needs the `{short}` capability; grant it in spec.grants"),
+                    format!(
+                        "`{reference}` needs the `{short}` capability; grant it in spec.grants"
+                    ),
                 ));
             }
         }
@@ -229,7 +249,11 @@ impl Service {
     }
 
     /// A mine job's candidates with their review status, filtered and paged.
-    pub fn list_candidates(&self, job: &str, q: &CandidateQuery) -> Result<CandidatePage, ApiError> {
+    pub fn list_candidates(
+        &self,
+        job: &str,
+        q: &CandidateQuery,
+    ) -> Result<CandidatePage, ApiError> {
         let id = parse_job_id(job)?;
         let (state, output) = self.mine_result(&id)?;
         let auto = mine_spec(&state).auto_accept;
@@ -316,8 +340,8 @@ impl Service {
                 )));
             }
             for c in kept.values() {
-                let pending = status_of(c, reviews.get(&c.id), auto.as_deref()).0
-                    == ReviewStatus::Pending;
+                let pending =
+                    status_of(c, reviews.get(&c.id), auto.as_deref()).0 == ReviewStatus::Pending;
                 if pending && c.verdict(&bulk.filter).is_some_and(|v| v.keep == bulk.keep) {
                     selected.insert(c.id.clone());
                 }

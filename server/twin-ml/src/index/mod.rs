@@ -92,7 +92,10 @@ pub struct QueryNeighbours {
 }
 
 /// The answer of a search: one list per query row, ordered by query row.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Serialisable for reports, but not deserialisable: only a search builds one, which is what
+/// keeps the order [`Neighbours::get`] relies on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Neighbours {
     k: usize,
     results: Vec<QueryNeighbours>,

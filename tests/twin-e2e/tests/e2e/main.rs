@@ -25,5 +25,7 @@ pub fn sample(dir: &Path, args: &[&str]) {
 pub fn modules_dir() -> PathBuf {
     std::env::var_os("TWIN_MODULES_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm32-wasip2/guest"))
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm32-wasip2/guest")
+        })
 }

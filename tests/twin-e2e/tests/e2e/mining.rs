@@ -9,11 +9,17 @@ use twin_e2e::{ExecutorProcess, Server, bin, eventually, ingest_spec, text, twin
 
 use crate::modules_dir;
 
+/// Runs a successful `twin --json …`; returns the last JSON document it printed (`submit --wait`
+/// prints the submitted job, then the finished one).
 fn ok_json(args: &[&str]) -> serde_json::Value {
     let out = twin(args);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "twin {args:?}\n{stdout}\n{stderr}");
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<serde_json::Value>()
+        .last()
+        .unwrap_or_else(|| panic!("no JSON in: {stdout}"))
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
 /// A seeded random-weight CLIP image tower in the Hugging Face layout, made by the server binary.
@@ -144,7 +150,10 @@ fn mine_review_build_and_export_a_dataset() {
     assert_eq!(out["recorded"], 1);
     // Accepting again records nothing new.
     let out = ok_json(&["--server", url, "--json", "review", "accept", &id, &ids[0]]);
-    assert_eq!((out["recorded"].as_u64(), out["unchanged"].as_u64()), (Some(0), Some(1)));
+    assert_eq!(
+        (out["recorded"].as_u64(), out["unchanged"].as_u64()),
+        (Some(0), Some(1))
+    );
     let page = ok_json(&[
         "--server", url, "--json", "review", "ls", &id, "--status", "accepted",
     ]);
@@ -264,7 +273,11 @@ fn bad_mining_inputs_are_refused_with_reasons() {
     let path = write(
         tmp.path(),
         "bigk.json",
-        mine_spec("sample", &model, serde_json::json!({"k": 500, "filters": []})),
+        mine_spec(
+            "sample",
+            &model,
+            serde_json::json!({"k": 500, "filters": []}),
+        ),
     );
     let job = ok_json(&["--server", url, "--json", "submit", &path, "--wait"]);
     // 36 images in 3 categories of 12: each pairs with the 8 images of other instances.
@@ -274,13 +287,13 @@ fn bad_mining_inputs_are_refused_with_reasons() {
 #[test]
 fn a_mine_job_resumes_from_its_last_phase_after_its_executor_dies() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = Server::start(&tmp.path().join("data"), &["--no-executor", "--lease-ttl-ms", "1500"]);
-    let url = server.url.clone();
-    let first = ExecutorProcess::start_with_env(
-        &url,
-        "first",
-        &[("TWIN_FAULT_STALL_AFTER", "neighbours")],
+    let server = Server::start(
+        &tmp.path().join("data"),
+        &["--no-executor", "--lease-ttl-ms", "1500"],
     );
+    let url = server.url.clone();
+    let first =
+        ExecutorProcess::start_with_env(&url, "first", &[("TWIN_FAULT_STALL_AFTER", "neighbours")]);
     let model = prepare(tmp.path(), &url, "sample");
     let spec = write(
         tmp.path(),
@@ -311,7 +324,11 @@ fn a_mine_job_resumes_from_its_last_phase_after_its_executor_dies() {
         .map(|a| a["name"].as_str().unwrap())
         .collect();
     // Each phase recorded once, the first two by the dead executor.
-    assert_eq!(names, ["embeddings", "neighbours", "candidates"], "{done:#}");
+    assert_eq!(
+        names,
+        ["embeddings", "neighbours", "candidates"],
+        "{done:#}"
+    );
     let epochs: Vec<u64> = done["artefacts"]
         .as_array()
         .unwrap()
