@@ -158,7 +158,8 @@ pub enum JobCommand {
     /// `dataset` is minted by the caller for stages that register one.
     Complete {
         epoch: u64,
-        output: JobOutput,
+        /// Boxed: outputs are large and commands are passed by value.
+        output: Box<JobOutput>,
         dataset: DatasetId,
     },
     Fail {
@@ -326,7 +327,7 @@ impl JobState {
                 ref dataset,
             } => {
                 self.check_epoch(&cmd, epoch)?;
-                match (&self.submission.spec, output) {
+                match (&self.submission.spec, output.as_ref()) {
                     (JobSpec::Ingest(spec), JobOutput::Ingest(out)) => Ok(vec![
                         (
                             self.stream(),
@@ -629,7 +630,7 @@ mod tests {
             },
             JobCommand::Complete {
                 epoch: 1,
-                output: output(),
+                output: Box::new(output()),
                 dataset: "d1".parse().expect("id"),
             },
             JobCommand::Fail {
@@ -771,7 +772,7 @@ mod tests {
         let e = s
             .decide(JobCommand::Complete {
                 epoch: 1,
-                output: output(),
+                output: Box::new(output()),
                 dataset: "d1".parse().expect("id"),
             })
             .expect("ok");

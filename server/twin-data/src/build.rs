@@ -827,8 +827,6 @@ struct Catalog {
     /// Sorted by (category, label).
     instances: Vec<Instance>,
     categories: Vec<String>,
-    /// Per category, its instances, ascending.
-    category_instances: Vec<Vec<usize>>,
     refs: Vec<ImageRef>,
 }
 
@@ -958,7 +956,6 @@ impl Catalog {
             instance_of,
             instances,
             categories,
-            category_instances,
             refs,
         })
     }

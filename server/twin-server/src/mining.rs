@@ -243,7 +243,7 @@ impl Service {
             .map_err(|e| ApiError::internal("candidates blob is not UTF-8", e))?;
         text.lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l))
+            .map(serde_json::from_str)
             .collect::<Result<_, _>>()
             .map_err(|e| ApiError::internal("candidates blob does not parse", e))
     }

@@ -667,14 +667,15 @@ impl Service {
                     "blob: {blob} is not in the blob store; upload it first"
                 )));
             }
-            JobCommand::Complete {
-                output: JobOutput::Ingest(o),
-                ..
-            } if !self.blobs.contains(&o.manifest) => {
-                return Err(ApiError::InvalidBody(format!(
-                    "output.manifest: {} is not in the blob store",
-                    o.manifest
-                )));
+            JobCommand::Complete { output, .. } => {
+                if let JobOutput::Ingest(o) = output.as_ref()
+                    && !self.blobs.contains(&o.manifest)
+                {
+                    return Err(ApiError::InvalidBody(format!(
+                        "output.manifest: {} is not in the blob store",
+                        o.manifest
+                    )));
+                }
             }
             _ => {}
         }

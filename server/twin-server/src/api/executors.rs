@@ -139,7 +139,7 @@ async fn complete(
     let b = body.into_inner();
     let cmd = JobCommand::Complete {
         epoch: b.epoch,
-        output: b.output,
+        output: Box::new(b.output),
         dataset: Service::dataset_id(),
     };
     svc.job_command(actor, &id, cmd).await.map(web::Json)
