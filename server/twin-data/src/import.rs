@@ -83,22 +83,24 @@ pub enum MissingImages {
     Skip,
 }
 
+/// Why an import failed. The underlying error is part of the message (`cause`) rather than a
+/// `source()`, so a caller printing the chain shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    #[error("{}: cannot read: {source}", file.display())]
+    #[error("{}: cannot read: {cause}", file.display())]
     Read {
         file: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{}: not a readable parquet file: {source}", file.display())]
+    #[error("{}: not a readable parquet file: {cause}", file.display())]
     Parquet {
         file: PathBuf,
-        source: parquet::errors::ParquetError,
+        cause: parquet::errors::ParquetError,
     },
-    #[error("{}: cannot decode rows: {source}", file.display())]
+    #[error("{}: cannot decode rows: {cause}", file.display())]
     Arrow {
         file: PathBuf,
-        source: arrow::error::ArrowError,
+        cause: arrow::error::ArrowError,
     },
     #[error("{}: missing column `{column}` (columns: {found})", file.display())]
     MissingColumn {
@@ -127,15 +129,15 @@ pub enum ImportError {
         image: String,
         searched: PathBuf,
     },
-    #[error("{}: not a readable zip archive: {source}", file.display())]
+    #[error("{}: not a readable zip archive: {cause}", file.display())]
     Zip {
         file: PathBuf,
-        source: zip::result::ZipError,
+        cause: zip::result::ZipError,
     },
-    #[error("cannot write {}: {source}", path.display())]
+    #[error("cannot write {}: {cause}", path.display())]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -309,13 +311,13 @@ fn open_parquet(
     columns: &[(&str, Expect)],
     batch_size: usize,
 ) -> Result<ParquetRecordBatchReader, ImportError> {
-    let handle = File::open(file).map_err(|source| ImportError::Read {
+    let handle = File::open(file).map_err(|cause| ImportError::Read {
         file: file.to_owned(),
-        source,
+        cause,
     })?;
-    let parquet_error = |source| ImportError::Parquet {
+    let parquet_error = |cause| ImportError::Parquet {
         file: file.to_owned(),
-        source,
+        cause,
     };
     let builder = ParquetRecordBatchReaderBuilder::try_new(handle).map_err(parquet_error)?;
     let schema = builder.schema().clone();
@@ -376,10 +378,10 @@ impl<T> Iterator for Rows<T> {
                     self.batch = Some(batch);
                     self.position = 0;
                 }
-                Err(source) => {
+                Err(cause) => {
                     return Some(Err(ImportError::Arrow {
                         file: self.file.clone(),
-                        source,
+                        cause,
                     }));
                 }
             }
@@ -763,9 +765,9 @@ fn clean_component(name: &str) -> String {
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ImportError> {
-    let error = |source| ImportError::Write {
+    let error = |cause| ImportError::Write {
         path: path.to_owned(),
-        source,
+        cause,
     };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(error)?;
@@ -857,13 +859,13 @@ impl ImageSource {
                 by_name: None,
             });
         }
-        let handle = File::open(path).map_err(|source| ImportError::Read {
+        let handle = File::open(path).map_err(|cause| ImportError::Read {
             file: path.to_owned(),
-            source,
+            cause,
         })?;
-        let archive = zip::ZipArchive::new(handle).map_err(|source| ImportError::Zip {
+        let archive = zip::ZipArchive::new(handle).map_err(|cause| ImportError::Zip {
             file: path.to_owned(),
-            source,
+            cause,
         })?;
         let mut by_name: HashMap<String, Vec<String>> = HashMap::new();
         for name in archive.file_names().filter(|n| !n.ends_with('/')) {
@@ -900,7 +902,7 @@ impl ImageSource {
                 }
                 std::fs::read(&path)
                     .map(Some)
-                    .map_err(|source| ImportError::Read { file: path, source })
+                    .map_err(|cause| ImportError::Read { file: path, cause })
             }
             ImageSource::Zip {
                 file,
@@ -916,17 +918,17 @@ impl ImageSource {
                         _ => return Ok(None),
                     }
                 };
-                let zip_error = |source| ImportError::Zip {
+                let zip_error = |cause| ImportError::Zip {
                     file: file.clone(),
-                    source,
+                    cause,
                 };
                 let mut found = archive.by_name(&entry).map_err(zip_error)?;
                 let mut bytes = Vec::with_capacity(found.size() as usize);
                 found
                     .read_to_end(&mut bytes)
-                    .map_err(|source| ImportError::Read {
+                    .map_err(|cause| ImportError::Read {
                         file: file.join(&entry),
-                        source,
+                        cause,
                     })?;
                 Ok(Some(bytes))
             }
@@ -1101,9 +1103,9 @@ fn finish(
     missing: BTreeSet<String>,
     conflicts: usize,
 ) -> Result<ImportSummary, ImportError> {
-    std::fs::create_dir_all(out).map_err(|source| ImportError::Write {
+    std::fs::create_dir_all(out).map_err(|cause| ImportError::Write {
         path: out.to_owned(),
-        source,
+        cause,
     })?;
     let manifest_path = out.join("manifest.jsonl");
     write_jsonl(&manifest_path, &manifest)?;
@@ -1250,7 +1252,7 @@ pub fn import_fgvqa(import: &FgvqaImport) -> Result<ImportSummary, ImportError> 
                             });
                         }
                         let bytes = std::fs::read(&from)
-                            .map_err(|source| ImportError::Read { file: from, source })?;
+                            .map_err(|cause| ImportError::Read { file: from, cause })?;
                         write_file(&out.join(&rel), &bytes)?;
                         written
                             .paths

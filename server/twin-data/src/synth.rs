@@ -87,26 +87,28 @@ impl SynthConfig {
     }
 }
 
+/// Why generation failed; the underlying error is part of the message (`cause`), not a
+/// `source()`, so a caller printing the chain shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
     #[error("invalid sample config: {0}")]
     Config(String),
-    #[error("cannot write {}: {source}", path.display())]
+    #[error("cannot write {}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot encode {}: {source}", path.display())]
+    #[error("cannot encode {}: {cause}", path.display())]
     Encode {
         path: PathBuf,
-        source: image::ImageError,
+        cause: image::ImageError,
     },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SynthError + '_ {
-    move |source| SynthError::Io {
+    move |cause| SynthError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     }
 }
 

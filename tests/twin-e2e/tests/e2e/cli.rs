@@ -8,7 +8,19 @@ use twin_e2e::{Server, eventually, ingest_spec, text, twin};
 fn ingest_through_the_cli_then_audit_the_log_offline() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
-    crate::sample(&images, &["--corrupt", "1"]);
+    crate::sample(
+        &images,
+        &[
+            "--categories",
+            "3",
+            "--instances",
+            "4",
+            "--views",
+            "3",
+            "--corrupt",
+            "1",
+        ],
+    );
     let data = tmp.path().join("data");
     let server = Server::start(&data, &[]);
     let url = server.url.clone();
