@@ -64,6 +64,7 @@ kind = "mine"
 dataset = "sample"
 model = "clip"
 k = 5
+search = "hnsw"
 
 [[spec.filters]]
 module = "distinct"

@@ -36,8 +36,8 @@ pub enum MineScope {
     Global,
 }
 
-/// How neighbours are found. `auto` = exact on a GPU (a matrix product is fastest there), HNSW
-/// on the CPU.
+/// How neighbours are found. `auto` = exact search (a chunked matrix product), except for a
+/// global search over more than 100k images on a CPU, where HNSW is cheaper.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SearchMethod {

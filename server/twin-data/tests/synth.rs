@@ -301,3 +301,15 @@ fn the_contact_sheet_is_a_grid_of_instances_by_views() {
     synth::write_contact_sheet(&config, layout, &path).unwrap();
     assert_eq!(image::open(&path).unwrap().to_rgb8(), sheet);
 }
+
+#[test]
+fn the_documented_contact_sheet_is_what_the_default_seed_draws() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/sample-contact-sheet.png");
+    let documented = image::open(&path).unwrap().to_rgb8();
+    let drawn = synth::contact_sheet(&SynthConfig::default(), SheetLayout::default()).unwrap();
+    assert!(
+        documented == drawn,
+        "docs/sample-contact-sheet.png is stale: regenerate it with \
+         `twin sample /tmp/sample --contact-sheet docs/sample-contact-sheet.png`"
+    );
+}

@@ -38,6 +38,8 @@ use crate::{Stage, StageContext, StageError};
 const EMBEDDINGS: &str = "embeddings";
 const NEIGHBOURS: &str = "neighbours";
 const CANDIDATES: &str = "candidates";
+/// Above this many images a global search on the CPU uses HNSW rather than exact search.
+const HNSW_FROM_ROWS: usize = 100_000;
 
 /// A loaded checkpoint, kept between jobs that name the same directory. libtorch tensors are
 /// not `Sync`, so the model lives behind the stage's mutex and is used while it is held (an
@@ -429,9 +431,18 @@ fn search(
     for &i in &rows {
         values.extend_from_slice(&table.rows[&entries[i].blob]);
     }
+    // Measured on 2 CPU cores (BENCHMARKS.md, "Mining index"): exact search beats building an
+    // HNSW graph per category (3.8 s vs 115 s at 100k rows) and globally up to ~100k rows; on a
+    // GPU the matrix product always wins. HNSW pays off only for large global searches on a CPU.
     let method = match spec.search {
-        SearchMethod::Auto if device.is_cuda() => SearchMethod::Exact,
-        SearchMethod::Auto => SearchMethod::Hnsw,
+        SearchMethod::Auto
+            if !device.is_cuda()
+                && spec.scope == MineScope::Global
+                && rows.len() > HNSW_FROM_ROWS =>
+        {
+            SearchMethod::Hnsw
+        }
+        SearchMethod::Auto => SearchMethod::Exact,
         m => m,
     };
     let mut phase = NeighbourPhase {

@@ -2,9 +2,11 @@
 //! category or across the whole dataset — the hard negatives of the mine stage.
 //!
 //! Two searches answer the same question with the same result type ([`Neighbours`]):
-//! - [`HnswIndex`] (instant-distance's HNSW graph on CPU), approximate and cheap on a CPU;
-//! - [`search_exact`] (a chunked matrix product with libtorch), exact, the recall oracle and the
-//!   fast path on a GPU.
+//! - [`HnswIndex`] (instant-distance's HNSW graph, CPU), approximate;
+//! - [`search_exact`] (chunked matrix products with libtorch), exact: the recall oracle, the GPU
+//!   path, and on a 2-core CPU also the faster one for a per-category scope (it multiplies each
+//!   category by itself) and about even with HNSW for a global scope at 100k rows; HNSW pays off
+//!   for a global scope beyond that (BENCHMARKS.md, "Mining index").
 //!
 //! [`recall_at_k`] over a seeded [`sample_queries`] sample says how close the first came to the
 //! second. A query's own instance is never among its neighbours, and under

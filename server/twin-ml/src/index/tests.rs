@@ -83,7 +83,7 @@ fn check_invariants(matrix: &EmbeddingMatrix, scope: Scope, neighbours: &Neighbo
 fn hnsw_recall_at_10_is_at_least_095_on_a_clustered_set() {
     // Small because the crate's own code is unoptimised in test builds; the benchmark measures
     // recall at 10k and 100k rows.
-    let matrix = clustered(&ClusteredSpec::new(4, 25, 4, 32, 7)).unwrap();
+    let matrix = clustered(&ClusteredSpec::new(4, 25, 4, 16, 7)).unwrap();
     for scope in [Scope::Global, Scope::PerCategory] {
         let [approx, exact] = both(&matrix, scope, 10);
         check_invariants(&matrix, scope, &approx);

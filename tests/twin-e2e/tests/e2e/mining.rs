@@ -91,6 +91,7 @@ fn mine_spec(dataset: &str, model: &Path, extra: serde_json::Value) -> serde_jso
         "model": model,
         "k": 3,
         "batch_size": 8,
+        "search": "hnsw",
         "recall_sample": 20,
         "filters": [
             {"module": "distinct"},
