@@ -216,6 +216,13 @@ impl Bounds {
         q.x >= self.min.x && q.x <= self.max.x && q.y >= self.min.y && q.y <= self.max.y
     }
 
+    fn intersection(self, o: Bounds) -> Bounds {
+        Bounds {
+            min: v2(self.min.x.max(o.min.x), self.min.y.max(o.min.y)),
+            max: v2(self.max.x.min(o.max.x), self.max.y.min(o.max.y)),
+        }
+    }
+
     fn union(self, o: Bounds) -> Bounds {
         Bounds {
             min: v2(self.min.x.min(o.min.x), self.min.y.min(o.min.y)),
@@ -261,6 +268,23 @@ enum Shape {
     },
     /// Even-odd filled.
     Polygon(Vec<V2>),
+}
+
+fn ellipse(centre: V2, radii: V2) -> Shape {
+    Shape::Ellipse { centre, radii }
+}
+
+fn capsule(from: V2, to: V2, radius: f32) -> Shape {
+    Shape::Capsule { from, to, radius }
+}
+
+fn ring(centre: V2, radii: V2, thickness: f32, keep: Keep) -> Shape {
+    Shape::Ring {
+        centre,
+        radii,
+        thickness,
+        keep,
+    }
 }
 
 impl Shape {
@@ -531,6 +555,7 @@ impl Part {
 
     fn clipped(mut self, clip: Shape) -> Part {
         let clip_bounds = clip.bounds();
+        self.bounds = self.bounds.intersection(clip_bounds);
         self.light_bounds = clip_bounds;
         self.clip = Some(clip);
         self
@@ -581,10 +606,7 @@ const LABEL_STYLES: &[&str] = &["plain", "bordered", "split"];
 fn logo(centre: V2, radius: f32, mark: &Mark) -> Part {
     let (c, r) = (centre, radius);
     let shape = match mark.variant % LOGO_SHAPES.len() {
-        0 => Shape::Ellipse {
-            centre: c,
-            radii: v2(r, r),
-        },
+        0 => ellipse(c, v2(r, r)),
         1 => Shape::Polygon(vec![
             v2(c.x, c.y - r),
             v2(c.x + r, c.y),
@@ -799,254 +821,95 @@ pub fn category_name(index: usize) -> String {
     }
 }
 
+// Short constructors, so each category's table reads one param a line.
+const fn size(key: &'static str, min: f32, max: f32) -> Param {
+    Param::Size { key, min, max }
+}
+
+const fn style(key: &'static str, options: &'static [&'static str]) -> Param {
+    Param::Style { key, options }
+}
+
+const fn colour(key: &'static str, palette: &'static [Colour]) -> Param {
+    Param::Colour { key, palette }
+}
+
+const fn mark(key: &'static str, kind: MarkKind) -> Param {
+    Param::Mark { key, kind }
+}
+
 const MUG: &[Param] = &[
-    Param::Size {
-        key: "body.width",
-        min: 0.36,
-        max: 0.5,
-    },
-    Param::Size {
-        key: "body.height",
-        min: 0.48,
-        max: 0.64,
-    },
-    Param::Colour {
-        key: "body.colour",
-        palette: BOLD,
-    },
-    Param::Colour {
-        key: "rim.colour",
-        palette: NEUTRAL,
-    },
-    Param::Style {
-        key: "handle.shape",
-        options: &["round", "square", "tall", "small"],
-    },
-    Param::Size {
-        key: "handle.thickness",
-        min: 0.06,
-        max: 0.12,
-    },
-    Param::Mark {
-        key: "body.logo",
-        kind: MarkKind::Logo,
-    },
-    Param::Mark {
-        key: "body.stripe",
-        kind: MarkKind::Stripe,
-    },
+    size("body.width", 0.36, 0.5),
+    size("body.height", 0.48, 0.64),
+    colour("body.colour", BOLD),
+    colour("rim.colour", NEUTRAL),
+    style("handle.shape", &["round", "square", "tall", "small"]),
+    size("handle.thickness", 0.06, 0.12),
+    mark("body.logo", MarkKind::Logo),
+    mark("body.stripe", MarkKind::Stripe),
 ];
 
 const SNEAKER: &[Param] = &[
-    Param::Colour {
-        key: "upper.colour",
-        palette: BOLD,
-    },
-    Param::Colour {
-        key: "sole.colour",
-        palette: NEUTRAL,
-    },
-    Param::Size {
-        key: "sole.thickness",
-        min: 0.07,
-        max: 0.15,
-    },
-    Param::Style {
-        key: "toe.shape",
-        options: &["round", "pointed", "square"],
-    },
-    Param::Size {
-        key: "collar.height",
-        min: 0.05,
-        max: 0.25,
-    },
-    Param::Colour {
-        key: "heel.colour",
-        palette: NEUTRAL,
-    },
-    Param::Colour {
-        key: "laces.colour",
-        palette: NEUTRAL,
-    },
-    Param::Mark {
-        key: "side.stripe",
-        kind: MarkKind::Stripe,
-    },
+    colour("upper.colour", BOLD),
+    colour("sole.colour", NEUTRAL),
+    size("sole.thickness", 0.07, 0.15),
+    style("toe.shape", &["round", "pointed", "square"]),
+    size("collar.height", 0.05, 0.25),
+    colour("heel.colour", NEUTRAL),
+    colour("laces.colour", NEUTRAL),
+    mark("side.stripe", MarkKind::Stripe),
 ];
 
 const LAMP: &[Param] = &[
-    Param::Style {
-        key: "base.shape",
-        options: &["disc", "square", "dome"],
-    },
-    Param::Colour {
-        key: "base.colour",
-        palette: METAL,
-    },
-    Param::Size {
-        key: "stem.height",
-        min: 0.3,
-        max: 0.6,
-    },
-    Param::Style {
-        key: "shade.shape",
-        options: &["cone", "drum", "bell"],
-    },
-    Param::Colour {
-        key: "shade.colour",
-        palette: BOLD,
-    },
-    Param::Size {
-        key: "shade.width",
-        min: 0.38,
-        max: 0.58,
-    },
-    Param::Mark {
-        key: "shade.band",
-        kind: MarkKind::Stripe,
-    },
+    style("base.shape", &["disc", "square", "dome"]),
+    colour("base.colour", METAL),
+    size("stem.height", 0.3, 0.6),
+    style("shade.shape", &["cone", "drum", "bell"]),
+    colour("shade.colour", BOLD),
+    size("shade.width", 0.38, 0.58),
+    mark("shade.band", MarkKind::Stripe),
 ];
 
 const BACKPACK: &[Param] = &[
-    Param::Colour {
-        key: "body.colour",
-        palette: BOLD,
-    },
-    Param::Size {
-        key: "body.height",
-        min: 0.56,
-        max: 0.74,
-    },
-    Param::Colour {
-        key: "pocket.colour",
-        palette: BOLD,
-    },
-    Param::Size {
-        key: "pocket.height",
-        min: 0.14,
-        max: 0.3,
-    },
-    Param::Style {
-        key: "pocket.shape",
-        options: &["square", "rounded", "flap"],
-    },
-    Param::Colour {
-        key: "strap.colour",
-        palette: NEUTRAL,
-    },
-    Param::Style {
-        key: "handle.shape",
-        options: &["loop", "bar"],
-    },
-    Param::Mark {
-        key: "body.patch",
-        kind: MarkKind::Logo,
-    },
+    colour("body.colour", BOLD),
+    size("body.height", 0.56, 0.74),
+    colour("pocket.colour", BOLD),
+    size("pocket.height", 0.14, 0.3),
+    style("pocket.shape", &["square", "rounded", "flap"]),
+    colour("strap.colour", NEUTRAL),
+    style("handle.shape", &["loop", "bar"]),
+    mark("body.patch", MarkKind::Logo),
 ];
 
 const KETTLE: &[Param] = &[
-    Param::Style {
-        key: "body.shape",
-        options: &["round", "conical", "tall"],
-    },
-    Param::Colour {
-        key: "body.colour",
-        palette: METAL,
-    },
-    Param::Size {
-        key: "spout.length",
-        min: 0.22,
-        max: 0.42,
-    },
-    Param::Size {
-        key: "lid.height",
-        min: 0.05,
-        max: 0.14,
-    },
-    Param::Colour {
-        key: "knob.colour",
-        palette: NEUTRAL,
-    },
-    Param::Style {
-        key: "handle.shape",
-        options: &["arch", "side"],
-    },
-    Param::Mark {
-        key: "body.badge",
-        kind: MarkKind::Logo,
-    },
+    style("body.shape", &["round", "conical", "tall"]),
+    colour("body.colour", METAL),
+    size("spout.length", 0.22, 0.42),
+    size("lid.height", 0.05, 0.14),
+    colour("knob.colour", NEUTRAL),
+    style("handle.shape", &["arch", "side"]),
+    mark("body.badge", MarkKind::Logo),
 ];
 
 const BOTTLE: &[Param] = &[
-    Param::Colour {
-        key: "body.colour",
-        palette: BOLD,
-    },
-    Param::Size {
-        key: "body.width",
-        min: 0.22,
-        max: 0.34,
-    },
-    Param::Style {
-        key: "shoulder.shape",
-        options: &["sloped", "round", "square"],
-    },
-    Param::Size {
-        key: "neck.length",
-        min: 0.1,
-        max: 0.28,
-    },
-    Param::Colour {
-        key: "cap.colour",
-        palette: NEUTRAL,
-    },
-    Param::Size {
-        key: "cap.height",
-        min: 0.07,
-        max: 0.15,
-    },
-    Param::Mark {
-        key: "body.label",
-        kind: MarkKind::Label,
-    },
-    Param::Mark {
-        key: "body.logo",
-        kind: MarkKind::Logo,
-    },
+    colour("body.colour", BOLD),
+    size("body.width", 0.22, 0.34),
+    style("shoulder.shape", &["sloped", "round", "square"]),
+    size("neck.length", 0.1, 0.28),
+    colour("cap.colour", NEUTRAL),
+    size("cap.height", 0.07, 0.15),
+    mark("body.label", MarkKind::Label),
+    mark("body.logo", MarkKind::Logo),
 ];
 
 const CHAIR: &[Param] = &[
-    Param::Colour {
-        key: "seat.colour",
-        palette: BOLD,
-    },
-    Param::Colour {
-        key: "frame.colour",
-        palette: WOOD,
-    },
-    Param::Style {
-        key: "back.shape",
-        options: &["solid", "slats", "round", "ladder"],
-    },
-    Param::Size {
-        key: "back.height",
-        min: 0.45,
-        max: 0.7,
-    },
-    Param::Size {
-        key: "leg.splay",
-        min: 0.0,
-        max: 0.14,
-    },
-    Param::Size {
-        key: "seat.thickness",
-        min: 0.05,
-        max: 0.11,
-    },
-    Param::Mark {
-        key: "back.stripe",
-        kind: MarkKind::Stripe,
-    },
+    colour("seat.colour", BOLD),
+    colour("frame.colour", WOOD),
+    style("back.shape", &["solid", "slats", "round", "ladder"]),
+    size("back.height", 0.45, 0.7),
+    size("leg.splay", 0.0, 0.14),
+    size("seat.thickness", 0.05, 0.11),
+    mark("back.stripe", MarkKind::Stripe),
 ];
 
 impl Kind {
@@ -1171,10 +1034,10 @@ impl Design {
         let parts = self.kind.draw(self);
         let b = parts.iter().fold(Bounds::EMPTY, |b, p| b.union(p.bounds));
         let shadow = Part::new(
-            Shape::Ellipse {
-                centre: v2((b.min.x + b.max.x) / 2.0, b.max.y),
-                radii: v2(b.width() * 0.5, 0.06),
-            },
+            ellipse(
+                v2((b.min.x + b.max.x) / 2.0, b.max.y),
+                v2(b.width() * 0.5, 0.06),
+            ),
             [0.0; 3],
         )
         .flat()
@@ -1273,44 +1136,17 @@ fn draw_mug(d: &Design) -> Vec<Part> {
     let hx = cx + bw - 0.03;
     let handle_colour = scaled(colour, 0.92);
     let mut parts = match d.style("handle.shape") {
-        0 => vec![Shape::Ring {
-            centre: v2(hx, cy - 0.05),
-            radii: v2(0.27, 0.28),
-            thickness: t,
-            keep: Keep::Right,
-        }],
+        0 => vec![ring(v2(hx, cy - 0.05), v2(0.27, 0.28), t, Keep::Right)],
         1 => {
             let (x1, y0, y1) = (hx + 0.26, cy - 0.3, cy + 0.22);
             vec![
-                Shape::Capsule {
-                    from: v2(hx, y0),
-                    to: v2(x1, y0),
-                    radius: t / 2.0,
-                },
-                Shape::Capsule {
-                    from: v2(x1, y0),
-                    to: v2(x1, y1),
-                    radius: t / 2.0,
-                },
-                Shape::Capsule {
-                    from: v2(x1, y1),
-                    to: v2(hx, y1),
-                    radius: t / 2.0,
-                },
+                capsule(v2(hx, y0), v2(x1, y0), t / 2.0),
+                capsule(v2(x1, y0), v2(x1, y1), t / 2.0),
+                capsule(v2(x1, y1), v2(hx, y1), t / 2.0),
             ]
         }
-        2 => vec![Shape::Ring {
-            centre: v2(hx, cy),
-            radii: v2(0.2, bh * 0.8),
-            thickness: t,
-            keep: Keep::Right,
-        }],
-        _ => vec![Shape::Ring {
-            centre: v2(hx, top + 0.3),
-            radii: v2(0.15, 0.15),
-            thickness: t,
-            keep: Keep::Right,
-        }],
+        2 => vec![ring(v2(hx, cy), v2(0.2, bh * 0.8), t, Keep::Right)],
+        _ => vec![ring(v2(hx, top + 0.3), v2(0.15, 0.15), t, Keep::Right)],
     }
     .into_iter()
     .map(|s| Part::new(s, handle_colour).flat())
@@ -1319,10 +1155,7 @@ fn draw_mug(d: &Design) -> Vec<Part> {
     parts.push(band(top + 0.08, 0.06, d.colour("rim.colour"), &body));
     parts.push(
         Part::new(
-            Shape::Ellipse {
-                centre: v2(cx, top + 0.02),
-                radii: v2(bw * 0.96, 0.07),
-            },
+            ellipse(v2(cx, top + 0.02), v2(bw * 0.96, 0.07)),
             scaled(colour, 0.45),
         )
         .flat(),
@@ -1367,10 +1200,7 @@ fn draw_sneaker(d: &Design) -> Vec<Part> {
         ),
     ];
     let toe = match d.style("toe.shape") {
-        0 => Shape::Ellipse {
-            centre: v2(-0.38, y0),
-            radii: v2(0.5, 0.3),
-        },
+        0 => ellipse(v2(-0.38, y0), v2(0.5, 0.3)),
         1 => Shape::Polygon(vec![
             v2(-0.9, y0),
             v2(-0.45, y0 - 0.22),
@@ -1383,10 +1213,7 @@ fn draw_sneaker(d: &Design) -> Vec<Part> {
     // Collar opening and heel tab.
     parts.push(
         Part::new(
-            Shape::Ellipse {
-                centre: v2(0.6, y0 - 0.33 - collar),
-                radii: v2(0.22, 0.045),
-            },
+            ellipse(v2(0.6, y0 - 0.33 - collar), v2(0.22, 0.045)),
             hex(0x1c1c1c),
         )
         .flat(),
@@ -1405,11 +1232,7 @@ fn draw_sneaker(d: &Design) -> Vec<Part> {
         let y = y0 - 0.3 - 0.02 * k as f32;
         parts.push(
             Part::new(
-                Shape::Capsule {
-                    from: v2(x - 0.05, y - 0.02),
-                    to: v2(x + 0.05, y + 0.02),
-                    radius: 0.022,
-                },
+                capsule(v2(x - 0.05, y - 0.02), v2(x + 0.05, y + 0.02), 0.022),
                 laces,
             )
             .flat(),
@@ -1422,11 +1245,11 @@ fn draw_sneaker(d: &Design) -> Vec<Part> {
             let dy = 0.06 * k as f32;
             parts.push(
                 Part::new(
-                    Shape::Capsule {
-                        from: v2(-0.15, y0 - 0.07 - dy),
-                        to: v2(0.6, y0 - 0.07 - rise - dy),
-                        radius: 0.026,
-                    },
+                    capsule(
+                        v2(-0.15, y0 - 0.07 - dy),
+                        v2(0.6, y0 - 0.07 - rise - dy),
+                        0.026,
+                    ),
                     mark.colour,
                 )
                 .flat(),
@@ -1446,15 +1269,9 @@ fn draw_lamp(d: &Design) -> Vec<Part> {
     let w = d.size("shade.width");
     let shade_colour = d.colour("shade.colour");
     let base = match d.style("base.shape") {
-        0 => Shape::Ellipse {
-            centre: v2(0.0, 0.75),
-            radii: v2(0.3, 0.06),
-        },
+        0 => ellipse(v2(0.0, 0.75), v2(0.3, 0.06)),
         1 => Shape::rounded(v2(0.0, 0.74), v2(0.24, 0.06), 0.02),
-        _ => Shape::Ellipse {
-            centre: v2(0.0, 0.8),
-            radii: v2(0.27, 0.17),
-        },
+        _ => ellipse(v2(0.0, 0.8), v2(0.27, 0.17)),
     };
     let base_clip = Shape::rect(v2(0.0, 0.4), v2(1.0, 0.4));
     let bottom = 0.72 - stem;
@@ -1481,24 +1298,10 @@ fn draw_lamp(d: &Design) -> Vec<Part> {
         }
     };
     let mut parts = vec![
-        Part::new(
-            Shape::Capsule {
-                from: v2(0.0, 0.74),
-                to: v2(0.0, bottom - 0.1),
-                radius: 0.03,
-            },
-            metal,
-        ),
+        Part::new(capsule(v2(0.0, 0.74), v2(0.0, bottom - 0.1), 0.03), metal),
         Part::new(base, metal).clipped(base_clip),
         Part::new(shade.clone(), shade_colour),
-        Part::new(
-            Shape::Ellipse {
-                centre: v2(0.0, bottom),
-                radii: v2(w * 0.78, 0.04),
-            },
-            hex(0xfff1c8),
-        )
-        .flat(),
+        Part::new(ellipse(v2(0.0, bottom), v2(w * 0.78, 0.04)), hex(0xfff1c8)).flat(),
     ];
     if let Some(mark) = d.mark("shade.band") {
         parts.extend(stripes(top + 0.05, bottom - 0.05, &mark, &shade));
@@ -1516,31 +1319,18 @@ fn draw_backpack(d: &Design) -> Vec<Part> {
     let mut parts = Vec::new();
     for side in [-1.0f32, 1.0] {
         parts.push(Part::new(
-            Shape::Capsule {
-                from: v2(side * 0.47, top + 0.22),
-                to: v2(side * 0.52, 0.7),
-                radius: 0.055,
-            },
+            capsule(v2(side * 0.47, top + 0.22), v2(side * 0.52, 0.7), 0.055),
             strap,
         ));
     }
     parts.push(match d.style("handle.shape") {
         0 => Part::new(
-            Shape::Ring {
-                centre: v2(0.0, top + 0.03),
-                radii: v2(0.14, 0.13),
-                thickness: 0.05,
-                keep: Keep::Top,
-            },
+            ring(v2(0.0, top + 0.03), v2(0.14, 0.13), 0.05, Keep::Top),
             strap,
         )
         .flat(),
         _ => Part::new(
-            Shape::Capsule {
-                from: v2(-0.13, top - 0.06),
-                to: v2(0.13, top - 0.06),
-                radius: 0.04,
-            },
+            capsule(v2(-0.13, top - 0.06), v2(0.13, top - 0.06), 0.04),
             strap,
         ),
     });
@@ -1576,14 +1366,7 @@ fn draw_backpack(d: &Design) -> Vec<Part> {
 fn draw_kettle(d: &Design) -> Vec<Part> {
     let metal = d.colour("body.colour");
     let (body, body_top, half_width) = match d.style("body.shape") {
-        0 => (
-            Shape::Ellipse {
-                centre: v2(0.0, 0.36),
-                radii: v2(0.46, 0.46),
-            },
-            -0.06,
-            0.46,
-        ),
+        0 => (ellipse(v2(0.0, 0.36), v2(0.46, 0.46)), -0.06, 0.46),
         1 => (
             Shape::Polygon(vec![
                 v2(-0.5, 0.8),
@@ -1611,21 +1394,21 @@ fn draw_kettle(d: &Design) -> Vec<Part> {
     let lh = d.size("lid.height");
     let handle = match d.style("handle.shape") {
         0 => Part::new(
-            Shape::Ring {
-                centre: v2(0.0, body_top + 0.12),
-                radii: v2(0.34, 0.34 + lh),
-                thickness: 0.07,
-                keep: Keep::Top,
-            },
+            ring(
+                v2(0.0, body_top + 0.12),
+                v2(0.34, 0.34 + lh),
+                0.07,
+                Keep::Top,
+            ),
             hex(0x2b2b2b),
         ),
         _ => Part::new(
-            Shape::Ring {
-                centre: v2(half_width * 0.75, 0.32),
-                radii: v2(0.28, 0.3),
-                thickness: 0.08,
-                keep: Keep::Right,
-            },
+            ring(
+                v2(half_width * 0.75, 0.32),
+                v2(0.28, 0.3),
+                0.08,
+                Keep::Right,
+            ),
             hex(0x2b2b2b),
         ),
     };
@@ -1634,17 +1417,11 @@ fn draw_kettle(d: &Design) -> Vec<Part> {
         Part::new(spout, scaled(metal, 0.9)),
         Part::new(body.clone(), metal).clipped(flat_bottom),
         Part::new(
-            Shape::Ellipse {
-                centre: v2(0.0, body_top),
-                radii: v2(0.28, lh),
-            },
+            ellipse(v2(0.0, body_top), v2(0.28, lh)),
             scaled(metal, 0.85),
         ),
         Part::new(
-            Shape::Ellipse {
-                centre: v2(0.0, body_top - lh),
-                radii: v2(0.07, 0.06),
-            },
+            ellipse(v2(0.0, body_top - lh), v2(0.07, 0.06)),
             d.colour("knob.colour"),
         ),
     ];
@@ -1673,10 +1450,10 @@ fn draw_bottle(d: &Design) -> Vec<Part> {
             v2(0.1, shoulder_top),
             v2(-0.1, shoulder_top),
         ]),
-        1 => Shape::Ellipse {
-            centre: v2(0.0, body_top + 0.01),
-            radii: v2(bw, body_top + 0.01 - shoulder_top),
-        },
+        1 => ellipse(
+            v2(0.0, body_top + 0.01),
+            v2(bw, body_top + 0.01 - shoulder_top),
+        ),
         _ => Shape::rounded(
             v2(0.0, (body_top + shoulder_top) / 2.0 + 0.06),
             v2(bw, 0.1),
@@ -1730,27 +1507,23 @@ fn draw_chair(d: &Design) -> Vec<Part> {
     for side in [-1.0f32, 1.0] {
         // Back legs (darker, behind), then front legs.
         parts.push(Part::new(
-            Shape::Capsule {
-                from: v2(side * 0.3, seat_y),
-                to: v2(side * (0.3 + splay * 0.6), 0.78),
-                radius: 0.03,
-            },
+            capsule(
+                v2(side * 0.3, seat_y),
+                v2(side * (0.3 + splay * 0.6), 0.78),
+                0.03,
+            ),
             scaled(frame, 0.7),
         ));
         parts.push(Part::new(
-            Shape::Capsule {
-                from: v2(side * 0.42, seat_y),
-                to: v2(side * (0.42 + splay), 0.85),
-                radius: 0.035,
-            },
+            capsule(
+                v2(side * 0.42, seat_y),
+                v2(side * (0.42 + splay), 0.85),
+                0.035,
+            ),
             frame,
         ));
         parts.push(Part::new(
-            Shape::Capsule {
-                from: v2(side * 0.4, back_bottom),
-                to: v2(side * 0.4, back_top),
-                radius: 0.035,
-            },
+            capsule(v2(side * 0.4, back_bottom), v2(side * 0.4, back_top), 0.035),
             frame,
         ));
     }
@@ -1775,24 +1548,14 @@ fn draw_chair(d: &Design) -> Vec<Part> {
             Shape::rect(back_centre, back_half)
         }
         2 => {
-            let s = Shape::Ellipse {
-                centre: back_centre,
-                radii: v2(0.42, back_h / 2.0),
-            };
+            let s = ellipse(back_centre, v2(0.42, back_h / 2.0));
             parts.push(Part::new(s.clone(), seat_colour));
             s
         }
         _ => {
             for k in 0..3 {
                 let y = back_top + 0.08 + (back_h - 0.16) * k as f32 / 2.0;
-                parts.push(Part::new(
-                    Shape::Capsule {
-                        from: v2(-0.4, y),
-                        to: v2(0.4, y),
-                        radius: 0.035,
-                    },
-                    frame,
-                ));
+                parts.push(Part::new(capsule(v2(-0.4, y), v2(0.4, y), 0.035), frame));
             }
             Shape::rect(back_centre, back_half)
         }
@@ -2429,12 +2192,7 @@ mod tests {
 
     #[test]
     fn shapes_contain_what_they_should() {
-        let ring = Shape::Ring {
-            centre: v2(0.0, 0.0),
-            radii: v2(0.5, 0.5),
-            thickness: 0.1,
-            keep: Keep::Right,
-        };
+        let ring = ring(v2(0.0, 0.0), v2(0.5, 0.5), 0.1, Keep::Right);
         assert!(ring.contains(v2(0.5, 0.0)));
         assert!(!ring.contains(v2(-0.5, 0.0)), "the left half is cut away");
         assert!(!ring.contains(v2(0.0, 0.0)));
