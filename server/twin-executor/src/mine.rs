@@ -30,7 +30,7 @@ use twin_ml::index::{
     sample_queries, search_exact, search_hnsw,
 };
 use twin_ml::tch::Device;
-use twin_plugins::{CandidatePair, Host, Limits, PluginError};
+use twin_plugins::{CandidatePair, Host, PluginError};
 
 use crate::embeddings::EmbeddingTable;
 use crate::{Stage, StageContext, StageError};
@@ -524,22 +524,6 @@ fn phash(hex: &str) -> u64 {
     u64::from_str_radix(hex, 16).unwrap_or(0)
 }
 
-fn limits(spec: &MineSpec, defaults: Limits) -> Limits {
-    let l = &spec.limits;
-    Limits {
-        fuel: l.fuel.unwrap_or(defaults.fuel),
-        deadline: l
-            .deadline_ms
-            .map(std::time::Duration::from_millis)
-            .unwrap_or(defaults.deadline),
-        memory_bytes: l
-            .memory_mb
-            .map(|m| m << 20)
-            .unwrap_or(defaults.memory_bytes),
-        table_elements: defaults.table_elements,
-    }
-}
-
 impl MineStage {
     /// Runs every filter over every pair (in batches); returns the candidates, sorted by id, and
     /// the fuel each filter used. A filter that traps drops its batch with the error as the
@@ -597,7 +581,7 @@ impl MineStage {
                 }
             })
             .collect();
-        let limits = limits(spec, self.host.config().limits);
+        let limits = crate::score::module_limits(&spec.limits, self.host.config().limits);
         let batch = spec.filter_batch.max(1) as usize;
         let mut fuel = BTreeMap::new();
         let steps = (spec.filters.len() * pairs.len().div_ceil(batch)).max(1);

@@ -61,8 +61,8 @@ impl Stage for ScoreStage {
     }
 }
 
-fn limits(spec: &ScoreSpec, defaults: Limits) -> Limits {
-    let l = &spec.limits;
+/// A job's per-call module limits, unset fields taken from the host's defaults.
+pub(crate) fn module_limits(l: &twin_core::score::ModuleLimits, defaults: Limits) -> Limits {
     Limits {
         fuel: l.fuel.unwrap_or(defaults.fuel),
         deadline: l
@@ -84,7 +84,7 @@ fn score(
     ctx: &StageContext,
 ) -> Result<JobOutput, StageError> {
     let grants = &spec.grants;
-    let limits = limits(spec, host.config().limits);
+    let limits = module_limits(&spec.limits, host.config().limits);
     let terms = spec.reward.terms();
     let single = spec.reward.module.is_some();
     let mut totals = vec![0.0f64; rollouts.len()];
