@@ -13,7 +13,7 @@ cargo build --workspace --bins --locked
 ./deploy/build-modules.sh
 cargo test --workspace --locked
 # Parity against transformers on fixtures exported afresh (the committed ones ran above).
-fixtures=target/parity-fixtures
+fixtures="$PWD/target/parity-fixtures"
 rm -rf "$fixtures"
 .venv/bin/python tests/fixtures/make_parity_fixtures.py "$fixtures"
 TWIN_PARITY_FIXTURES=$fixtures cargo test -p twin-ml --locked --test parity

@@ -39,11 +39,32 @@ pub enum MlError {
     NonFiniteEmbedding { row: usize },
     #[error("could not start a thread pool: {0}")]
     ThreadPool(String),
+    /// libtorch could not allocate: CUDA out of memory, or the host's allocator refused.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
     #[error("{0}")]
     Invalid(String),
 }
 
 impl MlError {
+    /// A libtorch error, recognising allocation failures (CUDA's "out of memory", the CPU
+    /// allocator's "not enough memory") so callers can say what happened and what to change.
+    pub fn from_torch(e: tch::TchError) -> Self {
+        let text = e.to_string();
+        let lower = text.to_lowercase();
+        if lower.contains("out of memory")
+            || lower.contains("not enough memory")
+            || lower.contains("can't allocate")
+        {
+            // libtorch's messages run to many lines of advice and a C++ backtrace; the first
+            // line says what failed.
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or(&text);
+            MlError::OutOfMemory(first.trim().to_owned())
+        } else {
+            MlError::Torch(e)
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, e: impl std::fmt::Display) -> Self {
         MlError::Io {
             path: path.into(),

@@ -71,6 +71,25 @@ pub struct FixtureMeta {
     /// Free-form notes from the script that made the fixture (reference versions, seed).
     #[serde(default)]
     pub reference: serde_json::Value,
+    /// Chat fixtures (Qwen2.5-VL): the conversation in Hugging Face form, image entries naming
+    /// files relative to the fixture.
+    #[serde(default)]
+    pub messages: Option<serde_json::Value>,
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
+    /// Tokens greedy decoding produced in the reference (`greedy_tokens`).
+    #[serde(default)]
+    pub greedy_new_tokens: Option<usize>,
+    /// Smallest top-1 − top-2 logit gap over those steps (informational: above 1e-3 by
+    /// construction, so float rounding cannot flip a token).
+    #[serde(default)]
+    pub greedy_min_margin: Option<f64>,
+    /// Preprocessing fixtures: the size each image was resized to (informational).
+    #[serde(default)]
+    pub resized: Option<serde_json::Value>,
+    /// Images the reference refused, with its error text.
+    #[serde(default)]
+    pub refused: Vec<serde_json::Value>,
 }
 
 fn default_tolerance() -> f64 {
@@ -145,7 +164,11 @@ pub trait Runner {
 
 /// The runners the harness knows, one per model kind.
 pub fn runners() -> Vec<Box<dyn Runner>> {
-    vec![Box::new(ClipRunner)]
+    vec![
+        Box::new(ClipRunner),
+        Box::new(QwenRunner),
+        Box::new(QwenPreprocessRunner),
+    ]
 }
 
 /// CLIP: loads the fixture as a checkpoint with [`ClipModel::load`]. Produces `pixel_values`
@@ -189,6 +212,191 @@ impl Runner for ClipRunner {
         }
         Ok(out)
     }
+}
+
+/// Qwen2.5-VL: loads the fixture as a checkpoint (model, tokenizer, chat template, image
+/// processor), renders and tokenizes `meta.messages` itself, and produces `input_ids`,
+/// `pixel_values`, `image_grid_thw`, `position_ids` (`[3, L]`), `rope_deltas`, `image_embeds`,
+/// `logits` (at the reference's `logit_columns`), `last_logits` and `greedy_tokens` (from the
+/// rollout engine, greedy, `greedy_new_tokens` long, no stop token).
+#[derive(Debug, Clone, Copy)]
+pub struct QwenRunner;
+
+impl Runner for QwenRunner {
+    fn kind(&self) -> &'static str {
+        "qwen2_5_vl"
+    }
+
+    fn run(&self, fixture: &Fixture, device: Device) -> Result<BTreeMap<String, Tensor>, MlError> {
+        use crate::qwen::{QwenAssets, QwenVl, SamplingParams, generate};
+        let model = QwenVl::load_as(&fixture.dir, device, Kind::Float)?;
+        let assets = QwenAssets::load(&fixture.dir, model.config())?;
+        let (messages, image_files) = chat_from_meta(fixture)?;
+        let images = image_files
+            .iter()
+            .map(|name| open_image(&fixture.dir.join(name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let named: Vec<(&str, &DynamicImage)> = image_files
+            .iter()
+            .map(String::as_str)
+            .zip(images.iter())
+            .collect();
+        let prompt = assets.processor.prepare(
+            &assets.tokenizer,
+            &messages,
+            &named,
+            fixture.meta.add_generation_prompt.unwrap_or(true),
+        )?;
+        let expected = fixture.expected()?;
+        let mut out = BTreeMap::new();
+        out.insert("input_ids".into(), Tensor::from_slice(&prompt.input_ids));
+        let patches: Vec<f32> = prompt
+            .images
+            .iter()
+            .flat_map(|i| i.patches.iter().copied())
+            .collect();
+        out.insert(
+            "pixel_values".into(),
+            Tensor::from_slice(&patches).view([-1, model.config().vision.patch_dim()]),
+        );
+        let grids: Vec<i64> = prompt
+            .images
+            .iter()
+            .flat_map(|i| [i.grid.t, i.grid.h, i.grid.w])
+            .collect();
+        out.insert(
+            "image_grid_thw".into(),
+            Tensor::from_slice(&grids).view([-1, 3]),
+        );
+        let axes: Vec<i64> = prompt.positions.axes.iter().flatten().copied().collect();
+        out.insert(
+            "position_ids".into(),
+            Tensor::from_slice(&axes).view([3, -1]),
+        );
+        out.insert(
+            "rope_deltas".into(),
+            Tensor::from_slice(&[prompt.positions.delta]),
+        );
+        let refs: Vec<_> = prompt.images.iter().collect();
+        if !refs.is_empty() {
+            out.insert("image_embeds".into(), model.encode_images(&refs)?);
+        }
+        let logits = model.sequence_logits(&prompt, &[])?;
+        if let Some(columns) = expected.get("logit_columns") {
+            let columns = columns.to_device(logits.device());
+            out.insert("logits".into(), logits.index_select(1, &columns));
+        }
+        out.insert("last_logits".into(), logits.get(logits.size()[0] - 1));
+        if let Some(n) = fixture.meta.greedy_new_tokens {
+            let params = SamplingParams::greedy(n, Vec::new());
+            let request = crate::qwen::GenerationRequest {
+                prompt: &prompt,
+                samples: 1,
+                params: &params,
+            };
+            let (completions, _) = generate(&model, &[request], &Default::default())?;
+            out.insert(
+                "greedy_tokens".into(),
+                Tensor::from_slice(&completions[0][0].tokens),
+            );
+        }
+        Ok(out
+            .into_iter()
+            .map(|(k, v)| (k, v.to_device(Device::Cpu)))
+            .collect())
+    }
+}
+
+/// Qwen2.5-VL preprocessing alone: `pixel_values_{i}` per image and `image_grid_thw`; every
+/// image in `meta.refused` must be refused too.
+#[derive(Debug, Clone, Copy)]
+pub struct QwenPreprocessRunner;
+
+impl Runner for QwenPreprocessRunner {
+    fn kind(&self) -> &'static str {
+        "qwen2_5_vl_preprocess"
+    }
+
+    fn run(&self, fixture: &Fixture, _device: Device) -> Result<BTreeMap<String, Tensor>, MlError> {
+        let pre = crate::qwen::QwenPreprocessor::load(&fixture.dir)?;
+        let mut out = BTreeMap::new();
+        let mut grids = Vec::new();
+        for (i, (name, image)) in fixture
+            .meta
+            .images
+            .iter()
+            .zip(fixture.images()?)
+            .enumerate()
+        {
+            let p = pre.prepare(&image, name)?;
+            out.insert(
+                format!("pixel_values_{i}"),
+                Tensor::from_slice(&p.patches).view([-1, pre.patch_dim() as i64]),
+            );
+            grids.extend([p.grid.t, p.grid.h, p.grid.w]);
+        }
+        out.insert(
+            "image_grid_thw".into(),
+            Tensor::from_slice(&grids).view([-1, 3]),
+        );
+        for refused in &fixture.meta.refused {
+            let name = refused["image"].as_str().unwrap_or_default();
+            let image = open_image(&fixture.dir.join(name))?;
+            if pre.prepare(&image, name).is_ok() {
+                return Err(MlError::Invalid(format!(
+                    "{name}: transformers refuses it ({}), we accepted it",
+                    refused["error"]
+                )));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn open_image(path: &Path) -> Result<DynamicImage, MlError> {
+    image::open(path).map_err(|e| MlError::Image {
+        name: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// `meta.messages` as our chat type, and the image files in placeholder order.
+fn chat_from_meta(fixture: &Fixture) -> Result<(Vec<crate::qwen::Message>, Vec<String>), MlError> {
+    use crate::qwen::{Message, Part};
+    let bad = |m: String| MlError::config(fixture.dir.join(META_FILE), m);
+    let list = fixture
+        .meta
+        .messages
+        .as_ref()
+        .and_then(|m| m.as_array())
+        .ok_or_else(|| bad("a qwen2_5_vl fixture needs `messages`".into()))?;
+    let mut messages = Vec::new();
+    let mut files = Vec::new();
+    for m in list {
+        let role = m["role"].as_str().unwrap_or("user").to_owned();
+        let content = match &m["content"] {
+            serde_json::Value::String(text) => vec![Part::Text { text: text.clone() }],
+            serde_json::Value::Array(parts) => parts
+                .iter()
+                .map(|p| match p["type"].as_str() {
+                    Some("image") => {
+                        let file = p["image"]
+                            .as_str()
+                            .ok_or_else(|| bad(format!("image part without a file: {p}")))?;
+                        files.push(file.to_owned());
+                        Ok(Part::Image)
+                    }
+                    Some("text") => Ok(Part::Text {
+                        text: p["text"].as_str().unwrap_or_default().to_owned(),
+                    }),
+                    _ => Err(bad(format!("unknown message part {p}"))),
+                })
+                .collect::<Result<_, _>>()?,
+            other => return Err(bad(format!("message content {other}"))),
+        };
+        messages.push(Message { role, content });
+    }
+    Ok((messages, files))
 }
 
 /// One output's comparison.

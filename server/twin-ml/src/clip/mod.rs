@@ -19,7 +19,7 @@
 
 mod config;
 mod model;
-mod preprocess;
+pub(crate) mod preprocess;
 
 pub use config::{
     Activation, ClipArchitecture, ClipConfig, ClipTextConfig, ClipVisionConfig, ConfigError,

@@ -472,7 +472,7 @@ fn size_with_aspect_ratio(
 }
 
 /// Pillow's `Image.convert("RGB")` on the image Pillow would have decoded.
-fn to_rgb8_like_pillow(image: &DynamicImage) -> Cow<'_, RgbImage> {
+pub(crate) fn to_rgb8_like_pillow(image: &DynamicImage) -> Cow<'_, RgbImage> {
     let (w, h) = (image.width(), image.height());
     let from = |pixels: Vec<u8>| {
         Cow::Owned(RgbImage::from_raw(w, h, pixels).unwrap_or_else(|| image.to_rgb8()))

@@ -1,0 +1,414 @@
+//! Qwen2.5-VL on a tiny random model made here (no fixture needed): the rollout engine's
+//! guarantees (batched equals one-by-one, one prefill per prompt, log-probabilities equal a full
+//! forward pass, stop tokens, seeds), checkpoint round trips and what bad input does. Parity
+//! with transformers itself is `parity.rs`'s job.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use image::{DynamicImage, Rgb, RgbImage};
+use twin_ml::MlError;
+use twin_ml::qwen::{
+    ChatTemplate, Completion, EngineOptions, FinishReason, GenerationRequest, Message,
+    PreparedPrompt, QwenPreprocessor, QwenProcessor, QwenTokenizer, QwenVl, QwenVlConfig,
+    SamplingParams, generate,
+};
+use twin_ml::tch::{Device, Kind, Tensor};
+use twin_ml::weights::{read_safetensors, write_safetensors};
+
+/// A picture with structure (gradients and a disc) so patches differ.
+fn picture(width: u32, height: u32, seed: u32) -> DynamicImage {
+    DynamicImage::ImageRgb8(RgbImage::from_fn(width, height, |x, y| {
+        let (cx, cy) = (width as i64 / 2, height as i64 / 2);
+        let d = (x as i64 - cx).pow(2) + (y as i64 - cy).pow(2);
+        let inside = d < (width.min(height) as i64 / 3).pow(2);
+        Rgb([
+            ((x * 7 + seed * 31) % 256) as u8,
+            ((y * 5 + seed * 17) % 256) as u8,
+            if inside { 220 } else { (seed * 50 % 256) as u8 },
+        ])
+    }))
+}
+
+struct Setup {
+    model: QwenVl,
+    tokenizer: QwenTokenizer,
+    processor: QwenProcessor,
+}
+
+fn setup() -> Setup {
+    let config = QwenVlConfig::tiny();
+    // Larger-than-default weights give peaked distributions, so greedy choices have clear
+    // margins and batched/unbatched rounding cannot flip them.
+    let model =
+        QwenVl::init_random_scaled(config.clone(), 7, Device::Cpu, Kind::Float, 25.0).unwrap();
+    let preprocessor = QwenPreprocessor {
+        max_pixels: 28 * 28 * 64,
+        ..QwenPreprocessor::default()
+    };
+    Setup {
+        processor: QwenProcessor::new(&config, ChatTemplate::builtin(), preprocessor),
+        tokenizer: QwenTokenizer::byte_level().unwrap(),
+        model,
+    }
+}
+
+impl Setup {
+    fn prompt(&self, images: &[DynamicImage], text: &str) -> PreparedPrompt {
+        let named: Vec<(&str, &DynamicImage)> = images.iter().map(|i| ("img", i)).collect();
+        self.processor
+            .prepare(
+                &self.tokenizer,
+                &[Message::user_with_images(images.len(), text)],
+                &named,
+                true,
+            )
+            .unwrap()
+    }
+
+    /// Three prompts of different lengths: two images of different sizes, one image, none.
+    fn prompts(&self) -> Vec<PreparedPrompt> {
+        vec![
+            self.prompt(
+                &[picture(150, 120, 1), picture(120, 160, 2)],
+                "Are these the same?",
+            ),
+            self.prompt(&[picture(90, 90, 3)], "Describe it in detail, please."),
+            self.prompt(&[], "Hi"),
+        ]
+    }
+}
+
+fn run(
+    s: &Setup,
+    prompts: &[&PreparedPrompt],
+    samples: usize,
+    params: &SamplingParams,
+) -> Vec<Vec<Completion>> {
+    let requests: Vec<GenerationRequest<'_>> = prompts
+        .iter()
+        .map(|p| GenerationRequest {
+            prompt: p,
+            samples,
+            params,
+        })
+        .collect();
+    generate(&s.model, &requests, &EngineOptions::default())
+        .unwrap()
+        .0
+}
+
+fn assert_close(a: &[f32], b: &[f32], tolerance: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tolerance, "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+#[test]
+fn batched_greedy_output_equals_one_request_at_a_time() {
+    let s = setup();
+    let prompts = s.prompts();
+    assert!(prompts[0].len() != prompts[1].len() && prompts[1].len() != prompts[2].len());
+    let params = SamplingParams::greedy(12, Vec::new());
+    let all: Vec<&PreparedPrompt> = prompts.iter().collect();
+    let batched = run(&s, &all, 1, &params);
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = run(&s, &[p], 1, &params);
+        assert_eq!(batched[i][0].tokens, alone[0][0].tokens, "prompt {i}");
+        assert_close(
+            &batched[i][0].logprobs,
+            &alone[0][0].logprobs,
+            1e-4,
+            &format!("prompt {i} log-probs"),
+        );
+        assert_eq!(batched[i][0].tokens.len(), 12);
+        assert_eq!(batched[i][0].finish, FinishReason::Length);
+    }
+}
+
+#[test]
+fn samples_share_one_prefill_and_follow_their_own_seeds() {
+    let s = setup();
+    let prompts = s.prompts();
+    let params = SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: 8,
+        seed: 11,
+        ..SamplingParams::default()
+    };
+    let requests: Vec<GenerationRequest<'_>> = prompts[..2]
+        .iter()
+        .map(|p| GenerationRequest {
+            prompt: p,
+            samples: 5,
+            params: &params,
+        })
+        .collect();
+    let (out, stats) = generate(&s.model, &requests, &EngineOptions::default()).unwrap();
+    assert_eq!(stats.prefilled_prompts, 2, "{stats:?}");
+    assert_eq!(stats.images, 3, "each image encoded once: {stats:?}");
+    assert_eq!(stats.generated_tokens, 2 * 5 * 8);
+    assert_eq!(out[0].len(), 5);
+    let distinct: std::collections::BTreeSet<_> = out[0].iter().map(|c| &c.tokens).collect();
+    assert!(
+        distinct.len() > 1,
+        "five samples were all the same: {out:?}"
+    );
+
+    // The same request alone gives the same samples: a row's draws do not depend on its
+    // neighbours.
+    let alone = run(&s, &[&prompts[0]], 5, &params);
+    for (a, b) in alone[0].iter().zip(&out[0]) {
+        assert_eq!(a.tokens, b.tokens);
+    }
+    // Another seed, other samples.
+    let other = SamplingParams {
+        seed: 12,
+        ..params.clone()
+    };
+    let reseeded = run(&s, &[&prompts[0]], 5, &other);
+    assert_ne!(reseeded[0], alone[0]);
+}
+
+#[test]
+fn log_probabilities_equal_a_full_forward_pass_over_the_finished_sequence() {
+    let s = setup();
+    let prompts = s.prompts();
+    for (temperature, top_k, top_p) in [(0.7, 20, 0.9), (1.3, 0, 1.0), (0.0, 0, 1.0)] {
+        let params = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            max_new_tokens: 10,
+            seed: 3,
+            ..SamplingParams::default()
+        };
+        let all: Vec<&PreparedPrompt> = prompts.iter().collect();
+        let out = run(&s, &all, 2, &params);
+        for (p, completions) in prompts.iter().zip(&out) {
+            for c in completions {
+                let logits = s.model.sequence_logits(p, &c.tokens).unwrap();
+                let scale = if temperature == 0.0 { 1.0 } else { temperature };
+                let logp = (logits / scale).log_softmax(-1, Kind::Float);
+                let start = p.len() as i64 - 1;
+                let n = c.tokens.len() as i64;
+                let picked = logp
+                    .narrow(0, start, n)
+                    .gather(1, &Tensor::from_slice(&c.tokens).view([n, 1]), false)
+                    .view([n]);
+                let reference = Vec::<f32>::try_from(picked).unwrap();
+                assert_close(
+                    &c.logprobs,
+                    &reference,
+                    1e-4,
+                    &format!("temperature {temperature}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_stop_token_ends_its_sequence_and_is_kept() {
+    let s = setup();
+    let prompts = s.prompts();
+    let free = run(
+        &s,
+        &[&prompts[0]],
+        1,
+        &SamplingParams::greedy(12, Vec::new()),
+    );
+    let tokens = &free[0][0].tokens;
+    let stop = tokens[3];
+    let first = tokens.iter().position(|&t| t == stop).unwrap();
+    let stopped = run(
+        &s,
+        &[&prompts[0], &prompts[2]],
+        1,
+        &SamplingParams::greedy(12, vec![stop]),
+    );
+    assert_eq!(stopped[0][0].tokens, tokens[..=first].to_vec());
+    assert_eq!(stopped[0][0].finish, FinishReason::Stop);
+}
+
+#[test]
+fn bad_requests_are_refused_with_the_reason() {
+    let s = setup();
+    let prompt = s.prompt(&[picture(100, 100, 1)], "Same?");
+    let params = SamplingParams::greedy(8, Vec::new());
+    let request = |samples| GenerationRequest {
+        prompt: &prompt,
+        samples,
+        params: &params,
+    };
+    let options = EngineOptions {
+        max_context: Some(prompt.len() + 4),
+        ..EngineOptions::default()
+    };
+    let err = generate(&s.model, &[request(1)], &options).unwrap_err();
+    assert!(err.to_string().contains("exceed the context"), "{err}");
+    let err = generate(&s.model, &[request(0)], &EngineOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("samples"), "{err}");
+    let bad_p = SamplingParams {
+        top_p: 0.0,
+        ..SamplingParams::default()
+    };
+    let err = generate(
+        &s.model,
+        &[GenerationRequest {
+            prompt: &prompt,
+            samples: 1,
+            params: &bad_p,
+        }],
+        &EngineOptions::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("top_p"), "{err}");
+
+    // One image placeholder, two images; and the other way round.
+    let images = [picture(60, 60, 1), picture(60, 60, 2)];
+    let named: Vec<(&str, &DynamicImage)> = images.iter().map(|i| ("x", i)).collect();
+    let err = s
+        .processor
+        .prepare(
+            &s.tokenizer,
+            &[Message::user_with_images(1, "?")],
+            &named,
+            true,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("1 image placeholder(s) but 2"),
+        "{err}"
+    );
+    // A placeholder typed into the text is not an image.
+    let err = s
+        .processor
+        .prepare(
+            &s.tokenizer,
+            &[Message::user_with_images(1, "look: <|image_pad|>")],
+            &named[..1],
+            true,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("2 <|image_pad|> token(s) for 1"),
+        "{err}"
+    );
+    // An aspect ratio transformers refuses.
+    let sliver = DynamicImage::ImageRgb8(RgbImage::new(1, 300));
+    let err = s
+        .processor
+        .prepare(
+            &s.tokenizer,
+            &[Message::user_with_images(1, "?")],
+            &[("sliver.png", &sliver)],
+            true,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("sliver.png") && err.to_string().contains("aspect ratio"));
+}
+
+#[test]
+fn a_cache_too_large_for_memory_is_an_out_of_memory_error() {
+    let s = setup();
+    let prompt = s.prompt(&[], "Hi");
+    let params = SamplingParams::greedy(1 << 40, Vec::new());
+    let options = EngineOptions {
+        max_context: Some(usize::MAX),
+        ..EngineOptions::default()
+    };
+    let err = generate(
+        &s.model,
+        &[GenerationRequest {
+            prompt: &prompt,
+            samples: 4,
+            params: &params,
+        }],
+        &options,
+    )
+    .unwrap_err();
+    assert!(matches!(err, MlError::OutOfMemory(_)), "{err}");
+    // The model is still usable.
+    run(&s, &[&prompt], 1, &SamplingParams::greedy(2, Vec::new()));
+}
+
+fn saved_tiny(dir: &Path) -> QwenVl {
+    let s = setup();
+    s.model
+        .save_pretrained(dir, &s.processor.preprocessor)
+        .unwrap();
+    s.tokenizer.save(dir).unwrap();
+    s.model
+}
+
+#[test]
+fn a_saved_checkpoint_loads_back_to_the_same_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = saved_tiny(dir.path());
+    let loaded = QwenVl::load(dir.path(), Device::Cpu).unwrap();
+    assert_eq!(loaded.config(), original.config());
+    let s = setup();
+    let prompt = s.prompt(&[picture(120, 90, 4)], "Same?");
+    let a = original.sequence_logits(&prompt, &[]).unwrap();
+    let b = loaded.sequence_logits(&prompt, &[]).unwrap();
+    assert_eq!(f64::try_from((a - b).abs().max()).unwrap(), 0.0);
+    assert!(loaded.weights_hash().is_some());
+    let counts = loaded.parameter_counts();
+    assert_eq!(counts.lm_head, 0, "tied");
+    assert!(counts.vision > 0 && counts.decoder > 0);
+}
+
+#[test]
+fn a_broken_checkpoint_is_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_tiny(dir.path());
+    let file = dir.path().join("model.safetensors");
+    let tensors = read_safetensors(&file).unwrap();
+
+    let name = "model.layers.1.self_attn.k_proj.bias";
+    let without: Vec<_> = tensors
+        .iter()
+        .filter(|(n, _)| n != name)
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    write_safetensors(&file, &without).unwrap();
+    let err = QwenVl::load(dir.path(), Device::Cpu).unwrap_err();
+    assert!(
+        matches!(&err, MlError::MissingTensor { name: n, .. } if n == name),
+        "{err}"
+    );
+
+    let name = "visual.blocks.2.attn.qkv.weight";
+    let reshaped: Vec<_> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let t = if n == name {
+                t.narrow(0, 0, t.size()[0] - 1)
+            } else {
+                t.shallow_clone()
+            };
+            (n.clone(), t)
+        })
+        .collect();
+    write_safetensors(&file, &reshaped).unwrap();
+    let err = QwenVl::load(dir.path(), Device::Cpu).unwrap_err();
+    assert!(
+        matches!(&err, MlError::WrongShape { name: n, .. } if n == name),
+        "{err}"
+    );
+
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"architectures": ["LlavaForConditionalGeneration"]}"#,
+    )
+    .unwrap();
+    let err = QwenVl::load(dir.path(), Device::Cpu).unwrap_err();
+    assert!(
+        err.to_string().contains("LlavaForConditionalGeneration"),
+        "{err}"
+    );
+}
