@@ -95,6 +95,10 @@ impl Client {
     pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            // Idle connections are dropped well before the server's keep-alive (actix: 5 s)
+            // closes them: reusing one the server is closing fails the request ("error sending
+            // request"), which cost an executor a whole attempt after a long model load.
+            .pool_idle_timeout(Duration::from_secs(2))
             .build()
             .map_err(|source| ClientError::Transport {
                 url: base.to_owned(),

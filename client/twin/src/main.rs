@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 the thing checked is bad (a failed job, a broken chain); 2 the
 //! command could not run (bad arguments, server unreachable, API error).
 
+mod eval;
 mod import;
 mod modules;
 mod online;
@@ -68,6 +69,9 @@ enum Command {
     Modules(modules::ModulesCommand),
     /// Score a JSONL file of rollouts with a registered reward (uploads it, submits a job).
     Score(modules::ScoreArgs),
+    /// Evaluate a Qwen2.5-VL checkpoint (FGVQA metrics), compare evaluations, read samples.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
     /// Replay a data directory offline: verify the chain and blobs, show the state at a point.
     Replay(replay::ReplayArgs),
     /// What produced a blob or a job (offline with --data-dir, else asks the server).

@@ -182,7 +182,12 @@ fn finished(job: &JobState) -> Result<(), Failure> {
     }
 }
 
-async fn wait(client: &Client, id: &str, timeout: Option<u64>, json: bool) -> Result<(), Failure> {
+pub(crate) async fn wait(
+    client: &Client,
+    id: &str,
+    timeout: Option<u64>,
+    json: bool,
+) -> Result<(), Failure> {
     let bar = ProgressBar::new(1000);
     bar.set_style(
         ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {msg}")
@@ -266,6 +271,9 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
         }
         Command::Dataset(command) => {
             return crate::review::dataset(&client, command, conn.json).await;
+        }
+        Command::Eval(command) => {
+            return crate::eval::run(&client, command, conn.json).await;
         }
         Command::Score(args) => {
             let wait_for = args.wait;

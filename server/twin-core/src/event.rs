@@ -292,6 +292,7 @@ pub enum JobResult {
     Score(crate::score::ScoreOutput),
     Mine(crate::mine::MineOutput),
     BuildDataset(BuildDatasetResult),
+    Eval(crate::eval::EvalOutput),
 }
 
 /// A build-dataset result: the output plus the dataset id the server minted.
@@ -312,6 +313,7 @@ impl JobResult {
             JobResult::BuildDataset(b) => std::iter::once(b.output.manifest)
                 .chain(b.output.exports.values().copied())
                 .collect(),
+            JobResult::Eval(e) => vec![e.samples],
         }
     }
 }
@@ -369,6 +371,7 @@ pub enum JobOutput {
     Score(crate::score::ScoreOutput),
     Mine(crate::mine::MineOutput),
     BuildDataset(crate::dataset::BuildDatasetOutput),
+    Eval(crate::eval::EvalOutput),
 }
 
 impl JobOutput {
@@ -378,6 +381,7 @@ impl JobOutput {
             JobOutput::Score(_) => crate::spec::JobKind::Score,
             JobOutput::Mine(_) => crate::spec::JobKind::Mine,
             JobOutput::BuildDataset(_) => crate::spec::JobKind::BuildDataset,
+            JobOutput::Eval(_) => crate::spec::JobKind::Eval,
         }
     }
 }

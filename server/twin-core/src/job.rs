@@ -364,6 +364,12 @@ impl JobState {
                             result: JobResult::Mine(out.clone()),
                         }))
                     }
+                    (JobSpec::Eval(_), JobOutput::Eval(out)) => {
+                        one(Event::JobSucceeded(JobSucceeded {
+                            epoch,
+                            result: JobResult::Eval(out.clone()),
+                        }))
+                    }
                     (JobSpec::BuildDataset(spec), JobOutput::BuildDataset(out)) => Ok(vec![
                         (
                             self.stream(),

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod dataset;
+pub mod eval;
 pub mod event;
 pub mod ids;
 pub mod job;

@@ -190,21 +190,25 @@ impl ScoreSpec {
                 ));
             }
         }
-        let l = &self.limits;
-        let bad_limit = |f: &str, v: Option<u64>, max: u64| {
-            v.is_some_and(|v| v == 0 || v > max).then(|| f.to_owned())
-        };
-        if let Some(f) = bad_limit("spec.limits.fuel", l.fuel, 1 << 50)
-            .or_else(|| bad_limit("spec.limits.deadline_ms", l.deadline_ms, 3_600_000))
-            .or_else(|| bad_limit("spec.limits.memory_mb", l.memory_mb, 4096))
-        {
-            return Err(SpecError::invalid(
-                &f,
-                "must be positive (fuel ≤ 2^50, deadline ≤ 1 h, memory ≤ 4096 MiB)",
-            ));
-        }
-        Ok(())
+        check_limits(&self.limits)
     }
+}
+
+/// A job's module limits: each set one positive and within the host's ranges.
+pub(crate) fn check_limits(l: &ModuleLimits) -> Result<(), SpecError> {
+    let bad_limit = |f: &str, v: Option<u64>, max: u64| {
+        v.is_some_and(|v| v == 0 || v > max).then(|| f.to_owned())
+    };
+    if let Some(f) = bad_limit("spec.limits.fuel", l.fuel, 1 << 50)
+        .or_else(|| bad_limit("spec.limits.deadline_ms", l.deadline_ms, 3_600_000))
+        .or_else(|| bad_limit("spec.limits.memory_mb", l.memory_mb, 4096))
+    {
+        return Err(SpecError::invalid(
+            &f,
+            "must be positive (fuel ≤ 2^50, deadline ≤ 1 h, memory ≤ 4096 MiB)",
+        ));
+    }
+    Ok(())
 }
 
 fn check_reference(field: &str, reference: Option<&str>) -> Result<(), SpecError> {

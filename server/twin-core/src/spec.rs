@@ -6,6 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use crate::dataset::BuildDatasetSpec;
+pub use crate::eval::EvalSpec;
 use crate::ids::{BlobHash, ExperimentId};
 pub use crate::mine::MineSpec;
 pub use crate::score::ScoreSpec;
@@ -63,7 +64,11 @@ impl JobKind {
     pub fn is_built(self) -> bool {
         matches!(
             self,
-            JobKind::Ingest | JobKind::Score | JobKind::Mine | JobKind::BuildDataset
+            JobKind::Ingest
+                | JobKind::Score
+                | JobKind::Mine
+                | JobKind::BuildDataset
+                | JobKind::Eval
         )
     }
 
@@ -86,6 +91,8 @@ pub enum JobSpec {
     Score(ScoreSpec),
     Mine(MineSpec),
     BuildDataset(BuildDatasetSpec),
+    /// Boxed: the largest spec, and submissions travel inside every `job_submitted` event.
+    Eval(Box<EvalSpec>),
 }
 
 impl JobSpec {
@@ -95,6 +102,7 @@ impl JobSpec {
             JobSpec::Score(_) => JobKind::Score,
             JobSpec::Mine(_) => JobKind::Mine,
             JobSpec::BuildDataset(_) => JobKind::BuildDataset,
+            JobSpec::Eval(_) => JobKind::Eval,
         }
     }
 
@@ -116,6 +124,7 @@ impl JobSpec {
                 .chain(b.hard_negatives)
                 .chain(b.synthetic.iter().copied())
                 .collect(),
+            JobSpec::Eval(e) => e.inputs(),
         }
     }
 }
@@ -200,7 +209,7 @@ pub enum SpecError {
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
     #[error(
-        "spec.kind: job kind `{0}` is not built in this version (built: ingest, score, mine, build-dataset)"
+        "spec.kind: job kind `{0}` is not built in this version (built: ingest, score, mine, build-dataset, eval)"
     )]
     KindNotBuilt(String),
     #[error(
@@ -247,14 +256,21 @@ impl JobSubmission {
             .ok_or_else(|| SpecError::invalid("spec.kind", "missing field"))?
             .as_str()
             .ok_or_else(|| SpecError::invalid("spec.kind", "expected a string"))?;
-        match JobKind::parse(kind) {
+        let kind = match JobKind::parse(kind) {
             None => return Err(SpecError::UnknownKind(kind.to_owned())),
             Some(k) if !k.is_built() => return Err(SpecError::KindNotBuilt(kind.to_owned())),
-            Some(_) => {}
-        }
+            Some(k) => k,
+        };
         let submission: JobSubmission = serde_path_to_error::deserialize(&value).map_err(|e| {
             let path = e.path().to_string();
             let message = e.into_inner().to_string();
+            // Inside the internally tagged spec serde loses the path; the kind's own struct,
+            // read alone, finds it.
+            if path == "spec"
+                && let Some(precise) = spec_error(kind, spec)
+            {
+                return precise;
+            }
             SpecError::Invalid {
                 field: field_of(&path, &message),
                 message,
@@ -301,7 +317,34 @@ impl JobSubmission {
             JobSpec::Score(spec) => spec.validate(),
             JobSpec::Mine(spec) => spec.validate(),
             JobSpec::BuildDataset(spec) => spec.validate(),
+            JobSpec::Eval(spec) => spec.validate(),
         }
+    }
+}
+
+/// The error of reading `spec` (without its `kind`) as `kind`'s spec, at its path under `spec`.
+fn spec_error(kind: JobKind, spec: &serde_json::Value) -> Option<SpecError> {
+    fn read<T: serde::de::DeserializeOwned>(body: &serde_json::Value) -> Option<SpecError> {
+        let e = serde_path_to_error::deserialize::<_, T>(body).err()?;
+        let path = match e.path().to_string() {
+            p if p == "." => "spec".to_owned(),
+            p => format!("spec.{p}"),
+        };
+        let message = e.into_inner().to_string();
+        Some(SpecError::Invalid {
+            field: field_of(&path, &message),
+            message,
+        })
+    }
+    let mut body = spec.clone();
+    body.as_object_mut()?.remove("kind");
+    match kind {
+        JobKind::Ingest => read::<IngestSpec>(&body),
+        JobKind::Score => read::<ScoreSpec>(&body),
+        JobKind::Mine => read::<MineSpec>(&body),
+        JobKind::BuildDataset => read::<BuildDatasetSpec>(&body),
+        JobKind::Eval => read::<EvalSpec>(&body),
+        JobKind::Synthesize | JobKind::Train => None,
     }
 }
 
@@ -399,6 +442,14 @@ mod tests {
         check(
             json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}}, "colour": 1}),
             Err("colour: unknown field"),
+        );
+        check(
+            json!({"spec": {"kind": "mine", "dataset": "d", "model": "/m", "k": "ten"}}),
+            Err("spec.k: invalid type"),
+        );
+        check(
+            json!({"spec": {"kind": "eval", "model": "/m", "data": {"built": "d"}, "max_new_tokens": -1}}),
+            Err("spec.max_new_tokens: invalid value"),
         );
         check(json!({"spec": {}}), Err("spec.kind: missing"));
         check(json!([]), Err("(body)"));

@@ -56,14 +56,16 @@ pub trait Stage: Send + Sync + 'static {
     fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError>;
 }
 
-/// Every stage this build has; `plugins` runs the Wasm modules of `score` and `mine` jobs.
-/// Without the `ml` feature (no libtorch) there is no `mine` stage.
+/// Every stage this build has; `plugins` runs the Wasm modules of `score`, `mine` and `eval`
+/// jobs. Without the `ml` feature (no libtorch) there is no `mine` or `eval` stage.
 pub fn default_stages(plugins: Arc<twin_plugins::Host>) -> Vec<Arc<dyn Stage>> {
     vec![
         Arc::new(crate::IngestStage),
         Arc::new(crate::ScoreStage::new(plugins.clone())),
         #[cfg(feature = "ml")]
-        Arc::new(crate::mine::MineStage::new(plugins)),
+        Arc::new(crate::mine::MineStage::new(plugins.clone())),
+        #[cfg(feature = "ml")]
+        Arc::new(crate::eval::EvalStage::new(plugins)),
         Arc::new(crate::build::BuildDatasetStage),
     ]
 }

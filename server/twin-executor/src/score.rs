@@ -29,7 +29,7 @@ impl ScoreStage {
     }
 }
 
-fn module_error(term: &str, module: &str, e: PluginError) -> StageError {
+pub(crate) fn module_error(term: &str, module: &str, e: PluginError) -> StageError {
     let what = if term.is_empty() {
         format!("reward module {module}")
     } else {

@@ -114,7 +114,25 @@ fn batched_greedy_output_equals_one_request_at_a_time() {
     let params = SamplingParams::greedy(12, Vec::new());
     let all: Vec<&PreparedPrompt> = prompts.iter().collect();
     let batched = run(&s, &all, 1, &params);
+    // The same batch prefilled one prompt per forward pass.
+    let requests: Vec<GenerationRequest<'_>> = all
+        .iter()
+        .map(|p| GenerationRequest {
+            prompt: p,
+            samples: 1,
+            params: &params,
+        })
+        .collect();
+    let options = EngineOptions {
+        prefill_tokens: 1,
+        ..EngineOptions::default()
+    };
+    let chunked = generate(&s.model, &requests, &options).unwrap().0;
     for (i, p) in prompts.iter().enumerate() {
+        assert_eq!(
+            chunked[i][0].tokens, batched[i][0].tokens,
+            "prompt {i}, chunked"
+        );
         let alone = run(&s, &[p], 1, &params);
         assert_eq!(batched[i][0].tokens, alone[0][0].tokens, "prompt {i}");
         assert_close(

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod metrics;
 pub mod mining;
 #[cfg(feature = "ml")]

@@ -88,8 +88,45 @@ enum ModelCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Write a Qwen2.5-VL model with seeded random weights and a byte-level tokenizer, in the
+    /// Hugging Face layout.
+    InitQwen {
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value = "tiny")]
+        preset: twin_server::model::QwenPreset,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Architecture, sizes, parameter count and weights hash of a checkpoint directory.
     Info { dir: PathBuf },
+    /// Answer one chat turn with a Qwen2.5-VL checkpoint: images first, then the prompt.
+    Generate {
+        dir: PathBuf,
+        /// An image file (repeatable; in order).
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        /// A system message (Qwen's default one when absent).
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// 0 decodes greedily.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1)]
+        samples: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// auto, cpu or cuda.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
 }
 
 #[cfg(feature = "ml")]
@@ -99,9 +136,47 @@ fn model_command(command: ModelCommand) -> anyhow::Result<()> {
             let hash = twin_server::model::init_clip(&dir, preset, seed)?;
             println!("wrote {} (weights {hash})", dir.display());
         }
+        ModelCommand::InitQwen { dir, preset, seed } => {
+            let hash = twin_server::model::init_qwen(&dir, preset, seed)?;
+            println!("wrote {} (weights {hash})", dir.display());
+        }
         ModelCommand::Info { dir } => {
             let info = twin_server::model::info(&dir)?;
             println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        ModelCommand::Generate {
+            dir,
+            images,
+            prompt,
+            system,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            samples,
+            seed,
+            device,
+        } => {
+            let device = match device.as_str() {
+                "auto" => twin_ml::DeviceRequest::Auto,
+                "cpu" => twin_ml::DeviceRequest::Cpu,
+                "cuda" => twin_ml::DeviceRequest::Cuda,
+                other => anyhow::bail!("--device: {other:?} is not auto, cpu or cuda"),
+            };
+            let args = twin_server::model::GenerateArgs {
+                images,
+                prompt,
+                system,
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                samples,
+                seed,
+                device,
+            };
+            let out = twin_server::model::generate(&dir, &args)?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
         }
     }
     Ok(())

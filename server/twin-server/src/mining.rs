@@ -84,19 +84,7 @@ impl Service {
         spec.dataset_id = Some(id);
         spec.manifest = Some(manifest);
         if spec.device == ComputeDevice::Cuda {
-            let gpus: Vec<String> = self
-                .executors()
-                .into_iter()
-                .filter(|e| e.capabilities.gpus > 0)
-                .map(|e| e.name)
-                .collect();
-            if gpus.is_empty() {
-                return Err(invalid(
-                    "spec.device",
-                    "CUDA was requested but no executor has a GPU (none has reported one to this \
-                     server); use \"auto\" or \"cpu\", or start an executor on a GPU machine",
-                ));
-            }
+            self.require_gpu_executor("spec.device")?;
         }
         let grants = spec.grants.clone();
         for (i, f) in spec.filters.iter_mut().enumerate() {
@@ -169,6 +157,22 @@ impl Service {
             .map_err(|e| ApiError::internal("storing the accepted pairs", e))?;
         spec.hard_negatives = Some(hash);
         Ok(())
+    }
+
+    /// Refuses a CUDA request unless some executor has reported a GPU to this server.
+    pub(crate) fn require_gpu_executor(&self, field: &str) -> Result<(), ApiError> {
+        if self
+            .executors()
+            .into_iter()
+            .any(|e| e.capabilities.gpus > 0)
+        {
+            return Ok(());
+        }
+        Err(invalid(
+            field,
+            "CUDA was requested but no executor has a GPU (none has reported one to this \
+             server); use \"auto\" or \"cpu\", or start an executor on a GPU machine",
+        ))
     }
 
     fn pin_dataset(&self, reference: &str) -> Result<(twin_core::DatasetId, BlobHash), ApiError> {

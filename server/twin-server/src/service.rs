@@ -307,6 +307,13 @@ impl Service {
                 return Ok(());
             }
             JobSpec::BuildDataset(spec) => return self.resolve_build(spec),
+            JobSpec::Eval(spec) => {
+                self.resolve_eval(spec)?;
+                if spec.device == twin_core::mine::ComputeDevice::Cuda {
+                    submission.requirements.gpus = submission.requirements.gpus.max(1);
+                }
+                return Ok(());
+            }
             JobSpec::Ingest(_) => return Ok(()),
         };
         if !self.blobs.contains(&spec.rollouts) {

@@ -584,3 +584,69 @@ async fn large_blobs_download_whole_in_chunks() {
     assert_eq!(got.len(), big.len());
     assert_eq!(twin_core::BlobHash::of(&got), hash);
 }
+
+#[actix_web::test]
+async fn eval_submissions_are_checked_and_pinned_at_submission() {
+    let h = harness(&[]);
+    let post = |body: Value| TestRequest::post().uri("/v1/jobs").set_json(body);
+    let eval = |extra: Value| {
+        let mut spec = json!({"kind": "eval", "model": "/models/qwen",
+                              "data": {"questions": "/data/fgvqa/questions.jsonl"}});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        json!({ "spec": spec })
+    };
+    assert_error(
+        &call!(h, post(eval(json!({"data": {"built": "nope"}})))),
+        400,
+        "invalid_spec",
+        "spec.data.built: no built dataset `nope`",
+    );
+    assert_error(
+        &call!(h, post(eval(json!({"max_new_tokens": 0})))),
+        400,
+        "invalid_spec",
+        "spec.max_new_tokens: must be between 1 and 32768",
+    );
+    assert_error(
+        &call!(h, post(eval(json!({"max_new_tokens": "many"})))),
+        400,
+        "invalid_spec",
+        "spec.max_new_tokens: invalid type",
+    );
+    assert_error(
+        &call!(h, post(eval(json!({"device": "cuda"})))),
+        400,
+        "invalid_spec",
+        "spec.device: CUDA was requested but no executor has a GPU",
+    );
+    assert_error(
+        &call!(h, post(eval(json!({})))),
+        400,
+        "invalid_spec",
+        "spec.scorers.pair.module: no module `fgvqa-pair` is registered; register the \
+         catalogue's scorer, e.g. `twin modules add target/wasm32-wasip2/guest/fgvqa_pair.wasm \
+         --name fgvqa-pair`",
+    );
+    // Nothing was logged.
+    let (status, jobs) = call!(h, TestRequest::get().uri("/v1/jobs"));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(jobs, json!([]));
+
+    // The job's spec and result are in the OpenAPI document.
+    let doc = serde_json::to_value(api::openapi()).unwrap();
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for name in [
+        "EvalSpec",
+        "EvalOutput",
+        "SubsetMetrics",
+        "EvalData",
+        "EvalScorers",
+    ] {
+        assert!(
+            schemas.contains_key(name),
+            "{name} is missing from the document"
+        );
+    }
+}

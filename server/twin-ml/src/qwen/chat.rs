@@ -197,6 +197,10 @@ pub fn render_default(messages: &[Message], add_generation_prompt: bool) -> Stri
 /// `tokenizer.json` through the tokenizers crate.
 pub struct QwenTokenizer {
     inner: tokenizers::Tokenizer,
+    /// The `tokenizer.json` text this tokenizer was built from, when it was built here:
+    /// written back as is, because re-serialising a vocabulary with gaps in its ids (ours jumps
+    /// from 255 to Qwen's special ids) makes the tokenizers crate warn about every missing id.
+    source: Option<String>,
 }
 
 impl std::fmt::Debug for QwenTokenizer {
@@ -218,11 +222,17 @@ impl QwenTokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| MlError::config(&path, format!("not a tokenizer: {e}")))?;
-        Ok(QwenTokenizer { inner })
+        Ok(QwenTokenizer {
+            inner,
+            source: None,
+        })
     }
 
     pub fn from_tokenizer(inner: tokenizers::Tokenizer) -> QwenTokenizer {
-        QwenTokenizer { inner }
+        QwenTokenizer {
+            inner,
+            source: None,
+        }
     }
 
     /// A byte-level tokenizer with no merges (every byte one token, ids 0–255) and Qwen's
@@ -262,11 +272,14 @@ impl QwenTokenizer {
                       "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                       "vocab": vocab, "merges": []},
         });
-        let inner: tokenizers::Tokenizer = spec
-            .to_string()
+        let source = spec.to_string();
+        let inner: tokenizers::Tokenizer = source
             .parse()
             .map_err(|e| MlError::Invalid(format!("building the byte-level tokenizer: {e}")))?;
-        let tokenizer = QwenTokenizer { inner };
+        let tokenizer = QwenTokenizer {
+            inner,
+            source: Some(source),
+        };
         for (id, token) in QWEN_SPECIAL_TOKENS {
             if tokenizer.token_id(token) != Some(*id) {
                 return Err(MlError::Invalid(format!(
@@ -281,9 +294,13 @@ impl QwenTokenizer {
     /// into `dir`.
     pub fn save(&self, dir: &Path) -> Result<(), MlError> {
         let path = dir.join("tokenizer.json");
-        self.inner
-            .save(&path, true)
-            .map_err(|e| MlError::io(&path, e))?;
+        match &self.source {
+            Some(text) => std::fs::write(&path, text).map_err(|e| MlError::io(&path, e))?,
+            None => self
+                .inner
+                .save(&path, true)
+                .map_err(|e| MlError::io(&path, e))?,
+        }
         let config = dir.join("tokenizer_config.json");
         let text = serde_json::to_string_pretty(&json!({
             "tokenizer_class": "Qwen2Tokenizer",
@@ -458,6 +475,7 @@ impl QwenProcessor {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -480,5 +498,20 @@ mod tests {
             text,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         );
+    }
+
+    #[test]
+    fn the_byte_level_tokenizer_has_qwen_specials_and_round_trips() {
+        let t = QwenTokenizer::byte_level().unwrap();
+        let ids = t.encode("<|im_start|>user\nhé<|im_end|>").unwrap();
+        assert_eq!(ids.first(), Some(&151_644));
+        assert_eq!(ids.last(), Some(&151_645));
+        // "user" 4 bytes, "\n" 1, "h" 1, "é" 2: one token per byte.
+        assert_eq!(ids.len(), 2 + 8);
+        assert_eq!(t.decode(&ids).unwrap(), "user\nhé");
+        let dir = tempfile::tempdir().unwrap();
+        t.save(dir.path()).unwrap();
+        let back = QwenTokenizer::load(dir.path()).unwrap();
+        assert_eq!(back.encode("<|image_pad|>x").unwrap(), vec![151_655, 120]);
     }
 }

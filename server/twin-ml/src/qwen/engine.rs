@@ -133,6 +133,10 @@ pub struct EngineOptions {
     /// Longest prompt plus new tokens allowed; the model's `max_position_embeddings` when
     /// `None`.
     pub max_context: Option<usize>,
+    /// Padded prompt tokens per prefill forward pass (at least one prompt per pass): the
+    /// attention scores of a whole batch of long prompts would not fit in memory on the CPU's
+    /// math path, and larger passes gain nothing once the matrices are this big.
+    pub prefill_tokens: usize,
 }
 
 impl Default for EngineOptions {
@@ -140,6 +144,7 @@ impl Default for EngineOptions {
         EngineOptions {
             max_batch_rows: 64,
             max_context: None,
+            prefill_tokens: 4096,
         }
     }
 }
@@ -203,7 +208,7 @@ pub fn generate(
             rows += requests[end].samples;
             end += 1;
         }
-        let outputs = run_batch(model, &requests[start..end], &mut stats)?;
+        let outputs = run_batch(model, &requests[start..end], options, &mut stats)?;
         for (slot, out) in results[start..end].iter_mut().zip(outputs) {
             *slot = out;
         }
@@ -238,6 +243,7 @@ fn row_seed(seed: u64, sample: usize) -> u64 {
 fn run_batch(
     model: &QwenVl,
     requests: &[GenerationRequest<'_>],
+    options: &EngineOptions,
     stats: &mut GenerationStats,
 ) -> Result<Vec<Vec<Completion>>, MlError> {
     let device = model.device();
@@ -299,8 +305,6 @@ fn run_batch(
                 }
                 positions.push(Tensor::from_slice(&flat).view([3, 1, width]));
             }
-            let embeds = Tensor::cat(&embeds, 0);
-            let positions = Tensor::cat(&positions, 1).to_device(device);
             let valid: Vec<bool> = lengths
                 .iter()
                 .flat_map(|&l| (0..width).map(move |c| c >= width - l))
@@ -308,26 +312,40 @@ fn run_batch(
             let key_valid = Tensor::from_slice(&valid)
                 .view([prompts, width])
                 .to_device(device);
-            let mut cache = KvCache::new(text_config, prompts, width, kind, device)?;
+            let cache = KvCache::new(text_config, prompts, width, kind, device)?;
             let padded = lengths.iter().any(|&l| l != width);
-            let hidden = if padded {
-                let causal = super::text::causal_mask(width, 0, device);
-                let eye = Tensor::eye(width, (Kind::Bool, device)).view([1, 1, width, width]);
-                let mask = causal
-                    .logical_and(&key_valid.view([prompts, 1, 1, width]))
-                    .logical_or(&eye);
-                model.text.forward(
-                    &embeds,
-                    &positions,
-                    TextMask::Explicit(&mask),
-                    Some((&mut cache, 0)),
-                )
-            } else {
-                model
-                    .text
-                    .forward(&embeds, &positions, TextMask::Causal, Some((&mut cache, 0)))
-            };
-            let last = model.text.logits(&hidden.select(1, width - 1));
+            // Prompts go through in groups of about `prefill_tokens` padded tokens.
+            let per_chunk = (options.prefill_tokens as i64 / width.max(1)).max(1);
+            let mut last = Vec::new();
+            for start in (0..prompts).step_by(per_chunk as usize) {
+                let n = per_chunk.min(prompts - start);
+                let range = start as usize..(start + n) as usize;
+                let chunk_embeds = Tensor::cat(&embeds[range.clone()], 0);
+                let chunk_positions = Tensor::cat(&positions[range], 1).to_device(device);
+                let mut rows = cache.row_range(start, n);
+                let hidden = if padded {
+                    let causal = super::text::causal_mask(width, 0, device);
+                    let eye = Tensor::eye(width, (Kind::Bool, device)).view([1, 1, width, width]);
+                    let mask = causal
+                        .logical_and(&key_valid.narrow(0, start, n).view([n, 1, 1, width]))
+                        .logical_or(&eye);
+                    model.text.forward(
+                        &chunk_embeds,
+                        &chunk_positions,
+                        TextMask::Explicit(&mask),
+                        Some((&mut rows, 0)),
+                    )
+                } else {
+                    model.text.forward(
+                        &chunk_embeds,
+                        &chunk_positions,
+                        TextMask::Causal,
+                        Some((&mut rows, 0)),
+                    )
+                };
+                last.push(model.text.logits(&hidden.select(1, width - 1)));
+            }
+            let last = Tensor::cat(&last, 0);
             Ok((cache, last, key_valid))
         })
     })??;
@@ -364,8 +382,7 @@ fn run_batch(
                 .zip(&prompt_cache.k)
                 .chain(cache.v.iter_mut().zip(&prompt_cache.v))
             {
-                let _ = dst
-                    .narrow(2, 0, width)
+                dst.narrow(2, 0, width)
                     .copy_(&src.index_select(0, &row_prompt));
             }
             Ok((

@@ -323,6 +323,20 @@ pub struct QwenAssets {
 }
 
 impl QwenAssets {
+    /// The tokens that end a reply: the config's end-of-sequence ids plus the chat format's
+    /// end-of-turn and end-of-text tokens where the tokenizer has them.
+    pub fn stop_tokens(&self, config: &QwenVlConfig) -> Vec<i64> {
+        let mut ids = config.eos_token_ids.clone();
+        for token in [super::chat::IM_END, "<|endoftext|>"] {
+            if let Some(id) = self.tokenizer.token_id(token) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     pub fn load(dir: &Path, config: &QwenVlConfig) -> Result<QwenAssets, MlError> {
         Ok(QwenAssets {
             tokenizer: QwenTokenizer::load(dir)?,

@@ -199,7 +199,7 @@ impl QwenPreprocessor {
     pub fn target_size(&self, height: usize, width: usize) -> Result<(usize, usize), String> {
         if !self.resize {
             let factor = self.patch_size * self.merge_size;
-            if height % factor != 0 || width % factor != 0 {
+            if !height.is_multiple_of(factor) || !width.is_multiple_of(factor) {
                 return Err(format!(
                     "{height}×{width} is not a multiple of {factor} and do_resize is false"
                 ));

@@ -55,6 +55,15 @@ impl KvCache {
         self.k.first().map_or(0, |t| t.size()[2])
     }
 
+    /// Rows `start..start + n` as a cache of their own that shares this one's storage:
+    /// writing into it writes into this cache.
+    pub fn row_range(&self, start: i64, n: i64) -> KvCache {
+        KvCache {
+            k: self.k.iter().map(|t| t.narrow(0, start, n)).collect(),
+            v: self.v.iter().map(|t| t.narrow(0, start, n)).collect(),
+        }
+    }
+
     /// Keeps only `rows` (indices into the current rows), in that order: drops finished
     /// sequences from a batch, or copies one prompt's cache into each of its samples.
     pub fn select_rows(&mut self, rows: &Tensor) {
@@ -79,8 +88,7 @@ impl KvCache {
             .zip(&src.k)
             .chain(self.v.iter_mut().zip(&src.v))
         {
-            let _ = dst
-                .get(dst_row)
+            dst.get(dst_row)
                 .narrow(1, dst_col, len)
                 .copy_(&src.get(src_row).narrow(1, 0, len));
         }
@@ -242,9 +250,9 @@ impl TextModel {
                 cache.as_mut().map(|(c, s)| (&mut **c, *s)),
                 i,
             );
-            x = x + h;
+            x = &x + h;
             let h = layer.post_attention_layernorm.forward(&x);
-            x = x + silu_mlp_forward(&h, &layer.gate_proj, &layer.up_proj, &layer.down_proj);
+            x = &x + silu_mlp_forward(&h, &layer.gate_proj, &layer.up_proj, &layer.down_proj);
         }
         self.norm.forward(&x)
     }
@@ -267,8 +275,8 @@ impl TextModel {
         let v = heads(a.v_proj.forward(x), a.kv_heads);
         let (k, v, start) = match cache {
             Some((cache, start)) => {
-                let _ = cache.k[layer].narrow(2, start, l).copy_(&k);
-                let _ = cache.v[layer].narrow(2, start, l).copy_(&v);
+                cache.k[layer].narrow(2, start, l).copy_(&k);
+                cache.v[layer].narrow(2, start, l).copy_(&v);
                 (
                     cache.k[layer].narrow(2, 0, start + l),
                     cache.v[layer].narrow(2, 0, start + l),

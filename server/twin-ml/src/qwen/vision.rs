@@ -102,8 +102,28 @@ impl VisionAttention {
             );
             out.transpose(1, 2).reshape([-1, hidden])
         };
+        // Attention scores are materialised when libtorch's CPU kernels fall back to the math
+        // path; at most this many segments go into one call so a batch of many large images
+        // (full-attention blocks: one segment per image) stays within ~64 MiB of scores.
+        let per_call = |len: i64| ((64 << 20) / (self.num_heads * len * len * 4)).max(1);
         let out = match plan.groups.as_slice() {
-            [(len, None)] => attend(&q, &k, &v, *len),
+            [(len, None)] if n / len <= per_call(*len) => attend(&q, &k, &v, *len),
+            [(len, None)] => {
+                let rows = per_call(*len) * len;
+                let parts: Vec<Tensor> = (0..n)
+                    .step_by(rows as usize)
+                    .map(|start| {
+                        let take = rows.min(n - start);
+                        attend(
+                            &q.narrow(0, start, take),
+                            &k.narrow(0, start, take),
+                            &v.narrow(0, start, take),
+                            *len,
+                        )
+                    })
+                    .collect();
+                Tensor::cat(&parts, 0)
+            }
             groups => {
                 let mut out = Tensor::zeros([n, hidden], (x.kind(), x.device()));
                 for (len, index) in groups {
@@ -268,7 +288,7 @@ impl VisionTower {
             let h = block
                 .attn
                 .forward(&block.norm1.forward(&x), &cos, &sin, plan);
-            x = x + h;
+            x = &x + h;
             let m = &block.mlp;
             let h = silu_mlp_forward(
                 &block.norm2.forward(&x),
@@ -276,7 +296,7 @@ impl VisionTower {
                 &m.up_proj,
                 &m.down_proj,
             );
-            x = x + h;
+            x = &x + h;
         }
         let merged = self.merger.ln_q.forward(&x).view([-1, self.merger.width]);
         let merged = self

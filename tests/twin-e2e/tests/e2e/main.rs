@@ -5,8 +5,10 @@
 mod cli;
 mod crash;
 mod disk;
+mod eval;
 mod leases;
 mod mining;
+mod model;
 mod modules;
 
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@ use crate::modules_dir;
 
 /// Runs a successful `twin --json …`; returns the last JSON document it printed (`submit --wait`
 /// prints the submitted job, then the finished one).
-fn ok_json(args: &[&str]) -> serde_json::Value {
+pub(crate) fn ok_json(args: &[&str]) -> serde_json::Value {
     let out = twin(args);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "twin {args:?}\n{stdout}\n{stderr}");
@@ -34,7 +34,7 @@ fn tiny_clip(dir: &Path) -> PathBuf {
     path
 }
 
-fn write(dir: &Path, name: &str, spec: serde_json::Value) -> String {
+pub(crate) fn write(dir: &Path, name: &str, spec: serde_json::Value) -> String {
     let path = dir.join(name);
     std::fs::write(&path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
     path.to_str().unwrap().to_owned()

@@ -1,0 +1,1497 @@
+//! The `eval` stage: a Qwen2.5-VL checkpoint answers FGVQA-style questions, scorer modules grade
+//! the answers, and the job reports per-subset accuracy.
+//!
+//! Questions come from a built dataset's eval split (the manifest pinned at submission; images
+//! are blobs, shown at the size the dataset's exports give the model) or from a
+//! `questions.jsonl` written by `twin import` (images beside it). The user turn is the images,
+//! then the question followed by the evaluation instruction (`twin_data::prompts::eval_text`),
+//! rendered with the checkpoint's chat template; decoding is greedy. Each completion is scored by
+//! the job's pair or multi scorer module (the server pinned both to hashes), run by twin-plugins
+//! as a `score` job runs rewards; the per-sample record's `parsed_answer` is the FGVQA rule's
+//! reading of the completion (`twin_rules`), for people reading the samples.
+//!
+//! Faults. A checkpoint that does not load fails the job with the loader's error (which names
+//! the file or tensor). An image that cannot be read fails the job naming the image and the
+//! question: skipping it would change the denominator and make two evaluations of the same data
+//! incomparable. Running out of memory fails the job with advice; the cached model and the
+//! executor are unaffected, so later jobs run. A prompt longer than the model's context fails the
+//! job with the engine's message, naming the question.
+//!
+//! Resume: completions are recorded as `generations-NNNN` artefacts (at most a minute's work
+//! apart, and at the end), the scored samples as the `samples` artefact. A job re-leased after its
+//! executor died regenerates only the questions no artefact answers, and skips scoring when the
+//! samples are there. Models are cached across jobs like the mine stage's CLIP, and reloaded when
+//! a file of the checkpoint directory changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use image::DynamicImage;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use twin_core::eval::{
+    EvalData, EvalFinish, EvalOutput, EvalSample, EvalSpec, QuestionKind, ScorerRef, ScorerSummary,
+    subset_metrics,
+};
+use twin_core::event::JobOutput;
+use twin_core::job::JobState;
+use twin_core::mine::ComputeDevice;
+use twin_core::score::{Grants, ModuleLimits};
+use twin_core::spec::JobSpec;
+use twin_core::{BlobHash, JobKind};
+use twin_data::build::{BuiltDataset, ImageRef, RowKind, Split};
+use twin_data::import::QuestionLine;
+use twin_ml::MlError;
+use twin_ml::qwen::{
+    EngineOptions, FinishReason, GenerationRequest, Message, QwenAssets, QwenPreprocessor, QwenVl,
+    SamplingParams,
+};
+use twin_ml::tch::Device;
+use twin_plugins::{Host, Module, QuestionType, Rollout};
+
+use crate::{Stage, StageContext, StageError};
+
+const SAMPLES: &str = "samples";
+const GENERATIONS: &str = "generations-";
+/// Longest stretch of generation not yet recorded as an artefact.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+/// Answers per scorer call.
+const SCORE_BATCH: usize = 256;
+
+/// A checkpoint loaded for a device, kept between jobs. libtorch tensors are not `Sync`, so the
+/// model lives behind the stage's mutex and is used while it is held (an executor runs one job
+/// at a time anyway).
+struct Loaded {
+    dir: String,
+    device: Device,
+    /// Every file of the directory with its size and modification time when it was loaded.
+    files: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    model: QwenVl,
+    assets: QwenAssets,
+    hash: String,
+    stops: Vec<i64>,
+}
+
+/// Runs `eval` jobs; scorer modules run on the shared plugin host.
+pub struct EvalStage {
+    host: Arc<Host>,
+    loaded: Mutex<Option<Loaded>>,
+}
+
+impl EvalStage {
+    pub fn new(host: Arc<Host>) -> Self {
+        Self {
+            host,
+            loaded: Mutex::new(None),
+        }
+    }
+
+    /// Runs `f` with the checkpoint at `dir` on `device`, loading it unless it is the one held
+    /// and unchanged on disk.
+    fn with_model<T>(
+        &self,
+        dir: &str,
+        device: Device,
+        f: impl FnOnce(&Loaded) -> Result<T, StageError>,
+    ) -> Result<T, StageError> {
+        let mut slot = self.loaded.lock();
+        let files = directory_files(Path::new(dir));
+        let reuse = slot
+            .as_ref()
+            .is_some_and(|l| l.dir == dir && l.device == device && l.files == files);
+        if !reuse {
+            // Free the old model before loading the next: both may not fit.
+            *slot = None;
+            *slot = Some(load(dir, device, files)?);
+        }
+        f(slot.as_ref().expect("loaded above"))
+    }
+}
+
+/// The directory's regular files, sorted, with size and modification time: a cheap check that
+/// a cached model is still what the directory holds.
+fn directory_files(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let meta = e.metadata().ok().filter(|m| m.is_file())?;
+            Some((e.path(), meta.len(), meta.modified().ok()))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn load(
+    dir: &str,
+    device: Device,
+    files: Vec<(PathBuf, u64, Option<SystemTime>)>,
+) -> Result<Loaded, StageError> {
+    let path = Path::new(dir);
+    let model = QwenVl::load(path, device).map_err(|e| ml_failure("spec.model", e))?;
+    let assets = QwenAssets::load(path, model.config()).map_err(|e| ml_failure("spec.model", e))?;
+    let hash = model
+        .weights_hash()
+        .ok_or_else(|| StageError::permanent("spec.model: the checkpoint has no weights hash"))?
+        .to_owned();
+    let stops = assets.stop_tokens(model.config());
+    Ok(Loaded {
+        dir: dir.to_owned(),
+        device,
+        files,
+        model,
+        assets,
+        hash,
+        stops,
+    })
+}
+
+/// A libtorch-side failure as a job error. Allocation failures say what to change; everything
+/// else keeps the ML layer's message (which names the tensor, file or limit).
+pub(crate) fn ml_failure(what: &str, e: MlError) -> StageError {
+    match e {
+        MlError::OutOfMemory(_) => StageError::permanent(format!(
+            "{what}: {e}; lower spec.batch_size or spec.max_new_tokens (or use a device with \
+             more memory)"
+        )),
+        e => StageError::permanent(format!("{what}: {e}")),
+    }
+}
+
+/// Where a question's image comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ImageSource {
+    /// A blob of the server's store (a built dataset's image), shown at `resized` (width,
+    /// height), the size the dataset's exports give the model.
+    Blob {
+        hash: BlobHash,
+        path: String,
+        resized: (u32, u32),
+    },
+    /// A file; `name` is its path as questions.jsonl gives it.
+    File { path: PathBuf, name: String },
+}
+
+impl ImageSource {
+    fn name(&self) -> &str {
+        match self {
+            ImageSource::Blob { path, .. } => path,
+            ImageSource::File { name, .. } => name,
+        }
+    }
+}
+
+/// One question to ask.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Question {
+    pub id: String,
+    pub subset: String,
+    pub kind: QuestionKind,
+    /// The question text, without the evaluation instruction.
+    pub question: String,
+    pub target: String,
+    pub images: Vec<ImageSource>,
+}
+
+/// The eval split of a built dataset, every question under `subset`.
+pub(crate) fn built_questions(dataset: &BuiltDataset, subset: &str) -> Vec<Question> {
+    let image = |i: &ImageRef| ImageSource::Blob {
+        hash: i.blob,
+        path: i.path.clone(),
+        resized: (i.resized_width, i.resized_height),
+    };
+    dataset
+        .rows(Split::Eval)
+        .map(|row| Question {
+            id: row.id.clone(),
+            subset: subset.to_owned(),
+            kind: match row.kind {
+                RowKind::Pair { .. } => QuestionKind::Pair,
+                RowKind::Multi { .. } => QuestionKind::Multi,
+            },
+            question: row.question.clone(),
+            target: row.answer.clone(),
+            images: row.images.iter().map(image).collect(),
+        })
+        .collect()
+}
+
+/// A question line's type: `pairwise` (or `pair`) is a pair question and any other type a multi
+/// question; without a type (TWIN's import), a yes/no answer makes a pair question and a count
+/// 0–3 a multi question.
+fn question_kind(line: &QuestionLine) -> Result<QuestionKind, String> {
+    match line.question_type.as_deref().map(str::trim) {
+        Some(t) if t.eq_ignore_ascii_case("pairwise") || t.eq_ignore_ascii_case("pair") => {
+            Ok(QuestionKind::Pair)
+        }
+        Some(t) if !t.is_empty() => Ok(QuestionKind::Multi),
+        _ => {
+            let answer = line.answer.trim();
+            if answer.eq_ignore_ascii_case("yes") || answer.eq_ignore_ascii_case("no") {
+                Ok(QuestionKind::Pair)
+            } else if matches!(answer, "0" | "1" | "2" | "3") {
+                Ok(QuestionKind::Multi)
+            } else {
+                Err(format!(
+                    "no question_type, and the answer {answer:?} is neither yes/no nor a count 0-3"
+                ))
+            }
+        }
+    }
+}
+
+/// The questions of a `questions.jsonl`, in file order; images resolved against its directory.
+/// Lines without a subset are in subset `twin` (TWIN's import writes none).
+pub(crate) fn file_questions(path: &Path) -> Result<Vec<Question>, StageError> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| StageError::permanent(format!("spec.data.questions: {shown}: {e}")))?;
+    let base = path.parent().unwrap_or(Path::new("/"));
+    let mut questions = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        let bad = |m: String| StageError::permanent(format!("{shown} line {n}: {m}"));
+        let line: QuestionLine = serde_json::from_str(raw).map_err(|e| bad(e.to_string()))?;
+        let kind = question_kind(&line).map_err(bad)?;
+        let subset = line
+            .subset
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| "twin".to_owned());
+        let question = match (line.question.trim().is_empty(), kind) {
+            (false, _) => line.question.clone(),
+            (true, QuestionKind::Pair) => twin_data::prompts::default_pair_question(&subset)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "the question is empty and subset `{subset}` has no default pair question"
+                    ))
+                })?
+                .to_owned(),
+            (true, QuestionKind::Multi) => {
+                return Err(bad("the question is empty".into()));
+            }
+        };
+        if line.images.is_empty() {
+            return Err(bad("the question has no images".into()));
+        }
+        let images = line
+            .images
+            .iter()
+            .map(|p| {
+                twin_data::import::safe_relative(p)
+                    .map(|rel| ImageSource::File {
+                        path: base.join(rel),
+                        name: p.clone(),
+                    })
+                    .ok_or_else(|| bad(format!("image {p:?} is not a relative path inside")))
+            })
+            .collect::<Result<_, _>>()?;
+        questions.push(Question {
+            id: format!("q{n}"),
+            subset,
+            kind,
+            question,
+            target: line.answer.clone(),
+            images,
+        });
+    }
+    Ok(questions)
+}
+
+/// The questions of the chosen subsets (case-insensitive; all when `subsets` is empty), at most
+/// `limit` per subset, in data order.
+pub(crate) fn select(
+    questions: Vec<Question>,
+    subsets: &[String],
+    limit: Option<u32>,
+) -> Result<Vec<Question>, StageError> {
+    let present: std::collections::BTreeSet<String> =
+        questions.iter().map(|q| q.subset.clone()).collect();
+    if let Some(missing) = subsets
+        .iter()
+        .find(|s| !present.iter().any(|p| p.eq_ignore_ascii_case(s)))
+    {
+        return Err(StageError::permanent(format!(
+            "spec.subsets: no question is in subset `{missing}` (the data has: {})",
+            present.into_iter().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let mut taken: HashMap<String, u32> = HashMap::new();
+    let chosen: Vec<Question> = questions
+        .into_iter()
+        .filter(|q| subsets.is_empty() || subsets.iter().any(|s| s.eq_ignore_ascii_case(&q.subset)))
+        .filter(|q| {
+            let n = taken.entry(q.subset.clone()).or_default();
+            *n += 1;
+            limit.is_none_or(|l| *n <= l)
+        })
+        .collect();
+    if chosen.is_empty() {
+        return Err(StageError::permanent("the data has no questions"));
+    }
+    Ok(chosen)
+}
+
+/// Reads and decodes a question's image; a built dataset's image is resized (Pillow's bicubic)
+/// to the size its exports give the model, rounded as the processor rounds.
+fn read_image(
+    source: &ImageSource,
+    question: &str,
+    preprocessor: &QwenPreprocessor,
+    fetch: &Fetch<'_>,
+) -> Result<DynamicImage, StageError> {
+    let name = source.name();
+    let bad = |m: String| StageError::permanent(format!("image {name} (question {question}): {m}"));
+    let bytes = match source {
+        ImageSource::Blob { hash, .. } => fetch(hash)?,
+        ImageSource::File { path, .. } => std::fs::read(path)
+            .map(Bytes::from)
+            .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?,
+    };
+    let image = image::load_from_memory(&bytes).map_err(|e| bad(format!("cannot decode: {e}")))?;
+    let ImageSource::Blob {
+        resized: (w, h), ..
+    } = source
+    else {
+        return Ok(image);
+    };
+    let (to_h, to_w) = preprocessor
+        .target_size(*h as usize, *w as usize)
+        .map_err(bad)?;
+    let rgb = image.to_rgb8();
+    let (from_w, from_h) = (rgb.width() as usize, rgb.height() as usize);
+    if (to_w, to_h) == (from_w, from_h) || from_w == 0 || from_h == 0 {
+        return Ok(DynamicImage::ImageRgb8(rgb));
+    }
+    let pixels = twin_ml::resample::resize_rgb8(
+        rgb.as_raw(),
+        from_w,
+        from_h,
+        to_w,
+        to_h,
+        twin_ml::resample::Filter::Bicubic,
+    );
+    image::RgbImage::from_raw(to_w as u32, to_h as u32, pixels)
+        .map(DynamicImage::ImageRgb8)
+        .ok_or_else(|| bad("resizing produced a buffer of the wrong size".into()))
+}
+
+/// Reads a blob from the server's store.
+pub(crate) type Fetch<'a> = dyn Fn(&BlobHash) -> Result<Bytes, StageError> + 'a;
+/// Sees each engine call's answers and how many questions are done.
+pub(crate) type AfterBatch<'a> = dyn FnMut(&[Generation], usize) -> Result<(), StageError> + 'a;
+
+/// A question's completion, before scoring. The `generations-NNNN` artefacts hold these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Generation {
+    pub id: String,
+    /// The weights that answered (a resumed job regenerates answers of other weights).
+    pub model_hash: String,
+    pub prompt: String,
+    pub completion: String,
+    pub finish: EvalFinish,
+    pub tokens: u64,
+    pub prompt_tokens: u64,
+}
+
+/// What generation needs: a loaded checkpoint and the job's limits.
+pub(crate) struct Answerer<'a> {
+    pub model: &'a QwenVl,
+    pub assets: &'a QwenAssets,
+    pub model_hash: &'a str,
+    pub stops: &'a [i64],
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+}
+
+impl Answerer<'_> {
+    /// Answers `questions` in engine calls of `batch_size` prompts, in order; `after_batch` sees
+    /// each call's answers and how many questions are done (progress, checkpoints, cancellation).
+    pub fn answer(
+        &self,
+        questions: &[&Question],
+        fetch: &Fetch<'_>,
+        after_batch: &mut AfterBatch<'_>,
+    ) -> Result<Vec<Generation>, StageError> {
+        let params = SamplingParams::greedy(self.max_new_tokens, self.stops.to_vec());
+        let options = EngineOptions {
+            max_batch_rows: self.batch_size,
+            ..EngineOptions::default()
+        };
+        let processor = &self.assets.processor;
+        let mut out = Vec::with_capacity(questions.len());
+        for chunk in questions.chunks(self.batch_size.max(1)) {
+            let mut prompts = Vec::with_capacity(chunk.len());
+            for q in chunk {
+                let images = q
+                    .images
+                    .iter()
+                    .map(|s| read_image(s, &q.id, &processor.preprocessor, fetch))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let named: Vec<(&str, &DynamicImage)> = q
+                    .images
+                    .iter()
+                    .map(ImageSource::name)
+                    .zip(&images)
+                    .collect();
+                let messages = [Message::user_with_images(
+                    images.len(),
+                    twin_data::prompts::eval_text(&q.question),
+                )];
+                let prompt = processor
+                    .prepare(&self.assets.tokenizer, &messages, &named, true)
+                    .map_err(|e| ml_failure(&format!("question {}", q.id), e))?;
+                prompts.push(prompt);
+            }
+            let requests: Vec<GenerationRequest<'_>> = prompts
+                .iter()
+                .map(|prompt| GenerationRequest {
+                    prompt,
+                    samples: 1,
+                    params: &params,
+                })
+                .collect();
+            let (completions, _) = twin_ml::qwen::generate(self.model, &requests, &options)
+                .map_err(|e| engine_failure(e, chunk))?;
+            let mut batch = Vec::with_capacity(chunk.len());
+            for ((q, prompt), c) in chunk.iter().zip(&prompts).zip(completions) {
+                let c = c.into_iter().next().ok_or_else(|| {
+                    StageError::permanent(format!(
+                        "question {}: the engine returned no completion",
+                        q.id
+                    ))
+                })?;
+                let completion = self
+                    .assets
+                    .tokenizer
+                    .decode(&c.tokens)
+                    .map_err(|e| ml_failure(&format!("question {}", q.id), e))?;
+                batch.push(Generation {
+                    id: q.id.clone(),
+                    model_hash: self.model_hash.to_owned(),
+                    prompt: prompt.text.clone(),
+                    completion,
+                    finish: match c.finish {
+                        FinishReason::Stop => EvalFinish::Stop,
+                        FinishReason::Length => EvalFinish::Length,
+                    },
+                    tokens: c.tokens.len() as u64,
+                    prompt_tokens: prompt.len() as u64,
+                });
+            }
+            out.extend(batch.iter().cloned());
+            after_batch(&batch, out.len())?;
+        }
+        Ok(out)
+    }
+}
+
+/// The engine's error, its `request N` turned into the question's id.
+fn engine_failure(e: MlError, chunk: &[&Question]) -> StageError {
+    if let MlError::Invalid(message) = &e
+        && let Some((index, rest)) = message
+            .strip_prefix("request ")
+            .and_then(|m| m.split_once(':'))
+        && let Some(q) = index.parse::<usize>().ok().and_then(|i| chunk.get(i))
+    {
+        return StageError::permanent(format!("question {}:{rest}", q.id));
+    }
+    let first = chunk.first().map_or("", |q| q.id.as_str());
+    let last = chunk.last().map_or("", |q| q.id.as_str());
+    ml_failure(&format!("generating questions {first} to {last}"), e)
+}
+
+/// A scorer module ready to run.
+pub(crate) struct Scorer<'a> {
+    pub reference: &'a ScorerRef,
+    pub hash: BlobHash,
+    pub module: Arc<Module>,
+}
+
+/// Scores every answer with its question type's scorer; returns the samples in question order
+/// and a summary of each scorer (keyed `pair`, `multi`).
+pub(crate) fn score(
+    host: &Host,
+    scorers: &[(QuestionKind, Scorer<'_>)],
+    grants: &Grants,
+    limits: &ModuleLimits,
+    questions: &[Question],
+    answers: &HashMap<String, Generation>,
+) -> Result<(Vec<EvalSample>, BTreeMap<String, ScorerSummary>), StageError> {
+    let limits = crate::score::module_limits(limits, host.config().limits);
+    let mut scores: Vec<Option<f64>> = vec![None; questions.len()];
+    let mut summaries = BTreeMap::new();
+    for (kind, scorer) in scorers {
+        let mine: Vec<usize> = (0..questions.len())
+            .filter(|&i| questions[i].kind == *kind)
+            .collect();
+        let params = scorer.reference.params.to_string();
+        let mut fuel = 0u64;
+        for chunk in mine.chunks(SCORE_BATCH) {
+            let rollouts = chunk
+                .iter()
+                .map(|&i| {
+                    let q = &questions[i];
+                    let a = answer_of(answers, q)?;
+                    Ok(Rollout {
+                        prompt: twin_data::prompts::eval_text(&q.question),
+                        completion: a.completion.clone(),
+                        ground_truth: q.target.clone(),
+                        question_type: match kind {
+                            QuestionKind::Pair => QuestionType::Pair,
+                            QuestionKind::Multi => QuestionType::Multi,
+                        },
+                        metadata: serde_json::json!({"id": q.id, "subset": q.subset}).to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>, StageError>>()?;
+            let out = host
+                .score(&scorer.module, &params, grants, Some(&limits), &rollouts)
+                .map_err(|e| {
+                    crate::score::module_error(
+                        &format!("{} scorer", kind.as_str()),
+                        &scorer.reference.module,
+                        e,
+                    )
+                })?;
+            fuel = fuel.saturating_add(out.fuel_used);
+            for (&i, s) in chunk.iter().zip(out.values) {
+                scores[i] = Some(s.score);
+            }
+        }
+        summaries.insert(
+            kind.as_str().to_owned(),
+            ScorerSummary {
+                module: scorer.reference.module.clone(),
+                module_hash: scorer.hash,
+                module_version: scorer.module.descriptor.version.clone(),
+                scored: mine.len() as u64,
+                fuel_used: fuel,
+            },
+        );
+    }
+    let samples = questions
+        .iter()
+        .zip(scores)
+        .map(|(q, score)| {
+            let a = answer_of(answers, q)?;
+            let score = score.ok_or_else(|| {
+                StageError::permanent(format!(
+                    "question {}: no scorer for {} questions",
+                    q.id,
+                    q.kind.as_str()
+                ))
+            })?;
+            Ok(EvalSample {
+                id: q.id.clone(),
+                subset: q.subset.clone(),
+                question_type: q.kind,
+                images: q.images.iter().map(|i| i.name().to_owned()).collect(),
+                prompt: a.prompt.clone(),
+                completion: a.completion.clone(),
+                parsed_answer: match q.kind {
+                    QuestionKind::Pair => twin_rules::fgvqa_pair_answer(&a.completion),
+                    QuestionKind::Multi => twin_rules::fgvqa_multi_answer(&a.completion),
+                },
+                target: q.target.clone(),
+                score,
+                finish: a.finish,
+                tokens: a.tokens,
+                prompt_tokens: a.prompt_tokens,
+            })
+        })
+        .collect::<Result<Vec<_>, StageError>>()?;
+    Ok((samples, summaries))
+}
+
+fn answer_of<'a>(
+    answers: &'a HashMap<String, Generation>,
+    q: &Question,
+) -> Result<&'a Generation, StageError> {
+    answers
+        .get(&q.id)
+        .ok_or_else(|| StageError::permanent(format!("question {}: no answer was generated", q.id)))
+}
+
+/// The job's output from its samples.
+pub(crate) fn summarise(
+    samples: &[EvalSample],
+    model_hash: String,
+    device: String,
+    samples_blob: BlobHash,
+    scorers: BTreeMap<String, ScorerSummary>,
+    resumed: u64,
+    started: Instant,
+) -> EvalOutput {
+    EvalOutput {
+        model_hash,
+        device,
+        questions: samples.len() as u64,
+        subsets: subset_metrics(
+            samples
+                .iter()
+                .map(|s| (s.subset.as_str(), s.question_type, s.score)),
+        ),
+        samples: samples_blob,
+        scorers,
+        prompt_tokens: samples.iter().map(|s| s.prompt_tokens).sum(),
+        generated_tokens: samples.iter().map(|s| s.tokens).sum(),
+        truncated: samples
+            .iter()
+            .filter(|s| s.finish == EvalFinish::Length)
+            .count() as u64,
+        resumed,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+fn jsonl<T: Serialize>(items: &[T]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for item in items {
+        serde_json::to_writer(&mut out, item).expect("records serialise");
+        out.push(b'\n');
+    }
+    out
+}
+
+fn parse_jsonl<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<Vec<T>, StageError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| StageError::permanent(format!("{what} is not UTF-8")))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| StageError::permanent(format!("{what}: {e}"))))
+        .collect()
+}
+
+impl EvalStage {
+    fn questions(&self, spec: &EvalSpec, ctx: &StageContext) -> Result<Vec<Question>, StageError> {
+        let all = match &spec.data {
+            EvalData::Built(reference) => {
+                let manifest = spec.manifest.ok_or_else(|| {
+                    StageError::permanent("spec.manifest was not pinned at submission")
+                })?;
+                let dataset = BuiltDataset::from_manifest(&ctx.download(&manifest)?)
+                    .map_err(|e| StageError::permanent(format!("built dataset {manifest}: {e}")))?;
+                let name = spec.dataset_name.as_deref().unwrap_or(reference);
+                built_questions(&dataset, name)
+            }
+            EvalData::Questions(path) => file_questions(Path::new(path))?,
+        };
+        select(all, &spec.subsets, spec.limit)
+    }
+
+    /// The scorer modules, by the hashes the server pinned.
+    fn scorers<'a>(
+        &self,
+        spec: &'a EvalSpec,
+        ctx: &StageContext,
+    ) -> Result<Vec<(QuestionKind, Scorer<'a>)>, StageError> {
+        spec.scorers
+            .each()
+            .into_iter()
+            .map(|(kind, reference)| {
+                let hash = reference.module_hash.ok_or_else(|| {
+                    StageError::permanent(format!(
+                        "spec.scorers.{}: module {} was not resolved to a hash",
+                        kind.as_str(),
+                        reference.module
+                    ))
+                })?;
+                let module = match self.host.get(&hash.to_hex()) {
+                    Some(m) => m,
+                    None => self.host.load(&ctx.download(&hash)?).map_err(|e| {
+                        crate::score::module_error(
+                            &format!("{} scorer", kind.as_str()),
+                            &reference.module,
+                            e,
+                        )
+                    })?,
+                };
+                Ok((
+                    kind,
+                    Scorer {
+                        reference,
+                        hash,
+                        module,
+                    },
+                ))
+            })
+            .collect()
+    }
+}
+
+/// The blobs of the artefacts earlier attempts recorded under a name that `matches`, in order.
+fn artefacts<'a>(
+    job: &'a JobState,
+    matches: impl Fn(&str) -> bool + 'a,
+) -> impl Iterator<Item = BlobHash> + 'a {
+    job.artefacts
+        .iter()
+        .filter(move |a| matches(&a.name))
+        .map(|a| a.blob)
+}
+
+impl Stage for EvalStage {
+    fn kind(&self) -> JobKind {
+        JobKind::Eval
+    }
+
+    fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError> {
+        let started = Instant::now();
+        let JobSpec::Eval(spec) = &job.submission.spec else {
+            return Err(StageError::permanent(
+                "the eval stage got another kind of job",
+            ));
+        };
+        let device = twin_ml::device::select(match spec.device {
+            ComputeDevice::Auto => twin_ml::DeviceRequest::Auto,
+            ComputeDevice::Cpu => twin_ml::DeviceRequest::Cpu,
+            ComputeDevice::Cuda => twin_ml::DeviceRequest::Cuda,
+        })
+        .map_err(|e| StageError::permanent(format!("spec.device: {e}")))?;
+        let device_name = format!("{device:?}").to_lowercase();
+        let questions = self.questions(spec, ctx)?;
+        let scorers = self.scorers(spec, ctx)?;
+
+        // A finished attempt's samples: only the report is left to make.
+        if let Some(blob) = artefacts(job, |n| n == SAMPLES).last() {
+            let samples: Vec<EvalSample> = parse_jsonl(&ctx.download(&blob)?, "samples artefact")?;
+            ctx.progress(
+                "resumed: samples from the previous attempt",
+                Some(0.95),
+                BTreeMap::new(),
+            );
+            let hash = checkpoint_hash(&spec.model)?;
+            let summaries = scorers
+                .iter()
+                .map(|(kind, s)| {
+                    let summary = ScorerSummary {
+                        module: s.reference.module.clone(),
+                        module_hash: s.hash,
+                        module_version: s.module.descriptor.version.clone(),
+                        scored: samples.iter().filter(|x| x.question_type == *kind).count() as u64,
+                        fuel_used: 0,
+                    };
+                    (kind.as_str().to_owned(), summary)
+                })
+                .collect();
+            let n = samples.len() as u64;
+            return Ok(JobOutput::Eval(summarise(
+                &samples,
+                hash,
+                device_name,
+                blob,
+                summaries,
+                n,
+                started,
+            )));
+        }
+
+        // Answers recorded by earlier attempts.
+        let mut answers: HashMap<String, Generation> = HashMap::new();
+        let mut recorded = 0usize;
+        for blob in artefacts(job, |n| n.starts_with(GENERATIONS)) {
+            recorded += 1;
+            for g in parse_jsonl::<Generation>(&ctx.download(&blob)?, "generations artefact")? {
+                answers.insert(g.id.clone(), g);
+            }
+        }
+        let total = questions.len();
+        let answered = |answers: &HashMap<String, Generation>| {
+            questions
+                .iter()
+                .filter(|q| answers.contains_key(&q.id))
+                .count()
+        };
+        // With every answer recorded the model is not needed, only the hash of its weights.
+        let on_disk = if answered(&answers) == total {
+            let hash = checkpoint_hash(&spec.model)?;
+            answers.retain(|_, g| g.model_hash == hash);
+            Some(hash).filter(|_| answered(&answers) == total)
+        } else {
+            None
+        };
+        let (hash, resumed) = match on_disk {
+            Some(hash) => (hash, total),
+            None => self.with_model(&spec.model, device, |loaded| {
+                // Answers of other weights (the directory changed between attempts) are redone.
+                answers.retain(|_, g| g.model_hash == loaded.hash);
+                let resumed = answered(&answers);
+                if resumed > 0 {
+                    ctx.progress(
+                        &format!("resumed: {resumed} answers from the previous attempt"),
+                        None,
+                        BTreeMap::new(),
+                    );
+                }
+                let todo: Vec<&Question> = questions
+                    .iter()
+                    .filter(|q| !answers.contains_key(&q.id))
+                    .collect();
+                let answerer = Answerer {
+                    model: &loaded.model,
+                    assets: &loaded.assets,
+                    model_hash: &loaded.hash,
+                    stops: &loaded.stops,
+                    max_new_tokens: spec.max_new_tokens as usize,
+                    batch_size: spec.batch_size as usize,
+                };
+                let mut pending: Vec<Generation> = Vec::new();
+                let mut last_checkpoint = Instant::now();
+                let mut generated_tokens = 0u64;
+                let mut checkpoint = |pending: &mut Vec<Generation>| -> Result<(), StageError> {
+                    if pending.is_empty() {
+                        return Ok(());
+                    }
+                    recorded += 1;
+                    let blob = ctx.upload(jsonl(pending))?;
+                    ctx.record_artefact(&format!("{GENERATIONS}{recorded:04}"), blob)?;
+                    pending.clear();
+                    Ok(())
+                };
+                let fetch = |h: &BlobHash| ctx.download(h);
+                let fresh = answerer.answer(&todo, &fetch, &mut |batch, done| {
+                    pending.extend(batch.iter().cloned());
+                    generated_tokens += batch.iter().map(|g| g.tokens).sum::<u64>();
+                    let answered = resumed + done;
+                    ctx.progress(
+                        &format!("answered {answered} of {total} questions"),
+                        Some(0.9 * answered as f64 / total as f64),
+                        BTreeMap::from([
+                            ("answered".to_owned(), answered as f64),
+                            ("generated_tokens".to_owned(), generated_tokens as f64),
+                        ]),
+                    );
+                    if ctx.is_cancelled() {
+                        return Err(StageError::permanent("cancelled"));
+                    }
+                    if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                        checkpoint(&mut pending)?;
+                        last_checkpoint = Instant::now();
+                    }
+                    Ok(())
+                })?;
+                checkpoint(&mut pending)?;
+                for g in fresh {
+                    answers.insert(g.id.clone(), g);
+                }
+                Ok((loaded.hash.clone(), resumed))
+            })?,
+        };
+
+        ctx.progress(
+            &format!("scoring {total} answers"),
+            Some(0.9),
+            BTreeMap::new(),
+        );
+        let (samples, summaries) = score(
+            &self.host,
+            &scorers,
+            &spec.grants,
+            &spec.limits,
+            &questions,
+            &answers,
+        )?;
+        let blob = ctx.upload(jsonl(&samples))?;
+        ctx.record_artefact(SAMPLES, blob)?;
+        Ok(JobOutput::Eval(summarise(
+            &samples,
+            hash,
+            device_name,
+            blob,
+            summaries,
+            resumed as u64,
+            started,
+        )))
+    }
+}
+
+/// The weights hash of a checkpoint directory, without loading it.
+fn checkpoint_hash(dir: &str) -> Result<String, StageError> {
+    twin_ml::weights::Checkpoint::open(Path::new(dir))
+        .and_then(|c| c.weights_hash())
+        .map_err(|e| ml_failure("spec.model", e))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use twin_core::event::ManifestEntry;
+    use twin_ml::qwen::{QwenTokenizer, QwenVlConfig};
+    use twin_ml::tch::Kind;
+    use twin_plugins::HostConfig;
+
+    /// A seeded random tiny checkpoint, as `twin-server model init-qwen --preset tiny` writes it.
+    fn tiny_model(dir: &Path, seed: u64) {
+        let model =
+            QwenVl::init_random_scaled(QwenVlConfig::tiny(), seed, Device::Cpu, Kind::Float, 25.0)
+                .unwrap();
+        let preprocessor = QwenPreprocessor {
+            max_pixels: 512 * 512,
+            ..QwenPreprocessor::default()
+        };
+        model.save_pretrained(dir, &preprocessor).unwrap();
+        QwenTokenizer::byte_level().unwrap().save(dir).unwrap();
+    }
+
+    /// A small PNG whose colours depend on `n`.
+    fn png(path: &Path, n: u8, size: u32) {
+        let img = image::RgbImage::from_fn(size, size, |x, y| {
+            image::Rgb([n.wrapping_mul(40), (x * 4) as u8, (y * 4) as u8 ^ n])
+        });
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        img.save(path).unwrap();
+    }
+
+    fn modules_dir() -> PathBuf {
+        std::env::var_os("TWIN_MODULES_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm32-wasip2/guest")
+            })
+    }
+
+    fn module(host: &Host, name: &str) -> Arc<Module> {
+        let path = modules_dir().join(format!("{name}.wasm"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; build the modules first with deploy/build-modules.sh",
+                path.display()
+            )
+        });
+        host.load(&bytes).unwrap()
+    }
+
+    fn line(subset: &str, kind: &str, question: &str, answer: &str, images: &[&str]) -> String {
+        serde_json::json!({"subset": subset, "question_type": kind, "question": question,
+                           "answer": answer, "images": images})
+        .to_string()
+    }
+
+    /// Six questions in two subsets (CUB: three pairs and a multi; MET: a pair with an empty
+    /// question and a multi), over eight images.
+    fn questions_jsonl(dir: &Path) -> PathBuf {
+        for n in 0..8u8 {
+            png(&dir.join(format!("img/{n}.png")), n, 40 + u32::from(n) * 8);
+        }
+        let q = twin_data::prompts::CUB_PAIR_QUESTION;
+        let m = twin_data::prompts::MULTI_QUESTION;
+        let lines = [
+            line("CUB", "pairwise", q, "yes", &["img/0.png", "img/1.png"]),
+            line("CUB", "pairwise", q, "no", &["img/2.png", "img/3.png"]),
+            line("MET", "pairwise", "", "no", &["img/4.png", "img/5.png"]),
+            line(
+                "CUB",
+                "multi",
+                m,
+                "2",
+                &["img/0.png", "img/1.png", "img/6.png", "img/7.png"],
+            ),
+            line(
+                "MET",
+                "multi",
+                m,
+                "0",
+                &["img/4.png", "img/5.png", "img/6.png", "img/7.png"],
+            ),
+            line("CUB", "pairwise", q, "yes", &["img/6.png", "img/7.png"]),
+        ];
+        let path = dir.join("questions.jsonl");
+        std::fs::write(&path, lines.join("\n") + "\n\n").unwrap();
+        path
+    }
+
+    fn no_blobs(h: &BlobHash) -> Result<Bytes, StageError> {
+        Err(StageError::permanent(format!("no blob store here ({h})")))
+    }
+
+    #[test]
+    fn a_tiny_model_answers_and_the_scorer_modules_grade_the_answers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = tmp.path().join("qwen");
+        tiny_model(&ckpt, 1);
+        let questions = select(
+            file_questions(&questions_jsonl(tmp.path())).unwrap(),
+            &[],
+            None,
+        )
+        .unwrap();
+        assert_eq!(questions.len(), 6);
+        let loaded = load(ckpt.to_str().unwrap(), Device::Cpu, directory_files(&ckpt)).unwrap();
+        let max_new_tokens = 12;
+        let answerer = Answerer {
+            model: &loaded.model,
+            assets: &loaded.assets,
+            model_hash: &loaded.hash,
+            stops: &loaded.stops,
+            max_new_tokens,
+            batch_size: 4,
+        };
+        let refs: Vec<&Question> = questions.iter().collect();
+        let mut batches = Vec::new();
+        let answers = answerer
+            .answer(&refs, &no_blobs, &mut |batch, done| {
+                batches.push((batch.len(), done));
+                Ok(())
+            })
+            .unwrap();
+        // Engine calls of batch_size prompts; progress after each.
+        assert_eq!(batches, [(4, 4), (2, 6)]);
+        assert_eq!(answers.len(), 6);
+        for (q, a) in questions.iter().zip(&answers) {
+            assert_eq!(a.id, q.id);
+            assert_eq!(a.model_hash, loaded.hash);
+            assert!(a.tokens >= 1 && a.tokens <= max_new_tokens as u64, "{a:?}");
+            assert_eq!(
+                a.finish == EvalFinish::Length,
+                a.tokens == max_new_tokens as u64,
+                "{a:?}"
+            );
+            // Images first, then the question and the evaluation instruction, then the turn.
+            let user = format!(
+                "{}<|im_end|>\n<|im_start|>assistant\n",
+                twin_data::prompts::eval_text(&q.question)
+            );
+            assert!(a.prompt.ends_with(&user), "{}", a.prompt);
+            assert_eq!(
+                a.prompt.matches("<|image_pad|>").count(),
+                q.images.len(),
+                "{}",
+                a.prompt
+            );
+            assert!(a.prompt_tokens as usize > a.prompt.len() / 2, "{a:?}");
+        }
+        // MET's empty pair question took the subset's default text.
+        assert!(
+            answers[2]
+                .prompt
+                .contains(twin_data::prompts::MET_PAIR_QUESTION)
+        );
+        // Greedy decoding: the same answers again.
+        let again = answerer
+            .answer(&refs, &no_blobs, &mut |_, _| Ok(()))
+            .unwrap();
+        assert_eq!(
+            again.iter().map(|a| &a.completion).collect::<Vec<_>>(),
+            answers.iter().map(|a| &a.completion).collect::<Vec<_>>()
+        );
+
+        let host = Host::new(HostConfig::default()).unwrap();
+        let pair_ref = ScorerRef {
+            module: "fgvqa-pair".into(),
+            module_hash: None,
+            params: serde_json::json!({}),
+        };
+        let multi_ref = ScorerRef {
+            module: "fgvqa-multi".into(),
+            ..pair_ref.clone()
+        };
+        let pair = module(&host, "fgvqa_pair");
+        let multi = module(&host, "fgvqa_multi");
+        let scorers = [
+            (
+                QuestionKind::Pair,
+                Scorer {
+                    reference: &pair_ref,
+                    hash: pair.hash.parse().unwrap(),
+                    module: pair.clone(),
+                },
+            ),
+            (
+                QuestionKind::Multi,
+                Scorer {
+                    reference: &multi_ref,
+                    hash: multi.hash.parse().unwrap(),
+                    module: multi.clone(),
+                },
+            ),
+        ];
+        // Made-up completions with known answers, and the model's own.
+        let mut known: HashMap<String, Generation> =
+            answers.iter().map(|a| (a.id.clone(), a.clone())).collect();
+        let said = [
+            "Same bird. <answer>Yes</answer>",
+            "<answer>yes</answer>",
+            "They differ, so no.",
+            "I count <answer> 2 </answer>.",
+            "<answer>1</answer>",
+            "",
+        ];
+        for (q, text) in questions.iter().zip(said) {
+            known.get_mut(&q.id).unwrap().completion = text.to_owned();
+        }
+        let (samples, summaries) = score(
+            &host,
+            &scorers,
+            &Grants::default(),
+            &ModuleLimits::default(),
+            &questions,
+            &known,
+        )
+        .unwrap();
+        let scores: Vec<f64> = samples.iter().map(|s| s.score).collect();
+        assert_eq!(scores, [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]);
+        let parsed: Vec<&str> = samples.iter().map(|s| s.parsed_answer.as_str()).collect();
+        assert_eq!(parsed, ["yes", "yes", "no", "2", "1", ""]);
+        assert_eq!(summaries["pair"].scored, 4);
+        assert_eq!(summaries["multi"].scored, 2);
+        assert_eq!(summaries["multi"].module_hash.to_hex(), multi.hash);
+        let metrics = subset_metrics(
+            samples
+                .iter()
+                .map(|s| (s.subset.as_str(), s.question_type, s.score)),
+        );
+        let cub = &metrics["CUB"];
+        assert_eq!((cub.pair_count, cub.multi_count), (3, 1));
+        assert_eq!(cub.pairwise_total, Some(1.0 / 3.0));
+        assert_eq!(cub.multiple_choice_total, Some(1.0));
+        assert_eq!(cub.overall_total, Some(0.5));
+        assert_eq!(metrics["MET"].overall_total, Some(0.5));
+
+        // The model's own answers: every score is the FGVQA rule's verdict, in [0, 1].
+        let own: HashMap<String, Generation> =
+            answers.iter().map(|a| (a.id.clone(), a.clone())).collect();
+        let (samples, _) = score(
+            &host,
+            &scorers,
+            &Grants::default(),
+            &ModuleLimits::default(),
+            &questions,
+            &own,
+        )
+        .unwrap();
+        for s in &samples {
+            let rule = match s.question_type {
+                QuestionKind::Pair => twin_rules::fgvqa_pair(&s.completion, &s.target),
+                QuestionKind::Multi => twin_rules::fgvqa_multi(&s.completion, &s.target),
+            };
+            assert_eq!(s.score, rule, "{s:?}");
+            assert_eq!(
+                s.images,
+                questions
+                    .iter()
+                    .find(|q| q.id == s.id)
+                    .unwrap()
+                    .images
+                    .iter()
+                    .map(|i| i.name().to_owned())
+                    .collect::<Vec<_>>()
+            );
+        }
+        let out = summarise(
+            &samples,
+            loaded.hash.clone(),
+            "cpu".into(),
+            BlobHash::of(&jsonl(&samples)),
+            summaries,
+            0,
+            Instant::now(),
+        );
+        assert_eq!(out.questions, 6);
+        assert_eq!(
+            out.generated_tokens,
+            answers.iter().map(|a| a.tokens).sum::<u64>()
+        );
+        for m in out.subsets.values() {
+            for v in [m.pairwise_total, m.multiple_choice_total, m.overall_total]
+                .into_iter()
+                .flatten()
+            {
+                assert!((0.0..=1.0).contains(&v), "{m:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unreadable_image_fails_naming_it_and_its_question() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = tmp.path().join("qwen");
+        tiny_model(&ckpt, 2);
+        png(&tmp.path().join("a.png"), 1, 32);
+        std::fs::write(tmp.path().join("bad.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+        std::fs::write(
+            tmp.path().join("q.jsonl"),
+            line("CUB", "pairwise", "Same?", "yes", &["a.png", "bad.png"]) + "\n",
+        )
+        .unwrap();
+        let questions = file_questions(&tmp.path().join("q.jsonl")).unwrap();
+        let loaded = load(ckpt.to_str().unwrap(), Device::Cpu, Vec::new()).unwrap();
+        let answerer = Answerer {
+            model: &loaded.model,
+            assets: &loaded.assets,
+            model_hash: &loaded.hash,
+            stops: &loaded.stops,
+            max_new_tokens: 4,
+            batch_size: 8,
+        };
+        let err = answerer
+            .answer(&[&questions[0]], &no_blobs, &mut |_, _| Ok(()))
+            .unwrap_err();
+        assert!(
+            err.message
+                .starts_with("image bad.png (question q1): cannot decode"),
+            "{err}"
+        );
+        assert!(!err.retryable);
+    }
+
+    #[test]
+    fn a_checkpoint_missing_a_tensor_is_refused_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = tmp.path().join("qwen");
+        tiny_model(&ckpt, 3);
+        let weights = ckpt.join("model.safetensors");
+        let mut bytes = std::fs::read(&weights).unwrap();
+        let key = b"\"model.norm.weight\"";
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+        bytes[at + key.len() - 2] = b'X';
+        std::fs::write(&weights, bytes).unwrap();
+        let err = load(ckpt.to_str().unwrap(), Device::Cpu, Vec::new())
+            .err()
+            .unwrap();
+        assert!(
+            err.message.starts_with("spec.model: checkpoint ")
+                && err.message.ends_with("missing tensor `model.norm.weight`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_stop_tokens_end_turns_and_text() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = tmp.path().join("qwen");
+        tiny_model(&ckpt, 4);
+        let loaded = load(ckpt.to_str().unwrap(), Device::Cpu, Vec::new()).unwrap();
+        assert!(loaded.stops.contains(&151_645), "{:?}", loaded.stops); // <|im_end|>
+        assert!(loaded.stops.contains(&151_643), "{:?}", loaded.stops); // <|endoftext|>
+        for id in &loaded.model.config().eos_token_ids {
+            assert!(loaded.stops.contains(id));
+        }
+        assert!(loaded.stops.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn running_out_of_memory_says_what_to_lower() {
+        let e = ml_failure(
+            "generating questions q1 to q8",
+            MlError::OutOfMemory("CUDA out of memory. Tried to allocate 2.00 GiB".into()),
+        );
+        assert_eq!(
+            e.message,
+            "generating questions q1 to q8: out of memory: CUDA out of memory. Tried to \
+             allocate 2.00 GiB; lower spec.batch_size or spec.max_new_tokens (or use a device \
+             with more memory)"
+        );
+        assert!(!e.retryable);
+        let chunk = [Question {
+            id: "q9".into(),
+            subset: "s".into(),
+            kind: QuestionKind::Pair,
+            question: "?".into(),
+            target: "yes".into(),
+            images: Vec::new(),
+        }];
+        let refs: Vec<&Question> = chunk.iter().collect();
+        let e = engine_failure(
+            MlError::Invalid(
+                "request 0: the prompt's 700 tokens plus 5000 new tokens exceed the context of \
+                 4096 tokens"
+                    .into(),
+            ),
+            &refs,
+        );
+        assert_eq!(
+            e.message,
+            "question q9: the prompt's 700 tokens plus 5000 new tokens exceed the context of \
+             4096 tokens"
+        );
+    }
+
+    #[test]
+    fn question_lines_are_typed_and_selected_per_subset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = questions_jsonl(tmp.path());
+        let all = file_questions(&path).unwrap();
+        let ids: Vec<&str> = all.iter().map(|q| q.id.as_str()).collect();
+        assert_eq!(ids, ["q1", "q2", "q3", "q4", "q5", "q6"]);
+        assert_eq!(all[3].kind, QuestionKind::Multi);
+        assert_eq!(all[3].images.len(), 4);
+        assert_eq!(
+            all[0].images[0],
+            ImageSource::File {
+                path: tmp.path().join("img/0.png"),
+                name: "img/0.png".into()
+            }
+        );
+        // At most two per subset, in file order; subsets case-insensitively.
+        let two = select(all.clone(), &[], Some(2)).unwrap();
+        let ids: Vec<&str> = two.iter().map(|q| q.id.as_str()).collect();
+        assert_eq!(ids, ["q1", "q2", "q3", "q5"]);
+        let met = select(all.clone(), &["met".into()], None).unwrap();
+        assert!(met.iter().all(|q| q.subset == "MET") && met.len() == 2);
+        let err = select(all, &["ilias".into()], None).unwrap_err();
+        assert!(
+            err.message.contains("no question is in subset `ilias`"),
+            "{err}"
+        );
+        assert!(err.message.contains("CUB, MET"), "{err}");
+
+        // Without a type (TWIN's import) the answer decides; bad lines are named.
+        let q = |t: Option<&str>, a: &str| QuestionLine {
+            subset: None,
+            question_type: t.map(str::to_owned),
+            question: "?".into(),
+            answer: a.into(),
+            images: vec!["a.png".into()],
+        };
+        assert_eq!(question_kind(&q(None, "Yes")), Ok(QuestionKind::Pair));
+        assert_eq!(question_kind(&q(None, "3")), Ok(QuestionKind::Multi));
+        assert_eq!(
+            question_kind(&q(Some("pairwise"), "0")),
+            Ok(QuestionKind::Pair)
+        );
+        assert_eq!(
+            question_kind(&q(Some("counting"), "1")),
+            Ok(QuestionKind::Multi)
+        );
+        assert!(question_kind(&q(None, "maybe")).is_err());
+        for (bad, want) in [
+            (
+                r#"{"question": "?", "answer": "maybe", "images": ["a.png"]}"#,
+                "line 2: no question_type",
+            ),
+            (
+                r#"{"question": "?", "answer": "yes", "images": ["../a.png"]}"#,
+                "line 2: image \"../a.png\"",
+            ),
+            (
+                r#"{"question": "?", "answer": "yes", "images": []}"#,
+                "line 2: the question has no images",
+            ),
+            (
+                r#"{"question": "", "subset": "nope", "answer": "no", "images": ["a"]}"#,
+                "has no default pair question",
+            ),
+            (r#"{"answer": "yes"}"#, "line 2: missing field"),
+        ] {
+            let p = tmp.path().join("bad.jsonl");
+            std::fs::write(
+                &p,
+                format!("{}\n{bad}\n", line("x", "pairwise", "?", "yes", &["a"])),
+            )
+            .unwrap();
+            let err = file_questions(&p).unwrap_err();
+            assert!(err.message.contains(want), "{bad}: {err}");
+        }
+        // Lines without a subset are TWIN's.
+        let p = tmp.path().join("twin.jsonl");
+        std::fs::write(
+            &p,
+            r#"{"question": "?", "answer": "no", "images": ["a", "b"]}"#,
+        )
+        .unwrap();
+        assert_eq!(file_questions(&p).unwrap()[0].subset, "twin");
+    }
+
+    #[test]
+    fn a_built_datasets_eval_split_becomes_questions_shown_at_their_resized_size() {
+        let mut images = Vec::new();
+        for category in ["mug", "shoe"] {
+            for i in 0..4 {
+                for k in 0..4 {
+                    images.push(ManifestEntry {
+                        blob: BlobHash::of(format!("{category}/{i}/{k}").as_bytes()),
+                        path: format!("{category}/i{i}/{k}.png"),
+                        category: category.into(),
+                        instance: format!("i{i}"),
+                        width: 1024,
+                        height: 768,
+                        format: "png".into(),
+                        phash: "0000000000000000".into(),
+                    });
+                }
+            }
+        }
+        let config = twin_data::build::BuildConfig::from_json(&serde_json::json!({
+            "seed": 3, "eval_fraction": 0.5, "negatives": "random",
+            "multi_questions": {"eval": 4},
+        }))
+        .unwrap();
+        let dataset = twin_data::build::build(
+            &twin_data::build::BuildInputs {
+                images: &images,
+                hard_negatives: &[],
+                synthetic_negatives: &[],
+            },
+            &config,
+        )
+        .unwrap();
+        let questions = built_questions(&dataset, "pairs");
+        let eval = &dataset.counts.eval;
+        assert_eq!(questions.len() as u64, eval.pair_rows + eval.multi_rows);
+        assert!(eval.multi_rows > 0);
+        for (q, row) in questions.iter().zip(dataset.rows(Split::Eval)) {
+            assert_eq!(
+                (q.id.as_str(), q.subset.as_str()),
+                (row.id.as_str(), "pairs")
+            );
+            assert_eq!(q.target, row.answer);
+            assert_eq!(q.question, row.question);
+            let want = if matches!(row.kind, RowKind::Pair { .. }) {
+                2
+            } else {
+                4
+            };
+            assert_eq!(q.images.len(), want);
+            assert_eq!(q.kind == QuestionKind::Pair, want == 2);
+            let ImageSource::Blob { resized, .. } = &q.images[0] else {
+                panic!("a built dataset's images are blobs");
+            };
+            assert_eq!(*resized, (512, 384));
+        }
+
+        // A blob image is shown at the row's resized size, rounded as the processor rounds.
+        let mut bytes = Vec::new();
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            1024,
+            768,
+            image::Rgb([9, 80, 200]),
+        ))
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+        let blob = BlobHash::of(&bytes);
+        let source = ImageSource::Blob {
+            hash: blob,
+            path: "mug/i0/0.png".into(),
+            resized: (512, 384),
+        };
+        let fetch = |h: &BlobHash| {
+            assert_eq!(*h, blob);
+            Ok(Bytes::from(bytes.clone()))
+        };
+        let preprocessor = QwenPreprocessor::default();
+        let img = read_image(&source, "eval-pair-000000", &preprocessor, &fetch).unwrap();
+        // smart_resize(384, 512) with factor 28: 392 × 504.
+        assert_eq!((img.width(), img.height()), (504, 392));
+        let prepared = preprocessor.prepare(&img, "x").unwrap();
+        assert_eq!(prepared.resized, (392, 504), "the processor keeps the size");
+        let missing = |_: &BlobHash| Err(StageError::transient("server unreachable"));
+        let err = read_image(&source, "q", &preprocessor, &missing).unwrap_err();
+        assert!(err.retryable, "a fetch failure stays transient: {err}");
+    }
+}
