@@ -255,6 +255,26 @@ impl Checkpoint {
     }
 }
 
+/// Fills `var` with seeded uniform values of standard deviation `std` (uniform on [-a, a] with
+/// a = std·√3), for random-weight models; 24 random bits per value is plenty for weights nobody
+/// trains. The same generator state gives the same values on every machine.
+pub fn fill_uniform(
+    var: &mut Tensor,
+    std: f64,
+    rng: &mut impl rand::RngCore,
+) -> Result<(), MlError> {
+    let bound = std * 3f64.sqrt();
+    let values: Vec<f32> = (0..var.numel())
+        .map(|_| {
+            let unit = f64::from(rng.next_u32() >> 8) / f64::from(1u32 << 24);
+            ((2.0 * unit - 1.0) * bound) as f32
+        })
+        .collect();
+    let src = Tensor::from_slice(&values).view(var.size().as_slice());
+    tch::no_grad(|| var.f_copy_(&src))?;
+    Ok(())
+}
+
 /// Reads and parses a JSON file; errors name the file.
 pub fn read_json(path: &Path) -> Result<serde_json::Value, MlError> {
     let text = std::fs::read_to_string(path).map_err(|e| MlError::io(path, e))?;

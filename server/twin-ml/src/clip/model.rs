@@ -569,7 +569,7 @@ impl ClipModel {
         seed: u64,
         device: Device,
     ) -> Result<ClipModel, MlError> {
-        use rand::{RngCore, SeedableRng};
+        use rand::SeedableRng;
         let mut model = ClipModel::build(config, device)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
@@ -582,17 +582,7 @@ impl ClipModel {
                 }
                 Init::Std(s) => s,
             };
-            // Uniform on [-a, a] with a = std·√3 has standard deviation `std`; 24 random bits
-            // per value is plenty for weights nobody trains.
-            let bound = std * 3f64.sqrt();
-            let values: Vec<f32> = (0..var.numel())
-                .map(|_| {
-                    let unit = f64::from(rng.next_u32() >> 8) / f64::from(1u32 << 24);
-                    ((2.0 * unit - 1.0) * bound) as f32
-                })
-                .collect();
-            let src = Tensor::from_slice(&values).view(var.size().as_slice());
-            tch::no_grad(|| var.f_copy_(&src))?;
+            crate::weights::fill_uniform(&mut var, std, &mut rng)?;
         }
         model.vs.freeze();
         Ok(model)

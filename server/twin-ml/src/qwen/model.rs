@@ -132,7 +132,7 @@ impl QwenVl {
         kind: Kind,
         scale: f64,
     ) -> Result<QwenVl, MlError> {
-        use rand::{RngCore, SeedableRng};
+        use rand::SeedableRng;
         let mut model = QwenVl::build(config, device, kind)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
@@ -144,15 +144,7 @@ impl QwenVl {
                 let _ = tch::no_grad(|| var.f_fill_(value))?;
                 continue;
             }
-            let bound = 0.02 * scale * 3f64.sqrt();
-            let values: Vec<f32> = (0..var.numel())
-                .map(|_| {
-                    let unit = f64::from(rng.next_u32() >> 8) / f64::from(1u32 << 24);
-                    ((2.0 * unit - 1.0) * bound) as f32
-                })
-                .collect();
-            let src = Tensor::from_slice(&values).view(var.size().as_slice());
-            tch::no_grad(|| var.f_copy_(&src))?;
+            crate::weights::fill_uniform(&mut var, 0.02 * scale, &mut rng)?;
         }
         model.vs.freeze();
         Ok(model)
