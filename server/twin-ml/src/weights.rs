@@ -214,12 +214,11 @@ impl Checkpoint {
             hasher.update(&bytes);
             for (key, mut var) in wanted {
                 let info = &self.tensors[&key];
-                let src = Tensor::f_from_data_size(
-                    &bytes[info.start..info.end],
-                    &info.shape,
-                    info.dtype,
-                )?;
-                tch::no_grad(|| var.f_copy_(&src))?;
+                // Allocation failures (a model too large for the device) are named as such.
+                let src =
+                    Tensor::f_from_data_size(&bytes[info.start..info.end], &info.shape, info.dtype)
+                        .map_err(MlError::from_torch)?;
+                tch::no_grad(|| var.f_copy_(&src)).map_err(MlError::from_torch)?;
                 loaded += 1;
             }
         }

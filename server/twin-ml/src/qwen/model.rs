@@ -87,23 +87,18 @@ impl QwenVl {
         // transformers 5 saves the hub layout; checkpoints written by transformers 4.5x's
         // internal names (`model.language_model.*`, `model.visual.*`) are read as well.
         let internal = checkpoint.contains("model.language_model.embed_tokens.weight");
-        let report = checkpoint
-            .load_into(&model.vs, |name| {
-                if !internal {
-                    return name.to_owned();
-                }
-                if let Some(rest) = name.strip_prefix("model.") {
-                    format!("model.language_model.{rest}")
-                } else if let Some(rest) = name.strip_prefix("visual.") {
-                    format!("model.visual.{rest}")
-                } else {
-                    name.to_owned()
-                }
-            })
-            .map_err(|e| match e {
-                MlError::Torch(t) => MlError::from_torch(t),
-                other => other,
-            })?;
+        let report = checkpoint.load_into(&model.vs, |name| {
+            if !internal {
+                return name.to_owned();
+            }
+            if let Some(rest) = name.strip_prefix("model.") {
+                format!("model.language_model.{rest}")
+            } else if let Some(rest) = name.strip_prefix("visual.") {
+                format!("model.visual.{rest}")
+            } else {
+                name.to_owned()
+            }
+        })?;
         if !report.unused.is_empty() {
             tracing::debug!(dir = %dir.display(), unused = ?report.unused, "checkpoint tensors not used");
         }
