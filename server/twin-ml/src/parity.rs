@@ -80,8 +80,9 @@ pub struct FixtureMeta {
     /// Tokens greedy decoding produced in the reference (`greedy_tokens`).
     #[serde(default)]
     pub greedy_new_tokens: Option<usize>,
-    /// Smallest top-1 − top-2 logit gap over those steps (informational: above 1e-3 by
-    /// construction, so float rounding cannot flip a token).
+    /// Smallest top-1 − top-2 logit gap over those steps. Required with `greedy_new_tokens` and
+    /// at least 1e-3 (the gap at the engine's `REPRODUCIBLE_MARGIN`): below it, another
+    /// machine's rounding could flip a token and the comparison would pass or fail by a near tie.
     #[serde(default)]
     pub greedy_min_margin: Option<f64>,
     /// Preprocessing fixtures: the size each image was resized to (informational).
@@ -108,6 +109,21 @@ impl Fixture {
         let path = dir.join(META_FILE);
         let meta: FixtureMeta = serde_json::from_value(read_json(&path)?)
             .map_err(|e| MlError::config(&path, e.to_string()))?;
+        if meta.greedy_new_tokens.is_some() {
+            let margin = meta.greedy_min_margin;
+            // A top-2 gap; the engine's margins are half of one.
+            let wanted = 2.0 * f64::from(crate::qwen::REPRODUCIBLE_MARGIN);
+            if margin.is_none_or(|m| m.is_nan() || m < wanted) {
+                let margin = margin.map_or("none".to_owned(), |m| m.to_string());
+                return Err(MlError::config(
+                    &path,
+                    format!(
+                        "greedy_new_tokens needs greedy_min_margin ≥ {wanted} (got {margin}): \
+                         greedy tokens with a closer call could flip on another machine"
+                    ),
+                ));
+            }
+        }
         Ok(Fixture {
             dir: dir.to_path_buf(),
             meta,

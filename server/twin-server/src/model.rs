@@ -238,6 +238,7 @@ pub fn generate(dir: &Path, args: &GenerateArgs) -> anyhow::Result<serde_json::V
                 "text": assets.tokenizer.decode(&c.tokens)?,
                 "tokens": c.tokens,
                 "logprobs": c.logprobs,
+                "margins": c.margins,
                 "finish": c.finish,
             }))
         })

@@ -21,6 +21,15 @@
 //! token is under the temperature-scaled distribution *before* top-k/top-p truncation, the
 //! convention GRPO's importance ratio needs. Temperature 0 means greedy decoding; its
 //! log-probabilities are under the unscaled distribution.
+//!
+//! **Reproducibility.** The same requests, seeds, batch composition, thread count and libtorch
+//! build give the same tokens, bit for bit. Another batch shape or thread count sums the same
+//! floats in another order, so logits differ in their last bits (measured: log-probabilities
+//! up to 3.6e-5 apart on the test model), and a choice that sits on a tie can flip. Each token therefore carries its
+//! *margin* ([`Completion::margins`]): how far the scores would have to move to change it. The
+//! promise across batch shapes and thread counts is that two runs of a request agree on every
+//! token up to the first one whose margin, in either run, is below [`REPRODUCIBLE_MARGIN`];
+//! [`Completion::divergence`] finds where two runs part and says whether that was allowed.
 
 use std::time::Instant;
 
@@ -115,13 +124,74 @@ pub enum FinishReason {
     Length,
 }
 
+/// Below this margin ([`Completion::margins`], logit units) a token choice may differ between
+/// batch shapes or thread counts; at or above it, it may not (the module's "Reproducibility").
+/// A greedy choice clears it when its top two logits are 1e-3 apart. Float sums reordered by
+/// another batch shape or thread count move f32 logits by far less (measured on the test model,
+/// 1 against 2 and 3 threads: greedy log-probabilities at most 3.6e-5 apart).
+pub const REPRODUCIBLE_MARGIN: f32 = 5e-4;
+
 /// One sample's output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Completion {
     pub tokens: Vec<i64>,
     /// Per token, under the temperature-scaled distribution before truncation.
     pub logprobs: Vec<f32>,
+    /// Per token, a lower bound on how far the logits would have to move (the largest change
+    /// of any one logit) to choose another token. Greedy: half the gap between the two largest
+    /// logits. Sampled at temperature T: a change ε of the logits moves the scaled ones by ε/T
+    /// and any point of the cumulative distribution by at most 2ε/T, so a draw at distance d
+    /// (a share of the mass) from the nearer edge of its token's interval needs ε ≥ T·d/2;
+    /// where top-k or top-p truncate, the k-th score's lead and the nearest cumulative mass to
+    /// top-p bound it the same way.
+    pub margins: Vec<f32>,
     pub finish: FinishReason,
+}
+
+/// Where two completions of one request part: the first token they differ in (a missing
+/// token when one is a strict prefix of the other) and each run's margin there.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Divergence {
+    pub index: usize,
+    pub tokens: (Option<i64>, Option<i64>),
+    /// `f32::INFINITY` for a missing token: one run stopping early is never a near tie.
+    pub margins: (f32, f32),
+}
+
+impl Divergence {
+    /// Whether the reproducibility promise allows this divergence: the choice was within
+    /// [`REPRODUCIBLE_MARGIN`] of flipping in one of the runs.
+    pub fn is_near_tie(&self) -> bool {
+        self.margins.0.min(self.margins.1) < REPRODUCIBLE_MARGIN
+    }
+}
+
+impl Completion {
+    /// The first token where `self` and `other` (the same request run twice) differ, if any.
+    pub fn divergence(&self, other: &Completion) -> Option<Divergence> {
+        let longest = self.tokens.len().max(other.tokens.len());
+        (0..longest).find_map(|index| {
+            let tokens = (
+                self.tokens.get(index).copied(),
+                other.tokens.get(index).copied(),
+            );
+            (tokens.0 != tokens.1).then(|| {
+                let margin = |c: &Completion| c.margins.get(index).copied();
+                Divergence {
+                    index,
+                    tokens,
+                    margins: (
+                        margin(self)
+                            .filter(|_| tokens.0.is_some())
+                            .unwrap_or(f32::INFINITY),
+                        margin(other)
+                            .filter(|_| tokens.1.is_some())
+                            .unwrap_or(f32::INFINITY),
+                    ),
+                }
+            })
+        })
+    }
 }
 
 /// Limits of one engine run.
@@ -225,6 +295,7 @@ struct Row {
     next_position: i64,
     tokens: Vec<i64>,
     logprobs: Vec<f32>,
+    margins: Vec<f32>,
     finish: Option<FinishReason>,
 }
 
@@ -366,6 +437,7 @@ fn run_batch(
                 next_position: r.prompt.positions.decode_position(r.prompt.len() as i64),
                 tokens: Vec::with_capacity(r.params.max_new_tokens.min(4096)),
                 logprobs: Vec::with_capacity(r.params.max_new_tokens.min(4096)),
+                margins: Vec::with_capacity(r.params.max_new_tokens.min(4096)),
                 finish: None,
             });
             row_prompt.push(i as i64);
@@ -416,17 +488,19 @@ fn run_batch(
                 }
             })
             .collect();
-        let (tokens, logprobs) = torch_call(|| sample(&logits, &params, &uniforms))?;
+        let drawn = torch_call(|| sample(&logits, &params, &uniforms))?;
         for (k, &j) in active.iter().enumerate() {
             let row = &mut rows[j];
             if row.finish.is_some() {
                 continue;
             }
             let p = params[k];
-            row.tokens.push(tokens[k]);
-            row.logprobs.push(logprobs[k]);
+            let token = drawn.tokens[k];
+            row.tokens.push(token);
+            row.logprobs.push(drawn.logprobs[k]);
+            row.margins.push(drawn.margins[k]);
             stats.generated_tokens += 1;
-            if p.stop_token_ids.contains(&tokens[k]) {
+            if p.stop_token_ids.contains(&token) {
                 row.finish = Some(FinishReason::Stop);
             } else if row.tokens.len() >= p.max_new_tokens {
                 row.finish = Some(FinishReason::Length);
@@ -510,15 +584,24 @@ fn run_batch(
         out[row.request].push(Completion {
             tokens: row.tokens,
             logprobs: row.logprobs,
+            margins: row.margins,
             finish: row.finish.unwrap_or(FinishReason::Length),
         });
     }
     Ok(out)
 }
 
-/// Draws one token per row of `logits` `[rows, vocab]` (f32) and returns the tokens and their
-/// log-probabilities (temperature-scaled, before truncation; unscaled for greedy rows).
-fn sample(logits: &Tensor, params: &[&SamplingParams], uniforms: &[f64]) -> (Vec<i64>, Vec<f32>) {
+/// One decode step's choices, one entry per row.
+struct Drawn {
+    tokens: Vec<i64>,
+    logprobs: Vec<f32>,
+    margins: Vec<f32>,
+}
+
+/// Draws one token per row of `logits` `[rows, vocab]` (f32) and returns the tokens, their
+/// log-probabilities (temperature-scaled, before truncation; unscaled for greedy rows) and their
+/// margins ([`Completion::margins`]).
+fn sample(logits: &Tensor, params: &[&SamplingParams], uniforms: &[f64]) -> Drawn {
     tch::no_grad(|| {
         let device = logits.device();
         let n = params.len() as i64;
@@ -542,10 +625,13 @@ fn sample(logits: &Tensor, params: &[&SamplingParams], uniforms: &[f64]) -> (Vec
         };
         let logp = scaled.log_softmax(-1, Kind::Float);
         let greedy: Vec<bool> = params.iter().map(|p| p.is_greedy()).collect();
-        let mut tokens = if greedy.iter().any(|&g| g) {
-            logits.argmax(-1, false)
+        let mut choice = if greedy.iter().any(|&g| g) {
+            greedy_choice(logits)
         } else {
-            Tensor::zeros([n], (Kind::Int64, device))
+            Choice {
+                tokens: Tensor::zeros([n], (Kind::Int64, device)),
+                margins: Tensor::zeros([n], (Kind::Float, device)),
+            }
         };
         if greedy.iter().any(|&g| !g) {
             let u = Tensor::from_slice(uniforms)
@@ -557,37 +643,90 @@ fn sample(logits: &Tensor, params: &[&SamplingParams], uniforms: &[f64]) -> (Vec
             } else {
                 inverse_cdf(&logp.exp(), &u)
             };
-            tokens = if greedy.iter().any(|&g| g) {
+            choice = if greedy.iter().any(|&g| g) {
                 let g = Tensor::from_slice(&greedy).to_device(device);
-                tokens.where_self(&g, &drawn)
+                Choice {
+                    tokens: choice.tokens.where_self(&g, &drawn.tokens),
+                    margins: choice.margins.where_self(&g, &drawn.margins),
+                }
             } else {
                 drawn
             };
         }
-        let chosen = logp.gather(1, &tokens.view([n, 1]), false).view([n]);
-        let tokens = Vec::<i64>::try_from(tokens.to_device(Device::Cpu)).unwrap_or_default();
-        let logprobs = Vec::<f32>::try_from(chosen.to_device(Device::Cpu)).unwrap_or_default();
-        (tokens, logprobs)
+        // Margins so far are in scaled logits (logits / T); a change ε of the logits is ε/T of
+        // those.
+        let margins = &choice.margins
+            * Tensor::from_slice(&temperatures)
+                .to_device(device)
+                .view([n]);
+        let chosen = logp.gather(1, &choice.tokens.view([n, 1]), false).view([n]);
+        let to_vec_f32 = |t: &Tensor| {
+            Vec::<f32>::try_from(t.to_kind(Kind::Float).to_device(Device::Cpu)).unwrap_or_default()
+        };
+        Drawn {
+            tokens: Vec::<i64>::try_from(choice.tokens.to_device(Device::Cpu)).unwrap_or_default(),
+            logprobs: to_vec_f32(&chosen),
+            margins: to_vec_f32(&margins),
+        }
     })
 }
 
+/// Tokens chosen for a step `[rows]` and how far each was from another choice `[rows]` (f32).
+struct Choice {
+    tokens: Tensor,
+    margins: Tensor,
+}
+
+/// The most likely token of each row (the first on a tie, as transformers' argmax) and half its
+/// lead over the runner-up: the change of the logits that could make them equal.
+fn greedy_choice(logits: &Tensor) -> Choice {
+    let vocab = logits.size()[1];
+    let margins = if vocab < 2 {
+        Tensor::full(
+            [logits.size()[0]],
+            f64::INFINITY,
+            (Kind::Float, logits.device()),
+        )
+    } else {
+        let (top, _) = logits.topk(2, -1, true, true);
+        ((top.select(1, 0) - top.select(1, 1)) / 2).to_kind(Kind::Float)
+    };
+    Choice {
+        tokens: logits.argmax(-1, false),
+        margins,
+    }
+}
+
 /// The index where `u · total mass` falls in each row's cumulative distribution (`probs` need
-/// not be normalised: truncated rows are not).
-fn inverse_cdf(probs: &Tensor, u: &Tensor) -> Tensor {
+/// not be normalised: truncated rows are not), and its margin in scaled logits: half the distance
+/// of that point from the nearer edge of the chosen token's interval, as a share of the total
+/// mass (a change ε of the scaled logits moves every edge by at most 2ε of the mass).
+fn inverse_cdf(probs: &Tensor, u: &Tensor) -> Choice {
     let cdf = probs.to_kind(Kind::Double).cumsum(-1, Kind::Double);
     let vocab = cdf.size()[1];
     let total = cdf.narrow(1, vocab - 1, 1);
-    let target = u.to_kind(Kind::Double) * total;
-    target
+    let target = u.to_kind(Kind::Double) * &total;
+    let index = target
         .searchsorted(&cdf, false, true, "right", None::<Tensor>)
-        .clamp(0, vocab - 1)
-        .view([-1])
+        .clamp(0, vocab - 1);
+    // The interval of token j is [cdf[j-1], cdf[j]); cdf[-1] is 0.
+    let upper = cdf.gather(1, &index, false);
+    let lower = cdf
+        .gather(1, &(&index - 1).clamp_min(0), false)
+        .where_self(&index.gt(0), &Tensor::zeros_like(&upper));
+    let margin = (&target - lower).minimum(&(upper - &target)) / total / 2;
+    Choice {
+        tokens: index.view([-1]),
+        margins: margin.to_kind(Kind::Float).view([-1]),
+    }
 }
 
 /// Top-k then top-p in sorted order, as transformers' warpers do: top-k keeps scores at least
 /// the k-th largest; top-p keeps the most likely tokens until their mass reaches `top_p` (always
-/// at least one).
-fn sample_truncated(scaled: &Tensor, params: &[&SamplingParams], u: &Tensor) -> Tensor {
+/// at least one). A token's margin (scaled logits) is also bounded by how close the kept set was
+/// to changing: half the gap between the k-th and the next score, and half the distance of the
+/// nearest cumulative mass from `top_p`.
+fn sample_truncated(scaled: &Tensor, params: &[&SamplingParams], u: &Tensor) -> Choice {
     let device = scaled.device();
     let (n, vocab) = (scaled.size()[0], scaled.size()[1]);
     let (sorted, order) = scaled.sort(-1, true);
@@ -601,22 +740,48 @@ fn sample_truncated(scaled: &Tensor, params: &[&SamplingParams], u: &Tensor) -> 
             }
         })
         .collect();
+    let truncated_k: Vec<bool> = ks.iter().map(|&k| k < vocab).collect();
     let ks = Tensor::from_slice(&ks).to_device(device).view([n, 1]);
-    let kth = sorted.gather(1, &(ks - 1), false);
+    let kth = sorted.gather(1, &(&ks - 1), false);
+    // Rows that keep every token have no k-th edge: their gap is infinite.
+    let next = sorted
+        .gather(1, &ks.clamp_max(vocab - 1), false)
+        .where_self(
+            &Tensor::from_slice(&truncated_k)
+                .to_device(device)
+                .view([n, 1]),
+            &Tensor::full_like(&kth, f64::NEG_INFINITY),
+        );
+    let top_k_margin = ((&kth - next) / 2).view([n]);
     let mut keep = sorted.ge_tensor(&kth);
     let top_p: Vec<f32> = params
         .iter()
         .map(|p| if p.is_greedy() { 1.0 } else { p.top_p as f32 })
         .collect();
+    let truncated_p: Vec<bool> = top_p.iter().map(|&p| p < 1.0).collect();
     let top_p = Tensor::from_slice(&top_p).to_device(device).view([n, 1]);
     let masked = sorted.masked_fill(&keep.logical_not(), f64::NEG_INFINITY);
     let probs = masked.softmax(-1, Kind::Float);
     // Mass strictly before each position; position 0 is always kept.
     let before = probs.cumsum(-1, Kind::Float) - &probs;
+    let top_p_margin = ((&before - &top_p) / 2)
+        .abs()
+        .masked_fill(&keep.logical_not(), f64::INFINITY)
+        .amin(-1, false)
+        .where_self(
+            &Tensor::from_slice(&truncated_p).to_device(device),
+            &Tensor::full([n], f64::INFINITY, (Kind::Float, device)),
+        );
     keep = keep.logical_and(&before.lt_tensor(&top_p));
     let kept = probs.masked_fill(&keep.logical_not(), 0.0);
-    let j = inverse_cdf(&kept, u).view([n, 1]);
-    order.gather(1, &j, false).view([n])
+    let drawn = inverse_cdf(&kept, u);
+    Choice {
+        tokens: order.gather(1, &drawn.tokens.view([n, 1]), false).view([n]),
+        margins: drawn
+            .margins
+            .minimum(&top_k_margin.to_kind(Kind::Float))
+            .minimum(&top_p_margin),
+    }
 }
 
 #[cfg(test)]
@@ -632,7 +797,7 @@ mod tests {
             .view([1, 4]);
         let draw = |p: &SamplingParams, u: f64| {
             let u = Tensor::from_slice(&[u as f32]).view([1, 1]);
-            i64::try_from(sample_truncated(&logits, &[p], &u)).unwrap()
+            i64::try_from(sample_truncated(&logits, &[p], &u).tokens).unwrap()
         };
         let top_k = SamplingParams {
             top_k: 2,
@@ -652,6 +817,99 @@ mod tests {
             ..SamplingParams::default()
         };
         assert_eq!(draw(&tiny_p, 0.999), 0);
+    }
+
+    fn margins(c: &Choice) -> Vec<f32> {
+        Vec::<f32>::try_from(&c.margins).unwrap()
+    }
+
+    #[test]
+    fn a_draw_knows_how_far_it_was_from_the_next_token() {
+        // Intervals [0, 0.5), [0.5, 0.8), [0.8, 1.0).
+        let probs = Tensor::from_slice(&[0.5f32, 0.3, 0.2]).view([1, 3]);
+        // Margins are half the distance to the nearer edge.
+        let cases = [
+            (0.55, 1, 0.025),
+            (0.79, 1, 0.005),
+            (0.1, 0, 0.05),
+            (0.95, 2, 0.025),
+        ];
+        for (u, token, margin) in cases {
+            let c = inverse_cdf(&probs, &Tensor::from_slice(&[u as f32]).view([1, 1]));
+            assert_eq!(i64::try_from(&c.tokens).unwrap(), token, "u = {u}");
+            assert!(
+                (margins(&c)[0] - margin).abs() < 1e-6,
+                "u = {u}: {:?}",
+                margins(&c)
+            );
+        }
+        // Unnormalised mass (a truncated row): shares of the total.
+        let kept = Tensor::from_slice(&[0.25f32, 0.25, 0.0]).view([1, 3]);
+        let c = inverse_cdf(&kept, &Tensor::from_slice(&[0.6f32]).view([1, 1]));
+        assert_eq!(i64::try_from(&c.tokens).unwrap(), 1);
+        assert!((margins(&c)[0] - 0.05).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_greedy_choice_knows_its_lead_and_truncation_its_edges() {
+        let logits = Tensor::from_slice(&[2.0f32, 1.5, 0.1, 3.0, 2.9995, -1.0]).view([2, 3]);
+        let c = greedy_choice(&logits);
+        assert_eq!(Vec::<i64>::try_from(&c.tokens).unwrap(), vec![0, 0]);
+        let m = margins(&c);
+        assert!(
+            (m[0] - 0.25).abs() < 1e-6 && (m[1] - 2.5e-4).abs() < 1e-6,
+            "{m:?}"
+        );
+
+        // Probabilities 0.5, 0.3, 0.15, 0.05: top-p 0.79 keeps two tokens, and the cumulative
+        // mass before the third (0.8) is 0.01 from flipping that: a margin of 0.005.
+        let logits = Tensor::from_slice(&[0.5f32, 0.3, 0.15, 0.05])
+            .log()
+            .view([1, 4]);
+        let u = Tensor::from_slice(&[0.3f32]).view([1, 1]);
+        let top_p = SamplingParams {
+            top_p: 0.79,
+            ..SamplingParams::default()
+        };
+        let c = sample_truncated(&logits, &[&top_p], &u);
+        assert!((margins(&c)[0] - 0.005).abs() < 1e-5, "{:?}", margins(&c));
+        // Top-k 2: the second and third scores are ln 0.3 − ln 0.15 = ln 2 apart.
+        let top_k = SamplingParams {
+            top_k: 2,
+            ..SamplingParams::default()
+        };
+        let c = sample_truncated(&logits, &[&top_k], &u);
+        // Renormalised, the kept two are 0.625 and 0.375: u = 0.3 lies 0.3 above the first
+        // interval's lower edge and 0.325 below its upper one; ln 2 is further.
+        let expected = 0.3f32.min(2f32.ln()) / 2.0;
+        assert!(
+            (margins(&c)[0] - expected).abs() < 1e-5,
+            "{:?}",
+            margins(&c)
+        );
+    }
+
+    #[test]
+    fn divergence_is_a_near_tie_only_below_the_margin() {
+        let run = |tokens: Vec<i64>, margins: Vec<f32>| Completion {
+            logprobs: vec![0.0; tokens.len()],
+            tokens,
+            margins,
+            finish: FinishReason::Length,
+        };
+        let a = run(vec![1, 2, 3], vec![0.5, 0.5, 0.5]);
+        assert_eq!(a.divergence(&a.clone()), None);
+        let near = run(vec![1, 2, 4], vec![0.5, 0.5, 1e-4]);
+        let d = a.divergence(&near).unwrap();
+        assert_eq!((d.index, d.tokens), (2, (Some(3), Some(4))));
+        assert!(d.is_near_tie());
+        let far = run(vec![1, 5, 3], vec![0.5, 0.5, 0.5]);
+        assert!(!a.divergence(&far).unwrap().is_near_tie());
+        // One run ending early with identical tokens is never excused.
+        let short = run(vec![1, 2], vec![0.5, 1e-9]);
+        let d = a.divergence(&short).unwrap();
+        assert_eq!(d.tokens, (Some(3), None));
+        assert!(!d.is_near_tie());
     }
 
     #[test]

@@ -18,8 +18,8 @@ pub mod vision;
 pub use chat::{ChatTemplate, Message, Part, PreparedPrompt, QwenProcessor, QwenTokenizer};
 pub use config::QwenVlConfig;
 pub use engine::{
-    Completion, EngineOptions, FinishReason, GenerationRequest, GenerationStats, SamplingParams,
-    generate,
+    Completion, Divergence, EngineOptions, FinishReason, GenerationRequest, GenerationStats,
+    REPRODUCIBLE_MARGIN, SamplingParams, generate,
 };
 pub use model::{ParameterCounts, QwenAssets, QwenVl};
 pub use preprocess::{PreparedImage, QwenPreprocessor};
