@@ -56,12 +56,10 @@ enum Command {
     /// List or create experiments.
     #[command(subcommand)]
     Experiments(online::ExperimentsCommand),
-    /// List datasets.
-    Datasets,
     /// Review a mine job's candidate hard negatives: list, accept, reject (also in bulk).
     #[command(subcommand)]
     Review(review::ReviewCommand),
-    /// Built datasets: list, export with images.
+    /// Datasets: list ingested and built ones, export a built one with its images.
     #[command(subcommand)]
     Dataset(review::DatasetCommand),
     /// Register, list, describe and name Wasm modules; `run` scores a file offline.

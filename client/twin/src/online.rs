@@ -11,12 +11,14 @@ use twin_client::{Client, JobFilter};
 use twin_core::RecordedEvent;
 use twin_core::api::CreateExperiment;
 use twin_core::job::{JobState, JobStatus};
+use twin_core::spec::{JobKind, field_pointer};
 
 use crate::{Command, Conn, Failure};
 
 #[derive(Args)]
 pub struct SubmitArgs {
-    /// Spec file (.toml or .json). Relative paths in `spec.source` are resolved against its directory.
+    /// Spec file (.toml or .json). Relative paths it names (source, model, questions) are
+    /// resolved against its directory.
     pub file: PathBuf,
     /// Put the job in this experiment.
     #[arg(long)]
@@ -83,7 +85,10 @@ pub enum ExperimentsCommand {
     },
 }
 
-/// Reads a spec file as JSON, whatever its format, and makes `spec.source` paths absolute.
+/// Reads a spec file as JSON, whatever its format, and makes the paths it names on the
+/// executor (`JobKind::host_path_fields`: `spec.source.dir`, `spec.model`, …) absolute against
+/// the spec file's directory, so `model = "clip"` beside the spec means that `clip`, not one in
+/// whatever directory the executor happens to run in.
 pub fn load_spec(path: &Path) -> anyhow::Result<serde_json::Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -97,21 +102,34 @@ pub fn load_spec(path: &Path) -> anyhow::Result<serde_json::Value> {
         }
     };
     let base = path
-        .canonicalize()?
+        .canonicalize()
+        .with_context(|| format!("resolving {}", path.display()))?
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    if let Some(source) = value
-        .pointer_mut("/spec/source")
-        .and_then(|s| s.as_object_mut())
-    {
-        for (_, v) in source.iter_mut() {
-            if let Some(p) = v.as_str().filter(|p| !p.starts_with('/')) {
-                *v = serde_json::Value::String(base.join(p).display().to_string());
-            }
+    resolve_host_paths(&mut value, &base);
+    Ok(value)
+}
+
+/// Makes every relative path field of the submission's kind absolute against `base`; anything
+/// else (an unknown kind, a field of the wrong type) is left for the server to refuse by name.
+fn resolve_host_paths(submission: &mut serde_json::Value, base: &Path) {
+    let Some(kind) = submission
+        .pointer("/spec/kind")
+        .and_then(|k| k.as_str())
+        .and_then(JobKind::parse)
+    else {
+        return;
+    };
+    for field in kind.host_path_fields() {
+        if let Some(slot) = submission.pointer_mut(&field_pointer(field))
+            && let Some(p) = slot
+                .as_str()
+                .filter(|p| !p.is_empty() && !p.starts_with('/'))
+        {
+            *slot = serde_json::Value::String(base.join(p).display().to_string());
         }
     }
-    Ok(value)
 }
 
 fn print_jobs(jobs: &[JobState]) {
@@ -384,19 +402,6 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
                 .await?;
             println!("created experiment {}", e.name);
         }
-        Command::Datasets => {
-            let ds = client.datasets().await?;
-            if conn.json {
-                println!("{}", serde_json::to_string_pretty(&ds)?);
-            } else {
-                for d in ds {
-                    println!(
-                        "{:<20} {}  {} images  {} instances  {} categories  manifest {}",
-                        d.name, d.id, d.images, d.instances, d.categories, d.manifest
-                    );
-                }
-            }
-        }
         Command::Lineage {
             target,
             data_dir: None,
@@ -409,4 +414,41 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_path_a_spec_names_is_resolved_against_the_spec_file() {
+        let base = Path::new("/work/specs");
+        let check = |mut spec: serde_json::Value, expect: serde_json::Value| {
+            resolve_host_paths(&mut spec, base);
+            assert_eq!(spec, expect);
+        };
+        check(
+            serde_json::json!({"spec": {"kind": "mine", "model": "clip", "dataset": "d"}}),
+            serde_json::json!({"spec": {"kind": "mine", "model": "/work/specs/clip", "dataset": "d"}}),
+        );
+        check(
+            serde_json::json!({"spec": {"kind": "eval", "model": "../qwen",
+                "data": {"questions": "fgvqa/questions.jsonl"}}}),
+            serde_json::json!({"spec": {"kind": "eval", "model": "/work/specs/../qwen",
+                "data": {"questions": "/work/specs/fgvqa/questions.jsonl"}}}),
+        );
+        check(
+            serde_json::json!({"spec": {"kind": "ingest", "source": {"dir": "images"}}}),
+            serde_json::json!({"spec": {"kind": "ingest", "source": {"dir": "/work/specs/images"}}}),
+        );
+        // Absolute paths, other fields, unknown kinds and wrong types are left alone.
+        for unchanged in [
+            serde_json::json!({"spec": {"kind": "mine", "model": "/abs/clip", "dataset": "clip"}}),
+            serde_json::json!({"spec": {"kind": "eval", "model": "/m", "data": {"built": "pairs"}}}),
+            serde_json::json!({"spec": {"kind": "no-such-kind", "model": "clip"}}),
+            serde_json::json!({"spec": {"kind": "mine", "model": 3}}),
+        ] {
+            check(unchanged.clone(), unchanged);
+        }
+    }
 }

@@ -56,7 +56,7 @@ pub struct VerdictArgs {
 
 #[derive(Subcommand)]
 pub enum DatasetCommand {
-    /// Ingested and built datasets.
+    /// Ingested datasets (images, instances, categories) and built ones (rows per split).
     Ls,
     /// Write a built dataset's exports (JSONL, parquet) and its images into a directory.
     Export {
@@ -205,21 +205,24 @@ pub async fn dataset(client: &Client, command: DatasetCommand, json: bool) -> Re
             println!("ingested:");
             for d in &ingested {
                 println!(
-                    "  {:<24} {} images, {} instances, {} categories (manifest {})",
+                    "  {:<24} {} images, {} instances, {} categories  (manifest {}, job {})",
                     d.name,
                     d.images,
                     d.instances,
                     d.categories,
-                    &d.manifest.to_hex()[..12]
+                    &d.manifest.to_hex()[..12],
+                    d.job
                 );
             }
             println!("built:");
             for d in &built {
-                let rows: u64 = ["train.rows", "eval.rows"]
-                    .iter()
-                    .filter_map(|k| d.counts.get(*k))
-                    .sum();
-                println!("  {:<24} {}  {rows} rows  (job {})", d.name, d.hash, d.job);
+                println!(
+                    "  {:<24} {}  (manifest {}, job {})",
+                    d.name,
+                    split_summary(&d.counts),
+                    &d.hash.to_hex()[..12],
+                    d.job
+                );
             }
         }
         DatasetCommand::Export { dataset, out } => {
@@ -239,6 +242,25 @@ pub async fn dataset(client: &Client, command: DatasetCommand, json: bool) -> Re
         }
     }
     Ok(())
+}
+
+/// A built dataset's rows per split, from the flat counts its build recorded (`train.pair`,
+/// `train.pair.yes`, `train.multi`, …): `train 235 pairs (118 yes, 117 no), 8 multi; eval …`.
+fn split_summary(counts: &std::collections::BTreeMap<String, u64>) -> String {
+    let get = |key: String| counts.get(&key).copied().unwrap_or(0);
+    ["train", "eval"]
+        .iter()
+        .map(|split| {
+            format!(
+                "{split} {} pairs ({} yes, {} no), {} multi",
+                get(format!("{split}.pair")),
+                get(format!("{split}.pair.yes")),
+                get(format!("{split}.pair.no")),
+                get(format!("{split}.multi"))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Writes each export and `manifest.json`, then every image the exports refer to (their paths are
@@ -296,5 +318,32 @@ fn collect_image_files(v: &serde_json::Value, out: &mut std::collections::BTreeS
         serde_json::Value::Array(a) => a.iter().for_each(|x| collect_image_files(x, out)),
         serde_json::Value::Object(o) => o.values().for_each(|x| collect_image_files(x, out)),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_built_dataset_is_summarised_from_the_counts_its_build_wrote() {
+        let counts = [
+            ("train.pair", 235),
+            ("train.pair.yes", 118),
+            ("train.pair.no", 117),
+            ("train.multi", 8),
+            ("eval.pair", 24),
+            ("eval.pair.yes", 12),
+            ("eval.pair.no", 12),
+            ("eval.multi", 4),
+            ("eval.multi.0", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert_eq!(
+            split_summary(&counts),
+            "train 235 pairs (118 yes, 117 no), 8 multi; eval 24 pairs (12 yes, 12 no), 4 multi"
+        );
     }
 }

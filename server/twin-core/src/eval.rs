@@ -107,8 +107,9 @@ fn empty_object() -> serde_json::Value {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSpec {
-    /// A Hugging Face Qwen2.5-VL checkpoint directory on the executor (`config.json`,
-    /// safetensors, `tokenizer.json`, `preprocessor_config.json`, optionally a chat template).
+    /// A Hugging Face Qwen2.5-VL checkpoint directory on the executor, an absolute path
+    /// (`config.json`, safetensors, `tokenizer.json`, `preprocessor_config.json`, optionally a
+    /// chat template).
     pub model: String,
     pub data: EvalData,
     /// Set by the server for `data.built`: the manifest the reference resolved to.
@@ -152,26 +153,15 @@ fn default_batch() -> u32 {
 
 impl EvalSpec {
     pub(crate) fn validate(&self) -> Result<(), SpecError> {
-        if self.model.is_empty() {
+        // `model` and `data.questions` are checked as paths with every kind's
+        // (`JobKind::host_path_fields`).
+        if let EvalData::Built(reference) = &self.data
+            && reference.is_empty()
+        {
             return Err(SpecError::invalid(
-                "spec.model",
-                "must be a checkpoint directory on the executor",
+                "spec.data.built",
+                "must name a built dataset (its name or manifest hash)",
             ));
-        }
-        match &self.data {
-            EvalData::Built(reference) if reference.is_empty() => {
-                return Err(SpecError::invalid(
-                    "spec.data.built",
-                    "must name a built dataset (its name or manifest hash)",
-                ));
-            }
-            EvalData::Questions(path) if !path.starts_with('/') => {
-                return Err(SpecError::invalid(
-                    "spec.data.questions",
-                    "must be an absolute path",
-                ));
-            }
-            _ => {}
         }
         let mut seen = BTreeSet::new();
         for (i, s) in self.subsets.iter().enumerate() {

@@ -120,8 +120,9 @@ pub struct MineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub manifest: Option<BlobHash>,
-    /// A Hugging Face CLIP checkpoint directory on the executor (`CLIPModel` or
-    /// `CLIPVisionModelWithProjection`; `config.json`, safetensors, `preprocessor_config.json`).
+    /// A Hugging Face CLIP checkpoint directory on the executor, an absolute path (`CLIPModel`
+    /// or `CLIPVisionModelWithProjection`; `config.json`, safetensors,
+    /// `preprocessor_config.json`).
     pub model: String,
     #[serde(default)]
     pub device: ComputeDevice,
@@ -183,12 +184,7 @@ impl MineSpec {
         if self.dataset.is_empty() {
             return Err(SpecError::invalid("spec.dataset", "must not be empty"));
         }
-        if self.model.is_empty() {
-            return Err(SpecError::invalid(
-                "spec.model",
-                "must be a checkpoint directory on the executor",
-            ));
-        }
+        // `model` is checked as a path with every kind's (`JobKind::host_path_fields`).
         if !(1..=4096).contains(&self.batch_size) {
             return Err(SpecError::invalid(
                 "spec.batch_size",

@@ -75,6 +75,31 @@ impl JobKind {
     pub fn parse(s: &str) -> Option<JobKind> {
         JobKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
+
+    /// The submission fields (dotted, from the submission's root) that name a file or directory
+    /// on the executor's file system. The server refuses any of them that is not absolute, and
+    /// the CLI makes relative ones absolute against the spec file's directory first, so a spec
+    /// means the same wherever it is submitted from and whatever directory the executor runs
+    /// in. A kind that adds a path field lists it here; the match has no catch-all so that a new
+    /// kind has to say.
+    pub fn host_path_fields(self) -> &'static [&'static str] {
+        match self {
+            JobKind::Ingest => &["spec.source.dir", "spec.source.manifest"],
+            JobKind::Mine => &["spec.model"],
+            JobKind::Eval => &["spec.model", "spec.data.questions"],
+            JobKind::BuildDataset | JobKind::Score => &[],
+            JobKind::Synthesize | JobKind::Train => &[],
+        }
+    }
+}
+
+/// A dotted submission field (`spec.source.dir`) as a JSON pointer (`/spec/source/dir`).
+pub fn field_pointer(field: &str) -> String {
+    field.split('.').fold(String::new(), |mut p, part| {
+        p.push('/');
+        p.push_str(part);
+        p
+    })
 }
 
 impl fmt::Display for JobKind {
@@ -142,10 +167,11 @@ pub struct IngestSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum IngestSource {
-    /// A tree `<category>/<instance>/<image>.{jpg,jpeg,png,webp}`; an absolute path.
+    /// A tree `<category>/<instance>/<image>.{jpg,jpeg,png,webp}`; an absolute path on the
+    /// executor.
     Dir(String),
     /// A JSONL file of `{"path", "instance", "category"}` lines; relative paths are resolved
-    /// against the manifest's directory. An absolute path.
+    /// against the manifest's directory. An absolute path on the executor.
     Manifest(String),
 }
 
@@ -261,6 +287,11 @@ impl JobSubmission {
             Some(k) if !k.is_built() => return Err(SpecError::KindNotBuilt(kind.to_owned())),
             Some(k) => k,
         };
+        for field in kind.host_path_fields() {
+            if let Some(path) = value.pointer(&field_pointer(field)) {
+                check_host_path(field, path)?;
+            }
+        }
         let submission: JobSubmission = serde_path_to_error::deserialize(&value).map_err(|e| {
             let path = e.path().to_string();
             let message = e.into_inner().to_string();
@@ -322,6 +353,27 @@ impl JobSubmission {
     }
 }
 
+/// A path on the executor must be an absolute path: resolved against the executor's working
+/// directory, a relative one would mean something else on every machine.
+fn check_host_path(field: &str, path: &serde_json::Value) -> Result<(), SpecError> {
+    let Some(path) = path.as_str() else {
+        return Err(SpecError::invalid(field, "expected a string (a path)"));
+    };
+    if path.is_empty() {
+        return Err(SpecError::invalid(field, "must not be empty"));
+    }
+    if !path.starts_with('/') {
+        return Err(SpecError::invalid(
+            field,
+            format!(
+                "must be an absolute path on the executor, got `{path}` (`twin submit` \
+                 resolves relative paths against the spec file)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The error of reading `spec` (without its `kind`) as `kind`'s spec, at its path under `spec`.
 fn spec_error(kind: JobKind, spec: &serde_json::Value) -> Option<SpecError> {
     fn read<T: serde::de::DeserializeOwned>(body: &serde_json::Value) -> Option<SpecError> {
@@ -375,13 +427,7 @@ impl IngestSpec {
                 "use 1 to 64 characters from a-z, 0-9, `-` and `_`",
             ));
         }
-        let (field, path) = match &self.source {
-            IngestSource::Dir(p) => ("spec.source.dir", p),
-            IngestSource::Manifest(p) => ("spec.source.manifest", p),
-        };
-        if !path.starts_with('/') {
-            return Err(SpecError::invalid(field, "must be an absolute path"));
-        }
+        // `source`'s paths are checked with every kind's (`JobKind::host_path_fields`).
         Ok(())
     }
 }
@@ -411,6 +457,57 @@ mod tests {
         let s = JobSubmission::from_json(ingest()).expect("valid");
         assert_eq!(s.retry, RetryPolicy::default());
         assert_eq!(s.kind(), JobKind::Ingest);
+    }
+
+    /// A valid submission of each built kind whose spec names every path field it has.
+    fn with_every_path(kind: JobKind) -> Vec<serde_json::Value> {
+        let h = "ab".repeat(32);
+        match kind {
+            JobKind::Ingest => vec![
+                json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"dir": "/d"}}}),
+                json!({"spec": {"kind": "ingest", "dataset": "x", "source": {"manifest": "/m"}}}),
+            ],
+            JobKind::Mine => vec![json!({"spec": {"kind": "mine", "dataset": "d", "model": "/m"}})],
+            JobKind::Eval => vec![json!({"spec": {
+                "kind": "eval", "model": "/m", "data": {"questions": "/q.jsonl"}}})],
+            JobKind::BuildDataset => vec![json!({"spec": {
+                "kind": "build-dataset", "name": "p", "dataset": "d", "mines": []}})],
+            JobKind::Score => vec![json!({"spec": {
+                "kind": "score", "rollouts": h, "reward": {"module": "m"}}})],
+            JobKind::Synthesize | JobKind::Train => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn every_path_field_is_a_real_field_and_must_be_absolute() {
+        for kind in JobKind::ALL.into_iter().filter(|k| k.is_built()) {
+            let examples = with_every_path(kind);
+            for example in &examples {
+                check(example.clone(), Ok(()));
+            }
+            for field in kind.host_path_fields() {
+                let pointer = field_pointer(field);
+                let mut uses = 0;
+                for example in &examples {
+                    let mut relative = example.clone();
+                    let Some(slot) = relative.pointer_mut(&pointer) else {
+                        continue;
+                    };
+                    uses += 1;
+                    *slot = json!("models/clip");
+                    check(
+                        relative.clone(),
+                        Err(&format!("{field}: must be an absolute path")),
+                    );
+                    *relative.pointer_mut(&pointer).expect("just found") = json!("");
+                    check(relative, Err(&format!("{field}: must not be empty")));
+                }
+                assert!(
+                    uses > 0,
+                    "{field} ({kind}) is in no example: is it a field?"
+                );
+            }
+        }
     }
 
     #[test]

@@ -38,11 +38,13 @@ fn ingest_through_the_cli_then_audit_the_log_offline() {
 
     let (ls, _) = text(&twin(&["--server", &url, "jobs", "ls"]));
     assert!(ls.contains(&job_id) && ls.contains("succeeded"), "{ls}");
-    let (datasets, _) = text(&twin(&["--server", &url, "--json", "datasets"]));
+    let (datasets, _) = text(&twin(&["--server", &url, "--json", "dataset", "ls"]));
     let datasets: serde_json::Value = serde_json::from_str(&datasets).unwrap();
-    assert_eq!(datasets[0]["images"], 36, "{datasets}");
-    assert_eq!(datasets[0]["instances"], 12);
-    let manifest = datasets[0]["manifest"].as_str().unwrap().to_owned();
+    let ingested = &datasets["ingested"];
+    assert_eq!(ingested[0]["images"], 36, "{datasets}");
+    assert_eq!(ingested[0]["instances"], 12);
+    assert_eq!(datasets["built"], serde_json::json!([]), "{datasets}");
+    let manifest = ingested[0]["manifest"].as_str().unwrap().to_owned();
     let (events, _) = text(&twin(&[
         "--server", &url, "events", "tail", "--prefix", "job/",
     ]));
