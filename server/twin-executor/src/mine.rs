@@ -510,7 +510,9 @@ fn search(
                 .or_insert(FoundPair {
                     a,
                     b,
-                    similarity: f64::from(n.similarity),
+                    // A cosine of unit rows, which f32 rounding can push just past 1 for two
+                    // near-identical images; a filter's band is written for the true range.
+                    similarity: f64::from(n.similarity).clamp(-1.0, 1.0),
                     rank,
                 });
         }
