@@ -2,7 +2,7 @@
 //! train/eval split, positive pairs (two images of one instance), negative pairs (accepted hard
 //! negatives, synthetic negatives, or random pairs of one category for the "without hard
 //! negatives" ablation), multi questions (a reference and three candidates, answer 0–3) and
-//! optional yes/no balancing.
+//! yes/no balancing.
 //!
 //! [`build`] is a pure function of its inputs and [`BuildConfig`]: every random choice comes from
 //! [`StageRng`], a SplitMix64 stream derived from the seed and the stage's name, and every input is
@@ -15,10 +15,21 @@
 //! - a dataset with a single instance is an error, not a positives-only dataset: TWIN's task is
 //!   telling instances apart, and a set without a single `no` answer would train a model to say
 //!   `yes` (the same holds when no negative pair survives the build);
+//! - every split must be able to hold negatives of its own: a negative pair never crosses the
+//!   split, and random negatives pair instances of one category, so a category that sends
+//!   instances to eval sends at least two (see [`BuildConfig::eval_fraction`]). Otherwise a small
+//!   dataset puts one instance per category in eval, every hard negative crosses the split, and
+//!   the eval split is all `yes`: an evaluation that "always yes" passes;
+//! - each split's negatives are topped up to its positives with random negatives of its own
+//!   instances ([`BuildConfig::fill_negatives`]), and a split that still cannot be balanced is an
+//!   error naming the split and why ([`BuildError::CannotBalance`]);
 //! - random negatives never repeat an accepted hard or synthetic pair, so the random ablation
 //!   contains none of them, and multi questions in `random` mode draw their negatives at random
 //!   too; in `hard` and `both` modes multi negatives are the reference instance's hard (and
-//!   synthetic) negatives, as in the reference recipe.
+//!   synthetic) negatives, as in the reference recipe, topped up with random images of its
+//!   category in the split when it has too few and filling is on;
+//! - what could not be made is counted, not hidden: multi questions short of the request carry a
+//!   reason per answer ([`SplitCounts::multi_shortfall_reasons`], [`BuiltDataset::shortfalls`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -34,6 +45,12 @@ pub const MANIFEST_FORMAT: &str = "twin-dataset/1";
 
 /// The longest side of an image as the model sees it (TWIN resizes to at most 512 px).
 pub const DEFAULT_MAX_SIDE: u32 = 512;
+
+/// The largest [`BuildConfig::multi_questions`] per split and
+/// [`BuildConfig::random_negatives_per_instance`]. Both come from a job's options and size
+/// allocations; a million is far above any dataset this builds (TWIN has 561k pairs in all) and
+/// far below a count that would exhaust memory before the build could say anything.
+pub const MAX_REQUESTED: u32 = 1_000_000;
 
 /// Which side of the instance-disjoint split a row belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -110,6 +127,16 @@ pub enum Balance {
     Oversample,
 }
 
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::None => "none",
+            Balance::Downsample => "downsample",
+            Balance::Oversample => "oversample",
+        }
+    }
+}
+
 /// One value per split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,23 +163,60 @@ impl<T> PerSplit<T> {
 pub struct BuildConfig {
     /// Seeds every random choice (split, sampling, order). Default 0.
     pub seed: u64,
-    /// Share of each category's instances (not images) assigned to eval, in [0, 1). Every
-    /// category with two or more instances gets at least one in each split when this is above 0.
-    /// Default 0.1.
+    /// Share of the instances (not images) assigned to eval, in [0, 1). Default 0.1.
+    ///
+    /// A category that contributes to eval contributes at least two instances, so that negatives
+    /// inside the eval split exist (a negative pair never crosses the split), and keeps at least
+    /// one in train. So:
+    /// - a category of n ≥ 3 instances with round(n × eval_fraction) ≥ 2 sends that many (at most
+    ///   n − 1) to eval on its own: large datasets have every category in both splits, and adding
+    ///   a category moves no other category's instances;
+    /// - the other categories of two or more instances ("small" ones: round(n × eval_fraction) ≤
+    ///   1, or n = 2) send two instances each, and only some of them do: in a seeded order
+    ///   (categories of three or more first, so they keep one in train, then those of two, which
+    ///   go to eval whole) they are taken while the eval instances taken from them stay within
+    ///   half a group of their share (the sum of n × eval_fraction over them). At least one is
+    ///   taken when no category reached eval otherwise, and none that would leave train without
+    ///   a category of two instances. Which small categories contribute depends on the seed,
+    ///   eval_fraction and the set of small categories (their names and sizes): adding one may
+    ///   change which others do;
+    /// - categories of one instance stay in train. When no category has two instances there is
+    ///   no eval split (`eval.instances` is 0).
+    ///
+    /// Which instances of a category go to eval depends only on the seed, the category's name
+    /// and its instances. The README demo (6 categories × 4 instances, 0.25) gives 3 categories
+    /// × 2 instances = 6 of 24 in eval.
     pub eval_fraction: f64,
     /// At most this many positive pairs (two distinct images) per instance, ≥ 1. Default 4.
     pub positives_per_instance: u32,
     /// Where negatives come from. Default `hard`.
     pub negatives: NegativesMode,
-    /// `random` mode: random negative pairs anchored at each instance, ≥ 1. Default 2.
+    /// `random` mode: random negative pairs anchored at each instance, in 1..=[`MAX_REQUESTED`].
+    /// Default 2.
     pub random_negatives_per_instance: u32,
     /// `both` mode: the share of hard (and synthetic) pairs among negatives, in (0, 1); every
     /// hard pair is kept and random pairs are added to reach it. Default 0.5.
     pub hard_share: f64,
-    /// Multi questions per split, each a multiple of 4 (an equal number per answer 0–3).
-    /// Default 0 and 0.
+    /// Multi questions per split, each a multiple of 4 (an equal number per answer 0–3) and at
+    /// most [`MAX_REQUESTED`]. Default 0 and 0.
     pub multi_questions: PerSplit<u32>,
-    /// Equalise yes and no pair rows per split. Default `none`.
+    /// Per split, after the mode's negatives: while negatives are fewer than positives, add
+    /// random negatives drawn from the split's own instances (two instances of one category,
+    /// never a given hard or synthetic pair), counted as `random_fill`; multi questions in `hard`
+    /// and `both` modes likewise take random images of the reference's category in the split
+    /// when its hard partners are too few. A split with pairs but not a single negative, or not a
+    /// single positive, is then an error ([`BuildError::CannotBalance`]), and so, with
+    /// `balance = none`, is one whose negatives still fall short of its positives; `downsample`
+    /// and `oversample` even what filling could not (counted as `fill_shortfall`).
+    ///
+    /// Default true: an evaluation split of mostly `yes` measures little. `false` keeps each
+    /// split's negatives as the mode made them (and an unbalanced split with `balance = none`),
+    /// the behaviour before this option; a manifest written before it reads back as `false`.
+    #[serde(default)]
+    pub fill_negatives: bool,
+    /// Equalise yes and no pair rows per split. Default `none`: filling alone brings negatives up
+    /// to the positives but keeps a surplus of hard negatives (train usually has one, and so may
+    /// eval); `downsample` makes them exactly equal.
     pub balance: Balance,
     /// Longest side of the resized images, ≥ 1. Default 512.
     pub max_side: u32,
@@ -168,6 +232,7 @@ impl Default for BuildConfig {
             random_negatives_per_instance: 2,
             hard_share: 0.5,
             multi_questions: PerSplit { train: 0, eval: 0 },
+            fill_negatives: true,
             balance: Balance::None,
             max_side: DEFAULT_MAX_SIDE,
         }
@@ -194,6 +259,7 @@ impl BuildConfig {
                 }
                 "hard_share" => config.hard_share = field(key, value)?,
                 "multi_questions" => config.multi_questions = field(key, value)?,
+                "fill_negatives" => config.fill_negatives = field(key, value)?,
                 "balance" => config.balance = field(key, value)?,
                 "max_side" => config.max_side = field(key, value)?,
                 other => {
@@ -201,7 +267,7 @@ impl BuildConfig {
                         other,
                         "unknown option (expected one of seed, eval_fraction, \
                          positives_per_instance, negatives, random_negatives_per_instance, \
-                         hard_share, multi_questions, balance, max_side)",
+                         hard_share, multi_questions, fill_negatives, balance, max_side)",
                     ));
                 }
             }
@@ -230,6 +296,15 @@ impl BuildConfig {
                 "must be at least 1 when negatives is `random`",
             ));
         }
+        if self.random_negatives_per_instance > MAX_REQUESTED {
+            return Err(BuildError::config(
+                "random_negatives_per_instance",
+                format!(
+                    "must be at most {MAX_REQUESTED}, got {}",
+                    self.random_negatives_per_instance
+                ),
+            ));
+        }
         if self.negatives == NegativesMode::Both
             && !(self.hard_share.is_finite() && self.hard_share > 0.0 && self.hard_share < 1.0)
         {
@@ -249,6 +324,12 @@ impl BuildConfig {
                     format!(
                         "must be a multiple of 4 (the same number per answer 0-3), got {count}"
                     ),
+                ));
+            }
+            if count > MAX_REQUESTED {
+                return Err(BuildError::config(
+                    format!("multi_questions.{split}"),
+                    format!("must be at most {MAX_REQUESTED}, got {count}"),
                 ));
             }
         }
@@ -348,8 +429,16 @@ pub enum BuildError {
     },
     #[error("no negative pair in the dataset (negatives mode `{mode}`): {reason}")]
     NoNegatives { mode: &'static str, reason: String },
-    #[error("cannot balance the {split} split: it has {yes} yes and {no} no pairs")]
-    CannotBalance { split: Split, yes: u64, no: u64 },
+    /// A split whose yes and no pairs cannot be made equal (or, with `balance = none` and
+    /// filling on, whose negatives stay below its positives). `yes` and `no` are its pairs
+    /// before balancing; `reason` says what the split lacks.
+    #[error("cannot balance the {split} split: it has {yes} yes and {no} no pairs: {reason}")]
+    CannotBalance {
+        split: Split,
+        yes: u64,
+        no: u64,
+        reason: String,
+    },
 }
 
 impl BuildError {
@@ -462,7 +551,48 @@ impl SourceCounts {
     }
 }
 
-/// What one split holds, and what it could not get.
+/// Why a split has fewer multi questions with some answer than were asked for. The answer `a`
+/// needs a reference instance with `a + 1` images and `3 − a` negatives (hard or synthetic
+/// partners in `hard` and `both` modes, plus, when filling is on or in `random` mode, images of
+/// other instances of its category in the split).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum MultiShortfall {
+    /// The split has no instance (no category could give it two; see
+    /// [`BuildConfig::eval_fraction`]).
+    NoInstances,
+    /// No instance of the split has `needed` images; the most any has is `most`.
+    TooFewImages { needed: u64, most: u64 },
+    /// Every instance with enough images has fewer than `needed` negatives in the split; the
+    /// most any has is `most`.
+    TooFewNegatives { needed: u64, most: u64 },
+    /// References and negatives exist, but `draws` random draws found only `made` distinct
+    /// questions: the few feasible references keep giving the same ones.
+    Exhausted { made: u64, draws: u64 },
+}
+
+impl std::fmt::Display for MultiShortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MultiShortfall::NoInstances => f.write_str("the split has no instances"),
+            MultiShortfall::TooFewImages { needed, most } => write!(
+                f,
+                "no instance in the split has {needed} images (the most is {most})"
+            ),
+            MultiShortfall::TooFewNegatives { needed, most } => write!(
+                f,
+                "no instance with enough images has {needed} negatives in the split (the most is {most})"
+            ),
+            MultiShortfall::Exhausted { made, draws } => write!(
+                f,
+                "{draws} draws found only {made} distinct questions (too few instances and images)"
+            ),
+        }
+    }
+}
+
+/// What one split holds, and what it could not get. Fields added after the first manifest
+/// format read back as 0 (or none) from an older manifest, which is what those builds did.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SplitCounts {
     pub instances: u64,
@@ -477,8 +607,19 @@ pub struct SplitCounts {
     pub multi_answers: [u64; 4],
     /// Multi questions asked for but not feasible, by answer.
     pub multi_shortfall: [u64; 4],
+    /// Why, for each answer with a shortfall.
+    #[serde(default)]
+    pub multi_shortfall_reasons: [Option<MultiShortfall>; 4],
     /// Random negatives asked for but not found (too few instances or images).
     pub random_shortfall: u64,
+    /// Random negatives added by [`BuildConfig::fill_negatives`] (before balancing; they are
+    /// also among `pairs.random`).
+    #[serde(default)]
+    pub random_fill: u64,
+    /// Negatives filling wanted but could not draw (only with `balance` on, which evens the
+    /// rest; with `balance = none` that is an error).
+    #[serde(default)]
+    pub fill_shortfall: u64,
     /// Positive pairs left out by `positives_per_instance`.
     pub positives_over_cap: u64,
     /// Pair rows removed (`downsample`) or added (`oversample`) by balancing.
@@ -584,6 +725,43 @@ impl BuiltDataset {
         self.rows.iter().filter(move |row| row.split == split)
     }
 
+    /// What the build could not make, one line each (empty when nothing fell short): multi
+    /// questions per split and answer with the reason, random negatives of `random` and `both`
+    /// modes, and negatives filling could not draw. For a job to report beside its counts.
+    pub fn shortfalls(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for split in Split::ALL {
+            let c = self.counts.get(split);
+            let asked = *self.config.multi_questions.get(split) / 4;
+            for answer in 0..4 {
+                if c.multi_shortfall[answer] == 0 {
+                    continue;
+                }
+                let why = c.multi_shortfall_reasons[answer]
+                    .as_ref()
+                    .map_or_else(|| "no reason recorded".to_owned(), ToString::to_string);
+                out.push(format!(
+                    "{split}: {} of {asked} multi questions with answer {answer} not made: {why}",
+                    c.multi_shortfall[answer]
+                ));
+            }
+            if c.random_shortfall > 0 {
+                out.push(format!(
+                    "{split}: {} random negatives not found (too few instances or images)",
+                    c.random_shortfall
+                ));
+            }
+            if c.fill_shortfall > 0 {
+                out.push(format!(
+                    "{split}: {} negatives short of the positives after filling; balance = {} evened them",
+                    c.fill_shortfall,
+                    self.config.balance.as_str()
+                ));
+            }
+        }
+        out
+    }
+
     /// Counts as flat `dotted.keys` (`train.pair.yes`, `eval.multi.2`, `dropped.cross_split`, …)
     /// for a job's output.
     pub fn flat_counts(&self) -> BTreeMap<String, u64> {
@@ -611,6 +789,8 @@ impl BuiltDataset {
                 );
             }
             put("random_shortfall", c.random_shortfall);
+            put("random_fill", c.random_fill);
+            put("fill_shortfall", c.fill_shortfall);
             put("positives_over_cap", c.positives_over_cap);
             put("balance_removed", c.balance_removed);
             put("balance_added", c.balance_added);
@@ -739,6 +919,17 @@ pub fn build(inputs: &BuildInputs<'_>, config: &BuildConfig) -> Result<BuiltData
             reason,
         });
     }
+    let pairable = Split::ALL.iter().any(|&split| {
+        !catalog
+            .pairable_instances(&catalog.split_instances(split))
+            .is_empty()
+    });
+    if config.negatives == NegativesMode::Random && !pairable {
+        return Err(BuildError::NoNegatives {
+            mode: config.negatives.as_str(),
+            reason: "no category has two instances in the same split to pair at random".to_owned(),
+        });
+    }
 
     let digests = InputDigests {
         images: digest_images(inputs.images),
@@ -761,10 +952,14 @@ pub fn build(inputs: &BuildInputs<'_>, config: &BuildConfig) -> Result<BuiltData
     if config.negatives == NegativesMode::Random {
         dropped.unused_by_mode = negatives.len() as u64;
     }
+    // Instances to pair were checked above; what is left is every possible random pair being a
+    // given hard or synthetic one (which random pairs never repeat).
     if total_negatives == 0 {
         return Err(BuildError::NoNegatives {
             mode: config.negatives.as_str(),
-            reason: "no category has two instances in the same split to pair at random".to_owned(),
+            reason: "every random pair of two instances of one category is a given hard or \
+                     synthetic pair"
+                .to_owned(),
         });
     }
 
@@ -798,6 +993,72 @@ fn digest_pairs(pairs: &[NegativePair]) -> InputDigest {
         count: pairs.len() as u64,
         hash: BlobHash::of(&bytes),
     }
+}
+
+/// How many instances of each category go to eval (`names` and `sizes` per category, in
+/// canonical order); the rules are [`BuildConfig::eval_fraction`]'s. Every share is 0 or at least
+/// 2, and below the category's size unless the category has exactly two instances.
+fn eval_shares(names: &[String], sizes: &[usize], config: &BuildConfig) -> Vec<usize> {
+    let mut eval = vec![0; sizes.len()];
+    if config.eval_fraction == 0.0 {
+        return eval;
+    }
+    let mut small = Vec::new();
+    let mut small_target = 0.0;
+    for (category, &n) in sizes.iter().enumerate() {
+        if n < 2 {
+            continue;
+        }
+        let share = n as f64 * config.eval_fraction;
+        let rounded = share.round() as usize;
+        if n >= 3 && rounded >= 2 {
+            eval[category] = rounded.min(n - 1);
+        } else {
+            small.push(category);
+            small_target += share;
+        }
+    }
+    // Keyed by a hash of (seed, name) rather than a shuffle of the list, so a category's place
+    // relative to another does not depend on which other categories exist.
+    small.sort_by_cached_key(|&category| {
+        let key =
+            StageRng::new(config.seed, &format!("split-order/{}", names[category])).next_u64();
+        (sizes[category] == 2, key, category)
+    });
+    // Train keeps two instances of one category, or it could hold no random negative at all.
+    // Counted rather than rescanned per candidate: datasets can have many small categories.
+    let mut train_pairable = sizes
+        .iter()
+        .zip(&eval)
+        .filter(|&(&n, &e)| n - e >= 2)
+        .count();
+    // A small category is pairable in train until it gives two instances to eval, and after
+    // that only if it had four or more.
+    let stops_pairing = |category: usize| usize::from(sizes[category] < 4);
+    let keeps_train_pairable =
+        |category: usize, pairable: usize| pairable > stops_pairing(category);
+    let mut taken = 0usize;
+    for &category in &small {
+        // Taking 2 more overshoots the share by at most what not taking them leaves short:
+        // taken + 2 − target ≤ target − taken.
+        if (taken + 1) as f64 > small_target {
+            break;
+        }
+        if keeps_train_pairable(category, train_pairable) {
+            eval[category] = 2;
+            train_pairable -= stops_pairing(category);
+            taken += 2;
+        }
+    }
+    // An eval split was asked for: one group, even above the share, rather than none.
+    if eval.iter().all(|&e| e == 0)
+        && let Some(&category) = small
+            .iter()
+            .find(|&&category| keeps_train_pairable(category, train_pairable))
+    {
+        eval[category] = 2;
+    }
+    eval
 }
 
 /// One instance: a (category, instance) label pair and its images.
@@ -912,16 +1173,13 @@ impl Catalog {
             });
         }
 
-        // Instance-disjoint split, per category so each category with two or more instances is
-        // in both splits. Each category's shuffle is seeded by its own name, so adding a category
-        // does not move another category's instances.
-        for (category, members) in categories.iter().zip(&category_instances) {
-            let n = members.len();
-            let eval = if config.eval_fraction == 0.0 || n < 2 {
-                0
-            } else {
-                ((n as f64 * config.eval_fraction).round() as usize).clamp(1, n - 1)
-            };
+        // Instance-disjoint split: how many of each category's instances go to eval is decided
+        // over all categories (`eval_shares`), which ones by the category's own shuffle, seeded
+        // by its name, so nothing outside the category moves them.
+        let sizes: Vec<usize> = category_instances.iter().map(Vec::len).collect();
+        let shares = eval_shares(&categories, &sizes, config);
+        for ((category, members), &eval) in categories.iter().zip(&category_instances).zip(&shares)
+        {
             let mut order = members.clone();
             StageRng::new(config.seed, &format!("split/{category}")).shuffle(&mut order);
             for &instance in &order[..eval] {
@@ -958,6 +1216,13 @@ impl Catalog {
             categories,
             refs,
         })
+    }
+
+    /// The instances of one split, ascending.
+    fn split_instances(&self, split: Split) -> Vec<usize> {
+        (0..self.instances.len())
+            .filter(|&i| self.instances[i].split == split)
+            .collect()
     }
 
     fn split_of(&self, image: usize) -> Split {
@@ -1039,9 +1304,7 @@ impl Catalog {
         config: &BuildConfig,
     ) -> Result<SplitRows, BuildError> {
         let mut counts = SplitCounts::default();
-        let instances: Vec<usize> = (0..self.instances.len())
-            .filter(|&i| self.instances[i].split == split)
-            .collect();
+        let instances = self.split_instances(split);
         counts.instances = instances.len() as u64;
         counts.images = instances
             .iter()
@@ -1093,19 +1356,40 @@ impl Catalog {
                 (hard * (1.0 - config.hard_share) / config.hard_share).round() as usize
             }
         };
+        // Every given pair is excluded, used or not, so random pairs never repeat one; random
+        // pairs already drawn join it, so filling never repeats them either.
+        let mut taken: HashSet<(usize, usize)> = negatives.iter().map(|n| (n.a, n.b)).collect();
         if random_target > 0 {
-            // Every given pair is excluded, used or not, so random pairs never repeat one.
-            let taken: HashSet<(usize, usize)> = negatives.iter().map(|n| (n.a, n.b)).collect();
-            let random = self.random_negatives(&instances, random_target, taken, &mut rng);
+            let random = self.random_negatives(&instances, random_target, &mut taken, &mut rng);
             counts.random_shortfall = (random_target - random.len()) as u64;
             for (a, b) in random {
                 pairs.push((a, b, Source::Random));
             }
         }
-        let negative_count = pairs.iter().filter(|p| p.2 != Source::Positive).count() as u64;
+        let positive_count = pairs.iter().filter(|p| p.2 == Source::Positive).count();
+        let mode_negatives = pairs.len() - positive_count;
+        if config.fill_negatives && mode_negatives < positive_count {
+            // Its own stream, so turning filling on or off leaves the mode's pairs as they were.
+            let mut rng = StageRng::new(config.seed, &format!("fill/{split}"));
+            let wanted = positive_count - mode_negatives;
+            let fill = self.random_negatives(&instances, wanted, &mut taken, &mut rng);
+            counts.random_fill = fill.len() as u64;
+            counts.fill_shortfall = (wanted - fill.len()) as u64;
+            for (a, b) in fill {
+                pairs.push((a, b, Source::Random));
+            }
+        }
+        let negative_count = pairs.len() - positive_count;
+        self.check_balance(
+            split,
+            &instances,
+            (positive_count, negative_count),
+            &counts,
+            config,
+        )?;
 
         let multi = self.multi_questions(split, &instances, &split_negatives, config, &mut counts);
-        let pairs = balance(split, pairs, config, &mut counts)?;
+        let pairs = balance(split, pairs, config, &mut counts);
 
         let mut rows: Vec<Row> = Vec::with_capacity(pairs.len() + multi.len());
         for (first, second, source) in pairs {
@@ -1168,8 +1452,96 @@ impl Catalog {
         Ok(SplitRows {
             rows,
             counts,
-            negatives: negative_count,
+            negatives: negative_count as u64,
         })
+    }
+
+    /// Refuses a split whose pairs cannot be balanced as configured: with `balance` on, one
+    /// without a single yes or no pair; with filling on, one without a single negative, or (with
+    /// `balance = none`, where nothing else evens them) fewer negatives than positives. A split
+    /// with no pair at all passes: there is nothing to tell apart, and nothing skewed.
+    fn check_balance(
+        &self,
+        split: Split,
+        instances: &[usize],
+        (yes, no): (usize, usize),
+        counts: &SplitCounts,
+        config: &BuildConfig,
+    ) -> Result<(), BuildError> {
+        let balancing = config.balance != Balance::None;
+        let fill = config.fill_negatives;
+        let reason = if yes + no == 0 {
+            None
+        } else if yes == 0 && (balancing || fill) {
+            Some(format!(
+                "no instance in it has two images (it holds {}), so there is no positive pair",
+                self.describe(instances)
+            ))
+        } else if no == 0 && (balancing || fill) {
+            Some(self.why_no_negative(instances, config))
+        } else if fill && !balancing && no < yes {
+            Some(format!(
+                "filling drew only {} random negatives from its {} ({} short of the positives); \
+                 set balance = \"downsample\" or \"oversample\" to even the rest, or \
+                 fill_negatives = false to keep the split unbalanced",
+                counts.random_fill,
+                self.describe(instances),
+                counts.fill_shortfall
+            ))
+        } else {
+            None
+        };
+        match reason {
+            None => Ok(()),
+            Some(reason) => Err(BuildError::CannotBalance {
+                split,
+                yes: yes as u64,
+                no: no as u64,
+                reason,
+            }),
+        }
+    }
+
+    /// Why a split has no negative pair at all.
+    fn why_no_negative(&self, instances: &[usize], config: &BuildConfig) -> String {
+        let described = self.describe(instances);
+        let in_split = if config.negatives == NegativesMode::Random {
+            "hard and synthetic pairs are not used in `random` mode"
+        } else {
+            "no hard or synthetic pair lies inside it"
+        };
+        if self.pairable_instances(instances).is_empty() {
+            format!("{in_split}, and it holds {described}, so no random negative can be drawn")
+        } else if !config.fill_negatives {
+            format!(
+                "{in_split}, and fill_negatives is off (it holds {described}, which could give \
+                 random ones)"
+            )
+        } else {
+            format!("{in_split}, and it holds {described}, but no random pair of them was left")
+        }
+    }
+
+    /// `N instances in C categories, none with a second instance in the split` or `…, K with two
+    /// or more in the split`.
+    fn describe(&self, instances: &[usize]) -> String {
+        let mut per_category: BTreeMap<usize, usize> = BTreeMap::new();
+        for &i in instances {
+            *per_category.entry(self.instances[i].category).or_default() += 1;
+        }
+        let pairable = per_category.values().filter(|&&n| n >= 2).count();
+        let count =
+            |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        let head = format!(
+            "{} in {}",
+            count(instances.len(), "instance", "instances"),
+            count(per_category.len(), "category", "categories")
+        );
+        if pairable == 0 {
+            format!("{head}, none with a second instance in the split")
+        } else {
+            format!("{head}, {pairable} with two or more in the split")
+        }
     }
 
     /// Instances of `instances` whose category has another instance among them.
@@ -1192,7 +1564,7 @@ impl Catalog {
         &self,
         instances: &[usize],
         target: usize,
-        mut taken: HashSet<(usize, usize)>,
+        taken: &mut HashSet<(usize, usize)>,
         rng: &mut StageRng,
     ) -> Vec<(usize, usize)> {
         // The split's instances per category; an anchor's rivals are its category's members but
@@ -1206,7 +1578,8 @@ impl Catalog {
         }
         let mut anchors = self.pairable_instances(instances);
         rng.shuffle(&mut anchors);
-        let mut out = Vec::with_capacity(target);
+        // The target comes from options; what can be drawn is bounded by the images.
+        let mut out = Vec::with_capacity(target.min(self.refs.len()));
         while out.len() < target && !anchors.is_empty() {
             // Anchors with no untaken pair left drop out of the next round.
             let mut live = Vec::with_capacity(anchors.len());
@@ -1215,7 +1588,7 @@ impl Catalog {
                     break;
                 }
                 let category = &members[&self.instances[anchor].category];
-                if let Some((a, b)) = self.draw_random_pair(anchor, category, &taken, rng) {
+                if let Some((a, b)) = self.draw_random_pair(anchor, category, taken, rng) {
                     taken.insert((a.min(b), a.max(b)));
                     out.push((a, b));
                     live.push(anchor);
@@ -1266,37 +1639,39 @@ impl Catalog {
         &self,
         instances: &[usize],
         split_negatives: &[Negative],
-        mode: NegativesMode,
+        config: &BuildConfig,
     ) -> NegativePools {
-        match mode {
-            NegativesMode::Hard | NegativesMode::Both => {
-                let mut pools: HashMap<usize, Vec<(usize, Source)>> = HashMap::new();
-                let mut listed: HashSet<(usize, usize)> = HashSet::new();
-                for n in split_negatives {
-                    for (own, other) in [(n.a, n.b), (n.b, n.a)] {
-                        let instance = self.instance_of[own];
-                        // An image partnered with several of the instance's images is listed
-                        // once, with the source of its first pair in canonical order.
-                        if listed.insert((instance, other)) {
-                            pools.entry(instance).or_default().push((other, n.source));
-                        }
+        let mut partners: HashMap<usize, Vec<(usize, Source)>> = HashMap::new();
+        if config.negatives != NegativesMode::Random {
+            let mut listed: HashSet<(usize, usize)> = HashSet::new();
+            for n in split_negatives {
+                for (own, other) in [(n.a, n.b), (n.b, n.a)] {
+                    let instance = self.instance_of[own];
+                    // An image partnered with several of the instance's images is listed once,
+                    // with the source of its first pair in canonical order.
+                    if listed.insert((instance, other)) {
+                        partners
+                            .entry(instance)
+                            .or_default()
+                            .push((other, n.source));
                     }
                 }
-                NegativePools::Partners(pools)
-            }
-            NegativesMode::Random => {
-                let mut images: HashMap<usize, Vec<usize>> = HashMap::new();
-                for &instance in instances {
-                    let i = &self.instances[instance];
-                    images.entry(i.category).or_default().extend(&i.images);
-                }
-                NegativePools::Category(images)
             }
         }
+        let random = config.negatives == NegativesMode::Random || config.fill_negatives;
+        let category = random.then(|| {
+            let mut images: HashMap<usize, Vec<usize>> = HashMap::new();
+            for &instance in instances {
+                let i = &self.instances[instance];
+                images.entry(i.category).or_default().extend(&i.images);
+            }
+            images
+        });
+        NegativePools { partners, category }
     }
 
     /// `multi_questions` of the split, the same number per answer 0–3 where feasible; the rest is
-    /// counted as shortfall.
+    /// counted as shortfall, with the reason.
     fn multi_questions(
         &self,
         split: Split,
@@ -1311,18 +1686,26 @@ impl Catalog {
         }
         let mut rng = StageRng::new(config.seed, &format!("multi/{split}"));
 
-        let pools = self.negative_pools(instances, split_negatives, config.negatives);
-        let mut out = Vec::with_capacity(per_answer * 4);
+        let pools = self.negative_pools(instances, split_negatives, config);
+        let sizes: HashMap<usize, usize> = instances
+            .iter()
+            .map(|&i| (i, pools.size(self, i)))
+            .collect();
+        // The request comes from options: reserve no more than a few questions per image (the
+        // vector grows if more are made).
+        let mut out = Vec::with_capacity((per_answer * 4).min(self.refs.len() * 4));
         let mut seen: HashSet<(usize, [usize; 3])> = HashSet::new();
         for answer in 0..4usize {
             let needed_negatives = 3 - answer;
-            // Every reference image with enough positives and negatives, equally likely.
-            let references: Vec<usize> = instances
+            let with_images: Vec<usize> = instances
                 .iter()
-                .filter(|&&i| {
-                    self.instances[i].images.len() > answer
-                        && pools.size(self, i) >= needed_negatives
-                })
+                .copied()
+                .filter(|&i| self.instances[i].images.len() > answer)
+                .collect();
+            // Every reference image with enough positives and negatives, equally likely.
+            let references: Vec<usize> = with_images
+                .iter()
+                .filter(|i| sizes[i] >= needed_negatives)
                 .flat_map(|&i| self.instances[i].images.iter().copied())
                 .collect();
             let mut made = 0;
@@ -1358,33 +1741,72 @@ impl Catalog {
                 made += 1;
             }
             counts.multi_shortfall[answer] = (per_answer - made) as u64;
+            if made < per_answer {
+                let most =
+                    |values: &mut dyn Iterator<Item = usize>| values.max().unwrap_or(0) as u64;
+                counts.multi_shortfall_reasons[answer] = Some(if instances.is_empty() {
+                    MultiShortfall::NoInstances
+                } else if with_images.is_empty() {
+                    MultiShortfall::TooFewImages {
+                        needed: answer as u64 + 1,
+                        most: most(&mut instances.iter().map(|&i| self.instances[i].images.len())),
+                    }
+                } else if references.is_empty() {
+                    MultiShortfall::TooFewNegatives {
+                        needed: needed_negatives as u64,
+                        most: most(&mut with_images.iter().map(|i| sizes[i])),
+                    }
+                } else {
+                    MultiShortfall::Exhausted {
+                        made: made as u64,
+                        draws: attempts as u64,
+                    }
+                });
+            }
         }
         out
     }
 }
 
-/// The negative candidates of multi questions, per reference instance.
-enum NegativePools {
+/// The negative candidates of multi questions, per reference instance: its hard and synthetic
+/// partners first, then (in `random` mode, or when filling) any image of another instance of its
+/// category in the split.
+struct NegativePools {
     /// `hard` and `both`: each instance's hard and synthetic partners (image, source), without
-    /// repeats.
-    Partners(HashMap<usize, Vec<(usize, Source)>>),
-    /// `random`: any image of another instance of the category in the split. Kept per category
+    /// repeats. Empty in `random` mode.
+    partners: HashMap<usize, Vec<(usize, Source)>>,
+    /// The split's images per category, when random candidates are allowed. Kept per category
     /// rather than per instance, which would hold a category's images once per instance.
-    Category(HashMap<usize, Vec<usize>>),
+    category: Option<HashMap<usize, Vec<usize>>>,
 }
 
 impl NegativePools {
-    fn size(&self, catalog: &Catalog, instance: usize) -> usize {
-        match self {
-            NegativePools::Partners(pools) => pools.get(&instance).map_or(0, Vec::len),
-            NegativePools::Category(images) => {
-                let category = catalog.instances[instance].category;
-                images.get(&category).map_or(0, Vec::len) - catalog.instances[instance].images.len()
-            }
-        }
+    fn partners(&self, instance: usize) -> &[(usize, Source)] {
+        self.partners.get(&instance).map_or(&[][..], Vec::as_slice)
     }
 
-    /// `k` distinct negatives of `instance` (`k` at most its [`NegativePools::size`]).
+    /// How many distinct negatives `instance` can get.
+    fn size(&self, catalog: &Catalog, instance: usize) -> usize {
+        let partners = self.partners(instance);
+        let Some(images) = &self.category else {
+            return partners.len();
+        };
+        let category = catalog.instances[instance].category;
+        let of_category = images.get(&category).map_or(0, Vec::len);
+        // Partners of the same category are among the category's images: count them once.
+        let partners_in_category = partners
+            .iter()
+            .filter(|&&(image, _)| {
+                catalog.instances[catalog.instance_of[image]].category == category
+            })
+            .count();
+        partners.len() + of_category
+            - catalog.instances[instance].images.len()
+            - partners_in_category
+    }
+
+    /// `k` distinct negatives of `instance` (`k` at most its [`NegativePools::size`]): hard
+    /// partners where it has them, random images of its category for the rest.
     fn sample(
         &self,
         catalog: &Catalog,
@@ -1392,40 +1814,41 @@ impl NegativePools {
         k: usize,
         rng: &mut StageRng,
     ) -> Vec<(usize, Source)> {
-        match self {
-            NegativePools::Partners(pools) => {
-                rng.sample(pools.get(&instance).map_or(&[][..], Vec::as_slice), k)
+        let partners = self.partners(instance);
+        let mut chosen: Vec<(usize, Source)> = rng.sample(partners, k);
+        let Some(images) = &self.category else {
+            return chosen;
+        };
+        if chosen.len() == k {
+            return chosen;
+        }
+        // Every partner is chosen by now, so "not chosen" also means "not a partner".
+        let category = catalog.instances[instance].category;
+        let pool = images.get(&category).map_or(&[][..], Vec::as_slice);
+        let free = |image: usize, chosen: &[(usize, Source)]| {
+            catalog.instance_of[image] != instance && chosen.iter().all(|&(c, _)| c != image)
+        };
+        // Rejection keeps this O(k) for large categories; a category dominated by the reference's
+        // own images falls back to filtering.
+        for _ in 0..k * 16 {
+            if chosen.len() == k || pool.is_empty() {
+                break;
             }
-            NegativePools::Category(images) => {
-                let category = catalog.instances[instance].category;
-                let pool = images.get(&category).map_or(&[][..], Vec::as_slice);
-                let foreign = |image: &usize| catalog.instance_of[*image] != instance;
-                // Rejection keeps this O(k) for large categories; a category dominated by the
-                // reference's own images falls back to filtering.
-                let mut chosen: Vec<usize> = Vec::with_capacity(k);
-                for _ in 0..k * 16 {
-                    if chosen.len() == k {
-                        break;
-                    }
-                    let image = pool[rng.below(pool.len())];
-                    if foreign(&image) && !chosen.contains(&image) {
-                        chosen.push(image);
-                    }
-                }
-                if chosen.len() < k {
-                    let rest: Vec<usize> = pool
-                        .iter()
-                        .copied()
-                        .filter(|image| foreign(image) && !chosen.contains(image))
-                        .collect();
-                    chosen.extend(rng.sample(&rest, k - chosen.len()));
-                }
-                chosen
-                    .into_iter()
-                    .map(|image| (image, Source::Random))
-                    .collect()
+            let image = pool[rng.below(pool.len())];
+            if free(image, &chosen) {
+                chosen.push((image, Source::Random));
             }
         }
+        if chosen.len() < k {
+            let rest: Vec<usize> = pool
+                .iter()
+                .copied()
+                .filter(|&image| free(image, &chosen))
+                .collect();
+            let more = rng.sample(&rest, k - chosen.len());
+            chosen.extend(more.into_iter().map(|image| (image, Source::Random)));
+        }
+        chosen
     }
 }
 
@@ -1443,26 +1866,20 @@ struct SplitRows {
     negatives: u64,
 }
 
-/// Equal yes and no pairs, per [`BuildConfig::balance`].
+/// Equal yes and no pairs, per [`BuildConfig::balance`]. A split with pairs on one side only
+/// was refused before ([`Catalog::check_balance`]).
 fn balance(
     split: Split,
     pairs: Vec<(usize, usize, Source)>,
     config: &BuildConfig,
     counts: &mut SplitCounts,
-) -> Result<Vec<(usize, usize, Source)>, BuildError> {
+) -> Vec<(usize, usize, Source)> {
     if config.balance == Balance::None {
-        return Ok(pairs);
+        return pairs;
     }
     let (yes, no): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|p| p.2 == Source::Positive);
-    if yes.len() == no.len() {
-        return Ok(yes.into_iter().chain(no).collect());
-    }
-    if yes.is_empty() || no.is_empty() {
-        return Err(BuildError::CannotBalance {
-            split,
-            yes: yes.len() as u64,
-            no: no.len() as u64,
-        });
+    if yes.len() == no.len() || yes.is_empty() || no.is_empty() {
+        return yes.into_iter().chain(no).collect();
     }
     let (mut major, mut minor) = if yes.len() > no.len() {
         (yes, no)
@@ -1486,5 +1903,5 @@ fn balance(
         }
         minor.extend(copies);
     }
-    Ok(major.into_iter().chain(minor).collect())
+    major.into_iter().chain(minor).collect()
 }

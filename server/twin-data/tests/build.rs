@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use twin_core::BlobHash;
 use twin_core::event::ManifestEntry;
 use twin_data::build::{
-    Balance, BuildConfig, BuildError, BuildInputs, BuiltDataset, ManifestError, NegativeList,
-    NegativePair, NegativesMode, PerSplit, Row, RowKind, Source, Split, build, resized_size,
+    Balance, BuildConfig, BuildError, BuildInputs, BuiltDataset, ManifestError, MultiShortfall,
+    NegativeList, NegativePair, NegativesMode, PerSplit, Row, RowKind, Source, Split, build,
+    resized_size,
 };
 use twin_data::prompts;
 
@@ -65,6 +66,49 @@ fn hard_negatives(categories: &[&str], instances: usize, images: usize) -> Vec<N
 
 const CATEGORIES: &[&str] = &["bags", "mugs", "shoes"];
 
+/// The README demo's categories (`twin sample-data`: 6 categories × 4 instances × 4 views).
+const DEMO_CATEGORIES: &[&str] = &[
+    "backpacks",
+    "bottles",
+    "kettles",
+    "lamps",
+    "mugs",
+    "sneakers",
+];
+
+/// What a per-category mining with k = 5 accepts on the demo's shape: image `v` of instance `i`
+/// has as neighbours, all in its own category, view `v` of instances i+1, i+2 and i+3 and views
+/// v+1 of i+1 and v+2 of i+3 (indices mod 4); each pair once. Neighbouring instances (i, i+1)
+/// share 12 pairs, opposite ones (i, i+2) only the 4 same-view ones: 56 per category, 336 in all.
+fn demo_hard_negatives() -> Vec<NegativePair> {
+    let mut pairs = BTreeSet::new();
+    for category in DEMO_CATEGORIES {
+        for i in 0..4 {
+            for v in 0..4 {
+                for (di, dv) in [(1, 0), (1, 1), (2, 0), (3, 0), (3, 2)] {
+                    let a = blob(category, &format!("i{i}"), v);
+                    let b = blob(category, &format!("i{}", (i + di) % 4), (v + dv) % 4);
+                    pairs.insert((a.min(b), a.max(b)));
+                }
+            }
+        }
+    }
+    pairs
+        .into_iter()
+        .map(|(a, b)| NegativePair { a, b })
+        .collect()
+}
+
+/// The README demo's build options (`deploy/demo.sh`): negatives `hard`, balance `none`.
+fn demo_config() -> BuildConfig {
+    BuildConfig {
+        seed: 7,
+        eval_fraction: 0.25,
+        multi_questions: PerSplit { train: 8, eval: 4 },
+        ..BuildConfig::default()
+    }
+}
+
 struct Fixture {
     images: Vec<ManifestEntry>,
     hard: Vec<NegativePair>,
@@ -76,6 +120,14 @@ impl Fixture {
         Fixture {
             images: images(CATEGORIES, 10, 5),
             hard: hard_negatives(CATEGORIES, 10, 5),
+            synthetic: Vec::new(),
+        }
+    }
+
+    fn demo() -> Self {
+        Fixture {
+            images: images(DEMO_CATEGORIES, 4, 4),
+            hard: demo_hard_negatives(),
             synthetic: Vec::new(),
         }
     }
@@ -152,36 +204,110 @@ fn split_is_instance_disjoint_and_covers_every_category() {
     }
 }
 
+/// Instances per (category, split).
+fn split_sizes(dataset: &BuiltDataset) -> BTreeMap<(String, Split), usize> {
+    let mut sizes = BTreeMap::new();
+    for ((category, _), split) in instance_splits(dataset) {
+        *sizes.entry((category, split)).or_default() += 1;
+    }
+    sizes
+}
+
 #[test]
-fn small_categories_still_get_an_eval_instance() {
-    let mut images = images(&["bags"], 2, 3);
-    images.extend(self::images(&["mugs"], 1, 3));
-    // Whichever bags instance stays in train keeps a (cross-category) hard negative.
-    let hard = ["i0", "i1"]
-        .map(|bag| NegativePair {
-            a: blob("bags", bag, 0),
-            b: blob("mugs", "i0", 0),
-        })
-        .to_vec();
+fn a_category_contributing_to_eval_gives_it_two_instances_so_its_negatives_stay_inside() {
+    // The demo's shape: round(4 × 0.25) = 1 eval instance per category would leave no negative
+    // inside eval. Instead 3 of the 6 categories send 2 instances each: 6 of 24, the 25 % asked.
+    let dataset = Fixture::demo().build(&demo_config());
+    let sizes = split_sizes(&dataset);
+    let eval: BTreeMap<&str, usize> = sizes
+        .iter()
+        .filter(|((_, split), _)| *split == Split::Eval)
+        .map(|((category, _), n)| (category.as_str(), *n))
+        .collect();
+    assert_eq!(
+        eval,
+        BTreeMap::from([("backpacks", 2), ("kettles", 2), ("sneakers", 2)])
+    );
+    for category in DEMO_CATEGORIES {
+        let train = sizes[&(category.to_string(), Split::Train)];
+        assert_eq!(train + eval.get(category).copied().unwrap_or(0), 4);
+    }
+    assert_eq!(
+        (
+            dataset.counts.train.instances,
+            dataset.counts.eval.instances
+        ),
+        (18, 6)
+    );
+}
+
+#[test]
+fn small_categories_send_two_instances_to_eval_or_none() {
+    // A 1 % share rounds to no instance anywhere; eval still gets one group of two, from a
+    // category of three (which keeps one in train) before one of two (which would go whole).
+    let mut images = images(&["bags"], 2, 4);
+    images.extend(self::images(&["mugs"], 3, 3));
+    images.extend(self::images(&["lamps"], 1, 3));
+    let mut hard = hard_negatives(&["bags"], 2, 4);
+    hard.extend(hard_negatives(&["mugs"], 3, 3));
     let fixture = Fixture {
         images,
         hard,
         synthetic: Vec::new(),
     };
-    let config = BuildConfig {
+    let dataset = fixture.build(&BuildConfig {
         eval_fraction: 0.01,
         ..config()
+    });
+    // Train: 4 + 4 + 3 + 3 positives; the bags' 4 hard pairs and 10 of their 12 other pairs.
+    let train = &dataset.counts.train;
+    assert_eq!(
+        (train.yes, train.pairs.hard, train.random_fill),
+        (14, 4, 10)
+    );
+    let sizes = split_sizes(&dataset);
+    assert_eq!(
+        sizes,
+        BTreeMap::from([
+            (("bags".to_owned(), Split::Train), 2),
+            (("lamps".to_owned(), Split::Train), 1),
+            (("mugs".to_owned(), Split::Eval), 2),
+            (("mugs".to_owned(), Split::Train), 1),
+        ])
+    );
+
+    // Bags (2 instances) could only go to eval whole, which would leave train without two
+    // instances of one category: no eval split at all, and the eval questions asked for are a
+    // shortfall with that reason. Train is filled: 9 positives (3 per instance), 1 hard pair and
+    // the 8 other cross-instance pairs of the bags.
+    let mut images = self::images(&["bags"], 2, 3);
+    images.extend(self::images(&["mugs"], 1, 3));
+    let fixture = Fixture {
+        images,
+        hard: hard_negatives(&["bags"], 2, 1),
+        synthetic: Vec::new(),
     };
-    let dataset = fixture.build(&config);
-    let splits = instance_splits(&dataset);
-    // bags: 2 instances → one per split despite the 1 % fraction; mugs: 1 instance → train.
-    let bags: BTreeSet<Split> = splits
-        .iter()
-        .filter(|((c, _), _)| c == "bags")
-        .map(|(_, s)| *s)
-        .collect();
-    assert_eq!(bags, BTreeSet::from([Split::Train, Split::Eval]));
-    assert_eq!(splits[&("mugs".to_owned(), "i0".to_owned())], Split::Train);
+    let dataset = fixture.build(&BuildConfig {
+        eval_fraction: 0.5,
+        multi_questions: PerSplit { train: 0, eval: 4 },
+        ..config()
+    });
+    assert!(
+        instance_splits(&dataset)
+            .values()
+            .all(|s| *s == Split::Train)
+    );
+    let (train, eval) = (&dataset.counts.train, &dataset.counts.eval);
+    assert_eq!((eval.instances, eval.pair_rows, eval.multi_rows), (0, 0, 0));
+    assert_eq!(eval.multi_shortfall, [1; 4]);
+    assert_eq!(
+        eval.multi_shortfall_reasons,
+        [const { Some(MultiShortfall::NoInstances) }; 4]
+    );
+    assert_eq!(
+        (train.yes, train.pairs.hard, train.random_fill, train.no),
+        (9, 1, 8, 9)
+    );
 }
 
 #[test]
@@ -343,8 +469,12 @@ fn random_ablation_uses_no_hard_pair_anywhere() {
             }
         }
     }
-    // 3 per instance, 30 instances, every category has ≥ 2 instances in each split.
-    assert_eq!(random, 90);
+    // 3 per instance (21 train and 9 eval instances, every category has ≥ 2 in each split) gives
+    // 63 and 27, then filling tops each split up to its positives (4 per instance): 84 and 36.
+    assert_eq!(random, 120);
+    let (train, eval) = (&dataset.counts.train, &dataset.counts.eval);
+    assert_eq!((train.random_fill, eval.random_fill), (21, 9));
+    assert_eq!((train.yes, train.no, eval.yes, eval.no), (84, 84, 36, 36));
     assert_eq!(dataset.counts.train.random_shortfall, 0);
     assert_eq!(dataset.counts.train.pairs.hard, 0);
     assert_eq!(
@@ -440,32 +570,286 @@ fn oversampling_balances_by_repeating_the_minority() {
     assert_eq!(ids.len(), dataset.rows.len(), "copies get their own ids");
 }
 
+// ---- filling and the README demo -------------------------------------------------------------
+
+/// The (category, instance) of both images of every `no` pair row of a split.
+fn negative_rows(dataset: &BuiltDataset, split: Split) -> Vec<(Source, [(String, String); 2])> {
+    dataset
+        .rows(split)
+        .filter(|r| r.answer == "no")
+        .map(|r| {
+            let source = source(r).expect("a no pair");
+            (source, [instance_key(r, 0), instance_key(r, 1)])
+        })
+        .collect()
+}
+
 #[test]
-fn balancing_a_split_without_one_answer_is_an_error() {
-    // One eval instance out of four: its hard pairs all cross the split, so eval has one positive
-    // and no negative, while train balances (three yes, three no).
+fn the_demo_builds_a_balanced_eval_split_with_its_multi_questions() {
+    // Before: one eval instance per category, so all 24 eval positives and not one negative (every
+    // hard pair crossed the split), and 1 of the 4 eval multi questions. Now eval holds
+    // backpacks i0+i2, kettles i1+i2 and sneakers i0+i2: 4 + 12 + 4 = 20 hard pairs stay inside
+    // it, and filling adds 4 random pairs of those instances to match the 24 positives.
+    let fixture = Fixture::demo();
+    let dataset = fixture.build(&demo_config());
+    let eval = &dataset.counts.eval;
+    assert_eq!((eval.yes, eval.no), (24, 24));
+    assert_eq!(
+        (eval.pairs.hard, eval.pairs.random, eval.random_fill),
+        (20, 4, 4)
+    );
+    assert_eq!((eval.multi_rows, eval.multi_answers), (4, [1; 4]));
+    assert_eq!(eval.multi_shortfall, [0; 4]);
+    // Train keeps 336 − 128 crossing − 20 eval = 188 hard pairs, more than its 72 positives:
+    // nothing to fill, and `balance = none` keeps the surplus.
+    let train = &dataset.counts.train;
+    assert_eq!(
+        (train.yes, train.no, train.pairs.hard, train.random_fill),
+        (72, 188, 188, 0)
+    );
+    assert_eq!(train.multi_answers, [2; 4]);
+    assert_eq!(dataset.dropped.cross_split_hard, 128);
+    assert!(
+        dataset.shortfalls().is_empty(),
+        "{:?}",
+        dataset.shortfalls()
+    );
+
+    // Every eval negative pairs two eval instances of one category; the filled ones repeat no
+    // hard pair.
+    let hard: HashSet<BTreeSet<BlobHash>> = fixture
+        .hard
+        .iter()
+        .map(|p| BTreeSet::from([p.a, p.b]))
+        .collect();
+    let eval_instances: BTreeSet<(String, String)> = instance_splits(&dataset)
+        .into_iter()
+        .filter(|(_, s)| *s == Split::Eval)
+        .map(|(k, _)| k)
+        .collect();
+    for (source, [a, b]) in negative_rows(&dataset, Split::Eval) {
+        assert!(eval_instances.contains(&a) && eval_instances.contains(&b));
+        assert_eq!(a.0, b.0, "one category");
+        assert_ne!(a.1, b.1, "two instances");
+        assert!(matches!(source, Source::Hard | Source::Random));
+    }
+    for row in dataset
+        .rows(Split::Eval)
+        .filter(|r| source(r) == Some(Source::Random))
+    {
+        let set: BTreeSet<BlobHash> = row.images.iter().map(|i| i.blob).collect();
+        assert!(!hard.contains(&set), "{} repeats a hard pair", row.id);
+    }
+
+    let flat = dataset.flat_counts();
+    for (key, value) in [
+        ("eval.pair", 48),
+        ("eval.pair.yes", 24),
+        ("eval.pair.no", 24),
+        ("eval.pair.random", 4),
+        ("eval.random_fill", 4),
+        ("eval.fill_shortfall", 0),
+        ("eval.multi", 4),
+        ("train.pair", 260),
+    ] {
+        assert_eq!(flat[key], value, "{key}");
+    }
+
+    // `downsample` makes train exact too and leaves eval as it was.
+    let downsampled = fixture.build(&BuildConfig {
+        balance: Balance::Downsample,
+        ..demo_config()
+    });
+    let (train, eval) = (&downsampled.counts.train, &downsampled.counts.eval);
+    assert_eq!((train.yes, train.no, train.balance_removed), (72, 72, 116));
+    assert_eq!((eval.yes, eval.no, eval.balance_removed), (24, 24, 0));
+
+    // The same demo given in another order is the same dataset.
+    let mut reordered = Fixture::demo();
+    reordered.images.reverse();
+    reordered.hard.reverse();
+    for pair in &mut reordered.hard {
+        std::mem::swap(&mut pair.a, &mut pair.b);
+    }
+    assert_eq!(
+        reordered.build(&demo_config()).manifest(),
+        dataset.manifest()
+    );
+}
+
+#[test]
+fn without_filling_a_split_keeps_the_modes_negatives() {
+    let dataset = Fixture::demo().build(&BuildConfig {
+        fill_negatives: false,
+        ..demo_config()
+    });
+    let eval = &dataset.counts.eval;
+    assert_eq!(
+        (eval.yes, eval.no, eval.pairs.random, eval.random_fill),
+        (24, 20, 0, 0)
+    );
+    // Filling uses its own random stream: the positives and hard pairs are the same rows.
+    let filled = Fixture::demo().build(&demo_config());
+    let without_fill = |dataset: &BuiltDataset| -> BTreeSet<Vec<BlobHash>> {
+        dataset
+            .rows(Split::Eval)
+            .filter(|r| matches!(source(r), Some(Source::Positive | Source::Hard)))
+            .map(|r| r.images.iter().map(|i| i.blob).collect())
+            .collect()
+    };
+    assert_eq!(without_fill(&dataset), without_fill(&filled));
+}
+
+/// 3 categories × 3 instances × 2 images, hard negatives inside each category, 60 % in eval:
+/// round(3 × 0.6) = 2 instances of each category in eval, so train holds one instance per
+/// category and every train instance's hard pairs cross the split.
+fn lonely_train() -> (Fixture, BuildConfig) {
     let fixture = Fixture {
-        images: images(&["bags"], 4, 2),
-        hard: hard_negatives(&["bags"], 4, 1),
+        images: images(CATEGORIES, 3, 2),
+        hard: hard_negatives(CATEGORIES, 3, 2),
         synthetic: Vec::new(),
     };
     let config = BuildConfig {
-        eval_fraction: 0.25,
-        balance: Balance::Downsample,
+        eval_fraction: 0.6,
         ..config()
     };
-    let error = build(&fixture.inputs(), &config).expect_err("eval cannot be balanced");
+    (fixture, config)
+}
+
+#[test]
+fn a_split_that_cannot_be_balanced_is_refused_with_the_reason() {
+    let (fixture, config) = lonely_train();
+    let error = build_error(&fixture, &config);
+    let reason = "no hard or synthetic pair lies inside it, and it holds 3 instances in 3 \
+                  categories, none with a second instance in the split, so no random negative \
+                  can be drawn";
     assert_eq!(
         error,
         BuildError::CannotBalance {
-            split: Split::Eval,
-            yes: 1,
-            no: 0
+            split: Split::Train,
+            yes: 3,
+            no: 0,
+            reason: reason.to_owned(),
         }
     );
     assert_eq!(
         error.to_string(),
-        "cannot balance the eval split: it has 1 yes and 0 no pairs"
+        format!("cannot balance the train split: it has 3 yes and 0 no pairs: {reason}")
+    );
+    // Balancing alone refuses it too.
+    let balanced = BuildConfig {
+        fill_negatives: false,
+        balance: Balance::Oversample,
+        ..config.clone()
+    };
+    assert!(matches!(
+        build_error(&fixture, &balanced),
+        BuildError::CannotBalance {
+            split: Split::Train,
+            yes: 3,
+            no: 0,
+            ..
+        }
+    ));
+    // With neither, the split is built as it is.
+    let dataset = fixture.build(&BuildConfig {
+        fill_negatives: false,
+        ..config
+    });
+    assert_eq!((dataset.counts.train.yes, dataset.counts.train.no), (3, 0));
+}
+
+#[test]
+fn a_split_whose_negatives_stay_hard_only_is_filled_or_refused() {
+    // Bags, 4 instances of 2 images, half in eval; the only hard pairs are in train. Without
+    // filling and with balancing, eval (2 positives, no negative) is refused, saying filling
+    // would help; with filling (the default) it gets 2 random negatives.
+    let all = Fixture {
+        images: images(&["bags"], 4, 2),
+        hard: hard_negatives(&["bags"], 4, 2),
+        synthetic: Vec::new(),
+    };
+    let config = BuildConfig {
+        eval_fraction: 0.5,
+        balance: Balance::Downsample,
+        ..config()
+    };
+    let splits = instance_splits(&all.build(&config));
+    let in_train = |b: BlobHash| {
+        all.images.iter().any(|e| {
+            e.blob == b && splits[&(e.category.clone(), e.instance.clone())] == Split::Train
+        })
+    };
+    let fixture = Fixture {
+        hard: all
+            .hard
+            .iter()
+            .copied()
+            .filter(|p| in_train(p.a) && in_train(p.b))
+            .collect(),
+        ..all
+    };
+    assert_eq!(fixture.hard.len(), 2);
+    let error = build_error(
+        &fixture,
+        &BuildConfig {
+            fill_negatives: false,
+            ..config.clone()
+        },
+    );
+    assert_eq!(
+        error.to_string(),
+        "cannot balance the eval split: it has 2 yes and 0 no pairs: no hard or synthetic pair \
+         lies inside it, and fill_negatives is off (it holds 2 instances in 1 category, 1 with \
+         two or more in the split, which could give random ones)"
+    );
+    let dataset = fixture.build(&config);
+    let eval = &dataset.counts.eval;
+    assert_eq!((eval.yes, eval.no, eval.random_fill), (2, 2, 2));
+}
+
+#[test]
+fn negatives_filling_cannot_draw_are_an_error_unless_balancing_evens_them() {
+    // One category: i0 with 6 images (15 positives), i1 with one. Random mode anchors one pair
+    // at each instance; filling wants 13 more, but only 6 cross-instance pairs exist.
+    let mut images = images(&["bags"], 1, 6);
+    images.push(entry("bags", "i1", 0));
+    let fixture = Fixture {
+        images,
+        hard: Vec::new(),
+        synthetic: Vec::new(),
+    };
+    let config = BuildConfig {
+        eval_fraction: 0.0,
+        negatives: NegativesMode::Random,
+        random_negatives_per_instance: 1,
+        positives_per_instance: 15,
+        ..config()
+    };
+    let error = build_error(&fixture, &config);
+    assert_eq!(
+        error.to_string(),
+        "cannot balance the train split: it has 15 yes and 6 no pairs: filling drew only 4 \
+         random negatives from its 2 instances in 1 category, 1 with two or more in the split (9 \
+         short of the positives); set balance = \"downsample\" or \"oversample\" to even the \
+         rest, or fill_negatives = false to keep the split unbalanced"
+    );
+    let dataset = fixture.build(&BuildConfig {
+        balance: Balance::Downsample,
+        ..config
+    });
+    let train = &dataset.counts.train;
+    assert_eq!(
+        (train.random_fill, train.fill_shortfall, train.yes, train.no),
+        (4, 9, 6, 6)
+    );
+    assert_eq!(train.balance_removed, 9);
+    assert_eq!(dataset.flat_counts()["train.fill_shortfall"], 9);
+    assert_eq!(
+        dataset.shortfalls(),
+        vec![
+            "train: 9 negatives short of the positives after filling; balance = downsample evened them"
+        ]
     );
 }
 
@@ -562,7 +946,131 @@ fn infeasible_multi_answers_are_reported_as_shortfall() {
     let dataset = fixture.build(&config);
     assert_eq!(dataset.counts.train.multi_answers, [4, 4, 0, 0]);
     assert_eq!(dataset.counts.train.multi_shortfall, [0, 0, 4, 4]);
+    assert_eq!(
+        dataset.counts.train.multi_shortfall_reasons,
+        [
+            None,
+            None,
+            Some(MultiShortfall::TooFewImages { needed: 3, most: 2 }),
+            Some(MultiShortfall::TooFewImages { needed: 4, most: 2 }),
+        ]
+    );
     assert_eq!(dataset.flat_counts()["train.multi.3.shortfall"], 4);
+    assert_eq!(
+        dataset.shortfalls(),
+        vec![
+            "train: 4 of 4 multi questions with answer 2 not made: no instance in the split has 3 images (the most is 2)",
+            "train: 4 of 4 multi questions with answer 3 not made: no instance in the split has 4 images (the most is 2)",
+        ]
+    );
+}
+
+#[test]
+fn multi_negatives_are_filled_from_the_category_when_hard_partners_are_few() {
+    // Two bags of 4 images and a single hard pair: each instance has one hard partner image.
+    let fixture = Fixture {
+        images: images(&["bags"], 2, 4),
+        hard: hard_negatives(&["bags"], 2, 1),
+        synthetic: Vec::new(),
+    };
+    let config = BuildConfig {
+        eval_fraction: 0.0,
+        multi_questions: PerSplit { train: 8, eval: 0 },
+        ..config()
+    };
+    // Without filling, answers 0 and 1 need 3 and 2 negatives: none can be made.
+    let dataset = fixture.build(&BuildConfig {
+        fill_negatives: false,
+        ..config.clone()
+    });
+    let train = &dataset.counts.train;
+    assert_eq!(train.multi_answers, [0, 0, 2, 2]);
+    assert_eq!(train.multi_shortfall, [2, 2, 0, 0]);
+    assert_eq!(
+        train.multi_shortfall_reasons[..2],
+        [
+            Some(MultiShortfall::TooFewNegatives { needed: 3, most: 1 }),
+            Some(MultiShortfall::TooFewNegatives { needed: 2, most: 1 }),
+        ]
+    );
+    // With it, the other images of the other bag make up the rest; the hard partner is always
+    // among a question's negatives, as hard ones come first.
+    let dataset = fixture.build(&config);
+    assert_eq!(dataset.counts.train.multi_answers, [2; 4]);
+    assert_eq!(dataset.counts.train.multi_shortfall, [0; 4]);
+    let partner = |own: BlobHash| {
+        let p = fixture.hard[0];
+        if own == p.a { p.b } else { p.a }
+    };
+    let mut random = 0;
+    for row in dataset.rows(Split::Train).filter(|r| source(r).is_none()) {
+        let RowKind::Multi { candidates } = &row.kind else {
+            unreachable!()
+        };
+        let negatives = candidates
+            .iter()
+            .filter(|s| **s != Source::Positive)
+            .count();
+        random += candidates.iter().filter(|s| **s == Source::Random).count();
+        if negatives > 0 {
+            let reference_instance = &row.images[0].instance;
+            let hard_partner = partner(
+                fixture
+                    .images
+                    .iter()
+                    .find(|e| &e.instance == reference_instance && e.path.ends_with("/0.png"))
+                    .expect("image 0")
+                    .blob,
+            );
+            assert!(
+                row.images[1..].iter().any(|i| i.blob == hard_partner),
+                "{}",
+                row.id
+            );
+        }
+    }
+    // Answers 0, 1 and 2 have 3, 2 and 1 negatives of which one is hard: (2 + 1 + 0) × 2.
+    assert_eq!(random, 6);
+}
+
+#[test]
+fn multi_questions_short_of_the_request_say_why_per_answer() {
+    // Two bags of 2 images: answer 0 needs 3 negatives (2 exist), 2 and 3 need 3 and 4 images,
+    // and answer 1 has only 4 distinct questions (a reference, its other image, both images of
+    // the other bag).
+    let fixture = Fixture {
+        images: images(&["bags"], 2, 2),
+        hard: hard_negatives(&["bags"], 2, 1),
+        synthetic: Vec::new(),
+    };
+    let config = BuildConfig {
+        eval_fraction: 0.0,
+        multi_questions: PerSplit { train: 40, eval: 0 },
+        ..config()
+    };
+    let train = fixture.build(&config).counts.train;
+    assert_eq!(train.multi_answers, [0, 4, 0, 0]);
+    assert_eq!(train.multi_shortfall, [10, 6, 10, 10]);
+    assert_eq!(
+        train.multi_shortfall_reasons,
+        [
+            Some(MultiShortfall::TooFewNegatives { needed: 3, most: 2 }),
+            Some(MultiShortfall::Exhausted {
+                made: 4,
+                draws: 700
+            }),
+            Some(MultiShortfall::TooFewImages { needed: 3, most: 2 }),
+            Some(MultiShortfall::TooFewImages { needed: 4, most: 2 }),
+        ]
+    );
+    assert_eq!(
+        MultiShortfall::Exhausted {
+            made: 4,
+            draws: 700
+        }
+        .to_string(),
+        "700 draws found only 4 distinct questions (too few instances and images)"
+    );
 }
 
 // ---- determinism and the manifest -------------------------------------------------------------
@@ -609,6 +1117,23 @@ fn manifest_reads_back_to_the_same_dataset_and_bytes() {
         "{}",
         &text[..80]
     );
+
+    // A manifest written before filling existed reads back as built without it.
+    let mut older: serde_json::Value = serde_json::from_slice(&manifest.bytes).expect("json");
+    older["config"]
+        .as_object_mut()
+        .expect("config")
+        .remove("fill_negatives");
+    for split in ["train", "eval"] {
+        let counts = older["counts"][split].as_object_mut().expect("counts");
+        for key in ["random_fill", "fill_shortfall", "multi_shortfall_reasons"] {
+            counts.remove(key).expect("a newer count");
+        }
+    }
+    let read = BuiltDataset::from_manifest(&serde_json::to_vec(&older).expect("json"))
+        .expect("an older manifest reads");
+    assert!(!read.config.fill_negatives);
+    assert_eq!(read.counts.eval.random_fill, 0);
 
     let other = text.replacen("twin-dataset/1", "twin-dataset/9", 1);
     assert!(matches!(
@@ -786,11 +1311,11 @@ fn no_positive_or_no_negative_is_an_error() {
         "no negative pair in the dataset (negatives mode `hard`): no hard-negative or synthetic pair was given"
     );
 
-    // Two instances, one per split: their hard pairs all cross the split. Reported as such, even
-    // with balancing on (which would otherwise fail first).
-    let fixture = Fixture {
-        images: images(&["bags"], 2, 2),
-        hard: hard_negatives(&["bags"], 2, 2),
+    // Four instances, two per split, and only the hard pairs that cross the split. Reported as
+    // such, even with balancing on (which would otherwise fail first).
+    let all = Fixture {
+        images: images(&["bags"], 4, 2),
+        hard: hard_negatives(&["bags"], 4, 2),
         synthetic: Vec::new(),
     };
     let balanced = BuildConfig {
@@ -798,9 +1323,23 @@ fn no_positive_or_no_negative_is_an_error() {
         balance: Balance::Downsample,
         ..config()
     };
+    let splits = instance_splits(&all.build(&balanced));
+    let split_of = |b: BlobHash| {
+        let e = all.images.iter().find(|e| e.blob == b).expect("an image");
+        splits[&(e.category.clone(), e.instance.clone())]
+    };
+    let fixture = Fixture {
+        hard: all
+            .hard
+            .iter()
+            .copied()
+            .filter(|p| split_of(p.a) != split_of(p.b))
+            .collect(),
+        ..all
+    };
     assert_eq!(
         build_error(&fixture, &balanced).to_string(),
-        "no negative pair in the dataset (negatives mode `hard`): every given pair was dropped (2 cross-split, 0 duplicate)"
+        "no negative pair in the dataset (negatives mode `hard`): every given pair was dropped (8 cross-split, 0 duplicate)"
     );
 
     // Random pairs stay inside a category: one instance per category gives none.
@@ -878,6 +1417,21 @@ fn config_errors_name_the_field() {
         "multi_questions.eval",
         "eval_fraction is 0",
     );
+    check(
+        json!({"multi_questions": {"eval": 1_000_004}}),
+        "multi_questions.eval",
+        "at most 1000000",
+    );
+    check(
+        json!({"random_negatives_per_instance": 1_000_001}),
+        "random_negatives_per_instance",
+        "at most 1000000",
+    );
+    check(
+        json!({"fill_negatives": "yes"}),
+        "fill_negatives",
+        "invalid type",
+    );
     check(json!({"balance": "upsample"}), "balance", "unknown variant");
     check(json!({"max_side": 0}), "max_side", "at least 1");
     check(json!({"seeed": 1}), "seeed", "unknown option");
@@ -886,6 +1440,9 @@ fn config_errors_name_the_field() {
     let config = BuildConfig::from_json(&json!({})).expect("defaults are valid");
     assert_eq!(config, BuildConfig::default());
     assert_eq!(config.max_side, 512);
+    assert!(config.fill_negatives, "filling is on by default");
+    BuildConfig::from_json(&json!({"multi_questions": {"train": 1_000_000}}))
+        .expect("the maximum itself is allowed");
     let config = BuildConfig::from_json(&json!({
         "seed": 3, "negatives": "both", "hard_share": 0.25, "balance": "oversample",
         "multi_questions": {"train": 8}
