@@ -91,6 +91,16 @@ impl Stage for BuildDatasetStage {
             &config,
         )
         .map_err(|e| StageError::permanent(e.to_string()))?;
+        // The counts carry how many multi questions (or negatives) fell short, not why; the job's
+        // last progress message, which its state keeps after it succeeds, says why.
+        let shortfalls = dataset.shortfalls();
+        if !shortfalls.is_empty() {
+            ctx.progress(
+                &format!("built, short of: {}", shortfalls.join("; ")),
+                Some(0.5),
+                BTreeMap::new(),
+            );
+        }
         let manifest = dataset.manifest();
         let stored = ctx.upload(manifest.bytes)?;
         debug_assert_eq!(stored, manifest.id);

@@ -190,6 +190,20 @@ fn mine_review_build_and_export_a_dataset() {
     let built = ok_json(&["--server", url, "--json", "submit", &build, "--wait"]);
     let result = &built["result"];
     assert_eq!(result["kind"], "build-dataset", "{built:#}");
+    // 3 categories of 3 instances, 34 % to eval: two categories send two instances each (so
+    // eval negatives exist inside eval), 4 positives per instance, and eval's negatives are
+    // filled up to its positives.
+    let counts = &result["counts"];
+    assert_eq!(
+        (
+            counts["eval.instances"].as_u64(),
+            counts["train.instances"].as_u64()
+        ),
+        (Some(4), Some(5)),
+        "{counts:#}"
+    );
+    assert_eq!(counts["eval.pair.yes"], 16, "{counts:#}");
+    assert!(counts["eval.pair.no"].as_u64().unwrap() >= 16, "{counts:#}");
     let hash = result["manifest"].as_str().unwrap().to_owned();
     let listed = ok_json(&["--server", url, "--json", "dataset", "ls"]);
     assert_eq!(listed["built"][0]["hash"], hash.as_str());
