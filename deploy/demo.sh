@@ -98,17 +98,28 @@ mines = ["$mine"]
 [spec.options]
 seed = 7
 eval_fraction = 0.25
+balance = "downsample"
 multi_questions = { train = 8, eval = 4 }
 SPEC
-"$bin/twin" submit "$demo/build.toml" --wait
+build=$("$bin/twin" --json submit "$demo/build.toml" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+"$bin/twin" jobs wait "$build"
+# An eval split with only one answer would score "always yes" at 100%: the demo refuses it.
+"$bin/twin" --json jobs show "$build" | python3 -c '
+import json, sys
+c = json.load(sys.stdin)["result"]["counts"]
+for split in ("train", "eval"):
+    print("%s split: %d pair questions (%d yes, %d no), %d multi questions"
+          % (split, c[split + ".pair"], c[split + ".pair.yes"], c[split + ".pair.no"], c[split + ".multi"]))
+if c["eval.pair.yes"] == 0 or c["eval.pair.yes"] != c["eval.pair.no"]:
+    sys.exit("the eval split is not balanced")
+'
 "$bin/twin" dataset ls
 "$bin/twin" dataset export pairs --out "$demo/export"
 ls "$demo/export"
 head -c 700 "$demo/export/train.jsonl"; echo
 
-step "jobs, datasets and the event stream"
+step "jobs and the event stream"
 "$bin/twin" jobs ls
-"$bin/twin" datasets
 "$bin/twin" events tail
 
 step "stop the server (SIGTERM) and audit its log offline"
