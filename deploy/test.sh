@@ -17,5 +17,11 @@ fixtures="$PWD/target/parity-fixtures"
 rm -rf "$fixtures"
 .venv/bin/python tests/fixtures/make_parity_fixtures.py "$fixtures"
 TWIN_PARITY_FIXTURES=$fixtures cargo test -p twin-ml --locked --test parity
+# The GRPO trainer's core against verl 0.9.1 (installed into .venv/verl by setup-ml.sh) and
+# PyTorch's AdamW, on fixtures written afresh (the committed ones ran above).
+grpo_fixtures="$PWD/target/grpo-fixtures"
+rm -rf "$grpo_fixtures"
+.venv/bin/python tests/fixtures/verl_reference.py "$grpo_fixtures"
+TWIN_GRPO_FIXTURES=$grpo_fixtures cargo test -p twin-ml --locked --test grpo
 # The SDKs in three languages against the shared vectors (builds the Python and JS templates).
 ./deploy/conformance.sh

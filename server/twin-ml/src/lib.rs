@@ -9,6 +9,7 @@ pub mod index;
 pub mod parity;
 pub mod qwen;
 pub mod resample;
+pub mod train;
 pub mod weights;
 
 pub use device::{DeviceRequest, cuda_available};

@@ -1,0 +1,22 @@
+//! GRPO post-training's core in tch: the recipe's mathematics (advantages, the clipped policy
+//! loss, KL penalties, loss aggregation, entropy), the AdamW optimizer with gradient clipping
+//! and a savable state, micro-batch gradient accumulation and the per-step metrics.
+//!
+//! Held to verl 0.9.1's `core_algos` and to PyTorch's `AdamW`/`clip_grad_norm_` by
+//! `tests/grpo.rs`, on fixtures `tests/fixtures/verl_reference.py` writes. The model's forward
+//! pass with gradients is not here.
+
+pub mod adamw;
+pub mod grpo;
+pub mod step;
+
+pub use adamw::{AdamW, AdamWConfig, StepOutcome, clip_grad_norm};
+pub use grpo::{
+    GRPO_EPSILON, GroupAdvantages, KlEstimator, KlPenalty, LossAggregation, PolicyLoss,
+    PolicyLossConfig, PolicyLossInputs, aggregate_loss, entropy_from_logits, grpo_advantages,
+    kl_penalty, policy_loss, token_advantages,
+};
+pub use step::{
+    ActorLoss, ActorLossConfig, ActorLossInputs, MicroBatchMetrics, StepMetrics,
+    accumulate_gradients, actor_loss, micro_batches,
+};
