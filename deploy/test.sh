@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # libtorch (PyPI's torch 2.11.0 wheel) and the reference implementations, in ./.venv.
 ./deploy/setup-ml.sh
+# verl, the reference the GRPO core's fixtures are written with, in .venv/verl.
+./deploy/setup-verl.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the real binaries, and the plugin tests load the Wasm components:
