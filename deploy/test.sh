@@ -25,5 +25,11 @@ grpo_fixtures="$PWD/target/grpo-fixtures"
 rm -rf "$grpo_fixtures"
 .venv/bin/python tests/fixtures/verl_reference.py "$grpo_fixtures"
 TWIN_GRPO_FIXTURES=$grpo_fixtures cargo test -p twin-ml --locked --test grpo
+# One whole training step (forward with gradients, GRPO and SFT losses, AdamW) against
+# transformers, verl and PyTorch, on fixtures written afresh (the committed ones ran above).
+train_fixtures="$PWD/target/train-step-fixtures"
+rm -rf "$train_fixtures"
+.venv/bin/python tests/fixtures/train_step_reference.py "$train_fixtures"
+TWIN_TRAIN_FIXTURES=$train_fixtures cargo test -p twin-ml --locked --test train_step
 # The SDKs in three languages against the shared vectors (builds the Python and JS templates).
 ./deploy/conformance.sh

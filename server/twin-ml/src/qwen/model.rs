@@ -216,6 +216,16 @@ impl QwenVl {
 
     /// The merged image tokens `[Σ tokens, hidden]` of `images`, in order.
     pub fn encode_images(&self, images: &[&PreparedImage]) -> Result<Tensor, MlError> {
+        let (pixels, grids) = self.image_pixels(images)?;
+        torch_call(|| tch::no_grad(|| self.vision.forward(&pixels, &grids)))
+    }
+
+    /// The patches of `images`, checked and stacked `[Σ patches, patch_dim]` on the model's
+    /// device, with their grids: the vision tower's input.
+    pub(crate) fn image_pixels(
+        &self,
+        images: &[&PreparedImage],
+    ) -> Result<(Tensor, Vec<Grid>), MlError> {
         let grids: Vec<Grid> = images.iter().map(|i| i.grid).collect();
         let dim = self.config.vision.patch_dim();
         for (i, image) in images.iter().enumerate() {
@@ -232,13 +242,12 @@ impl QwenVl {
         for image in images {
             all.extend_from_slice(&image.patches);
         }
-        let pixels = Tensor::from_slice(&all).view([-1, dim]);
-        torch_call(|| {
-            tch::no_grad(|| {
-                self.vision
-                    .forward(&pixels.to_device(self.device()), &grids)
-            })
-        })
+        let pixels = torch_call(|| {
+            Tensor::from_slice(&all)
+                .view([-1, dim])
+                .to_device(self.device())
+        })?;
+        Ok((pixels, grids))
     }
 
     /// Input embeddings `[1, L, hidden]` of a prompt, image tokens replaced by `image_embeds`

@@ -1,13 +1,16 @@
 //! GRPO post-training's core in tch: the recipe's mathematics (advantages, the clipped policy
 //! loss, KL penalties, loss aggregation, entropy), the AdamW optimizer with gradient clipping
-//! and a savable state, micro-batch gradient accumulation and the per-step metrics.
+//! and a savable state, micro-batch gradient accumulation, the per-step metrics and the SFT
+//! loss.
 //!
 //! Held to verl 0.9.1's `core_algos` and to PyTorch's `AdamW`/`clip_grad_norm_` by
 //! `tests/grpo.rs`, on fixtures `tests/fixtures/verl_reference.py` writes. The model's forward
-//! pass with gradients is not here.
+//! pass with gradients is `qwen::training`; `tests/train_step.rs` holds a whole step (forward,
+//! loss, backward, clipping, AdamW) to PyTorch and transformers.
 
 pub mod adamw;
 pub mod grpo;
+pub mod sft;
 pub mod step;
 
 pub use adamw::{AdamW, AdamWConfig, StepOutcome, clip_grad_norm};
@@ -16,6 +19,7 @@ pub use grpo::{
     PolicyLossConfig, PolicyLossInputs, aggregate_loss, entropy_from_logits, grpo_advantages,
     kl_penalty, policy_loss, token_advantages,
 };
+pub use sft::sft_loss;
 pub use step::{
     ActorLoss, ActorLossConfig, ActorLossInputs, MicroBatchMetrics, StepMetrics,
     accumulate_gradients, actor_loss, micro_batches,
