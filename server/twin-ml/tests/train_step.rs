@@ -22,12 +22,13 @@ use twin_ml::MlError;
 use twin_ml::qwen::rope::prompt_positions;
 use twin_ml::qwen::{
     ChatTemplate, Grid, Message, PreparedImage, PreparedPrompt, QwenPreprocessor, QwenProcessor,
-    QwenTokenizer, QwenVl, QwenVlConfig, TrainForwardOptions, TrainSequence,
+    QwenTokenizer, QwenVl, QwenVlConfig, ResponseLogProbs, TrainForwardOptions, TrainSequence,
 };
 use twin_ml::tch::{self, Device, Kind, Tensor};
 use twin_ml::train::{
     ActorLossConfig, ActorLossInputs, AdamW, AdamWConfig, PolicyLossInputs, accumulate_gradients,
-    actor_loss, entropy_from_logits, grpo_advantages, sft_loss, token_advantages,
+    accumulate_micro_batches, actor_loss, entropy_from_logits, grpo_advantages, sft_loss,
+    token_advantages,
 };
 use twin_ml::weights::read_safetensors;
 
@@ -221,9 +222,54 @@ enum Loss {
     Sft,
 }
 
+/// Case `case`'s loss on micro-batch `range` of the reference batch, from its log-probabilities:
+/// the loss and what it measured (its value, the clip fraction).
+fn micro_loss(
+    r: &Reference,
+    case: &str,
+    loss: Loss,
+    advantages: &[f32],
+    range: &std::ops::Range<usize>,
+    out: &ResponseLogProbs,
+) -> Result<(Tensor, (f64, f64)), MlError> {
+    let width = out.log_prob.size()[1];
+    let mask = r.rows("response_mask", range, width);
+    assert_eq!(difference(&out.response_mask, &mask), Ok(0.0), "mask");
+    if loss == Loss::Sft {
+        let l = sft_loss(&out.log_prob, &out.response_mask)?;
+        let value = l.double_value(&[]);
+        return Ok((l, (value, 0.0)));
+    }
+    let adv = token_advantages(&advantages[range.clone()], &out.response_mask)?;
+    let old = r.rows(&format!("{case}/old_log_prob"), range, width);
+    let reference = r.rows(&format!("{case}/ref_log_prob"), range, width);
+    let inputs = ActorLossInputs {
+        policy: PolicyLossInputs {
+            old_log_prob: &old,
+            log_prob: &out.log_prob,
+            advantages: &adv,
+            response_mask: &out.response_mask,
+        },
+        ref_log_prob: Some(&reference),
+        entropy: out.entropy.as_ref(),
+    };
+    let l = actor_loss(inputs, &ActorLossConfig::default())?;
+    let value = l.loss.double_value(&[]);
+    Ok((l.loss, (value, l.metrics.clip_fraction)))
+}
+
 /// One optimizer step on `model` with case `case`'s inputs: forward with gradients, the loss
-/// per micro-batch of [`MICRO`], accumulation, AdamW (clipping at 1.0) at [`LR`].
-fn run_step(r: &Reference, model: &mut QwenVl, case: &str, loss: Loss, train_vision: bool) -> Step {
+/// per micro-batch of [`MICRO`], accumulation, AdamW (clipping at 1.0) at [`LR`]. With
+/// `checkpointing`, through `backward_response_loss` with activation checkpointing; without,
+/// through `response_log_probs` and `accumulate_gradients`.
+fn run_step(
+    r: &Reference,
+    model: &mut QwenVl,
+    case: &str,
+    loss: Loss,
+    train_vision: bool,
+    checkpointing: bool,
+) -> Step {
     model.set_trainable(train_vision);
     let params = model.trainable_parameters();
     let before: Vec<Tensor> = params.iter().map(|(_, p)| p.detach().copy()).collect();
@@ -241,35 +287,22 @@ fn run_step(r: &Reference, model: &mut QwenVl, case: &str, loss: Loss, train_vis
     let options = TrainForwardOptions {
         train_vision,
         logit_chunk_rows: 4,
+        activation_checkpointing: checkpointing,
         ..TrainForwardOptions::default()
     };
-    let measured = accumulate_gradients(sequences.len(), MICRO, |range| {
-        let out = model.response_log_probs(&sequences[range.clone()], &options)?;
-        let width = out.log_prob.size()[1];
-        let mask = r.rows("response_mask", &range, width);
-        assert_eq!(difference(&out.response_mask, &mask), Ok(0.0), "mask");
-        if loss == Loss::Sft {
-            let l = sft_loss(&out.log_prob, &out.response_mask)?;
-            let value = l.double_value(&[]);
-            return Ok((l, (value, 0.0)));
-        }
-        let adv = token_advantages(&advantages[range.clone()], &out.response_mask)?;
-        let old = r.rows(&format!("{case}/old_log_prob"), &range, width);
-        let reference = r.rows(&format!("{case}/ref_log_prob"), &range, width);
-        let inputs = ActorLossInputs {
-            policy: PolicyLossInputs {
-                old_log_prob: &old,
-                log_prob: &out.log_prob,
-                advantages: &adv,
-                response_mask: &out.response_mask,
-            },
-            ref_log_prob: Some(&reference),
-            entropy: out.entropy.as_ref(),
-        };
-        let l = actor_loss(inputs, &ActorLossConfig::default())?;
-        let value = l.loss.double_value(&[]);
-        Ok((l.loss, (value, l.metrics.clip_fraction)))
-    })
+    let model = &*model;
+    let measured = if checkpointing {
+        accumulate_micro_batches(sequences.len(), MICRO, |range, scale| {
+            model.backward_response_loss(&sequences[range.clone()], &options, scale, |out| {
+                micro_loss(r, case, loss, &advantages, &range, out)
+            })
+        })
+    } else {
+        accumulate_gradients(sequences.len(), MICRO, |range| {
+            let out = model.response_log_probs(&sequences[range.clone()], &options)?;
+            micro_loss(r, case, loss, &advantages, &range, &out)
+        })
+    }
     .unwrap();
     let grads = params
         .iter()
@@ -366,25 +399,59 @@ fn report(case: &str, worst: &Worst) {
     );
 }
 
-/// Runs case `case` on checkpoint `model` and holds it to the reference.
+/// Largest allowed relative difference per gradient between a step with activation
+/// checkpointing and one without: the recomputed forward is the same arithmetic, only the order
+/// in which partial gradients are added differs.
+const CHECKPOINT_TOLERANCE: f64 = 1e-6;
+
+/// Runs case `case` on checkpoint `model`, with activation checkpointing and without, and holds
+/// both to the reference and to each other.
 fn step_matches(case: &str, model: &str, loss: Loss) {
     let r = Reference::load();
-    let mut qwen = r.model(model);
-    let step = run_step(&r, &mut qwen, case, loss, true);
-    assert_eq!(step.grads.len(), qwen.var_store().variables().len());
-    let worst = compare(&r, case, &step, true).unwrap_or_else(|e| panic!("{e}"));
-    report(case, &worst);
-    if loss == Loss::Grpo {
-        for (m, ours) in step.clip_fractions.iter().enumerate() {
-            let reference = r
-                .get(&format!("{case}/micro{m}/clip_fraction"))
-                .double_value(&[0]);
-            assert!(
-                (ours - reference).abs() < 1e-6,
-                "{case} micro-batch {m}: clip fraction"
-            );
+    let mut steps = Vec::new();
+    for checkpointing in [false, true] {
+        let mut qwen = r.model(model);
+        let step = run_step(&r, &mut qwen, case, loss, true, checkpointing);
+        assert_eq!(step.grads.len(), qwen.var_store().variables().len());
+        let label = format!("{case}, checkpointing {checkpointing}");
+        let worst = compare(&r, case, &step, true).unwrap_or_else(|e| panic!("{label}: {e}"));
+        report(&label, &worst);
+        if loss == Loss::Grpo {
+            for (m, ours) in step.clip_fractions.iter().enumerate() {
+                let reference = r
+                    .get(&format!("{case}/micro{m}/clip_fraction"))
+                    .double_value(&[0]);
+                assert!(
+                    (ours - reference).abs() < 1e-6,
+                    "{label} micro-batch {m}: clip fraction"
+                );
+            }
         }
+        steps.push(step);
     }
+    let worst = checkpointing_agrees(&steps[0].grads, &steps[1].grads);
+    println!("{case}: with and without checkpointing, worst gradient difference {worst:.2e}");
+    assert_eq!(
+        steps[0].micro_losses, steps[1].micro_losses,
+        "{case}: losses"
+    );
+}
+
+/// The worst relative difference between two sets of gradients, asserted under
+/// [`CHECKPOINT_TOLERANCE`].
+fn checkpointing_agrees(graph: &[(String, Tensor)], checkpointed: &[(String, Tensor)]) -> f64 {
+    assert_eq!(graph.len(), checkpointed.len());
+    let mut worst = 0.0f64;
+    for ((name, a), (other, b)) in graph.iter().zip(checkpointed) {
+        assert_eq!(name, other);
+        let d = difference(b, a).unwrap();
+        assert!(
+            d <= CHECKPOINT_TOLERANCE,
+            "grad {name}: checkpointing changes it by {d:e}"
+        );
+        worst = worst.max(d);
+    }
+    worst
 }
 
 #[test]
@@ -436,7 +503,7 @@ fn a_changed_weight_fails_the_comparison() {
     tch::no_grad(|| {
         let _ = weight.get(3).get(5).g_add_scalar_(0.1);
     });
-    let step = run_step(&r, &mut model, "on_policy", Loss::Grpo, true);
+    let step = run_step(&r, &mut model, "on_policy", Loss::Grpo, true, true);
     let failure = compare(&r, "on_policy", &step, true).expect_err("a changed weight must fail");
     println!("changed weight: {failure}");
 }
@@ -444,18 +511,29 @@ fn a_changed_weight_fails_the_comparison() {
 #[test]
 fn a_frozen_vision_tower_gets_no_gradient_and_the_rest_the_same() {
     let r = Reference::load();
-    let mut model = r.model("untied");
-    let step = run_step(&r, &mut model, "clipped", Loss::Grpo, false);
-    assert!(step.grads.iter().all(|(n, _)| !n.starts_with("visual.")));
-    for (name, var) in model.var_store().variables() {
-        if name.starts_with("visual.") {
-            assert!(!var.requires_grad() && !var.grad().defined(), "{name}");
+    let mut steps = Vec::new();
+    for checkpointing in [false, true] {
+        let mut model = r.model("untied");
+        let step = run_step(&r, &mut model, "clipped", Loss::Grpo, false, checkpointing);
+        assert!(step.grads.iter().all(|(n, _)| !n.starts_with("visual.")));
+        for (name, var) in model.var_store().variables() {
+            if name.starts_with("visual.") {
+                assert!(!var.requires_grad() && !var.grad().defined(), "{name}");
+            }
         }
+        // The decoder's gradients do not depend on whether the tower trains; the norm and the
+        // update (clipped by a norm without the tower) do, so they are not compared.
+        let worst = compare(&r, "clipped", &step, false).unwrap_or_else(|e| panic!("{e}"));
+        report(
+            &format!("clipped, vision frozen, checkpointing {checkpointing}"),
+            &worst,
+        );
+        steps.push(step);
     }
-    // The decoder's gradients do not depend on whether the tower trains; the norm and the
-    // update (clipped by a norm without the tower) do, so they are not compared.
-    let worst = compare(&r, "clipped", &step, false).unwrap_or_else(|e| panic!("{e}"));
-    report("clipped, vision frozen", &worst);
+    let worst = checkpointing_agrees(&steps[0].grads, &steps[1].grads);
+    println!(
+        "vision frozen: with and without checkpointing, worst gradient difference {worst:.2e}"
+    );
 }
 
 // ---- Models made here: no reference needed. ----
@@ -662,4 +740,94 @@ fn bad_training_input_is_refused_naming_the_thing() {
     assert!(m.contains("response token 1 is 999999"), "{m}");
     let m = refused(&[], &options);
     assert!(m.contains("no sequence"), "{m}");
+}
+
+/// Every trainable weight's gradient of the SFT loss (scaled by `scale`) on `batch`, with
+/// activation checkpointing or without, from zeroed gradients; and the loss.
+fn sft_gradients(
+    model: &QwenVl,
+    batch: &[TrainSequence<'_>],
+    options: &TrainForwardOptions,
+    scale: f64,
+) -> (f64, Vec<(String, Tensor)>) {
+    let params = model.trainable_parameters();
+    for (_, p) in &params {
+        p.grad().defined().then(|| p.grad().zero_());
+    }
+    let loss = model
+        .backward_response_loss(batch, options, scale, |out| {
+            let l = sft_loss(&out.log_prob, &out.response_mask)?;
+            let value = l.double_value(&[]);
+            Ok((l, value))
+        })
+        .unwrap();
+    let grads = params
+        .iter()
+        .map(|(n, p)| (n.clone(), p.grad().copy()))
+        .collect();
+    (loss, grads)
+}
+
+#[test]
+fn checkpointing_gives_the_same_gradients_with_any_images_and_a_frozen_tower() {
+    let (mut model, prompts) = tiny();
+    let responses: Vec<Vec<i64>> = vec![vec![72, 105, 33, STOP, 4], vec![1000, 2000, 7], vec![9]];
+    let all: Vec<TrainSequence<'_>> = prompts
+        .iter()
+        .zip(&responses)
+        .map(|(prompt, response)| TrainSequence { prompt, response })
+        .collect();
+    // All three prompts (two images, one, none), and the text-only one alone.
+    for (batch, train_vision) in [(&all[..], true), (&all[..], false), (&all[2..], true)] {
+        model.set_trainable(train_vision);
+        let options = TrainForwardOptions {
+            train_vision,
+            logit_chunk_rows: 3,
+            stop_tokens: vec![STOP],
+            ..TrainForwardOptions::default()
+        };
+        let checkpointed = TrainForwardOptions {
+            activation_checkpointing: true,
+            ..options.clone()
+        };
+        let (loss, graph) = sft_gradients(&model, batch, &options, 0.5);
+        let (loss_checkpointed, grads) = sft_gradients(&model, batch, &checkpointed, 0.5);
+        assert_eq!(loss, loss_checkpointed);
+        assert!(
+            grads
+                .iter()
+                .any(|(_, g)| g.abs().sum(Kind::Float).double_value(&[]) > 0.0),
+            "no gradient at all"
+        );
+        let worst = checkpointing_agrees(&graph, &grads);
+        println!(
+            "{} sequences, vision trains {train_vision}: worst difference {worst:.2e}",
+            batch.len()
+        );
+    }
+}
+
+#[test]
+fn log_probs_attached_to_a_graph_refuse_checkpointing() {
+    let (model, prompts) = tiny();
+    let options = TrainForwardOptions {
+        activation_checkpointing: true,
+        ..TrainForwardOptions::default()
+    };
+    let batch = [TrainSequence {
+        prompt: &prompts[2],
+        response: &[1, 2],
+    }];
+    match model.response_log_probs(&batch, &options) {
+        Err(MlError::Invalid(m)) => assert!(m.contains("backward_response_loss"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // A loss that does not depend on the log-probabilities cannot be back-propagated.
+    let refused = model.backward_response_loss(&batch, &options, 1.0, |out| {
+        Ok((out.response_mask.sum(Kind::Float), ()))
+    });
+    assert!(
+        matches!(&refused, Err(MlError::Invalid(m)) if m.contains("does not depend")),
+        "{refused:?}"
+    );
 }

@@ -239,22 +239,40 @@ impl TextModel {
     ) -> Tensor {
         let (cos, sin) = self.rotary(positions, embeds.kind());
         let mut x = embeds.shallow_clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(&x);
-            let h = self.attend(
-                &layer.attn,
-                &h,
-                &cos,
-                &sin,
-                &mask,
-                cache.as_mut().map(|(c, s)| (&mut **c, *s)),
-                i,
-            );
-            x = &x + h;
-            let h = layer.post_attention_layernorm.forward(&x);
-            x = &x + silu_mlp_forward(&h, &layer.gate_proj, &layer.up_proj, &layer.down_proj);
+        for i in 0..self.layers.len() {
+            let cache = cache.as_mut().map(|(c, s)| (&mut **c, *s));
+            x = self.layer(i, &x, &cos, &sin, &mask, cache);
         }
-        self.norm.forward(&x)
+        self.final_norm(&x)
+    }
+
+    /// Decoder layers.
+    pub(crate) fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Decoder layer `i` on `x` `[B, L, hidden]`, with cos/sin from [`TextModel::rotary`]:
+    /// one step of [`TextModel::forward`], which training runs layer by layer to checkpoint.
+    pub(crate) fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &TextMask<'_>,
+        cache: Option<(&mut KvCache, i64)>,
+    ) -> Tensor {
+        let layer = &self.layers[i];
+        let h = layer.input_layernorm.forward(x);
+        let h = self.attend(&layer.attn, &h, cos, sin, mask, cache, i);
+        let x = x + h;
+        let h = layer.post_attention_layernorm.forward(&x);
+        &x + silu_mlp_forward(&h, &layer.gate_proj, &layer.up_proj, &layer.down_proj)
+    }
+
+    /// The norm after the last layer.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(x)
     }
 
     #[allow(clippy::too_many_arguments)]

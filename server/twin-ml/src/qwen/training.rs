@@ -1,15 +1,27 @@
 //! Qwen2.5-VL's forward pass with gradients, for training: the log-probabilities (temperature
 //! 1.0) of given response tokens after their prompts, with autograd on, over the same modules
-//! and weights the rollout engine runs under `no_grad`.
+//! and weights the rollout engine runs under `no_grad`, and the backward pass of a loss of them.
 //!
 //! A micro-batch's sequences are right-padded into one decoder pass: with a causal mask a real
 //! position never sees the padding after it, so no attention mask is needed and every real
 //! position computes what it would alone. Only the hidden states that predict response tokens
 //! go through the vocabulary projection, a bounded number of rows at a time: full logits of a
-//! micro-batch over Qwen's 151,936-row vocabulary would take gigabytes. The chunks bound the
-//! forward pass's temporaries; autograd still keeps each chunk's f32 log-softmax until
-//! backward, so backward memory grows as scored tokens × vocabulary (a head backward that
-//! recomputes chunk by chunk would remove that; it is not here).
+//! micro-batch over Qwen's 151,936-row vocabulary would take gigabytes.
+//!
+//! The model runs as a chain of stages (patch embedding, vision blocks, merger, token embedding
+//! with the image rows placed, decoder layers, final norm), each a function of the previous
+//! one's output. [`QwenVl::response_log_probs`] runs the chain with autograd and returns
+//! log-probabilities attached to the graph: every stage's activations and every vocabulary
+//! chunk's f32 log-softmax stay alive until backward. With
+//! [`TrainForwardOptions::activation_checkpointing`], [`QwenVl::backward_response_loss`]
+//! instead runs the chain without gradients keeping only each stage's input, computes the loss
+//! on log-probabilities made a leaf, then walks back: the head chunk by chunk (each chunk's
+//! logits recomputed and back-propagated with its share of dL/dlogp), then each stage
+//! recomputed with autograd from its kept input (made a leaf) and back-propagated with the
+//! gradient of its output. Weight gradients accumulate into `.grad()` across these partial
+//! backward passes; the gradient reaching a stage's input leaf is what flows to the stage
+//! before. tch has no checkpoint function and no custom autograd functions: `(out · g).sum()`
+//! back-propagates exactly `g` into `out`.
 
 use tch::{Kind, Tensor};
 
@@ -17,6 +29,7 @@ use super::chat::PreparedPrompt;
 use super::model::{QwenVl, torch_call};
 use super::preprocess::PreparedImage;
 use super::text::TextMask;
+use super::vision::VisionPass;
 use crate::MlError;
 use crate::train::entropy_from_logits;
 
@@ -43,6 +56,14 @@ pub struct TrainForwardOptions {
     pub stop_tokens: Vec<i64>,
     /// Whether to report per-token entropy (computed without gradients, for metrics only).
     pub entropy: bool,
+    /// Recompute activations in the backward pass instead of keeping them (see the module's
+    /// documentation): peak memory drops from every layer's activations plus every vocabulary
+    /// chunk's log-softmax to one stage's and one chunk's, for about one more forward pass.
+    /// Off by default, because only [`QwenVl::backward_response_loss`] can honour it
+    /// ([`QwenVl::response_log_probs`] returns a graph, which is what checkpointing does without)
+    /// and because at small sizes the memory is not needed; a trainer at the real model size
+    /// turns it on, as verl's recipe does (`enable_gradient_checkpointing`).
+    pub activation_checkpointing: bool,
 }
 
 impl Default for TrainForwardOptions {
@@ -53,6 +74,7 @@ impl Default for TrainForwardOptions {
             max_prompt_len: 8192,
             stop_tokens: Vec::new(),
             entropy: true,
+            activation_checkpointing: false,
         }
     }
 }
@@ -230,103 +252,125 @@ impl QwenVl {
 
     /// Log-probabilities (temperature 1.0) of each sequence's response tokens after its
     /// prompt, with autograd on, and optionally their entropy. Responses are right-padded to the
-    /// longest; see [`ResponseLogProbs`].
+    /// longest; see [`ResponseLogProbs`]. Refuses `activation_checkpointing`, which needs the
+    /// loss: see [`QwenVl::backward_response_loss`].
     pub fn response_log_probs(
         &self,
         batch: &[TrainSequence<'_>],
         options: &TrainForwardOptions,
     ) -> Result<ResponseLogProbs, MlError> {
+        if options.activation_checkpointing {
+            return Err(MlError::Invalid(
+                "training forward: activation checkpointing recomputes the graph in the backward \
+                 pass, so it cannot return log-probabilities attached to one; use \
+                 backward_response_loss"
+                    .into(),
+            ));
+        }
         let layout = Layout::new(batch, options, self.config().text.vocab_size)?;
-        let image_embeds = self.train_image_embeds(batch, options.train_vision)?;
-        let (hidden, targets) = torch_call(|| {
-            tch::with_grad(|| self.response_hidden(batch, &layout, image_embeds.as_ref()))
-        })?;
-        let (log_prob, entropy) = self.project_in_chunks(&hidden, &targets, options)?;
-        torch_call(|| {
-            let b = batch.len() as i64;
-            let t = layout.longest_response();
-            // Flat `[B·T]` index of every scored token, sequence by sequence.
-            let slots: Vec<i64> = (0..b)
-                .flat_map(|i| (0..layout.kept[i as usize]).map(move |k| i * t + k))
-                .collect();
-            let slots = Tensor::from_slice(&slots).to_device(self.device());
-            let place = |values: &Tensor| {
-                Tensor::zeros([b * t], (Kind::Float, self.device()))
-                    .index_copy(0, &slots, values)
-                    .view([b, t])
-            };
-            let ones = Tensor::ones([slots.size()[0]], (Kind::Float, self.device()));
-            ResponseLogProbs {
-                log_prob: tch::with_grad(|| place(&log_prob)),
-                entropy: entropy.as_ref().map(&place),
-                response_mask: place(&ones),
-            }
+        let trunk = Trunk::new(self, batch, &layout, options)?;
+        let hidden = torch_call(|| tch::with_grad(|| trunk.forward()))?;
+        let (log_prob, entropy) = self.project_in_chunks(&hidden, &trunk.targets, options, true)?;
+        let placement = Placement::new(&layout, self)?;
+        torch_call(|| ResponseLogProbs {
+            log_prob: tch::with_grad(|| placement.place(&log_prob)),
+            entropy: entropy.as_ref().map(|e| placement.place(e)),
+            response_mask: placement.mask(),
         })
     }
 
-    /// The merged image tokens of every prompt's images, in order; with gradients when the
-    /// vision tower trains.
-    fn train_image_embeds(
+    /// Back-propagates `loss_scale ×` the scalar loss `loss` makes of the micro-batch's
+    /// [`ResponseLogProbs`] into the trainable weights' `.grad()` (accumulating, not zeroing),
+    /// and returns what else `loss` measured. Without `activation_checkpointing` this is
+    /// [`QwenVl::response_log_probs`] then `backward`; with it, the checkpointed passes the
+    /// module's documentation describes, where `loss` sees log-probabilities that are a leaf of
+    /// a graph of their own. Either way the entropy carries no gradient.
+    pub fn backward_response_loss<T>(
         &self,
         batch: &[TrainSequence<'_>],
-        train_vision: bool,
-    ) -> Result<Option<Tensor>, MlError> {
-        let images: Vec<&PreparedImage> = batch.iter().flat_map(|s| &s.prompt.images).collect();
-        if images.is_empty() {
-            return Ok(None);
+        options: &TrainForwardOptions,
+        loss_scale: f64,
+        loss: impl FnOnce(&ResponseLogProbs) -> Result<(Tensor, T), MlError>,
+    ) -> Result<T, MlError> {
+        if !options.activation_checkpointing {
+            let out = self.response_log_probs(batch, options)?;
+            let (l, measured) = loss(&out)?;
+            backward_scaled(&l, loss_scale)?;
+            return Ok(measured);
         }
-        if !train_vision {
-            return self.encode_images(&images).map(Some);
+        let layout = Layout::new(batch, options, self.config().text.vocab_size)?;
+        let trunk = Trunk::new(self, batch, &layout, options)?;
+        let (kept, hidden) = torch_call(|| tch::no_grad(|| trunk.forward_keeping_inputs()))?;
+        let (log_prob, entropy) =
+            self.project_in_chunks(&hidden, &trunk.targets, options, false)?;
+        let placement = Placement::new(&layout, self)?;
+        let leaf = torch_call(|| log_prob.detach().set_requires_grad(true))?;
+        let out = torch_call(|| ResponseLogProbs {
+            log_prob: tch::with_grad(|| placement.place(&leaf)),
+            entropy: entropy.as_ref().map(|e| placement.place(e)),
+            response_mask: placement.mask(),
+        })?;
+        let (l, measured) = loss(&out)?;
+        backward_scaled(&l, loss_scale)?;
+        drop(out);
+        let grad = leaf.grad();
+        if grad.defined() {
+            let grad = self.head_backward(&hidden, &trunk.targets, &grad, options)?;
+            drop(hidden);
+            trunk.backward(kept, grad)?;
         }
-        let (pixels, grids) = self.image_pixels(&images)?;
-        torch_call(|| tch::with_grad(|| Some(self.vision.forward(&pixels, &grids))))
+        Ok(measured)
     }
 
-    /// The final hidden states `[N, hidden]` that predict the `N` scored response tokens, and
-    /// those tokens `[N]`, sequence by sequence.
-    fn response_hidden(
+    /// Back-propagates `grad` `[N]` (dL/dlogp) through the vocabulary projection of `hidden`
+    /// `[N, hidden]`, recomputing one chunk's logits at a time; returns dL/dhidden.
+    fn head_backward(
         &self,
-        batch: &[TrainSequence<'_>],
-        layout: &Layout,
-        image_embeds: Option<&Tensor>,
-    ) -> (Tensor, Tensor) {
-        let device = self.device();
-        let (b, l) = (batch.len() as i64, layout.columns);
-        let padded = Padded::new(batch, layout, self.config().image_token_id);
-        let ids = Tensor::from_slice(&padded.ids)
-            .to_device(device)
-            .view([b, l]);
-        let mut embeds = self.text.embed(&ids);
-        if let Some(img) = image_embeds {
-            let mask = Tensor::from_slice(&padded.image_slots)
-                .to_device(device)
-                .view([b, l, 1])
-                .expand_as(&embeds);
-            embeds = embeds.masked_scatter(&mask, &img.to_kind(embeds.kind()));
+        hidden: &Tensor,
+        targets: &Tensor,
+        grad: &Tensor,
+        options: &TrainForwardOptions,
+    ) -> Result<Tensor, MlError> {
+        let leaf = torch_call(|| hidden.detach().set_requires_grad(true))?;
+        let n = hidden.size()[0];
+        let mut start = 0;
+        while start < n {
+            let rows = options.logit_chunk_rows.min(n - start);
+            torch_call(|| {
+                tch::with_grad(|| {
+                    let log_prob = self.chunk_log_probs(
+                        &leaf.narrow(0, start, rows),
+                        &targets.narrow(0, start, rows),
+                    );
+                    (log_prob * grad.narrow(0, start, rows))
+                        .sum(Kind::Float)
+                        .backward()
+                })
+            })?;
+            start += rows;
         }
-        let positions = Tensor::from_slice(&padded.positions.concat())
-            .to_device(device)
-            .view([3, b, l]);
-        let hidden = self
-            .text
-            .forward(&embeds, &positions, TextMask::Causal, None);
-        let rows = Tensor::from_slice(&padded.rows).to_device(device);
-        let hidden = hidden
-            .view([b * l, self.config().text.hidden_size])
-            .index_select(0, &rows);
-        (
-            hidden,
-            Tensor::from_slice(&padded.targets).to_device(device),
-        )
+        Ok(leaf.grad())
+    }
+
+    /// Log-probabilities `[rows]` of `targets` under the head's logits of `hidden`
+    /// `[rows, hidden]`, in the current autograd mode.
+    fn chunk_log_probs(&self, hidden: &Tensor, targets: &Tensor) -> Tensor {
+        self.text
+            .logits(hidden)
+            .log_softmax(-1, Kind::Float)
+            .gather(1, &targets.unsqueeze(1), false)
+            .squeeze_dim(1)
     }
 
     /// Log-probabilities `[N]` of `targets` under the head's logits of `hidden` `[N, hidden]`,
-    /// `options.logit_chunk_rows` rows at a time, and their entropy `[N]` (no gradient).
+    /// `options.logit_chunk_rows` rows at a time (with autograd when `grad`), and their entropy
+    /// `[N]` (no gradient).
     fn project_in_chunks(
         &self,
         hidden: &Tensor,
         targets: &Tensor,
         options: &TrainForwardOptions,
+        grad: bool,
     ) -> Result<(Tensor, Option<Tensor>), MlError> {
         let n = hidden.size()[0];
         let mut log_probs = Vec::new();
@@ -334,19 +378,30 @@ impl QwenVl {
         let mut start = 0;
         while start < n {
             let rows = options.logit_chunk_rows.min(n - start);
-            let logits =
-                torch_call(|| tch::with_grad(|| self.text.logits(&hidden.narrow(0, start, rows))))?;
+            let chunk = hidden.narrow(0, start, rows);
+            let logits = torch_call(|| {
+                if grad {
+                    tch::with_grad(|| self.text.logits(&chunk))
+                } else {
+                    tch::no_grad(|| self.text.logits(&chunk))
+                }
+            })?;
             if options.entropy {
                 let detached = logits.detach();
                 entropies.push(tch::no_grad(|| entropy_from_logits(&detached))?);
             }
             log_probs.push(torch_call(|| {
-                tch::with_grad(|| {
+                let picked = || {
                     logits
                         .log_softmax(-1, Kind::Float)
                         .gather(1, &targets.narrow(0, start, rows).unsqueeze(1), false)
                         .squeeze_dim(1)
-                })
+                };
+                if grad {
+                    tch::with_grad(picked)
+                } else {
+                    tch::no_grad(picked)
+                }
             })?);
             start += rows;
         }
@@ -355,5 +410,237 @@ impl QwenVl {
             let entropy = options.entropy.then(|| Tensor::cat(&entropies, 0));
             (log_prob, entropy)
         })
+    }
+}
+
+/// `(loss · scale).backward()`, refusing a loss that is not a scalar or does not depend on
+/// anything trainable.
+fn backward_scaled(loss: &Tensor, scale: f64) -> Result<(), MlError> {
+    if loss.numel() != 1 {
+        return Err(MlError::Invalid(format!(
+            "training backward: the loss has shape {:?}; a scalar is needed to back-propagate",
+            loss.size()
+        )));
+    }
+    if !loss.requires_grad() {
+        return Err(MlError::Invalid(
+            "training backward: the loss does not depend on the log-probabilities".into(),
+        ));
+    }
+    torch_call(|| (loss * scale).backward())
+}
+
+/// Where a micro-batch's `N` scored tokens go in the `[B, T]` outputs.
+struct Placement {
+    /// Flat `[B·T]` index of every scored token, sequence by sequence.
+    slots: Tensor,
+    b: i64,
+    t: i64,
+    device: tch::Device,
+}
+
+impl Placement {
+    fn new(layout: &Layout, model: &QwenVl) -> Result<Placement, MlError> {
+        let b = layout.kept.len() as i64;
+        let t = layout.longest_response();
+        let slots: Vec<i64> = (0..b)
+            .flat_map(|i| (0..layout.kept[i as usize]).map(move |k| i * t + k))
+            .collect();
+        let device = model.device();
+        let slots = torch_call(|| Tensor::from_slice(&slots).to_device(device))?;
+        Ok(Placement {
+            slots,
+            b,
+            t,
+            device,
+        })
+    }
+
+    /// `values` `[N]` at their slots of a zero `[B, T]`.
+    fn place(&self, values: &Tensor) -> Tensor {
+        Tensor::zeros([self.b * self.t], (Kind::Float, self.device))
+            .index_copy(0, &self.slots, values)
+            .view([self.b, self.t])
+    }
+
+    fn mask(&self) -> Tensor {
+        let ones = Tensor::ones([self.slots.size()[0]], (Kind::Float, self.device));
+        self.place(&ones)
+    }
+}
+
+/// One step of the model's chain, each a function of the previous step's output.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// Pixels → patch embeddings in window order.
+    Patches,
+    VisionBlock(usize),
+    /// Last vision block's output → merged image tokens.
+    Merge,
+    /// Image tokens (or nothing) → the decoder's input embeddings, image rows placed.
+    Embed,
+    Layer(usize),
+    /// Last layer's output → final-normed hidden states of the scored positions `[N, hidden]`.
+    Final,
+}
+
+/// A micro-batch's pass through the model as a chain of [`Stage`]s, with what the stages share.
+struct Trunk<'m> {
+    model: &'m QwenVl,
+    /// The chain's input: pixels when the vision tower trains, else its (gradient-free) image
+    /// tokens, or an empty tensor for a batch without images.
+    input: Tensor,
+    stages: Vec<Stage>,
+    vision: Option<VisionPass>,
+    ids: Tensor,
+    /// `[B, L, hidden]`, true at image placeholders; `None` without images.
+    image_slots: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    /// Flat `[B·L]` row of each scored position.
+    rows: Tensor,
+    /// The scored tokens `[N]`.
+    targets: Tensor,
+}
+
+impl<'m> Trunk<'m> {
+    fn new(
+        model: &'m QwenVl,
+        batch: &[TrainSequence<'_>],
+        layout: &Layout,
+        options: &TrainForwardOptions,
+    ) -> Result<Trunk<'m>, MlError> {
+        let device = model.device();
+        let images: Vec<&PreparedImage> = batch.iter().flat_map(|s| &s.prompt.images).collect();
+        let mut stages = Vec::new();
+        let (input, vision) = if images.is_empty() {
+            (
+                torch_call(|| Tensor::zeros([0], (model.kind(), device)))?,
+                None,
+            )
+        } else if options.train_vision {
+            let (pixels, grids) = model.image_pixels(&images)?;
+            let pass = torch_call(|| model.vision.prepare(&grids, device))?;
+            stages.push(Stage::Patches);
+            stages.extend((0..model.vision.depth()).map(Stage::VisionBlock));
+            stages.push(Stage::Merge);
+            (pixels, Some(pass))
+        } else {
+            (model.encode_images(&images)?, None)
+        };
+        stages.push(Stage::Embed);
+        stages.extend((0..model.text.num_layers()).map(Stage::Layer));
+        stages.push(Stage::Final);
+        let (b, l) = (batch.len() as i64, layout.columns);
+        let padded = Padded::new(batch, layout, model.config().image_token_id);
+        let hidden = model.config().text.hidden_size;
+        torch_call(|| {
+            let positions = Tensor::from_slice(&padded.positions.concat())
+                .to_device(device)
+                .view([3, b, l]);
+            let (cos, sin) = model.text.rotary(&positions, model.kind());
+            Trunk {
+                model,
+                stages,
+                vision,
+                ids: Tensor::from_slice(&padded.ids)
+                    .to_device(device)
+                    .view([b, l]),
+                image_slots: (!images.is_empty()).then(|| {
+                    Tensor::from_slice(&padded.image_slots)
+                        .to_device(device)
+                        .view([b, l, 1])
+                        .expand([b, l, hidden], false)
+                }),
+                input,
+                cos,
+                sin,
+                rows: Tensor::from_slice(&padded.rows).to_device(device),
+                targets: Tensor::from_slice(&padded.targets).to_device(device),
+            }
+        })
+    }
+
+    fn run(&self, stage: Stage, x: &Tensor) -> Tensor {
+        let vision = || {
+            self.vision
+                .as_ref()
+                .expect("vision stages come with their pass")
+        };
+        let model = self.model;
+        match stage {
+            Stage::Patches => model.vision.embed_patches(x, vision()),
+            Stage::VisionBlock(i) => model.vision.block(i, x, vision()),
+            Stage::Merge => model.vision.merge(x, vision()),
+            Stage::Embed => {
+                let embeds = model.text.embed(&self.ids);
+                match &self.image_slots {
+                    Some(mask) => embeds.masked_scatter(mask, &x.to_kind(embeds.kind())),
+                    None => embeds,
+                }
+            }
+            Stage::Layer(i) => {
+                model
+                    .text
+                    .layer(i, x, &self.cos, &self.sin, &TextMask::Causal, None)
+            }
+            Stage::Final => {
+                let hidden = model.config().text.hidden_size;
+                model
+                    .text
+                    .final_norm(x)
+                    .view([-1, hidden])
+                    .index_select(0, &self.rows)
+            }
+        }
+    }
+
+    /// The whole chain in the current autograd mode: final hidden states `[N, hidden]`.
+    fn forward(&self) -> Tensor {
+        let mut x = self.input.shallow_clone();
+        for &stage in &self.stages {
+            x = self.run(stage, &x);
+        }
+        x
+    }
+
+    /// The whole chain (run under `no_grad`), keeping each stage's input.
+    fn forward_keeping_inputs(&self) -> (Vec<Tensor>, Tensor) {
+        let mut kept = Vec::with_capacity(self.stages.len());
+        let mut x = self.input.shallow_clone();
+        for &stage in &self.stages {
+            let next = self.run(stage, &x);
+            kept.push(x);
+            x = next;
+        }
+        (kept, x)
+    }
+
+    /// Walks the chain backwards from `grad` (dL/d its output): each stage recomputed with
+    /// autograd from its kept input, made a leaf, and back-propagated with the gradient of its
+    /// output; the leaf's gradient is the previous stage's. Stops early where nothing before
+    /// can receive a gradient.
+    fn backward(&self, mut kept: Vec<Tensor>, mut grad: Tensor) -> Result<(), MlError> {
+        for (i, &stage) in self.stages.iter().enumerate().rev() {
+            let input = kept.pop().expect("one kept input per stage");
+            // The chain's own input (pixels, frozen image tokens) takes no gradient.
+            let wants_grad = i > 0;
+            let next = torch_call(|| {
+                let leaf = input.detach().set_requires_grad(wants_grad);
+                drop(input);
+                tch::with_grad(|| {
+                    let out = self.run(stage, &leaf);
+                    if out.requires_grad() {
+                        (out * &grad).sum(Kind::Float).backward();
+                    }
+                });
+                leaf.grad()
+            })?;
+            if !wants_grad || !next.defined() {
+                break;
+            }
+            grad = next;
+        }
+        Ok(())
     }
 }

@@ -174,6 +174,17 @@ struct Merger {
     width: i64,
 }
 
+/// What the steps of one pass over a set of images share (see [`VisionTower::prepare`]).
+pub(crate) struct VisionPass {
+    window_index: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    window_plan: SegmentPlan,
+    full_plan: SegmentPlan,
+    /// Patches per merged token.
+    unit: i64,
+}
+
 /// The whole tower.
 pub struct VisionTower {
     config: QwenVisionConfig,
@@ -256,54 +267,86 @@ impl VisionTower {
     /// `pixel_values` `[patches, patch_dim]` for all `grids` (in order) → merged image tokens
     /// `[Σ tokens, out_hidden_size]` in raster order per image, images in order.
     pub fn forward(&self, pixel_values: &Tensor, grids: &[Grid]) -> Tensor {
-        let c = &self.config;
-        let device = pixel_values.device();
-        let kind = self.patch_embed.kind();
-        let unit = c.spatial_merge_size * c.spatial_merge_size;
-        let hidden = c.hidden_size;
+        let pass = self.prepare(grids, pixel_values.device());
+        let mut x = self.embed_patches(pixel_values, &pass);
+        for i in 0..self.blocks.len() {
+            x = self.block(i, &x, &pass);
+        }
+        self.merge(&x, &pass)
+    }
 
-        let x = pixel_values
-            .to_device(device)
-            .to_kind(kind)
-            .matmul(&self.patch_embed.view([hidden, -1]).tr());
-        let n = x.size()[0];
+    /// Blocks in the tower.
+    pub(crate) fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// What every step of a pass over `grids` shares: the window order, the rotary tables in
+    /// that order and the attention segments.
+    pub(crate) fn prepare(&self, grids: &[Grid], device: Device) -> VisionPass {
+        let c = &self.config;
+        let unit = c.spatial_merge_size * c.spatial_merge_size;
+        let n: i64 = grids.iter().map(Grid::patches).sum();
         let layout = window_layout(grids, c);
         let window_index = Tensor::from_slice(&layout.window_index).to_device(device);
+        let (cos, sin) = self.rotary_tables(grids, device);
         let by_window = |t: &Tensor| {
             t.view([n / unit, unit, -1])
                 .index_select(0, &window_index)
                 .view([n, -1])
         };
-        let mut x = by_window(&x);
-        let (cos, sin) = self.rotary_tables(grids, device);
-        let (cos, sin) = (by_window(&cos), by_window(&sin));
-        let window_plan = SegmentPlan::new(&layout.window_lengths, device);
-        let full_plan = SegmentPlan::new(&layout.image_lengths, device);
-        for (i, block) in self.blocks.iter().enumerate() {
-            let plan = if c.fullatt_block_indexes.contains(&(i as i64)) {
-                &full_plan
-            } else {
-                &window_plan
-            };
-            let h = block
-                .attn
-                .forward(&block.norm1.forward(&x), &cos, &sin, plan);
-            x = &x + h;
-            let m = &block.mlp;
-            let h = silu_mlp_forward(
-                &block.norm2.forward(&x),
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            );
-            x = &x + h;
+        VisionPass {
+            cos: by_window(&cos),
+            sin: by_window(&sin),
+            window_plan: SegmentPlan::new(&layout.window_lengths, device),
+            full_plan: SegmentPlan::new(&layout.image_lengths, device),
+            window_index,
+            unit,
         }
-        let merged = self.merger.ln_q.forward(&x).view([-1, self.merger.width]);
+    }
+
+    /// The patch embedding `[patches, hidden]`, rows in window order: the blocks' input.
+    pub(crate) fn embed_patches(&self, pixel_values: &Tensor, pass: &VisionPass) -> Tensor {
+        let kind = self.patch_embed.kind();
+        let hidden = self.config.hidden_size;
+        let x = pixel_values
+            .to_kind(kind)
+            .matmul(&self.patch_embed.view([hidden, -1]).tr());
+        let n = x.size()[0];
+        x.view([n / pass.unit, pass.unit, -1])
+            .index_select(0, &pass.window_index)
+            .view([n, -1])
+    }
+
+    /// Block `i` on `x` `[patches, hidden]` (window order).
+    pub(crate) fn block(&self, i: usize, x: &Tensor, pass: &VisionPass) -> Tensor {
+        let block = &self.blocks[i];
+        let plan = if self.config.fullatt_block_indexes.contains(&(i as i64)) {
+            &pass.full_plan
+        } else {
+            &pass.window_plan
+        };
+        let h = block
+            .attn
+            .forward(&block.norm1.forward(x), &pass.cos, &pass.sin, plan);
+        let x = x + h;
+        let m = &block.mlp;
+        let h = silu_mlp_forward(
+            &block.norm2.forward(&x),
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        );
+        &x + h
+    }
+
+    /// The merger on the last block's output: merged image tokens in raster order.
+    pub(crate) fn merge(&self, x: &Tensor, pass: &VisionPass) -> Tensor {
+        let merged = self.merger.ln_q.forward(x).view([-1, self.merger.width]);
         let merged = self
             .merger
             .fc2
             .forward(&self.merger.fc1.forward(&merged).gelu("none"));
-        let reverse = window_index.argsort(0, false);
+        let reverse = pass.window_index.argsort(0, false);
         merged.index_select(0, &reverse)
     }
 

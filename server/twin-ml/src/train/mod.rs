@@ -22,5 +22,5 @@ pub use grpo::{
 pub use sft::sft_loss;
 pub use step::{
     ActorLoss, ActorLossConfig, ActorLossInputs, MicroBatchMetrics, StepMetrics,
-    accumulate_gradients, actor_loss, micro_batches,
+    accumulate_gradients, accumulate_micro_batches, actor_loss, micro_batches,
 };

@@ -145,10 +145,7 @@ pub fn accumulate_gradients<T>(
     micro: usize,
     mut micro_loss: impl FnMut(Range<usize>) -> Result<(Tensor, T), MlError>,
 ) -> Result<Vec<T>, MlError> {
-    let ranges = micro_batches(batch, micro)?;
-    let scale = 1.0 / ranges.len() as f64;
-    let mut measured = Vec::with_capacity(ranges.len());
-    for range in ranges {
+    accumulate_micro_batches(batch, micro, |range, scale| {
         let what = format!("micro-batch {range:?}");
         let (loss, extra) = micro_loss(range)?;
         if loss.numel() != 1 {
@@ -158,9 +155,25 @@ pub fn accumulate_gradients<T>(
             )));
         }
         torch_call(|| (loss * scale).backward())?;
-        measured.push(extra);
-    }
-    Ok(measured)
+        Ok(extra)
+    })
+}
+
+/// [`accumulate_gradients`] for a `backward` that drives its own backward pass (as
+/// `QwenVl::backward_response_loss` does, which activation checkpointing needs): it gets each
+/// micro-batch's range and the scale its loss must be back-propagated with (`1 / number of
+/// micro-batches`), and returns what it measured.
+pub fn accumulate_micro_batches<T>(
+    batch: usize,
+    micro: usize,
+    mut backward: impl FnMut(Range<usize>, f64) -> Result<T, MlError>,
+) -> Result<Vec<T>, MlError> {
+    let ranges = micro_batches(batch, micro)?;
+    let scale = 1.0 / ranges.len() as f64;
+    ranges
+        .into_iter()
+        .map(|range| backward(range, scale))
+        .collect()
 }
 
 /// What one optimizer step reports: micro-batch metrics averaged over the micro-batches (as
