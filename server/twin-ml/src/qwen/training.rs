@@ -57,8 +57,9 @@ pub struct TrainForwardOptions {
     /// Whether to report per-token entropy (computed without gradients, for metrics only).
     pub entropy: bool,
     /// Recompute activations in the backward pass instead of keeping them (see the module's
-    /// documentation): peak memory drops from every layer's activations plus every vocabulary
-    /// chunk's log-softmax to one stage's and one chunk's, for about one more forward pass.
+    /// documentation): the activations kept drop from every layer's plus every vocabulary
+    /// chunk's f32 log-softmax to each stage's input plus one stage's and one chunk's, for
+    /// about one more forward pass (the head's included).
     /// Off by default, because only [`QwenVl::backward_response_loss`] can honour it
     /// ([`QwenVl::response_log_probs`] returns a graph, which is what checkpointing does without)
     /// and because at small sizes the memory is not needed; a trainer at the real model size
