@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use twin_ml::MlError;
-use twin_ml::tch::{Kind, Tensor};
+use twin_ml::tch::{Device, Kind, Tensor};
 use twin_ml::train::{
     ActorLossConfig, ActorLossInputs, AdamW, AdamWConfig, KlPenalty, LossAggregation,
     MicroBatchMetrics, PolicyLossConfig, PolicyLossInputs, StepMetrics, StepOutcome,
@@ -666,5 +666,26 @@ fn the_first_step_decays_then_moves_by_the_learning_rate() {
     let want = [2.0 * 0.999 - 0.1, -0.999 + 0.1];
     for (g, w) in got.iter().zip(want) {
         assert!((f64::from(*g) - w).abs() < 1e-6, "{got:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn running_out_of_memory_names_the_batch_and_micro_batch_sizes() {
+    // A real allocation failure (a 4 PiB tensor) in the second micro-batch.
+    let err = twin_ml::train::accumulate_micro_batches(8, 4, |range, _scale| {
+        if range.start == 0 {
+            return Ok(());
+        }
+        Tensor::f_zeros([1 << 50], (Kind::Float, Device::Cpu))
+            .map(drop)
+            .map_err(MlError::from_torch)
+    })
+    .unwrap_err();
+    match &err {
+        MlError::OutOfMemory(message) => assert!(
+            message.contains("a batch of 8 sequences in micro-batches of 4"),
+            "{message}"
+        ),
+        other => panic!("expected out of memory, got {other:?}"),
     }
 }

@@ -172,7 +172,16 @@ pub fn accumulate_micro_batches<T>(
     let scale = 1.0 / ranges.len() as f64;
     ranges
         .into_iter()
-        .map(|range| backward(range, scale))
+        .map(|range| {
+            backward(range, scale).map_err(|e| match e {
+                // The sizes are what a user changes: name them beside libtorch's own line.
+                MlError::OutOfMemory(message) => MlError::OutOfMemory(format!(
+                    "{message} (a batch of {batch} sequences in micro-batches of {micro}: lower \
+                     the micro-batch size, or turn activation checkpointing on)"
+                )),
+                other => other,
+            })
+        })
         .collect()
 }
 
