@@ -26,9 +26,9 @@ use twin_ml::qwen::{
 };
 use twin_ml::tch::{self, Device, Kind, Tensor};
 use twin_ml::train::{
-    ActorLossConfig, ActorLossInputs, AdamW, AdamWConfig, PolicyLossInputs, accumulate_gradients,
-    accumulate_micro_batches, actor_loss, entropy_from_logits, grpo_advantages, sft_loss,
-    token_advantages,
+    ActorLossConfig, ActorLossInputs, AdamW, AdamWConfig, MasterWeights, PolicyLossInputs,
+    accumulate_gradients, accumulate_micro_batches, actor_loss, entropy_from_logits,
+    grpo_advantages, sft_loss, token_advantages,
 };
 use twin_ml::weights::read_safetensors;
 
@@ -894,4 +894,183 @@ fn a_saved_model_and_optimizer_resume_with_bit_identical_steps() {
         compared += 1;
     }
     assert_eq!(compared, continued.len());
+}
+
+/// Copies of a model's trainable weights in f32, by name.
+fn weights_f32(model: &QwenVl) -> HashMap<String, Tensor> {
+    model
+        .trainable_parameters()
+        .into_iter()
+        .map(|(name, w)| (name, w.detach().to_kind(Kind::Float).copy()))
+        .collect()
+}
+
+/// The bf16 step's gradient may differ from the f32 step's by this share of the f32 gradient's
+/// norm (all weights together). bf16 keeps 8 significant bits (0.4%); measured 0.0044 on the
+/// default-initialised tiny model.
+const BF16_GRADIENT_TOLERANCE: f64 = 0.02;
+
+#[test]
+fn mixed_precision_trains_f32_masters_that_bf16_weights_alone_would_round_away() {
+    // The default initialisation, not `tiny`'s 25× weights: their huge activations are a test of
+    // the engine's margins, and bf16 resolves them too coarsely to compare gradients.
+    let (_, prompts) = tiny();
+    let model =
+        QwenVl::init_random_scaled(QwenVlConfig::tiny(), 7, Device::Cpu, Kind::Float, 1.0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    model
+        .save_pretrained(dir.path(), &QwenPreprocessor::default())
+        .unwrap();
+    QwenTokenizer::byte_level()
+        .unwrap()
+        .save(dir.path())
+        .unwrap();
+    let responses = [vec![10, 20, STOP], vec![30, 40, 50, STOP], vec![7]];
+    let batch: Vec<TrainSequence<'_>> = prompts
+        .iter()
+        .zip(&responses)
+        .map(|(prompt, response)| TrainSequence { prompt, response })
+        .collect();
+    let options = TrainForwardOptions {
+        stop_tokens: vec![STOP],
+        ..TrainForwardOptions::default()
+    };
+    let sft = |out: &ResponseLogProbs| Ok((sft_loss(&out.log_prob, &out.response_mask)?, ()));
+
+    for lr in [1e-3, 1e-6] {
+        // The reference: the same checkpoint in f32, plain AdamW.
+        let mut full = QwenVl::load_as(dir.path(), Device::Cpu, Kind::Float).unwrap();
+        full.set_trainable(true);
+        let start = weights_f32(&full);
+        let mut optimizer =
+            AdamW::new(full.trainable_parameters(), AdamWConfig::default()).unwrap();
+        full.backward_response_loss(&batch, &options, 1.0, sft)
+            .unwrap();
+        // Read before the step, which clips the gradients in place.
+        let grads_f32: HashMap<String, Tensor> = full
+            .trainable_parameters()
+            .into_iter()
+            .map(|(name, w)| (name, w.grad().copy()))
+            .collect();
+        assert!(optimizer.step(lr).unwrap().applied);
+
+        // bf16 compute, f32 masters.
+        let mut half = QwenVl::load_as(dir.path(), Device::Cpu, Kind::BFloat16).unwrap();
+        half.set_trainable(true);
+        let rounded_start = weights_f32(&half);
+        let mut masters = MasterWeights::new(half.trainable_parameters()).unwrap();
+        let mut master_optimizer = AdamW::new(masters.masters(), AdamWConfig::default()).unwrap();
+        masters.zero_grad();
+        half.backward_response_loss(&batch, &options, 1.0, sft)
+            .unwrap();
+        assert!(masters.step(&mut master_optimizer, lr).unwrap().applied);
+
+        let full_after = weights_f32(&full);
+        let masters_after: HashMap<String, Tensor> = masters.masters().into_iter().collect();
+        let largest = grads_f32
+            .values()
+            .map(|g| g.abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        let (mut half_moved, mut master_moved, mut entries) = (0, 0, 0);
+        let (mut agree, mut clear) = (0, 0);
+        let (mut difference_squared, mut reference_squared) = (0f64, 0f64);
+        for (name, weight) in half.trainable_parameters() {
+            let master = &masters_after[&name];
+            assert_eq!(
+                (weight.kind(), master.kind()),
+                (Kind::BFloat16, Kind::Float)
+            );
+            // The model computes with the masters rounded to its kind.
+            assert!(weight.equal(&master.to_kind(Kind::BFloat16)), "{name}");
+            // bf16 gradients follow f32's; counted where the gradient is not mere noise (a key
+            // bias's, for one, is zero up to rounding: softmax ignores a constant shift).
+            let reference = &grads_f32[&name];
+            let scale = reference.abs().max().double_value(&[]);
+            let difference = weight.grad().to_kind(Kind::Float) - reference;
+            difference_squared += difference.square().sum(Kind::Double).double_value(&[]);
+            reference_squared += reference.square().sum(Kind::Double).double_value(&[]);
+            if scale > 1e-3 * largest {
+                // Adam's first step moves each weight by about ±lr: where the gradient is a
+                // tenth of its tensor's largest or more, the bf16 step must move it the same way.
+                let counted = reference.abs().ge(scale / 10.0);
+                let change = master - &rounded_start[&name];
+                let reference_change = &full_after[&name] - &start[&name];
+                let same = change.sign().eq_tensor(&reference_change.sign());
+                clear += counted.sum(Kind::Int64).int64_value(&[]);
+                agree += same.logical_and(&counted).sum(Kind::Int64).int64_value(&[]);
+            }
+            let change = master - &rounded_start[&name];
+            let moved = |t: &Tensor| t.ne(0.0).sum(Kind::Int64).int64_value(&[]);
+            master_moved += moved(&change);
+            half_moved += moved(&(weight.to_kind(Kind::Float) - &rounded_start[&name]));
+            entries += change.numel() as i64;
+        }
+        let gradient_error = (difference_squared / reference_squared).sqrt();
+        println!(
+            "lr {lr}: bf16 gradients {gradient_error:.4} of f32's norm away; {agree} of {clear} \
+             clear updates in the same direction"
+        );
+        assert!(gradient_error < BF16_GRADIENT_TOLERANCE, "{gradient_error}");
+        assert!(agree * 100 >= clear * 99, "{agree} of {clear}");
+        println!("lr {lr}: masters moved {master_moved} of {entries}, bf16 weights {half_moved}");
+        assert!(
+            master_moved * 10 > entries * 9,
+            "lr {lr}: masters moved {master_moved}"
+        );
+        if lr == 1e-6 {
+            // The recipe's rate: almost every update is below bf16's resolution, which is why
+            // the masters exist.
+            assert!(
+                half_moved * 10 < entries,
+                "bf16 weights moved {half_moved} of {entries}"
+            );
+        }
+    }
+}
+
+#[test]
+fn master_weights_save_and_restore_exactly_and_refuse_a_stranger() {
+    let model =
+        QwenVl::init_random_scaled(QwenVlConfig::tiny(), 3, Device::Cpu, Kind::BFloat16, 1.0)
+            .unwrap();
+    let mut model = model;
+    model.set_trainable(true);
+    let mut masters = MasterWeights::new(model.trainable_parameters()).unwrap();
+    // Off bf16's grid, so only an f32 file can hold them.
+    let nudge = |masters: &MasterWeights, by: f64| {
+        tch::no_grad(|| {
+            for (_, m) in masters.masters() {
+                let _ = m.shallow_clone().g_add_scalar_(by);
+            }
+        })
+    };
+    nudge(&masters, 1e-6);
+    let saved: HashMap<String, Tensor> = masters
+        .masters()
+        .into_iter()
+        .map(|(n, m)| (n, m.copy()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("masters.safetensors");
+    masters.save(&path).unwrap();
+    nudge(&masters, 1.0);
+    masters.load(&path).unwrap();
+    for (name, master) in masters.masters() {
+        assert!(master.equal(&saved[&name]), "{name}");
+    }
+    // The model computes with the restored masters, rounded.
+    for (name, weight) in model.trainable_parameters() {
+        assert!(
+            weight.equal(&saved[&name].to_kind(Kind::BFloat16)),
+            "{name}"
+        );
+    }
+
+    let other =
+        QwenVl::init_random_scaled(QwenVlConfig::tiny(), 3, Device::Cpu, Kind::Float, 1.0).unwrap();
+    let mut frozen_vision = other;
+    frozen_vision.set_trainable(false);
+    let mut fewer = MasterWeights::new(frozen_vision.trainable_parameters()).unwrap();
+    let err = fewer.load(&path).unwrap_err();
+    assert!(err.to_string().contains("visual."), "{err}");
 }

@@ -157,7 +157,37 @@ impl AdamW {
     /// `lr` — unless the norm is not finite, in which case nothing changes but the skip count.
     pub fn step(&mut self, lr: f64) -> Result<StepOutcome, MlError> {
         let grads = self.gradients()?;
-        let total = torch_call(|| total_grad_norm(&grads))?;
+        self.step_with_gradients(lr, &grads)
+    }
+
+    /// [`step`](Self::step) with the gradients given, one f32 tensor per parameter in order,
+    /// rather than read from the parameters: mixed precision computes them on the model's bf16
+    /// weights and hands them to the f32 master weights ([`super::MasterWeights`]). Clipping
+    /// scales `grads` in place.
+    pub fn step_with_gradients(
+        &mut self,
+        lr: f64,
+        grads: &[Tensor],
+    ) -> Result<StepOutcome, MlError> {
+        if grads.len() != self.slots.len() {
+            return Err(MlError::Invalid(format!(
+                "AdamW: {} gradients for {} parameters",
+                grads.len(),
+                self.slots.len()
+            )));
+        }
+        for (slot, grad) in self.slots.iter().zip(grads) {
+            if grad.kind() != Kind::Float || grad.size() != slot.param.size() {
+                return Err(MlError::Invalid(format!(
+                    "AdamW: the gradient of `{}` is {:?} {:?}, expected Float {:?}",
+                    slot.name,
+                    grad.kind(),
+                    grad.size(),
+                    slot.param.size()
+                )));
+            }
+        }
+        let total = torch_call(|| total_grad_norm(grads))?;
         let grad_norm = torch_call(|| total.double_value(&[]))?;
         if !grad_norm.is_finite() {
             self.skipped += 1;
@@ -167,14 +197,14 @@ impl AdamW {
             });
         }
         if let Some(max_norm) = self.config.max_grad_norm {
-            torch_call(|| scale_to_norm(&grads, &total, max_norm))?;
+            torch_call(|| scale_to_norm(grads, &total, max_norm))?;
         }
         self.step += 1;
         let config = self.config;
         let step = self.step;
         torch_call(|| {
             tch::no_grad(|| {
-                for (slot, grad) in self.slots.iter_mut().zip(&grads) {
+                for (slot, grad) in self.slots.iter_mut().zip(grads) {
                     adamw_update(slot, grad, lr, step, &config);
                 }
             })

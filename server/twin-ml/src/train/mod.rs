@@ -1,7 +1,7 @@
 //! GRPO post-training's core in tch: the recipe's mathematics (advantages, the clipped policy
 //! loss, KL penalties, loss aggregation, entropy), the AdamW optimizer with gradient clipping
 //! and a savable state, micro-batch gradient accumulation, the per-step metrics and the SFT
-//! loss.
+//! loss; mixed precision's f32 master weights (`precision.rs`).
 //!
 //! Held to verl 0.9.1's `core_algos` and to PyTorch's `AdamW`/`clip_grad_norm_` by
 //! `tests/grpo.rs`, on fixtures `tests/fixtures/verl_reference.py` writes. The model's forward
@@ -10,6 +10,7 @@
 
 pub mod adamw;
 pub mod grpo;
+pub mod precision;
 pub mod sft;
 pub mod step;
 
@@ -19,6 +20,7 @@ pub use grpo::{
     PolicyLossConfig, PolicyLossInputs, aggregate_loss, entropy_from_logits, grpo_advantages,
     kl_penalty, policy_loss, token_advantages,
 };
+pub use precision::MasterWeights;
 pub use sft::sft_loss;
 pub use step::{
     ActorLoss, ActorLossConfig, ActorLossInputs, MicroBatchMetrics, StepMetrics,
