@@ -989,17 +989,16 @@ fn mixed_precision_trains_f32_masters_that_bf16_weights_alone_would_round_away()
             let difference = weight.grad().to_kind(Kind::Float) - reference;
             difference_squared += difference.square().sum(Kind::Double).double_value(&[]);
             reference_squared += reference.square().sum(Kind::Double).double_value(&[]);
+            let change = master - &rounded_start[&name];
             if scale > 1e-3 * largest {
                 // Adam's first step moves each weight by about ±lr: where the gradient is a
                 // tenth of its tensor's largest or more, the bf16 step must move it the same way.
                 let counted = reference.abs().ge(scale / 10.0);
-                let change = master - &rounded_start[&name];
                 let reference_change = &full_after[&name] - &start[&name];
                 let same = change.sign().eq_tensor(&reference_change.sign());
                 clear += counted.sum(Kind::Int64).int64_value(&[]);
                 agree += same.logical_and(&counted).sum(Kind::Int64).int64_value(&[]);
             }
-            let change = master - &rounded_start[&name];
             let moved = |t: &Tensor| t.ne(0.0).sum(Kind::Int64).int64_value(&[]);
             master_moved += moved(&change);
             half_moved += moved(&(weight.to_kind(Kind::Float) - &rounded_start[&name]));
@@ -1030,10 +1029,9 @@ fn mixed_precision_trains_f32_masters_that_bf16_weights_alone_would_round_away()
 
 #[test]
 fn master_weights_save_and_restore_exactly_and_refuse_a_stranger() {
-    let model =
+    let mut model =
         QwenVl::init_random_scaled(QwenVlConfig::tiny(), 3, Device::Cpu, Kind::BFloat16, 1.0)
             .unwrap();
-    let mut model = model;
     model.set_trainable(true);
     let mut masters = MasterWeights::new(model.trainable_parameters()).unwrap();
     // Off bf16's grid, so only an f32 file can hold them.
@@ -1066,9 +1064,8 @@ fn master_weights_save_and_restore_exactly_and_refuse_a_stranger() {
         );
     }
 
-    let other =
+    let mut frozen_vision =
         QwenVl::init_random_scaled(QwenVlConfig::tiny(), 3, Device::Cpu, Kind::Float, 1.0).unwrap();
-    let mut frozen_vision = other;
     frozen_vision.set_trainable(false);
     let mut fewer = MasterWeights::new(frozen_vision.trainable_parameters()).unwrap();
     let err = fewer.load(&path).unwrap_err();
