@@ -8,6 +8,7 @@ pub mod api;
 pub mod dataset;
 pub mod eval;
 pub mod event;
+pub mod failure;
 pub mod ids;
 pub mod job;
 pub mod mine;
@@ -16,6 +17,7 @@ pub mod score;
 pub mod spec;
 
 pub use event::{DecodeError, Event, EventSchema, RecordedEvent};
+pub use failure::FailureCode;
 pub use ids::{Actor, BlobHash, DatasetId, ExperimentId, IdError, JobId, Millis, StreamName};
 pub use job::{JobCommand, JobState, JobStatus, Rejection};
 pub use projection::Projections;
