@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{JobOutput, RecordedEvent};
+use crate::failure::FailureCode;
 use crate::ids::BlobHash;
 use crate::job::JobState;
 use crate::spec::JobKind;
@@ -108,6 +109,16 @@ pub struct FailBody {
     /// A retryable failure is retried with backoff while attempts remain.
     #[serde(default)]
     pub retryable: bool,
+    /// What kind of failure this was (`unclassified` when an older executor does not say).
+    #[serde(default = "unclassified")]
+    pub code: FailureCode,
+    /// More about the failure for programs: a module's own error code, the failing request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+fn unclassified() -> FailureCode {
+    FailureCode::Unclassified
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

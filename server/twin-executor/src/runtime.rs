@@ -251,6 +251,8 @@ impl Executor {
                 epoch,
                 error: format!("executor has no stage for {}", grant.job.kind),
                 retryable: true,
+                code: twin_core::FailureCode::Internal,
+                detail: None,
             };
             let _ = self.client.fail(&id, &body).await;
             return;
@@ -330,6 +332,8 @@ impl Executor {
                         epoch,
                         error,
                         retryable: e.retryable,
+                        code: twin_core::FailureCode::Unclassified,
+                        detail: None,
                     };
                     self.client.fail(id, &body).await
                 }
