@@ -180,6 +180,8 @@ async fn retryable_failures_back_off_exponentially_until_attempts_run_out() {
                     epoch: attempt,
                     error: format!("flake {attempt}"),
                     retryable: true,
+                    code: twin_core::FailureCode::Unavailable,
+                    detail: None,
                 },
             )
             .await
