@@ -4,7 +4,8 @@
 //! negatives. At submission the server pins both: the dataset's manifest, and a snapshot of the
 //! accepted pairs as a blob (`hard_negatives`), so a review arriving later cannot change what a
 //! queued job builds. The building itself (split, sampling, question texts, exports) lives in
-//! `twin-data`; its options travel here as a JSON object that the server validates at submission.
+//! `twin-data`; its options travel here as a JSON object, validated at submission as a
+//! [`crate::build_config::BuildConfig`].
 
 use std::collections::BTreeMap;
 
@@ -39,7 +40,8 @@ pub struct BuildDatasetSpec {
     #[serde(default)]
     #[schema(value_type = Vec<String>)]
     pub synthetic: Vec<BlobHash>,
-    /// Building options (split, sampling, question counts, exports); see `twin_data::build`.
+    /// Building options (split, sampling, question counts): a [`crate::build_config::BuildConfig`]
+    /// as a JSON object, absent fields taking their defaults.
     #[serde(default = "empty_object")]
     #[schema(value_type = Object)]
     pub options: serde_json::Value,
@@ -63,6 +65,8 @@ impl BuildDatasetSpec {
         if !self.options.is_object() {
             return Err(SpecError::invalid("spec.options", "must be a JSON object"));
         }
+        crate::build_config::BuildConfig::from_json(&self.options)
+            .map_err(|e| SpecError::invalid(&format!("spec.options.{}", e.field), e.message))?;
         Ok(())
     }
 }
@@ -90,4 +94,59 @@ pub struct DatasetBuilt {
     pub job: JobId,
     #[serde(flatten)]
     pub output: BuildDatasetOutput,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(options: serde_json::Value) -> BuildDatasetSpec {
+        BuildDatasetSpec {
+            name: "built".into(),
+            dataset: "demo".into(),
+            dataset_id: None,
+            manifest: None,
+            mines: Vec::new(),
+            hard_negatives: None,
+            synthetic: Vec::new(),
+            options,
+        }
+    }
+
+    fn field_of(r: Result<(), SpecError>) -> String {
+        match r {
+            Err(SpecError::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn options_are_validated_here_naming_the_option() {
+        assert!(spec(serde_json::json!({})).validate().is_ok());
+        assert!(
+            spec(serde_json::json!({"balance": "downsample", "eval_fraction": 0.25}))
+                .validate()
+                .is_ok()
+        );
+        assert_eq!(
+            field_of(spec(serde_json::json!({"eval_fraction": 2.0})).validate()),
+            "spec.options.eval_fraction"
+        );
+        assert_eq!(
+            field_of(spec(serde_json::json!({"balance": "sometimes"})).validate()),
+            "spec.options.balance"
+        );
+        assert_eq!(
+            field_of(spec(serde_json::json!({"multi_questions": {"train": 6}})).validate()),
+            "spec.options.multi_questions.train"
+        );
+        assert_eq!(
+            field_of(spec(serde_json::json!({"colour": "red"})).validate()),
+            "spec.options.colour"
+        );
+        assert_eq!(
+            field_of(spec(serde_json::json!([1, 2])).validate()),
+            "spec.options"
+        );
+    }
 }

@@ -5,6 +5,7 @@
 //! deterministic function of its arguments and replaying the log reproduces state exactly.
 
 pub mod api;
+pub mod build_config;
 pub mod dataset;
 pub mod eval;
 pub mod event;

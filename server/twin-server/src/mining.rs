@@ -96,8 +96,6 @@ impl Service {
 
     /// Pins the dataset and snapshots the accepted candidates of the named mine jobs.
     pub(crate) fn resolve_build(&self, spec: &mut BuildDatasetSpec) -> Result<(), ApiError> {
-        twin_data::build::BuildConfig::from_json(&spec.options)
-            .map_err(|e| invalid("spec.options", e.to_string()))?;
         let (id, manifest) = self.pin_dataset(&spec.dataset)?;
         spec.dataset_id = Some(id);
         spec.manifest = Some(manifest);
