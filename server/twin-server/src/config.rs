@@ -13,7 +13,7 @@ use crate::auth::TokenConfig;
 pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
-    /// Run an executor inside the server (the single-machine default).
+    /// Start and supervise a `twin-executor` child (the single-machine default).
     pub embedded_executor: bool,
     pub executor: EmbeddedExecutorConfig,
     /// A lease lapses this long after its grant or last heartbeat.
@@ -51,9 +51,13 @@ impl Default for ModulesConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct EmbeddedExecutorConfig {
     pub name: String,
-    /// GPUs offered to jobs; unset = the CUDA devices libtorch sees.
+    /// GPUs offered to jobs; unset = the CUDA devices the executor's libtorch sees.
     pub gpus: Option<u32>,
     pub labels: Vec<String>,
+    /// The `twin-executor` binary; unset = the one beside `twin-server`.
+    pub program: Option<PathBuf>,
+    /// On shutdown the child is asked to hand its job back (SIGTERM) and killed after this long.
+    pub stop_grace_ms: u64,
 }
 
 impl Default for EmbeddedExecutorConfig {
@@ -62,6 +66,8 @@ impl Default for EmbeddedExecutorConfig {
             name: "embedded".into(),
             gpus: None,
             labels: Vec::new(),
+            program: None,
+            stop_grace_ms: 30_000,
         }
     }
 }

@@ -1,7 +1,9 @@
-//! The twin job server: HTTP API, scheduler (leases, reaper), metrics, and the embedded executor.
+//! The twin job server: HTTP API, scheduler (leases, reaper), metrics, and the supervisor of its
+//! executor child.
 //!
 //! API boundary: the only crate that imports actix-web. `twin-server` (src/main.rs) is a thin
-//! binary over [`serve`] and [`run_executor`].
+//! binary over [`serve`]. It links neither libtorch nor the stages: jobs run in `twin-executor`
+//! processes, one of which `serve` starts and supervises by default ([`supervisor`]).
 
 pub mod api;
 pub mod auth;
@@ -10,10 +12,9 @@ pub mod error;
 pub mod eval;
 pub mod metrics;
 pub mod mining;
-#[cfg(feature = "ml")]
-pub mod model;
 pub mod reaper;
 pub mod service;
+pub mod supervisor;
 pub mod telemetry;
 
 use std::collections::BTreeSet;
@@ -38,17 +39,6 @@ fn loopback_only(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// CUDA devices this process can use (0 without the `ml` feature).
-pub fn detected_gpus() -> u32 {
-    #[cfg(feature = "ml")]
-    {
-        if twin_ml::cuda_available() {
-            return twin_ml::tch::Cuda::device_count().max(0) as u32;
-        }
-    }
-    0
-}
-
 /// Runs the server until SIGINT/SIGTERM, then stops the executor and closes the log.
 pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::new());
@@ -60,7 +50,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| config.data_dir.join("module-cache"));
     let plugins = plugin_host(
-        cache,
+        cache.clone(),
         config.modules.max_module_bytes,
         Duration::from_millis(config.modules.compile_timeout_ms),
     )?;
@@ -81,6 +71,16 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
             "no tokens configured: authentication is off and the server listens on loopback only"
         );
     }
+    let executor_program = if config.embedded_executor {
+        let program = match &config.executor.program {
+            Some(p) => p.clone(),
+            None => supervisor::default_program()?,
+        };
+        supervisor::check_program(&program)?;
+        Some(program)
+    } else {
+        None
+    };
     let executor_token = if config.embedded_executor && !auth.is_open() {
         let token: String = rand::rng()
             .sample_iter(rand::distr::Alphanumeric)
@@ -131,25 +131,41 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         config.lease_ttl(),
         stop_rx.clone(),
     ));
-    let executor = if config.embedded_executor {
-        let cfg = twin_executor::ExecutorConfig {
-            server: format!("http://{}", loopback_only(bound)),
-            token: executor_token,
-            name: config.executor.name.clone(),
-            gpus: config.executor.gpus.unwrap_or_else(detected_gpus),
-            labels: config.executor.labels.clone(),
-            poll_wait: Duration::from_secs(20),
-        };
-        let exec = twin_executor::Executor::new(cfg, twin_executor::default_stages(plugins))?;
-        Some(tokio::spawn(exec.run(stop_rx)))
-    } else {
-        None
+    let executor = match executor_program {
+        Some(program) => {
+            let token_file = match &executor_token {
+                Some(token) => {
+                    let path = config.data_dir.join("executor.token");
+                    supervisor::write_token_file(&path, token)?;
+                    Some(path)
+                }
+                None => None,
+            };
+            let child = supervisor::ChildSpec {
+                program,
+                server: format!("http://{}", loopback_only(bound)),
+                name: config.executor.name.clone(),
+                token_file,
+                gpus: config.executor.gpus,
+                labels: config.executor.labels.clone(),
+                module_cache: cache,
+            };
+            let grace = Duration::from_millis(config.executor.stop_grace_ms);
+            Some(tokio::spawn(supervisor::supervise(
+                svc.clone(),
+                child,
+                grace,
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
     };
     shutdown_signal().await?;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
+    // The child hands its job back (SIGTERM) while the API it reports to is still up.
     if let Some(e) = executor {
-        let _ = tokio::time::timeout(Duration::from_secs(5), e).await;
+        let _ = e.await;
     }
     let _ = reaper.await;
     handle.stop(true).await;
@@ -173,8 +189,9 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The Wasm host of a server or executor. Modules are compiled by this same binary run as
-/// `twin-server compile-module`, a child process killed at `compile_timeout`.
+/// The server's Wasm host (it compiles and describes uploaded modules). Modules are compiled by
+/// this same binary run as `twin-server compile-module`, a child process killed at
+/// `compile_timeout`.
 pub fn plugin_host(
     cache_dir: std::path::PathBuf,
     max_module_bytes: u64,
@@ -193,21 +210,6 @@ pub fn plugin_host(
     })
     .map_err(|e| anyhow::anyhow!("starting the Wasm host: {e}"))?;
     Ok(Arc::new(host))
-}
-
-/// Runs a standalone executor until SIGINT/SIGTERM.
-pub async fn run_executor(
-    config: twin_executor::ExecutorConfig,
-    module_cache: std::path::PathBuf,
-) -> anyhow::Result<()> {
-    let plugins = plugin_host(module_cache, 64 << 20, Duration::from_secs(120))?;
-    let exec = twin_executor::Executor::new(config, twin_executor::default_stages(plugins))?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(exec.run(stop_rx));
-    shutdown_signal().await?;
-    let _ = stop_tx.send(true);
-    let _ = task.await;
-    Ok(())
 }
 
 #[cfg(test)]

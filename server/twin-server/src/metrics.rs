@@ -17,6 +17,7 @@ pub struct Metrics {
     pub log_append_failures: IntCounter,
     pub lease_expiries: IntCounter,
     pub stale_epoch_refusals: IntCounter,
+    pub executor_restarts: IntCounter,
     pub http_seconds: HistogramVec,
 }
 
@@ -55,6 +56,10 @@ impl Metrics {
                 "stale_epoch_refusals_total",
                 "Executor calls refused for a stale epoch",
             ),
+            executor_restarts: counter(
+                "executor_restarts_total",
+                "Times the server's executor child exited and was started again",
+            ),
             http_seconds: HistogramVec::new(
                 HistogramOpts::new("http_request_seconds", "HTTP latency by route")
                     .buckets(seconds_buckets()),
@@ -63,7 +68,7 @@ impl Metrics {
             .expect("valid metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(m.jobs.clone()),
             Box::new(m.log_records.clone()),
             Box::new(m.log_batches.clone()),
@@ -72,6 +77,7 @@ impl Metrics {
             Box::new(m.log_append_failures.clone()),
             Box::new(m.lease_expiries.clone()),
             Box::new(m.stale_epoch_refusals.clone()),
+            Box::new(m.executor_restarts.clone()),
             Box::new(m.http_seconds.clone()),
             Box::new(
                 prometheus::IntGauge::new("up", "1 while the server runs")

@@ -1,4 +1,4 @@
-//! `twin-server model …`: make a seeded random-weight checkpoint (for trying twin without a
+//! `twin-executor model …`: make a seeded random-weight checkpoint (for trying twin without a
 //! download), describe a checkpoint directory (CLIP or Qwen2.5-VL), and generate from a
 //! Qwen2.5-VL one.
 
