@@ -91,7 +91,9 @@ impl ChildSpec {
             .arg("--name")
             .arg(&self.name)
             .arg("--module-cache")
-            .arg(&self.module_cache);
+            .arg(&self.module_cache)
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string());
         if let Some(t) = &self.token_file {
             cmd.arg("--token-file").arg(t);
         }

@@ -1,5 +1,5 @@
-//! Helpers for the end-to-end tests: start the real `twin-server` binary on a loopback port,
-//! run the real `twin` CLI, send signals.
+//! Helpers for the end-to-end tests: start the real `twin-server` and `twin-executor` binaries on
+//! a loopback port, run the real `twin` CLI, send signals.
 //!
 //! The binaries come from the workspace's target directory (`cargo build --bins` first; the
 //! README's test command does), or from `TWIN_BIN_DIR`.
@@ -118,7 +118,7 @@ impl Drop for Server {
     }
 }
 
-/// A standalone `twin-server executor`.
+/// A standalone `twin-executor`.
 pub struct ExecutorProcess(Child);
 
 impl ExecutorProcess {
@@ -128,19 +128,63 @@ impl ExecutorProcess {
 
     /// Starts an executor with extra environment variables (fault injection, limits).
     pub fn start_with_env(server: &str, name: &str, env: &[(&str, &str)]) -> Self {
-        let child = Command::new(bin("twin-server"))
-            .args(["executor", "--server", server, "--name", name])
+        Self::start_with_args(server, name, &[], env)
+    }
+
+    /// Starts an executor with extra flags and environment variables.
+    pub fn start_with_args(server: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let child = Command::new(bin("twin-executor"))
+            .args(["--server", server, "--name", name])
+            .args(args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
         ExecutorProcess(child)
     }
 
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.0.id() as i32)
+    }
+
     pub fn kill(mut self) {
         let _ = self.0.kill(); // SIGKILL
         let _ = self.0.wait();
+    }
+
+    /// SIGTERM, then waits up to `limit` for the exit status.
+    pub fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let _ = kill(self.pid(), Signal::SIGTERM);
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "twin-executor did not exit within {limit:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit on its own.
+    pub fn wait_exit(mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "twin-executor did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

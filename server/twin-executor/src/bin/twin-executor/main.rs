@@ -57,6 +57,10 @@ struct RunArgs {
     /// Exit after this many seconds without a job (for batch systems that bill idle time).
     #[arg(long, value_name = "SECS")]
     exit_when_idle: Option<u64>,
+    /// Internal (set by `twin-server serve`): stop, handing the job back, when that process dies,
+    /// so a killed server leaves no executor behind to compete with its next child.
+    #[arg(long, hide = true, value_name = "PID")]
+    parent_pid: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -141,7 +145,22 @@ fn plugin_host(cache_dir: PathBuf) -> anyhow::Result<std::sync::Arc<twin_plugins
     Ok(std::sync::Arc::new(host))
 }
 
+/// Asks the kernel for SIGTERM when the parent dies (handled like any SIGTERM: the job is handed
+/// back), and stops at once if the parent is already gone.
+fn follow_parent(parent: u32) -> anyhow::Result<()> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+        .context("asking for a signal when the server exits")?;
+    // The parent may have died before the request above took effect.
+    if nix::unistd::getppid().as_raw() as u32 != parent {
+        anyhow::bail!("the server that started this executor (pid {parent}) has exited");
+    }
+    Ok(())
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if let Some(parent) = args.parent_pid {
+        follow_parent(parent)?;
+    }
     let token = args.token_file.as_deref().map(read_token_file).transpose()?;
     let name = args.name.unwrap_or_else(|| {
         let host = nix::unistd::gethostname()
