@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod disk;
 mod eval;
+mod executor;
 mod leases;
 mod mining;
 mod model;
