@@ -75,11 +75,16 @@ async fn a_stage_that_aborts_its_executor_is_failed_as_executor_lost_and_the_ser
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("executor_lost"), "{stdout}");
-    let metrics = client.metrics().await.unwrap();
-    assert!(
-        metrics.contains("twin_executor_restarts_total 3"),
-        "{metrics}"
-    );
+    // The supervisor counts the restart just after it re-queues (or fails) the job.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = client.metrics().await.unwrap();
+        if metrics.contains("twin_executor_restarts_total 3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.stop();
 }
 
