@@ -16,7 +16,7 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 step "generate a sample image set (6 categories x 4 instances x 4 views, plus 1 corrupt file)"
 "$bin/twin" sample-data "$demo/images" --corrupt 1 --contact-sheet "$demo/contact-sheet.png"
 
-step "start twin-server (embedded executor) on $data"
+step "start twin-server (it starts its executor child) on $data"
 RUST_LOG=${RUST_LOG:-warn} "$bin/twin-server" serve --data-dir "$data" --listen 127.0.0.1:0 >"$demo/server.out" 2>"$demo/server.log" &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
@@ -53,7 +53,7 @@ JSONL
 "$bin/twin" score --rollouts "$demo/rollouts.jsonl" --module binary-match --experiment demo --wait
 
 step "mine hard negatives: a random-weight CLIP ViT-B/32 (no download), HNSW, two filter modules"
-"$bin/twin-server" model init-clip "$demo/clip" --preset b32 --seed 0
+"$bin/twin-executor" model init-clip "$demo/clip" --preset b32 --seed 0
 "$bin/twin" modules add target/wasm32-wasip2/guest/distinct_instance.wasm --name distinct
 "$bin/twin" modules add target/wasm32-wasip2/guest/similarity_band.wasm --name band
 cat >"$demo/mine.toml" <<SPEC

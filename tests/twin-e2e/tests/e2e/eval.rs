@@ -11,11 +11,11 @@ use twin_e2e::{ExecutorProcess, Server, bin, eventually, ingest_spec, text, twin
 use crate::mining::{ok_json, write};
 use crate::modules_dir;
 
-/// A seeded random tiny Qwen2.5-VL checkpoint with a byte-level tokenizer, made by the server
+/// A seeded random tiny Qwen2.5-VL checkpoint with a byte-level tokenizer, made by the executor
 /// binary.
 fn tiny_qwen(dir: &Path, name: &str, seed: u64) -> PathBuf {
     let path = dir.join(name);
-    let out = Command::new(bin("twin-server"))
+    let out = Command::new(bin("twin-executor"))
         .args(["model", "init-qwen", "--preset", "tiny", "--seed"])
         .arg(seed.to_string())
         .arg(&path)

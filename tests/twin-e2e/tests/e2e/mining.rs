@@ -22,10 +22,10 @@ pub(crate) fn ok_json(args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
-/// A seeded random-weight CLIP image tower in the Hugging Face layout, made by the server binary.
+/// A seeded random-weight CLIP image tower in the Hugging Face layout, made by the executor binary.
 fn tiny_clip(dir: &Path) -> PathBuf {
     let path = dir.join("clip");
-    let out = Command::new(bin("twin-server"))
+    let out = Command::new(bin("twin-executor"))
         .args(["model", "init-clip", "--preset", "tiny", "--seed", "3"])
         .arg(&path)
         .output()

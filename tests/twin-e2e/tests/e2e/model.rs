@@ -1,4 +1,4 @@
-//! `twin-server model …` for Qwen2.5-VL through the real binary: a random checkpoint is made,
+//! `twin-executor model …` for Qwen2.5-VL through the real binary: a random checkpoint is made,
 //! described and asked about two images; bad input (a broken checkpoint, a prompt that cannot
 //! fit the context, an unreadable image) exits 2 with the reason.
 
@@ -8,8 +8,8 @@ use std::process::{Command, Output};
 use image::{Rgb, RgbImage};
 use twin_e2e::{bin, text};
 
-fn server(args: &[&str]) -> Output {
-    Command::new(bin("twin-server"))
+fn executor(args: &[&str]) -> Output {
+    Command::new(bin("twin-executor"))
         .args(args)
         .output()
         .unwrap()
@@ -39,7 +39,7 @@ fn picture(dir: &Path, name: &str, w: u32, h: u32) -> String {
 
 fn tiny_qwen(dir: &Path) -> PathBuf {
     let path = dir.join("qwen");
-    let out = server(&[
+    let out = executor(&[
         "model",
         "init-qwen",
         path.to_str().unwrap(),
@@ -58,7 +58,7 @@ fn a_random_qwen_checkpoint_is_made_described_and_generates() {
     let model = tiny_qwen(dir.path());
     let model = model.to_str().unwrap();
 
-    let info = json(&server(&["model", "info", model]));
+    let info = json(&executor(&["model", "info", model]));
     assert_eq!(info["architecture"], "Qwen2_5_VLForConditionalGeneration");
     assert_eq!(info["parameters"]["lm_head"], 0, "tied: {info}");
     assert!(info["parameters"]["total"].as_i64().unwrap() > 0);
@@ -87,7 +87,7 @@ fn a_random_qwen_checkpoint_is_made_described_and_generates() {
         "--device",
         "cpu",
     ];
-    let out = json(&server(&args));
+    let out = json(&executor(&args));
     let completions = out["completions"].as_array().unwrap();
     assert_eq!(completions.len(), 3);
     for c in completions {
@@ -108,7 +108,7 @@ fn a_random_qwen_checkpoint_is_made_described_and_generates() {
     );
     assert_eq!(out["images"], serde_json::json!([[84, 112], [140, 84]]));
     // The same seed gives the same samples.
-    assert_eq!(json(&server(&args))["completions"], out["completions"]);
+    assert_eq!(json(&executor(&args))["completions"], out["completions"]);
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn bad_checkpoints_and_requests_exit_2_with_the_reason() {
     let a = picture(dir.path(), "a.png", 64, 64);
 
     // A prompt plus new tokens beyond the context (4,096 for the tiny preset).
-    let err = failure(&server(&[
+    let err = failure(&executor(&[
         "model",
         "generate",
         m,
@@ -135,7 +135,7 @@ fn bad_checkpoints_and_requests_exit_2_with_the_reason() {
     // An image that is not one.
     let junk = dir.path().join("junk.png");
     std::fs::write(&junk, b"not a png").unwrap();
-    let err = failure(&server(&[
+    let err = failure(&executor(&[
         "model",
         "generate",
         m,
@@ -159,7 +159,7 @@ fn bad_checkpoints_and_requests_exit_2_with_the_reason() {
             .replace("\"qwen2_5_vl\"", "\"llava\""),
     )
     .unwrap();
-    let err = failure(&server(&["model", "info", m]));
+    let err = failure(&executor(&["model", "info", m]));
     assert!(err.contains("LlavaForConditionalGeneration"), "{err}");
     std::fs::write(&config, original).unwrap();
 
@@ -181,7 +181,7 @@ fn bad_checkpoints_and_requests_exit_2_with_the_reason() {
     rewritten.extend_from_slice(&new_header);
     rewritten.extend_from_slice(&bytes[8 + header_len..]);
     std::fs::write(&weights, rewritten).unwrap();
-    let err = failure(&server(&[
+    let err = failure(&executor(&[
         "model", "generate", m, "--image", &a, "--prompt", "hi",
     ]));
     assert!(err.contains("missing tensor `model.norm.weight`"), "{err}");
