@@ -865,7 +865,7 @@ async fn a_dead_executors_leases_expire_at_once_and_the_third_loss_is_final() {
     let expired = h.svc.expire_leases_of("gpu-a").await;
     assert_eq!(
         expired.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
-        [bystander.clone()]
+        [bystander.as_str()]
     );
     let job = h.svc.get_job(&bystander).unwrap();
     assert_eq!(job.status, twin_core::JobStatus::Queued);
