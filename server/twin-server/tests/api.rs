@@ -916,3 +916,59 @@ async fn a_dead_executors_leases_expire_at_once_and_the_third_loss_is_final() {
         "{metrics}"
     );
 }
+
+#[actix_web::test]
+async fn the_client_releases_and_reports_failure_codes_over_http() {
+    let h = harness(&[]);
+    let (svc, auth) = (h.svc.clone(), h.auth.clone());
+    let server = actix_web::HttpServer::new(move || api::app(svc.clone(), auth.clone(), LIMITS))
+        .workers(1)
+        .bind(("127.0.0.1", 0))
+        .unwrap();
+    let url = format!("http://{}", server.addrs()[0]);
+    let server = server.run();
+    let stop = server.handle();
+    actix_web::rt::spawn(server);
+
+    let client = twin_client::Client::new(&url, None).unwrap();
+    let id = submit_with(&h, json!({"retry": {"max_attempts": 1}})).await;
+    let request = twin_core::api::LeaseRequest {
+        executor: "e1".into(),
+        capabilities: twin_core::api::Capabilities {
+            kinds: [twin_core::JobKind::Ingest].into(),
+            ..Default::default()
+        },
+        wait_ms: 0,
+    };
+    let grant = client.lease(&request).await.unwrap().unwrap();
+    let body = twin_core::api::ReleaseBody {
+        epoch: grant.epoch,
+        reason: Some("draining".into()),
+    };
+    let job = client.release(&id, &body).await.unwrap();
+    assert_eq!(job.status, twin_core::JobStatus::Queued);
+    assert!(job.attempts[0].released);
+    let stale = client.release(&id, &body).await.unwrap_err();
+    assert_eq!(stale.code(), Some("invalid_state"), "{stale}");
+
+    let grant = client.lease(&request).await.unwrap().unwrap();
+    assert_eq!(grant.epoch, 2);
+    let fail = twin_core::api::FailBody {
+        epoch: 2,
+        error: "model weights missing".into(),
+        retryable: false,
+        code: twin_core::FailureCode::ModelError,
+        detail: Some("config.json".into()),
+    };
+    let job = client.fail(&id, &fail).await.unwrap();
+    assert_eq!(job.status, twin_core::JobStatus::Failed);
+    let last = job.attempts.last().unwrap();
+    assert_eq!(
+        (last.code, last.detail.as_deref()),
+        (
+            Some(twin_core::FailureCode::ModelError),
+            Some("config.json")
+        )
+    );
+    stop.stop(true).await;
+}
