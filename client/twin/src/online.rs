@@ -479,6 +479,11 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use twin_core::FailureCode;
+    use twin_core::event::{
+        Event, JobAttemptFailed, JobLeaseExpired, JobLeaseReleased, JobLeased, JobProgress,
+        JobSubmitted,
+    };
 
     #[test]
     fn every_path_a_spec_names_is_resolved_against_the_spec_file() {
@@ -511,12 +516,6 @@ mod tests {
             check(unchanged.clone(), unchanged);
         }
     }
-
-    use twin_core::FailureCode;
-    use twin_core::event::{
-        Event, JobAttemptFailed, JobLeaseExpired, JobLeaseReleased, JobLeased, JobProgress,
-        JobSubmitted,
-    };
 
     /// A job with `max_attempts` after `events` (each applied 10 ms after the previous one).
     fn job(max_attempts: u32, events: &[Event]) -> JobState {
