@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use twin_core::api::{
     ArtefactBody, BlobStored, CancelBody, CandidatePage, CompleteBody, CreateExperiment, EpochBody,
     ErrorBody, EventsPage, FailBody, Health, HeartbeatResponse, LeaseGrant, LeaseRequest,
-    ProgressBody, ReviewBody, ReviewOutcome,
+    ProgressBody, ReleaseBody, ReviewBody, ReviewOutcome,
 };
 use twin_core::job::JobState;
 use twin_core::projection::{BuiltDataset, Dataset, Experiment, Lineage, ModuleInfo};
@@ -478,5 +478,11 @@ impl Client {
 
     pub async fn fail(&self, id: &str, body: &FailBody) -> Result<JobState, ClientError> {
         self.job_call(id, "fail", body).await
+    }
+
+    /// Gives a held job back unfinished (the executor is shutting down): it is queued again at
+    /// once and the attempt counts against no limit.
+    pub async fn release(&self, id: &str, body: &ReleaseBody) -> Result<JobState, ClientError> {
+        self.job_call(id, "release", body).await
     }
 }

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use twin_client::{Client, JobFilter};
 use twin_core::RecordedEvent;
 use twin_core::api::CreateExperiment;
-use twin_core::job::{JobState, JobStatus};
+use twin_core::job::{Attempt, JobState, JobStatus};
 use twin_core::spec::{JobKind, field_pointer};
 
 use crate::{Command, Conn, Failure};
@@ -132,17 +132,63 @@ fn resolve_host_paths(submission: &mut serde_json::Value, base: &Path) {
     }
 }
 
+/// How an attempt ended, for people: `failed (out_of_memory): <message>; detail: <detail>`,
+/// `released: <reason>`, `cancelled`, `ok`, or `running` while it has not ended.
+pub(crate) fn attempt_outcome(a: &Attempt) -> String {
+    if a.released {
+        return match &a.release_reason {
+            Some(reason) => format!("released: {reason}"),
+            None => "released".into(),
+        };
+    }
+    match (&a.error, a.code) {
+        (Some(message), Some(code)) => {
+            let detail = a
+                .detail
+                .as_ref()
+                .map(|d| format!("; detail: {d}"))
+                .unwrap_or_default();
+            format!("failed ({code}): {message}{detail}")
+        }
+        // An attempt that ended without a failure code was cancelled; its error says so.
+        (Some(message), None) => message.clone(),
+        (None, _) if a.ended_at.is_some() => "ok".into(),
+        (None, _) => "running".into(),
+    }
+}
+
+/// One line of at most `max` characters, for a table cell.
+fn cell(text: &str, max: usize) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= max {
+        return line;
+    }
+    let mut cut: String = line.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+/// The last column of `jobs ls`: the progress of a running job, else how its latest attempt
+/// ended when that was not a success (so a failed or retrying job shows its failure code).
+fn job_note(j: &JobState) -> String {
+    if let Some(p) = &j.progress {
+        return p.message.clone();
+    }
+    match j.attempts.last() {
+        Some(a) if a.ended_at.is_some() && (a.error.is_some() || a.released) => {
+            cell(&attempt_outcome(a), 120)
+        }
+        _ => String::new(),
+    }
+}
+
 fn print_jobs(jobs: &[JobState]) {
     println!(
-        "{:<26}  {:<8}  {:<10}  {:>4}  {:<12}  PROGRESS",
+        "{:<26}  {:<8}  {:<10}  {:>4}  {:<12}  PROGRESS / LAST ATTEMPT",
         "ID", "KIND", "STATE", "TRY", "EXPERIMENT"
     );
     for j in jobs {
-        let progress = j
-            .progress
-            .as_ref()
-            .map(|p| p.message.clone())
-            .unwrap_or_default();
+        let progress = job_note(j);
         let exp = j
             .experiment
             .as_ref()
@@ -182,9 +228,15 @@ fn print_event(e: &RecordedEvent) {
     );
 }
 
-fn finished(job: &JobState) -> Result<(), Failure> {
+/// The error a finished job that did not succeed is reported with, or `None` for a success.
+/// A failed job names its failure code: `job <id> failed (out_of_memory): <message>`.
+fn unsuccessful(job: &JobState) -> Option<String> {
     match job.status {
-        JobStatus::Succeeded => Ok(()),
+        JobStatus::Succeeded => None,
+        JobStatus::Failed => Some(match job.attempts.last().filter(|a| a.code.is_some()) {
+            Some(a) => format!("job {} {}", job.id, attempt_outcome(a)),
+            None => format!("job {} failed: no error recorded", job.id),
+        }),
         s => {
             let last = job
                 .attempts
@@ -192,11 +244,18 @@ fn finished(job: &JobState) -> Result<(), Failure> {
                 .rev()
                 .find_map(|a| a.error.as_deref())
                 .unwrap_or("no error recorded");
-            Err(Failure {
-                code: 1,
-                error: anyhow!("job {} {}: {last}", job.id, s.as_str()),
-            })
+            Some(format!("job {} {}: {last}", job.id, s.as_str()))
         }
+    }
+}
+
+fn finished(job: &JobState) -> Result<(), Failure> {
+    match unsuccessful(job) {
+        None => Ok(()),
+        Some(message) => Err(Failure {
+            code: 1,
+            error: anyhow!(message),
+        }),
     }
 }
 
@@ -219,8 +278,9 @@ pub(crate) async fn wait(
         bar.set_prefix(job.status.as_str().to_string());
         if let Some(p) = &job.progress {
             bar.set_position((p.fraction.unwrap_or(0.0) * 1000.0) as u64);
-            bar.set_message(p.message.clone());
         }
+        // Progress while it runs; while it waits for a retry, why the last attempt failed.
+        bar.set_message(job_note(&job));
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             bar.abandon();
             return Err(Failure {
@@ -419,6 +479,11 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use twin_core::FailureCode;
+    use twin_core::event::{
+        Event, JobAttemptFailed, JobLeaseExpired, JobLeaseReleased, JobLeased, JobProgress,
+        JobSubmitted,
+    };
 
     #[test]
     fn every_path_a_spec_names_is_resolved_against_the_spec_file() {
@@ -450,5 +515,132 @@ mod tests {
         ] {
             check(unchanged.clone(), unchanged);
         }
+    }
+
+    /// A job with `max_attempts` after `events` (each applied 10 ms after the previous one).
+    fn job(max_attempts: u32, events: &[Event]) -> JobState {
+        let submitted = JobSubmitted {
+            id: "01clitestjob0000000000one".parse().expect("valid id"),
+            submission: twin_core::JobSubmission::from_json(serde_json::json!({
+                "spec": {"kind": "ingest", "dataset": "d", "source": {"dir": "/d"}},
+                "retry": {"max_attempts": max_attempts}
+            }))
+            .expect("valid submission"),
+        };
+        let mut j = JobState::from_submitted(&submitted, "alice", 0);
+        for (i, e) in events.iter().enumerate() {
+            j.apply(e, (i as i64 + 1) * 10, "executor");
+        }
+        j
+    }
+
+    fn leased(epoch: u64) -> Event {
+        Event::JobLeased(JobLeased {
+            epoch,
+            executor: "gpu-1".into(),
+        })
+    }
+
+    fn failed(epoch: u64, code: FailureCode, detail: Option<&str>, retry_at: Option<i64>) -> Event {
+        Event::JobAttemptFailed(JobAttemptFailed {
+            epoch,
+            error: "CUDA out of memory; lower batch_size".into(),
+            retryable: retry_at.is_some(),
+            retry_at,
+            code,
+            detail: detail.map(str::to_owned),
+        })
+    }
+
+    #[test]
+    fn a_failed_job_is_reported_with_its_code_message_and_detail() {
+        let j = job(
+            1,
+            &[
+                leased(1),
+                failed(1, FailureCode::OutOfMemory, Some("batch_size=64"), None),
+            ],
+        );
+        assert_eq!(
+            unsuccessful(&j).as_deref(),
+            Some(
+                "job 01clitestjob0000000000one failed (out_of_memory): CUDA out of memory; \
+                 lower batch_size; detail: batch_size=64"
+            )
+        );
+        let lost = job(
+            1,
+            &[
+                leased(1),
+                Event::JobLeaseExpired(JobLeaseExpired {
+                    epoch: 1,
+                    retry_at: None,
+                }),
+            ],
+        );
+        assert_eq!(
+            unsuccessful(&lost).as_deref(),
+            Some("job 01clitestjob0000000000one failed (executor_lost): lease expired")
+        );
+    }
+
+    #[test]
+    fn every_way_an_attempt_ends_reads_plainly() {
+        let j = job(
+            3,
+            &[
+                leased(1),
+                failed(1, FailureCode::Unclassified, None, Some(0)),
+                leased(2),
+                Event::JobLeaseReleased(JobLeaseReleased {
+                    epoch: 2,
+                    reason: "executor shutting down".into(),
+                }),
+                leased(3),
+            ],
+        );
+        let outcomes: Vec<String> = j.attempts.iter().map(attempt_outcome).collect();
+        assert_eq!(
+            outcomes,
+            [
+                "failed (unclassified): CUDA out of memory; lower batch_size",
+                "released: executor shutting down",
+                "running",
+            ]
+        );
+    }
+
+    #[test]
+    fn jobs_ls_shows_progress_or_the_latest_attempts_failure() {
+        let retrying = job(
+            3,
+            &[
+                leased(1),
+                failed(1, FailureCode::Unavailable, None, Some(0)),
+            ],
+        );
+        assert_eq!(
+            job_note(&retrying),
+            "failed (unavailable): CUDA out of memory; lower batch_size"
+        );
+        let running = job(
+            3,
+            &[
+                leased(1),
+                failed(1, FailureCode::Unavailable, None, Some(0)),
+                leased(2),
+                Event::JobProgress(JobProgress {
+                    epoch: 2,
+                    message: "120/600 images".into(),
+                    fraction: Some(0.2),
+                    counters: Default::default(),
+                }),
+            ],
+        );
+        assert_eq!(job_note(&running), "120/600 images");
+        assert_eq!(job_note(&job(3, &[])), "");
+        // A long, multi-line message stays one table cell.
+        assert_eq!(cell("a\nb  c", 10), "a b c");
+        assert_eq!(cell(&"x".repeat(200), 5), "xxxx…");
     }
 }

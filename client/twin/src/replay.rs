@@ -160,8 +160,8 @@ pub fn run(args: &ReplayArgs, json: bool) -> Result<(), Failure> {
             job.attempts
                 .iter()
                 .rev()
-                .find_map(|a| a.error.as_deref())
-                .map(|e| format!("  last error: {e}"))
+                .find(|a| a.error.is_some())
+                .map(|a| format!("  last error: {}", crate::online::attempt_outcome(a)))
                 .unwrap_or_default()
         );
     }
@@ -226,12 +226,12 @@ pub fn print_lineage(l: &Lineage, json: bool) -> Result<(), Failure> {
         );
         println!("  spec: {}", serde_json::to_string(&job.submission.spec)?);
         for a in &job.attempts {
-            let outcome = a.error.as_deref().unwrap_or(if a.ended_at.is_some() {
-                "ok"
-            } else {
-                "running"
-            });
-            println!("  attempt epoch {} on {}: {outcome}", a.epoch, a.executor);
+            println!(
+                "  attempt epoch {} on {}: {}",
+                a.epoch,
+                a.executor,
+                crate::online::attempt_outcome(a)
+            );
         }
     }
     if let Some(e) = &l.experiment {

@@ -117,8 +117,38 @@ pub struct FailBody {
     pub detail: Option<String>,
 }
 
+impl FailBody {
+    /// The longest `error` kept, in bytes: the server cuts a longer one (on a character
+    /// boundary) rather than refuse it, since the message is for people and a refused report
+    /// would leave the job held until its lease expires.
+    pub const MAX_ERROR_BYTES: usize = 16 * 1024;
+    /// The longest `detail` accepted, in bytes; a longer one is refused with 400. Detail is for
+    /// programs, and a cut one (a module's code, a request id) would mislead. With the error's
+    /// cap, a failure event stays far below the log's payload limit.
+    pub const MAX_DETAIL_BYTES: usize = 4 * 1024;
+}
+
 fn unclassified() -> FailureCode {
     FailureCode::Unclassified
+}
+
+/// `POST /v1/jobs/{id}/release`: the lease holder gives the job back unfinished (it is shutting
+/// down, say). The job is queued again at once, with no backoff, and the attempt counts against
+/// no limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseBody {
+    pub epoch: u64,
+    /// Why, for people reading the job; defaults to `released by <caller>`. Cut at
+    /// [`ReleaseBody::MAX_REASON_BYTES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl ReleaseBody {
+    /// The longest reason kept, in bytes; a longer one is cut rather than refused, so that an
+    /// executor on its way out never has its release refused for its wording.
+    pub const MAX_REASON_BYTES: usize = 1024;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -218,4 +248,15 @@ pub struct CandidatePage {
     /// Matching the query, before `offset`/`limit`.
     pub total: u64,
     pub candidates: Vec<ListedCandidate>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_executors_fail_body_reads_as_unclassified() {
+        let b: FailBody = serde_json::from_str(r#"{"epoch": 1, "error": "x"}"#).expect("valid");
+        assert_eq!((b.code, b.detail), (FailureCode::Unclassified, None));
+    }
 }

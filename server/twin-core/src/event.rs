@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::DatasetBuilt;
+use crate::failure::FailureCode;
 use crate::ids::{BlobHash, DatasetId, ExperimentId, JobId, Millis};
 use crate::mine::CandidateReviewed;
 use crate::spec::JobSubmission;
@@ -151,8 +152,9 @@ events! {
     JobProgress(JobProgress) = "job_progress" v 1;
     JobArtefactRecorded(JobArtefactRecorded) = "job_artefact_recorded" v 1;
     JobSucceeded(JobSucceeded) = "job_succeeded" v 1;
-    JobAttemptFailed(JobAttemptFailed) = "job_attempt_failed" v 1;
+    JobAttemptFailed(JobAttemptFailed) = "job_attempt_failed" v 2;
     JobLeaseExpired(JobLeaseExpired) = "job_lease_expired" v 1;
+    JobLeaseReleased(JobLeaseReleased) = "job_lease_released" v 1;
     JobCancelRequested(JobCancelRequested) = "job_cancel_requested" v 1;
     JobCancelled(JobCancelled) = "job_cancelled" v 1;
     DatasetRegistered(DatasetRegistered) = "dataset_registered" v 1;
@@ -162,9 +164,27 @@ events! {
     DatasetBuilt(DatasetBuilt) = "dataset_built" v 1;
 }
 
-/// Upcasters of the production schema. Empty while every type is at version 1; the schema test
-/// in `tests/upcasting.rs` shows a version change against a committed log.
-pub const UPCASTERS: &[Upcaster] = &[];
+/// Upcasters of the production schema, one per version step. `twin-log/tests/schema.rs` reads
+/// the committed logs under `twin-log/tests/fixtures` through them.
+pub const UPCASTERS: &[Upcaster] = &[Upcaster {
+    event_type: "job_attempt_failed",
+    from_version: 1,
+    upcast: job_attempt_failed_v1_to_v2,
+}];
+
+/// v2 added `code` and `detail`. A v1 failure was never classified, and saying so is the only
+/// honest reading: guessing a code from the message would put words in an old executor's mouth.
+fn job_attempt_failed_v1_to_v2(mut doc: serde_json::Value) -> Result<serde_json::Value, String> {
+    let fields = doc
+        .as_object_mut()
+        .ok_or("a job_attempt_failed payload is a map")?;
+    fields.insert(
+        "code".into(),
+        serde_json::to_value(FailureCode::Unclassified).map_err(|e| e.to_string())?,
+    );
+    fields.insert("detail".into(), serde_json::Value::Null);
+    Ok(doc)
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExperimentCreated {
@@ -218,19 +238,35 @@ pub struct JobSucceeded {
 
 /// An attempt failed. `retry_at` is set when the job goes back to the queue, absent when this
 /// failure is final (non-retryable, or attempts exhausted).
+///
+/// Schema v2 added `code` and `detail`; v1 records read as `unclassified` with no detail.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobAttemptFailed {
     pub epoch: u64,
     pub error: String,
     pub retryable: bool,
     pub retry_at: Option<Millis>,
+    /// What kind of failure it was, from the closed list.
+    pub code: FailureCode,
+    /// More for programs: a module's own error code, the request that failed.
+    pub detail: Option<String>,
 }
 
-/// The lease of `epoch` ran out without a heartbeat; same retry rule as a failed attempt.
+/// The lease of `epoch` ran out without a heartbeat (its executor died or stopped answering):
+/// the attempt ends as `executor_lost`, with the failure retry rule plus the executor-loss limit
+/// (`job::MAX_EXECUTOR_LOSSES`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobLeaseExpired {
     pub epoch: u64,
     pub retry_at: Option<Millis>,
+}
+
+/// The executor holding `epoch` gave the job back unfinished and unfailed (it is shutting
+/// down, say). The job is queued again at once; the attempt counts against no limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobLeaseReleased {
+    pub epoch: u64,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -435,5 +471,73 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), SCHEMA_VERSIONS.len());
+    }
+
+    /// The v1 payload exactly as the previous build encoded it.
+    #[derive(Serialize)]
+    struct JobAttemptFailedV1 {
+        epoch: u64,
+        error: String,
+        retryable: bool,
+        retry_at: Option<Millis>,
+    }
+
+    #[test]
+    fn a_v1_attempt_failure_reads_as_unclassified_with_its_message_intact() {
+        let v1 = encode_payload(&JobAttemptFailedV1 {
+            epoch: 2,
+            error: "device lost".into(),
+            retryable: true,
+            retry_at: Some(1_000),
+        });
+        assert_eq!(
+            Event::decode("job_attempt_failed", 1, &v1),
+            Ok(Event::JobAttemptFailed(JobAttemptFailed {
+                epoch: 2,
+                error: "device lost".into(),
+                retryable: true,
+                retry_at: Some(1_000),
+                code: FailureCode::Unclassified,
+                detail: None,
+            }))
+        );
+    }
+
+    #[test]
+    fn a_v2_attempt_failure_keeps_its_code_and_detail() {
+        let e = Event::JobAttemptFailed(JobAttemptFailed {
+            epoch: 1,
+            error: "reward trapped".into(),
+            retryable: false,
+            retry_at: None,
+            code: FailureCode::ModuleError,
+            detail: Some("guest_trap".into()),
+        });
+        let (ty, v, bytes) = e.encode();
+        assert_eq!((ty, v), ("job_attempt_failed", 2));
+        assert_eq!(Event::decode(ty, v, &bytes), Ok(e));
+    }
+
+    #[test]
+    fn every_older_version_has_a_chain_of_upcasters_to_the_current_one() {
+        for (name, current) in SCHEMA_VERSIONS {
+            for from in 1..*current {
+                assert!(
+                    UPCASTERS
+                        .iter()
+                        .any(|u| u.event_type == *name && u.from_version == from),
+                    "`{name}` has no upcaster from v{from}"
+                );
+            }
+        }
+        for u in UPCASTERS {
+            let current = SCHEMA_VERSIONS.iter().find(|(n, _)| *n == u.event_type);
+            assert!(
+                current.is_some_and(|(_, v)| u.from_version < *v),
+                "upcaster of `{}` from v{} leads past the current version",
+                u.event_type,
+                u.from_version
+            );
+        }
     }
 }

@@ -39,7 +39,8 @@ pub enum FailureCode {
     Unavailable,
     /// A bug in twin: an invariant broke. The message is for a bug report.
     Internal,
-    /// Recorded before failure codes existed (schema version 1 of `job_attempt_failed`).
+    /// Recorded before failure codes existed (schema version 1 of `job_attempt_failed`), or
+    /// reported by an executor that sent no code.
     Unclassified,
 }
 

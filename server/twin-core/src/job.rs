@@ -1,9 +1,13 @@
 //! The job state machine: `decide(state, command) -> events` and `apply(state, event)`.
 //!
 //! States: queued → leased → running → succeeded | failed | cancelled, and back to queued when
-//! an attempt fails (or its lease expires) with attempts left. Every lease bumps the job's
-//! `epoch`; executor commands carry the epoch of their lease and anything but the current one is
-//! refused, which fences off an executor that lost its lease but is still running.
+//! an attempt fails (or its lease expires) with attempts left, or when its executor releases the
+//! lease. Every lease bumps the job's `epoch`; executor commands carry the epoch of their lease
+//! and anything but the current one is refused, which fences off an executor that lost its lease
+//! but is still running.
+//!
+//! Epochs count leases, not attempts: `retry.max_attempts` and the backoff count only attempts
+//! that ended in a failure or an expired lease, so a released lease costs the job nothing.
 
 use std::collections::BTreeMap;
 
@@ -12,9 +16,10 @@ use serde::Serialize;
 use crate::dataset::DatasetBuilt;
 use crate::event::{
     BuildDatasetResult, DatasetRegistered, Event, IngestResult, JobArtefactRecorded,
-    JobAttemptFailed, JobCancelRequested, JobCancelled, JobLeaseExpired, JobLeased, JobOutput,
-    JobProgress, JobResult, JobStarted, JobSubmitted, JobSucceeded,
+    JobAttemptFailed, JobCancelRequested, JobCancelled, JobLeaseExpired, JobLeaseReleased,
+    JobLeased, JobOutput, JobProgress, JobResult, JobStarted, JobSubmitted, JobSucceeded,
 };
+use crate::failure::FailureCode;
 use crate::ids::{Actor, BlobHash, DatasetId, ExperimentId, JobId, Millis, StreamName};
 use crate::spec::{JobKind, JobSpec, JobSubmission};
 
@@ -79,6 +84,12 @@ impl JobStatus {
     }
 }
 
+/// How many times a job's executor may be lost (its lease expires) before the job fails for
+/// good, whatever `retry.max_attempts` allows. A job that kills its executor (a native crash,
+/// the OOM killer, a hang) would otherwise take down one executor after another; three losses
+/// tell such a job from a machine that happened to die under it.
+pub const MAX_EXECUTOR_LOSSES: u32 = 3;
+
 /// One lease of the job and how it ended.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Attempt {
@@ -91,6 +102,27 @@ pub struct Attempt {
     pub ended_at: Option<Millis>,
     /// Why the attempt failed, if it did (a lease expiry reads "lease expired").
     pub error: Option<String>,
+    /// What kind of failure ended the attempt (`executor_lost` for an expired lease); absent
+    /// while it runs and when it succeeded, was cancelled or was released. Defaults keep
+    /// documents written before codes existed readable.
+    #[serde(default)]
+    pub code: Option<FailureCode>,
+    /// The failure's detail for programs (a module's own error code), when the executor gave one.
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// The executor gave the lease back unfinished; such an attempt counts against no limit.
+    #[serde(default)]
+    pub released: bool,
+    /// Why it was released, as the executor said.
+    #[serde(default)]
+    pub release_reason: Option<String>,
+}
+
+impl Attempt {
+    /// Whether the attempt ended in a failure or a lost lease (what `retry.max_attempts` counts).
+    pub fn failed(&self) -> bool {
+        self.code.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -166,11 +198,19 @@ pub enum JobCommand {
         epoch: u64,
         error: String,
         retryable: bool,
+        code: FailureCode,
+        detail: Option<String>,
         now: Millis,
     },
     ExpireLease {
         epoch: u64,
         now: Millis,
+    },
+    /// The executor gives the job back without a result or a failure (it is shutting down):
+    /// queued again at once, no backoff, no attempt counted.
+    ReleaseLease {
+        epoch: u64,
+        reason: String,
     },
     Cancel {
         reason: String,
@@ -187,6 +227,7 @@ impl JobCommand {
             JobCommand::Complete { .. } => "complete",
             JobCommand::Fail { .. } => "fail",
             JobCommand::ExpireLease { .. } => "expire the lease of",
+            JobCommand::ReleaseLease { .. } => "release the lease of",
             JobCommand::Cancel { .. } => "cancel",
         }
     }
@@ -251,11 +292,28 @@ impl JobState {
         Ok(())
     }
 
-    /// When a failed attempt `epoch` is retried, or `None` when the failure is final.
-    fn retry_at(&self, retryable: bool, now: Millis) -> Option<Millis> {
+    /// Attempts that ended in a failure or a lost lease: what `retry.max_attempts` limits and
+    /// the backoff grows with. Released attempts and the one in progress do not count.
+    pub fn failed_attempts(&self) -> u32 {
+        self.attempts.iter().filter(|a| a.failed()).count() as u32
+    }
+
+    /// Attempts whose executor was lost (see [`MAX_EXECUTOR_LOSSES`]).
+    pub fn executor_losses(&self) -> u32 {
+        self.attempts
+            .iter()
+            .filter(|a| a.code == Some(FailureCode::ExecutorLost))
+            .count() as u32
+    }
+
+    /// When the current attempt, failing now with `code`, is retried; `None` when the failure
+    /// is final: not retryable, attempts exhausted, or the executor lost once too often.
+    fn retry_at(&self, code: FailureCode, retryable: bool, now: Millis) -> Option<Millis> {
         let retry = &self.submission.retry;
-        (retryable && (self.epoch as u32) < retry.max_attempts)
-            .then(|| now.saturating_add(retry.backoff_ms(self.epoch as u32) as i64))
+        let failed = self.failed_attempts() + 1;
+        let lost = self.executor_losses() + u32::from(code == FailureCode::ExecutorLost);
+        (retryable && failed < retry.max_attempts && lost < MAX_EXECUTOR_LOSSES)
+            .then(|| now.saturating_add(retry.backoff_ms(failed) as i64))
     }
 
     /// Decides which events a command produces. Pure: same state and command, same events.
@@ -403,6 +461,8 @@ impl JobState {
                 epoch,
                 ref error,
                 retryable,
+                code,
+                ref detail,
                 now,
             } => {
                 self.check_epoch(&cmd, epoch)?;
@@ -413,7 +473,9 @@ impl JobState {
                     epoch,
                     error: error.clone(),
                     retryable,
-                    retry_at: self.retry_at(retryable, now),
+                    retry_at: self.retry_at(code, retryable, now),
+                    code,
+                    detail: detail.clone(),
                 }))
             }
             JobCommand::ExpireLease { epoch, now } => {
@@ -423,7 +485,18 @@ impl JobState {
                 }
                 one(Event::JobLeaseExpired(JobLeaseExpired {
                     epoch,
-                    retry_at: self.retry_at(true, now),
+                    retry_at: self.retry_at(FailureCode::ExecutorLost, true, now),
+                }))
+            }
+            JobCommand::ReleaseLease { epoch, ref reason } => {
+                self.check_epoch(&cmd, epoch)?;
+                // As with a failure: the executor stopped, and a cancellation was asked for.
+                if self.cancel_requested.is_some() {
+                    return one(Event::JobCancelled(JobCancelled { epoch: Some(epoch) }));
+                }
+                one(Event::JobLeaseReleased(JobLeaseReleased {
+                    epoch,
+                    reason: reason.clone(),
                 }))
             }
             JobCommand::Cancel { ref reason } => match self.status {
@@ -463,11 +536,26 @@ impl JobState {
         }
     }
 
-    fn end_attempt(&mut self, ts: Millis, error: Option<String>) {
+    /// Ends the latest attempt at `ts`; `how` records the way it ended.
+    fn end_attempt(&mut self, ts: Millis, how: impl FnOnce(&mut Attempt)) {
         if let Some(a) = self.attempts.last_mut() {
             a.ended_at = Some(ts);
-            a.error = error;
+            how(a);
         }
+    }
+
+    fn end_attempt_failed(
+        &mut self,
+        ts: Millis,
+        error: &str,
+        code: FailureCode,
+        detail: Option<&String>,
+    ) {
+        self.end_attempt(ts, |a| {
+            a.error = Some(error.to_owned());
+            a.code = Some(code);
+            a.detail = detail.cloned();
+        });
     }
 
     fn after_failure(&mut self, retry_at: Option<Millis>) {
@@ -498,6 +586,10 @@ impl JobState {
                     started_at: None,
                     ended_at: None,
                     error: None,
+                    code: None,
+                    detail: None,
+                    released: false,
+                    release_reason: None,
                 });
             }
             Event::JobStarted(_) => {
@@ -523,20 +615,30 @@ impl JobState {
             Event::JobSucceeded(e) => {
                 self.status = JobStatus::Succeeded;
                 self.result = Some(e.result.clone());
-                self.end_attempt(ts, None);
+                self.end_attempt(ts, |_| {});
             }
             Event::JobAttemptFailed(e) => {
-                self.end_attempt(ts, Some(e.error.clone()));
+                self.end_attempt_failed(ts, &e.error, e.code, e.detail.as_ref());
                 self.after_failure(e.retry_at);
             }
             Event::JobLeaseExpired(e) => {
-                self.end_attempt(ts, Some("lease expired".to_owned()));
+                // The code is implied by the event: only a lost executor lets a lease lapse.
+                self.end_attempt_failed(ts, "lease expired", FailureCode::ExecutorLost, None);
                 self.after_failure(e.retry_at);
+            }
+            Event::JobLeaseReleased(e) => {
+                self.end_attempt(ts, |a| {
+                    a.released = true;
+                    a.release_reason = Some(e.reason.clone());
+                });
+                self.progress = None;
+                self.status = JobStatus::Queued;
+                self.not_before = None;
             }
             Event::JobCancelRequested(e) => self.cancel_requested = Some(e.reason.clone()),
             Event::JobCancelled(e) => {
                 if e.epoch.is_some() {
-                    self.end_attempt(ts, Some("cancelled".to_owned()));
+                    self.end_attempt(ts, |a| a.error = Some("cancelled".to_owned()));
                 }
                 self.status = JobStatus::Cancelled;
             }
@@ -643,7 +745,13 @@ mod tests {
                 epoch: 1,
                 error: "x".into(),
                 retryable: true,
+                code: FailureCode::Unavailable,
+                detail: None,
                 now: 0,
+            },
+            JobCommand::ReleaseLease {
+                epoch: 1,
+                reason: "x".into(),
             },
         ] {
             assert_eq!(
@@ -663,6 +771,8 @@ mod tests {
             epoch,
             error: format!("boom {epoch}"),
             retryable: true,
+            code: FailureCode::Unavailable,
+            detail: None,
             now: 1000,
         };
         let s = given(&[submitted(2), leased(1)]);
@@ -673,7 +783,9 @@ mod tests {
                 epoch: 1,
                 error: "boom 1".into(),
                 retryable: true,
-                retry_at: Some(1100)
+                retry_at: Some(1100),
+                code: FailureCode::Unavailable,
+                detail: None,
             })]
         );
         let s = given(&[submitted(2), leased(1), e1[0].clone()]);
@@ -710,6 +822,8 @@ mod tests {
             epoch: 1,
             error: "bad input".into(),
             retryable: false,
+            code: FailureCode::BadInput,
+            detail: None,
             now: 0,
         }));
         assert_eq!(
@@ -751,6 +865,8 @@ mod tests {
             epoch: 1,
             error: "stopped".into(),
             retryable: true,
+            code: FailureCode::Unclassified,
+            detail: None,
             now: 0,
         }));
         assert_eq!(
@@ -805,5 +921,250 @@ mod tests {
             s.decide(JobCommand::Start { epoch: 1 }),
             Err(Rejection::InvalidState { .. })
         ));
+    }
+
+    fn expired(epoch: u64, retry_at: Option<Millis>) -> Event {
+        Event::JobLeaseExpired(JobLeaseExpired { epoch, retry_at })
+    }
+
+    fn released(epoch: u64) -> Event {
+        Event::JobLeaseReleased(JobLeaseReleased {
+            epoch,
+            reason: "executor shutting down".into(),
+        })
+    }
+
+    fn release(epoch: u64) -> JobCommand {
+        JobCommand::ReleaseLease {
+            epoch,
+            reason: "executor shutting down".into(),
+        }
+    }
+
+    /// `events` followed by what `cmd` decides on them.
+    fn then(events: &[Event], cmd: JobCommand) -> Vec<Event> {
+        let mut all = events.to_vec();
+        all.extend(events_of(given(events).decide(cmd)));
+        all
+    }
+
+    #[test]
+    fn a_failure_records_its_code_and_detail_in_the_event_and_the_attempt() {
+        let history = [submitted(3), leased(1)];
+        let e = events_of(given(&history).decide(JobCommand::Fail {
+            epoch: 1,
+            error: "reward module trapped".into(),
+            retryable: false,
+            code: FailureCode::ModuleError,
+            detail: Some("guest_trap".into()),
+            now: 0,
+        }));
+        assert_eq!(
+            e,
+            vec![Event::JobAttemptFailed(JobAttemptFailed {
+                epoch: 1,
+                error: "reward module trapped".into(),
+                retryable: false,
+                retry_at: None,
+                code: FailureCode::ModuleError,
+                detail: Some("guest_trap".into()),
+            })]
+        );
+        let s = given(&[submitted(3), leased(1), e[0].clone()]);
+        let a = &s.attempts[0];
+        assert_eq!(
+            (
+                a.error.as_deref(),
+                a.code,
+                a.detail.as_deref(),
+                a.ended_at.is_some()
+            ),
+            (
+                Some("reward module trapped"),
+                Some(FailureCode::ModuleError),
+                Some("guest_trap"),
+                true
+            )
+        );
+    }
+
+    #[test]
+    fn an_expired_lease_ends_its_attempt_as_executor_lost() {
+        let history = then(
+            &[submitted(3), leased(1)],
+            JobCommand::ExpireLease { epoch: 1, now: 0 },
+        );
+        let s = given(&history);
+        assert_eq!(s.status, JobStatus::Queued);
+        let a = &s.attempts[0];
+        assert_eq!(
+            (a.error.as_deref(), a.code, a.detail.as_deref()),
+            (Some("lease expired"), Some(FailureCode::ExecutorLost), None)
+        );
+        assert_eq!((s.failed_attempts(), s.executor_losses()), (1, 1));
+    }
+
+    #[test]
+    fn the_third_lost_executor_fails_the_job_even_with_attempts_left() {
+        let expire = |epoch| JobCommand::ExpireLease { epoch, now: 1000 };
+        // Given a job allowed ten attempts whose executor was lost twice, with an ordinary
+        // failure in between (which is not a loss and does not reset the count)…
+        let mut history = then(&[submitted(10), leased(1)], expire(1));
+        history.push(leased(2));
+        history = then(
+            &history,
+            JobCommand::Fail {
+                epoch: 2,
+                error: "flake".into(),
+                retryable: true,
+                code: FailureCode::Unavailable,
+                detail: None,
+                now: 1000,
+            },
+        );
+        history.push(leased(3));
+        history = then(&history, expire(3));
+        assert!(
+            matches!(history.last(), Some(Event::JobLeaseExpired(e)) if e.retry_at.is_some()),
+            "the second loss is retried: {history:?}"
+        );
+        history.push(leased(4));
+        // …when its lease expires a third time…
+        let e = events_of(given(&history).decide(expire(4)));
+        // …then the expiry is final and the job fails as executor_lost.
+        assert_eq!(e, vec![expired(4, None)]);
+        history.extend(e);
+        let s = given(&history);
+        assert_eq!(s.status, JobStatus::Failed);
+        assert_eq!(s.executor_losses(), MAX_EXECUTOR_LOSSES);
+        assert_eq!(
+            s.attempts.last().and_then(|a| a.code),
+            Some(FailureCode::ExecutorLost)
+        );
+    }
+
+    #[test]
+    fn a_released_lease_requeues_at_once_and_costs_no_attempt() {
+        let running = [
+            submitted(1),
+            leased(1),
+            Event::JobStarted(JobStarted { epoch: 1 }),
+        ];
+        // When the executor releases its lease…
+        let e = events_of(given(&running).decide(release(1)));
+        assert_eq!(e, vec![released(1)]);
+        let mut history = running.to_vec();
+        history.extend(e);
+        // …then the job is queued with no backoff, the attempt is kept as released…
+        let s = given(&history);
+        assert_eq!((s.status, s.not_before), (JobStatus::Queued, None));
+        let a = &s.attempts[0];
+        assert!(a.released && a.ended_at.is_some(), "{a:?}");
+        assert_eq!((a.error.as_deref(), a.code), (None, None));
+        assert_eq!(a.release_reason.as_deref(), Some("executor shutting down"));
+        assert_eq!(s.failed_attempts(), 0);
+        // …and the next lease, at once, gets the next epoch.
+        let next = events_of(s.decide(JobCommand::Lease {
+            executor: "gpu-2".into(),
+            now: 0,
+        }));
+        assert_eq!(
+            next,
+            vec![Event::JobLeased(JobLeased {
+                epoch: 2,
+                executor: "gpu-2".into(),
+            })]
+        );
+    }
+
+    #[test]
+    fn releases_count_toward_neither_max_attempts_nor_the_backoff() {
+        let history = then(&[submitted(1), leased(1)], release(1));
+        let mut history = then(&[history, vec![leased(2)]].concat(), release(2));
+        history.push(leased(3));
+        let s = given(&history);
+        assert_eq!((s.epoch, s.attempts.len(), s.failed_attempts()), (3, 3, 0));
+        // Its one real attempt fails: retryable, but that was its one attempt.
+        let fail = |s: &JobState| {
+            events_of(s.decide(JobCommand::Fail {
+                epoch: s.epoch,
+                error: "boom".into(),
+                retryable: true,
+                code: FailureCode::Unavailable,
+                detail: None,
+                now: 1000,
+            }))
+        };
+        assert!(matches!(&fail(&s)[..], [Event::JobAttemptFailed(f)] if f.retry_at.is_none()));
+
+        // With two attempts allowed, the first failure after releases backs off by the first
+        // step (100 ms), not by one step per lease.
+        let two = [
+            &[submitted(2), leased(1), released(1), leased(2), released(2)][..],
+            &[leased(3)],
+        ]
+        .concat();
+        assert!(matches!(&fail(&given(&two))[..],
+            [Event::JobAttemptFailed(f)] if f.retry_at == Some(1100)));
+    }
+
+    #[test]
+    fn only_a_held_job_can_be_released_and_only_under_its_epoch() {
+        let s = given(&[submitted(3), leased(1), expired(1, Some(0)), leased(2)]);
+        assert_eq!(
+            s.decide(release(1)),
+            Err(Rejection::StaleEpoch {
+                job: s.id.clone(),
+                given: 1,
+                current: 2
+            })
+        );
+        let queued = given(&[submitted(3)]);
+        let requeued = given(&[submitted(3), leased(1), released(1)]);
+        let succeeded = given(&[
+            submitted(3),
+            leased(1),
+            Event::JobSucceeded(JobSucceeded {
+                epoch: 1,
+                result: JobResult::Ingest(IngestResult {
+                    dataset: "d1".parse().expect("id"),
+                    output: match output() {
+                        JobOutput::Ingest(o) => o,
+                        _ => unreachable!("output() is an ingest"),
+                    },
+                }),
+            }),
+        ]);
+        let failed = given(&[submitted(1), leased(1), expired(1, None)]);
+        for (s, status) in [
+            (queued, "queued"),
+            (requeued, "queued"),
+            (succeeded, "succeeded"),
+            (failed, "failed"),
+        ] {
+            assert_eq!(
+                s.decide(release(1)),
+                Err(Rejection::InvalidState {
+                    job: s.id.clone(),
+                    status,
+                    action: "release the lease of"
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn releasing_a_job_whose_cancellation_was_requested_cancels_it() {
+        let s = given(&[
+            submitted(3),
+            leased(1),
+            Event::JobCancelRequested(JobCancelRequested {
+                reason: "user".into(),
+            }),
+        ]);
+        assert_eq!(
+            events_of(s.decide(release(1))),
+            vec![Event::JobCancelled(JobCancelled { epoch: Some(1) })]
+        );
     }
 }

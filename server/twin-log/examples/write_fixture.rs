@@ -1,8 +1,10 @@
-//! Writes the schema fixture `tests/fixtures/log-v1`: a small log in this build's event schema.
+//! Writes a schema fixture: a small log in this build's event schema (see
+//! `tests/fixtures/README.md` for which build wrote which fixture).
 //!
-//! Run from the repository root: `cargo run -p twin-log --example write_fixture -- server/twin-log/tests/fixtures/log-v1`.
-//! Regenerate only when starting a new fixture for a new schema version; old fixtures stay
-//! committed as they are, since their point is to be replayed by later builds.
+//! Run from the repository root: `cargo run -p twin-log --example write_fixture -- server/twin-log/tests/fixtures/log-vN`.
+//! Run it only to start a new fixture for a new schema version; old fixtures stay committed as
+//! they are, since their point is to be replayed by later builds. Extend the events below with
+//! whatever the new version added, so the new fixture records it.
 
 #![allow(clippy::unwrap_used)]
 
@@ -50,10 +52,12 @@ async fn main() {
     let manifest = BlobHash::of(b"fixture manifest");
     let j1: twin_core::JobId = "01fixturejob0000000000one".parse().unwrap();
     let j2: twin_core::JobId = "01fixturejob0000000000two".parse().unwrap();
+    let j3: twin_core::JobId = "01fixturejob000000000lost".parse().unwrap();
     let d1: twin_core::DatasetId = "01fixturedataset00000000one".parse().unwrap();
     let exp = StreamName::Experiment("fixture".parse().unwrap());
     let s1 = StreamName::Job(j1.clone());
     let s2 = StreamName::Job(j2.clone());
+    let s3 = StreamName::Job(j3.clone());
     let batches: Vec<Vec<(StreamName, Event)>> = vec![
         vec![(
             exp.clone(),
@@ -89,9 +93,11 @@ async fn main() {
             s1.clone(),
             Event::JobAttemptFailed(JobAttemptFailed {
                 epoch: 1,
-                error: "device lost".into(),
+                error: "out of memory; lower batch_size".into(),
                 retryable: true,
                 retry_at: Some(1_000),
+                code: twin_core::FailureCode::OutOfMemory,
+                detail: Some("batch_size=64".into()),
             }),
         )],
         vec![(
@@ -101,11 +107,25 @@ async fn main() {
                 executor: "gpu-b".into(),
             }),
         )],
-        vec![(s1.clone(), Event::JobStarted(JobStarted { epoch: 2 }))],
+        vec![(
+            s1.clone(),
+            Event::JobLeaseReleased(JobLeaseReleased {
+                epoch: 2,
+                reason: "executor shutting down".into(),
+            }),
+        )],
+        vec![(
+            s1.clone(),
+            Event::JobLeased(JobLeased {
+                epoch: 3,
+                executor: "gpu-c".into(),
+            }),
+        )],
+        vec![(s1.clone(), Event::JobStarted(JobStarted { epoch: 3 }))],
         vec![(
             s1.clone(),
             Event::JobProgress(JobProgress {
-                epoch: 2,
+                epoch: 3,
                 message: "half".into(),
                 fraction: Some(0.5),
                 counters: BTreeMap::from([("images".into(), 2.0)]),
@@ -114,7 +134,7 @@ async fn main() {
         vec![(
             s1.clone(),
             Event::JobArtefactRecorded(JobArtefactRecorded {
-                epoch: 2,
+                epoch: 3,
                 name: "manifest".into(),
                 blob: manifest,
                 bytes: 16,
@@ -124,7 +144,7 @@ async fn main() {
             (
                 s1.clone(),
                 Event::JobSucceeded(JobSucceeded {
-                    epoch: 2,
+                    epoch: 3,
                     result: JobResult::Ingest(IngestResult {
                         dataset: d1.clone(),
                         output: IngestOutput {
@@ -161,6 +181,27 @@ async fn main() {
             }),
         )],
         vec![(s2, Event::JobCancelled(JobCancelled { epoch: None }))],
+        vec![(
+            s3.clone(),
+            Event::JobSubmitted(JobSubmitted {
+                id: j3,
+                submission: submission("vases", 0, 1),
+            }),
+        )],
+        vec![(
+            s3.clone(),
+            Event::JobLeased(JobLeased {
+                epoch: 1,
+                executor: "gpu-a".into(),
+            }),
+        )],
+        vec![(
+            s3,
+            Event::JobLeaseExpired(JobLeaseExpired {
+                epoch: 1,
+                retry_at: None,
+            }),
+        )],
     ];
     for batch in batches {
         let events = batch.iter().map(|(s, e)| new_event(s, e)).collect();

@@ -1,18 +1,18 @@
-//! Stored-format contracts: a log written by schema v1 (committed under `tests/fixtures/log-v1`,
-//! made by `examples/write_fixture.rs`) still replays, and a schema change is read through an
-//! upcaster without rewriting a byte of it.
+//! Stored-format contracts: logs written by earlier builds (committed under `tests/fixtures`,
+//! made by `examples/write_fixture.rs`) still replay, and a schema change is read through an
+//! upcaster without rewriting a byte of them.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use twin_core::event::{DecodeError, Upcaster, decode_versioned, encode_payload};
-use twin_core::{JobStatus, Projections};
+use twin_core::event::{DecodeError, JobAttemptFailed, Upcaster, decode_versioned, encode_payload};
+use twin_core::{Event, EventSchema, FailureCode, JobStatus, Projections};
 use twin_log::LogReader;
 
-/// Copies the fixture (opening sled writes to its directory; the committed copy stays pristine).
-fn fixture() -> (tempfile::TempDir, PathBuf) {
+/// Copies a fixture (opening sled writes to its directory; the committed copy stays pristine).
+fn fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
     fn copy(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).unwrap();
         for e in std::fs::read_dir(from).unwrap() {
@@ -29,20 +29,28 @@ fn fixture() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     copy(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/log-v1"),
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
         &dir,
     );
     (tmp, dir)
 }
 
-#[test]
-fn the_committed_v1_log_replays_with_this_build() {
-    let (_tmp, dir) = fixture();
-    let reader = LogReader::open(&dir).unwrap();
+/// Replays a fixture with this build, every record checked against the hash chain.
+fn replay(dir: &Path) -> Projections {
+    let reader = LogReader::open(dir).unwrap();
     let mut state = Projections::default();
     for r in reader.verified() {
         state.apply(&r.unwrap().recorded().unwrap());
     }
+    state
+}
+
+#[test]
+fn the_committed_v1_log_replays_with_this_build() {
+    let (_tmp, dir) = fixture("log-v1");
+    let state = replay(&dir);
     assert_eq!(state.last_seq, 14);
     assert!(state.anomalies.is_empty(), "{:?}", state.anomalies);
     let one = &state.jobs[&"01fixturejob0000000000one".parse().unwrap()];
@@ -50,13 +58,106 @@ fn the_committed_v1_log_replays_with_this_build() {
         (one.status, one.epoch, one.attempts.len()),
         (JobStatus::Succeeded, 2, 2)
     );
-    assert_eq!(one.attempts[0].error.as_deref(), Some("device lost"));
+    // Written before failure codes (job_attempt_failed v1): read as unclassified, message intact.
+    let first = &one.attempts[0];
+    assert_eq!(
+        (first.error.as_deref(), first.code, first.detail.as_deref()),
+        (Some("device lost"), Some(FailureCode::Unclassified), None)
+    );
+    assert_eq!(
+        (one.attempts[1].error.as_deref(), one.attempts[1].code),
+        (None, None),
+        "the attempt that succeeded has no failure"
+    );
+    assert_eq!(one.failed_attempts(), 1);
     assert_eq!(one.submission.priority, 5);
     let two = &state.jobs[&"01fixturejob0000000000two".parse().unwrap()];
     assert_eq!(two.status, JobStatus::Cancelled);
     let dataset = state.datasets.values().next().unwrap();
     assert_eq!((dataset.name.as_str(), dataset.images), ("mugs", 4));
     assert_eq!(state.experiments.values().next().unwrap().jobs.len(), 2);
+}
+
+#[test]
+fn the_v1_attempt_failure_is_a_v1_record_read_through_the_production_upcaster() {
+    let (_tmp, dir) = fixture("log-v1");
+    let reader = LogReader::open(&dir).unwrap();
+    let failed: Vec<_> = reader
+        .verified()
+        .map(Result::unwrap)
+        .filter(|r| r.event_type == "job_attempt_failed")
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(
+        failed[0].schema_version, 1,
+        "the fixture predates failure codes"
+    );
+    let event = Event::decode("job_attempt_failed", 1, &failed[0].payload).unwrap();
+    assert_eq!(
+        event,
+        Event::JobAttemptFailed(JobAttemptFailed {
+            epoch: 1,
+            error: "device lost".into(),
+            retryable: true,
+            retry_at: Some(1_000),
+            code: FailureCode::Unclassified,
+            detail: None,
+        })
+    );
+}
+
+#[test]
+fn the_committed_v2_log_replays_with_this_build() {
+    let (_tmp, dir) = fixture("log-v2");
+    let versions: Vec<(String, u16)> = LogReader::open(&dir)
+        .unwrap()
+        .verified()
+        .map(|r| r.map(|r| (r.event_type, r.schema_version)).unwrap())
+        .filter(|(t, _)| t == "job_attempt_failed" || t == "job_lease_released")
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            ("job_attempt_failed".to_owned(), 2),
+            ("job_lease_released".to_owned(), 1)
+        ]
+    );
+    let state = replay(&dir);
+    assert_eq!(state.last_seq, 19);
+    assert!(state.anomalies.is_empty(), "{:?}", state.anomalies);
+
+    // A failure with its code and detail, a released lease, then the attempt that succeeded.
+    let one = &state.jobs[&"01fixturejob0000000000one".parse().unwrap()];
+    assert_eq!(
+        (
+            one.status,
+            one.epoch,
+            one.attempts.len(),
+            one.failed_attempts()
+        ),
+        (JobStatus::Succeeded, 3, 3, 1)
+    );
+    let oom = &one.attempts[0];
+    assert_eq!(
+        (oom.code, oom.detail.as_deref(), oom.error.as_deref()),
+        (
+            Some(FailureCode::OutOfMemory),
+            Some("batch_size=64"),
+            Some("out of memory; lower batch_size")
+        )
+    );
+    let released = &one.attempts[1];
+    assert!(released.released && released.error.is_none() && released.code.is_none());
+    assert_eq!(
+        released.release_reason.as_deref(),
+        Some("executor shutting down")
+    );
+
+    // An expired lease with no attempts left: failed, its executor lost.
+    let lost = &state.jobs[&"01fixturejob000000000lost".parse().unwrap()];
+    assert_eq!(lost.status, JobStatus::Failed);
+    assert_eq!(lost.attempts[0].code, Some(FailureCode::ExecutorLost));
+    assert_eq!(lost.attempts[0].error.as_deref(), Some("lease expired"));
 }
 
 // --- A schema change, as a later build would make it ---
@@ -111,7 +212,7 @@ const UPCASTERS_V2: &[Upcaster] = &[Upcaster {
 
 #[test]
 fn a_schema_change_reads_the_v1_log_through_its_upcaster() {
-    let (_tmp, dir) = fixture();
+    let (_tmp, dir) = fixture("log-v1");
     let reader = LogReader::open(&dir).unwrap();
     let submitted: Vec<JobSubmittedV2> = reader
         .verified()

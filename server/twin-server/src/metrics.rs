@@ -1,10 +1,11 @@
-//! Prometheus metrics: jobs by state, log appends and their latency, leases, HTTP latency by route.
+//! Prometheus metrics: jobs by state, log appends and their latency, leases, failed attempts by
+//! failure code, HTTP latency by route.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGaugeVec, Opts, Registry,
-    TextEncoder, exponential_buckets,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder, exponential_buckets,
 };
-use twin_core::Projections;
+use twin_core::{FailureCode, Projections};
 use twin_log::{BatchStats, LogObserver};
 
 pub struct Metrics {
@@ -16,6 +17,8 @@ pub struct Metrics {
     pub log_fsync_seconds: Histogram,
     pub log_append_failures: IntCounter,
     pub lease_expiries: IntCounter,
+    /// Attempts that ended in failure, labelled `code` (a closed set: `FailureCode::ALL`).
+    pub attempt_failures: IntCounterVec,
     pub stale_epoch_refusals: IntCounter,
     pub executor_restarts: IntCounter,
     pub http_seconds: HistogramVec,
@@ -50,8 +53,16 @@ impl Metrics {
             ),
             lease_expiries: counter(
                 "lease_expiries_total",
-                "Leases that lapsed without a heartbeat",
+                "Leases expired: lapsed without a heartbeat, or their executor died",
             ),
+            attempt_failures: IntCounterVec::new(
+                Opts::new(
+                    "attempt_failures_total",
+                    "Job attempts that ended in failure, by failure code (an expired lease is executor_lost)",
+                ),
+                &["code"],
+            )
+            .expect("valid metric"),
             stale_epoch_refusals: counter(
                 "stale_epoch_refusals_total",
                 "Executor calls refused for a stale epoch",
@@ -68,7 +79,12 @@ impl Metrics {
             .expect("valid metric"),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        // Every code from the start: a series that appears only on the first failure of its
+        // kind makes `rate()` miss that failure.
+        for code in FailureCode::ALL {
+            m.attempt_failures.with_label_values(&[code.as_str()]);
+        }
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
             Box::new(m.jobs.clone()),
             Box::new(m.log_records.clone()),
             Box::new(m.log_batches.clone()),
@@ -76,6 +92,7 @@ impl Metrics {
             Box::new(m.log_fsync_seconds.clone()),
             Box::new(m.log_append_failures.clone()),
             Box::new(m.lease_expiries.clone()),
+            Box::new(m.attempt_failures.clone()),
             Box::new(m.stale_epoch_refusals.clone()),
             Box::new(m.executor_restarts.clone()),
             Box::new(m.http_seconds.clone()),

@@ -7,7 +7,8 @@
 //!
 //! Leases: deadlines live in memory (heartbeats are not events: they would swamp the log); the
 //! lease's grant, epoch and end are events. After a restart every held job gets a fresh full TTL.
-//! The reaper ([`Service::reap`]) expires lapsed leases through the same state machine.
+//! The reaper ([`Service::reap`]) expires lapsed leases through the same state machine, and so
+//! does [`Service::expire_leases_of`] at once for an executor known to be dead.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -23,7 +24,8 @@ use twin_core::job::{self, JobCommand, JobState};
 use twin_core::projection::ModuleInfo;
 use twin_core::spec::JobSpec;
 use twin_core::{
-    BlobHash, Event, ExperimentId, JobId, JobSubmission, Millis, Projections, StreamName,
+    BlobHash, Event, ExperimentId, FailureCode, JobId, JobSubmission, Millis, Projections,
+    StreamName,
 };
 use twin_log::{
     AppendRequest, Appended, BlobStore, Expected, Idempotency, Log, LogConfig, StoredRecord,
@@ -209,6 +211,14 @@ impl Service {
             if events.is_empty() {
                 return Ok(state);
             }
+            let failures: Vec<FailureCode> = events
+                .iter()
+                .filter_map(|(_, e)| match e {
+                    Event::JobAttemptFailed(f) => Some(f.code),
+                    Event::JobLeaseExpired(_) => Some(FailureCode::ExecutorLost),
+                    _ => None,
+                })
+                .collect();
             let stream = StreamName::Job(id.clone()).to_string();
             match self
                 .append(
@@ -220,6 +230,12 @@ impl Service {
                 .await
             {
                 Ok(_) => {
+                    for code in failures {
+                        self.metrics
+                            .attempt_failures
+                            .with_label_values(&[code.as_str()])
+                            .inc();
+                    }
                     let after = self.job(id)?;
                     if !after.status.is_held() {
                         self.forget_lease(id, after.epoch);
@@ -662,7 +678,8 @@ impl Service {
             | JobCommand::Progress { epoch, .. }
             | JobCommand::RecordArtefact { epoch, .. }
             | JobCommand::Complete { epoch, .. }
-            | JobCommand::Fail { epoch, .. } => Some(*epoch),
+            | JobCommand::Fail { epoch, .. }
+            | JobCommand::ReleaseLease { epoch, .. } => Some(*epoch),
             _ => None,
         };
         if let Some(epoch) = epoch {
@@ -728,29 +745,61 @@ impl Service {
                 .lock()
                 .get(&id)
                 .is_some_and(|(e, d)| *e == epoch && *d <= Instant::now());
-            if !still_lapsed {
-                continue;
-            }
-            match self
-                .execute(&id, "system", |_| JobCommand::ExpireLease {
-                    epoch,
-                    now: now_ms(),
-                })
-                .await
-            {
-                Ok(after) => {
-                    expired += 1;
-                    self.metrics.lease_expiries.inc();
-                    tracing::warn!(job = %id, epoch, status = after.status.as_str(), "lease expired");
-                }
-                Err(e) => {
-                    // The job moved on (finished, or a newer epoch): the deadline is stale.
-                    self.forget_lease(&id, epoch);
-                    tracing::debug!(job = %id, error = %e, "lease not expired");
-                }
+            if still_lapsed && self.expire_lease(&id, epoch, "lapsed").await {
+                expired += 1;
             }
         }
         expired
+    }
+
+    /// Expires at once every lease the executor named `executor` holds, and returns those jobs.
+    /// For a caller that knows the executor is dead (the process supervisor saw its child exit):
+    /// waiting out the TTL would only delay the retry. The expiry goes through the same
+    /// `ExpireLease` command as the reaper's, so each attempt ends as `executor_lost` and the
+    /// executor-loss limit applies. A lease that moved on meanwhile is left alone.
+    pub async fn expire_leases_of(&self, executor: &str) -> Vec<JobId> {
+        let held: Vec<(JobId, u64)> = self.read(|p| {
+            p.jobs
+                .values()
+                .filter(|j| j.status.is_held())
+                .filter(|j| {
+                    j.attempts
+                        .last()
+                        .is_some_and(|a| a.epoch == j.epoch && a.executor == executor)
+                })
+                .map(|j| (j.id.clone(), j.epoch))
+                .collect()
+        });
+        let mut expired = Vec::new();
+        for (id, epoch) in held {
+            if self.expire_lease(&id, epoch, "executor gone").await {
+                expired.push(id);
+            }
+        }
+        expired
+    }
+
+    /// Expires lease `epoch` of job `id` as the system; false when the job moved on.
+    async fn expire_lease(&self, id: &JobId, epoch: u64, why: &'static str) -> bool {
+        match self
+            .execute(id, "system", |_| JobCommand::ExpireLease {
+                epoch,
+                now: now_ms(),
+            })
+            .await
+        {
+            Ok(after) => {
+                self.metrics.lease_expiries.inc();
+                tracing::warn!(job = %id, epoch, why, status = after.status.as_str(), "lease expired");
+                true
+            }
+            Err(e) => {
+                // The job moved on (finished, or a newer epoch): the deadline is stale.
+                self.forget_lease(id, epoch);
+                tracing::debug!(job = %id, error = %e, "lease not expired");
+                false
+            }
+        }
     }
 
     pub fn executors(&self) -> Vec<ExecutorSeen> {

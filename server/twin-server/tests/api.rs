@@ -564,6 +564,8 @@ async fn only_the_lease_holder_may_act_on_a_lease() {
     assert_error(&call!(h, heartbeat), 409, "not_lease_holder", "gpu-a");
     let fail = as_b("fail", json!({"epoch": 1, "error": "not mine"}));
     assert_error(&call!(h, fail), 409, "not_lease_holder", "gpu-a");
+    let release = as_b("release", json!({"epoch": 1}));
+    assert_error(&call!(h, release), 409, "not_lease_holder", "gpu-a");
     let mine = TestRequest::post()
         .uri(&format!("/v1/jobs/{id}/start"))
         .insert_header(("authorization", "Bearer a-secret"))
@@ -649,4 +651,324 @@ async fn eval_submissions_are_checked_and_pinned_at_submission() {
             "{name} is missing from the document"
         );
     }
+}
+
+fn lease_req(executor: &str) -> TestRequest {
+    TestRequest::post()
+        .uri("/v1/executors/lease")
+        .set_json(json!({"executor": executor, "capabilities": {"kinds": ["ingest"]}}))
+}
+
+fn verb(id: &str, verb: &str, body: Value) -> TestRequest {
+    TestRequest::post()
+        .uri(&format!("/v1/jobs/{id}/{verb}"))
+        .set_json(body)
+}
+
+/// Submits an ingest job with these top-level fields (retry, priority); returns its id.
+async fn submit_with(h: &Harness, fields: Value) -> String {
+    let mut body = ingest("d");
+    for (k, v) in fields.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let job = call!(h, TestRequest::post().uri("/v1/jobs").set_json(body));
+    assert_eq!(job.0, StatusCode::CREATED, "{:?}", job.1);
+    job.1["id"].as_str().unwrap().to_owned()
+}
+
+/// The job's events, as the API lists them.
+async fn job_events(h: &Harness, id: &str) -> Vec<Value> {
+    let page = call!(
+        h,
+        TestRequest::get().uri(&format!("/v1/events?prefix=job/{id}"))
+    );
+    page.1["events"].as_array().unwrap().clone()
+}
+
+#[actix_web::test]
+async fn a_released_lease_is_leased_again_at_once_with_the_next_epoch() {
+    let h = harness(&[]);
+    // One attempt, and a backoff long enough that a wrongly counted release would show.
+    let id = submit_with(
+        &h,
+        json!({"retry": {"max_attempts": 1, "backoff_initial_ms": 60000, "backoff_max_ms": 60000}}),
+    )
+    .await;
+    assert_error(
+        &call!(h, verb(&id, "release", json!({"epoch": 0}))),
+        409,
+        "invalid_state",
+        "queued",
+    );
+    for epoch in [1u64, 2] {
+        let lease = call!(h, lease_req("e1"));
+        assert_eq!(lease.1["epoch"], epoch, "{:?}", lease.1);
+        let start = call!(h, verb(&id, "start", json!({"epoch": epoch})));
+        assert_eq!(start.1["status"], "running");
+        let released = call!(
+            h,
+            verb(
+                &id,
+                "release",
+                json!({"epoch": epoch, "reason": "executor shutting down"})
+            )
+        );
+        assert_eq!(released.0, StatusCode::OK, "{:?}", released.1);
+        assert_eq!(released.1["status"], "queued");
+        assert_eq!(released.1["not_before"], Value::Null, "no backoff");
+        let attempt = &released.1["attempts"][epoch as usize - 1];
+        assert_eq!(attempt["released"], true);
+        assert_eq!(attempt["release_reason"], "executor shutting down");
+        assert_eq!(
+            (&attempt["error"], &attempt["code"]),
+            (&Value::Null, &Value::Null)
+        );
+    }
+    // A late call under a released epoch is fenced like any other.
+    assert_error(
+        &call!(h, verb(&id, "release", json!({"epoch": 1}))),
+        409,
+        "invalid_state",
+        "queued",
+    );
+    let lease = call!(h, lease_req("e2"));
+    assert_eq!(lease.1["epoch"], 3, "leased again at once: {:?}", lease.1);
+    assert_error(
+        &call!(h, verb(&id, "release", json!({"epoch": 2}))),
+        409,
+        "stale_epoch",
+        "epoch 2",
+    );
+    assert_error(
+        &call!(h, verb(&id, "release", json!({"epoch": 3, "why": "x"}))),
+        400,
+        "invalid_body",
+        "why",
+    );
+    // Released without a reason: the caller is named.
+    let released = call!(h, verb(&id, "release", json!({"epoch": 3})));
+    assert_eq!(
+        released.1["attempts"][2]["release_reason"],
+        "released by local"
+    );
+    // Three leases released, and the job still gets its one real attempt.
+    let lease = call!(h, lease_req("e2"));
+    assert_eq!(lease.1["epoch"], 4);
+    let failed = call!(
+        h,
+        verb(
+            &id,
+            "fail",
+            json!({"epoch": 4, "error": "boom", "retryable": true})
+        )
+    );
+    assert_eq!(failed.1["status"], "failed", "{:?}", failed.1);
+    let events = job_events(&h, &id).await;
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types.iter().filter(|t| **t == "job_lease_released").count(),
+        3,
+        "{types:?}"
+    );
+}
+
+#[actix_web::test]
+async fn a_failure_code_reaches_the_attempt_the_event_and_the_metrics() {
+    let h = harness(&[]);
+    let id = submit_with(&h, json!({"retry": {"max_attempts": 1}})).await;
+    assert_eq!(call!(h, lease_req("e1")).1["epoch"], 1);
+    assert_error(
+        &call!(
+            h,
+            verb(
+                &id,
+                "fail",
+                json!({"epoch": 1, "error": "x", "code": "flaky"})
+            )
+        ),
+        400,
+        "invalid_body",
+        "unknown variant `flaky`, expected one of `bad_input`",
+    );
+    let long_detail = "d".repeat(4 * 1024 + 1);
+    assert_error(
+        &call!(
+            h,
+            verb(
+                &id,
+                "fail",
+                json!({"epoch": 1, "error": "x", "code": "module_error", "detail": long_detail})
+            )
+        ),
+        400,
+        "invalid_body",
+        "detail: at most 4096 bytes",
+    );
+    // A long message is kept, cut to 16 KiB on a character boundary ("é" is two bytes).
+    let long_error = format!("x{}", "é".repeat(10_000));
+    let failed = call!(
+        h,
+        verb(
+            &id,
+            "fail",
+            json!({"epoch": 1, "error": long_error, "code": "module_error", "detail": "guest_trap"})
+        )
+    );
+    assert_eq!(failed.0, StatusCode::OK, "{:?}", failed.1);
+    let attempt = &failed.1["attempts"][0];
+    assert_eq!(attempt["code"], "module_error");
+    assert_eq!(attempt["detail"], "guest_trap");
+    let kept = attempt["error"].as_str().unwrap();
+    assert_eq!(kept.len(), 16 * 1024 - 1, "cut before the split character");
+    assert!(long_error.starts_with(kept));
+
+    let events = job_events(&h, &id).await;
+    let failure = events
+        .iter()
+        .find(|e| e["type"] == "job_attempt_failed")
+        .unwrap();
+    assert_eq!(failure["data"]["code"], "module_error");
+    assert_eq!(failure["data"]["detail"], "guest_trap");
+
+    let metrics = h.svc.read(|p| h.svc.metrics.render(p));
+    assert!(
+        metrics.contains(r#"twin_attempt_failures_total{code="module_error"} 1"#),
+        "{metrics}"
+    );
+    for code in twin_core::FailureCode::ALL {
+        assert!(
+            metrics.contains(&format!(r#"twin_attempt_failures_total{{code="{code}"}}"#)),
+            "every code has a series from the start: {code}"
+        );
+    }
+}
+
+#[actix_web::test]
+async fn an_older_executors_failure_is_recorded_as_unclassified() {
+    let h = harness(&[]);
+    let id = submit_with(&h, json!({"retry": {"max_attempts": 1}})).await;
+    call!(h, lease_req("e1"));
+    let failed = call!(h, verb(&id, "fail", json!({"epoch": 1, "error": "old"})));
+    assert_eq!(failed.1["attempts"][0]["code"], "unclassified");
+    assert_eq!(failed.1["attempts"][0]["detail"], Value::Null);
+}
+
+#[actix_web::test]
+async fn a_dead_executors_leases_expire_at_once_and_the_third_loss_is_final() {
+    let h = harness(&[]);
+    let retry = json!({"max_attempts": 10, "backoff_initial_ms": 0, "backoff_max_ms": 0});
+    // The doomed job goes first whenever it is queued.
+    let doomed = submit_with(&h, json!({"retry": retry, "priority": 5})).await;
+    let bystander = submit_with(&h, json!({"retry": retry, "priority": 0})).await;
+    assert_eq!(call!(h, lease_req("gpu-b")).1["job"]["id"], doomed);
+    assert_eq!(call!(h, lease_req("gpu-a")).1["job"]["id"], bystander);
+    let expired = h.svc.expire_leases_of("gpu-a").await;
+    assert_eq!(
+        expired.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+        [bystander.as_str()]
+    );
+    let job = h.svc.get_job(&bystander).unwrap();
+    assert_eq!(job.status, twin_core::JobStatus::Queued);
+    assert_eq!(
+        (job.attempts[0].code, job.attempts[0].error.as_deref()),
+        (
+            Some(twin_core::FailureCode::ExecutorLost),
+            Some("lease expired")
+        )
+    );
+    assert_eq!(
+        h.svc.get_job(&doomed).unwrap().status,
+        twin_core::JobStatus::Leased,
+        "another executor's lease is untouched"
+    );
+    assert!(
+        h.svc.expire_leases_of("gpu-a").await.is_empty(),
+        "nothing left to expire"
+    );
+
+    // The doomed job kills its executor every time: the third loss fails it for good, although
+    // ten attempts were allowed.
+    h.svc.expire_leases_of("gpu-b").await;
+    for executor in ["gpu-c", "gpu-d"] {
+        let lease = call!(h, lease_req(executor));
+        assert_eq!(lease.1["job"]["id"], doomed);
+        call!(
+            h,
+            verb(&doomed, "start", json!({"epoch": lease.1["epoch"]}))
+        );
+        assert_eq!(h.svc.expire_leases_of(executor).await.len(), 1);
+    }
+    let job = h.svc.get_job(&doomed).unwrap();
+    assert_eq!(
+        job.status,
+        twin_core::JobStatus::Failed,
+        "{:?}",
+        job.attempts
+    );
+    assert_eq!(job.executor_losses(), twin_core::job::MAX_EXECUTOR_LOSSES);
+    let events = job_events(&h, &doomed).await;
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "job_lease_expired");
+    assert_eq!(last["data"]["retry_at"], Value::Null);
+    let metrics = h.svc.read(|p| h.svc.metrics.render(p));
+    assert!(
+        metrics.contains(r#"twin_attempt_failures_total{code="executor_lost"} 4"#),
+        "{metrics}"
+    );
+}
+
+#[actix_web::test]
+async fn the_client_releases_and_reports_failure_codes_over_http() {
+    let h = harness(&[]);
+    let (svc, auth) = (h.svc.clone(), h.auth.clone());
+    let server = actix_web::HttpServer::new(move || api::app(svc.clone(), auth.clone(), LIMITS))
+        .workers(1)
+        .bind(("127.0.0.1", 0))
+        .unwrap();
+    let url = format!("http://{}", server.addrs()[0]);
+    let server = server.run();
+    let stop = server.handle();
+    actix_web::rt::spawn(server);
+
+    let client = twin_client::Client::new(&url, None).unwrap();
+    let id = submit_with(&h, json!({"retry": {"max_attempts": 1}})).await;
+    let request = twin_core::api::LeaseRequest {
+        executor: "e1".into(),
+        capabilities: twin_core::api::Capabilities {
+            kinds: [twin_core::JobKind::Ingest].into(),
+            ..Default::default()
+        },
+        wait_ms: 0,
+    };
+    let grant = client.lease(&request).await.unwrap().unwrap();
+    let body = twin_core::api::ReleaseBody {
+        epoch: grant.epoch,
+        reason: Some("draining".into()),
+    };
+    let job = client.release(&id, &body).await.unwrap();
+    assert_eq!(job.status, twin_core::JobStatus::Queued);
+    assert!(job.attempts[0].released);
+    let stale = client.release(&id, &body).await.unwrap_err();
+    assert_eq!(stale.code(), Some("invalid_state"), "{stale}");
+
+    let grant = client.lease(&request).await.unwrap().unwrap();
+    assert_eq!(grant.epoch, 2);
+    let fail = twin_core::api::FailBody {
+        epoch: 2,
+        error: "model weights missing".into(),
+        retryable: false,
+        code: twin_core::FailureCode::ModelError,
+        detail: Some("config.json".into()),
+    };
+    let job = client.fail(&id, &fail).await.unwrap();
+    assert_eq!(job.status, twin_core::JobStatus::Failed);
+    let last = job.attempts.last().unwrap();
+    assert_eq!(
+        (last.code, last.detail.as_deref()),
+        (
+            Some(twin_core::FailureCode::ModelError),
+            Some("config.json")
+        )
+    );
+    stop.stop(true).await;
 }

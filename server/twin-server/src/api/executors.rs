@@ -1,10 +1,10 @@
-//! The executor protocol: lease, start, heartbeat, progress, artefacts, complete, fail.
+//! The executor protocol: lease, start, heartbeat, progress, artefacts, complete, fail, release.
 //! Every call after the lease carries the lease's epoch; a stale epoch gets 409 `stale_epoch`.
 
 use actix_web::{HttpResponse, post, web};
 use twin_core::api::{
     ArtefactBody, CompleteBody, EpochBody, FailBody, HeartbeatResponse, LeaseGrant, LeaseRequest,
-    ProgressBody,
+    ProgressBody, ReleaseBody,
 };
 use twin_core::job::{JobCommand, JobState};
 
@@ -19,7 +19,8 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
         .service(progress)
         .service(artefact)
         .service(complete)
-        .service(fail);
+        .service(fail)
+        .service(release);
 }
 
 /// Leases the best queued job this executor can run (priority, then age), waiting up to
@@ -145,9 +146,9 @@ async fn complete(
     svc.job_command(actor, &id, cmd).await.map(web::Json)
 }
 
-/// Fails the attempt; retried with backoff when `retryable` and attempts remain. After a
-/// cancellation request this ends the job as cancelled.
-#[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = FailBody, responses((status = 200, body = JobState), (status = 409)))]
+/// Fails the attempt with a failure code and message; retried with backoff when `retryable` and
+/// attempts remain. After a cancellation request this ends the job as cancelled.
+#[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = FailBody, responses((status = 200, body = JobState), (status = 400), (status = 409)))]
 #[post("/jobs/{id}/fail")]
 async fn fail(
     caller: Caller,
@@ -157,12 +158,72 @@ async fn fail(
 ) -> Result<web::Json<JobState>, ApiError> {
     let actor = caller.require(Role::Execute)?;
     let b = body.into_inner();
-    let error: String = b.error.chars().take(16 * 1024).collect();
+    if let Some(detail) = b.detail.as_ref()
+        && detail.len() > FailBody::MAX_DETAIL_BYTES
+    {
+        return Err(ApiError::InvalidBody(format!(
+            "detail: at most {} bytes, got {}",
+            FailBody::MAX_DETAIL_BYTES,
+            detail.len()
+        )));
+    }
     let cmd = JobCommand::Fail {
         epoch: b.epoch,
-        error,
+        error: truncate_utf8(b.error, FailBody::MAX_ERROR_BYTES),
         retryable: b.retryable,
+        code: b.code,
+        detail: b.detail,
         now: now_ms(),
     };
     svc.job_command(actor, &id, cmd).await.map(web::Json)
+}
+
+/// Gives the job back unfinished (the executor is shutting down): it is queued again at once,
+/// with no backoff, and the attempt counts against no limit. After a cancellation request this
+/// ends the job as cancelled.
+#[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = ReleaseBody, responses((status = 200, body = JobState), (status = 409)))]
+#[post("/jobs/{id}/release")]
+async fn release(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+    body: web::Json<ReleaseBody>,
+) -> Result<web::Json<JobState>, ApiError> {
+    let actor = caller.require(Role::Execute)?;
+    let b = body.into_inner();
+    let reason = b
+        .reason
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| format!("released by {actor}"));
+    let cmd = JobCommand::ReleaseLease {
+        epoch: b.epoch,
+        reason: truncate_utf8(reason, ReleaseBody::MAX_REASON_BYTES),
+    };
+    svc.job_command(actor, &id, cmd).await.map(web::Json)
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn truncate_utf8(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate_utf8;
+
+    #[test]
+    fn truncation_keeps_whole_characters_within_the_limit() {
+        assert_eq!(truncate_utf8("short".into(), 16), "short");
+        assert_eq!(truncate_utf8("abcdef".into(), 3), "abc");
+        // "é" is two bytes: a cut through it keeps the characters before it.
+        assert_eq!(truncate_utf8("aéb".into(), 2), "a");
+        assert_eq!(truncate_utf8("aéb".into(), 3), "aé");
+    }
 }
