@@ -1,4 +1,4 @@
-//! The lease loop and the context a stage runs in.
+//! The lease loop: leases, heartbeats, cancellation and reports around each stage's run.
 //!
 //! Loop (one per executor): ask the server for a job (long poll), mark it started, run its stage
 //! on a blocking thread while a heartbeat task keeps the lease alive, then report completion or
@@ -6,162 +6,24 @@
 //! when the server asks for cancellation or refuses the epoch (the lease was lost: the result is
 //! then discarded, never reported). The loop stops when `shutdown` turns true, after the current
 //! job: a job cut short by a stopping executor is simply re-leased after its lease expires.
+//!
+//! Each attempt's stage gets a [`StageContext`] over HTTP that knows the artefacts earlier
+//! attempts recorded, so it resumes where they stopped. A stage's failure is reported with its
+//! code and detail; a stage that panics is reported as `internal`. The test-only hook
+//! `TWIN_FAULT_ABORT_IN` (see `twin_stage::fault`) acts where a stage is invoked.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tracing::Instrument;
 use twin_client::{Client, ClientError};
-use twin_core::api::{
-    ArtefactBody, Capabilities, CompleteBody, FailBody, LeaseGrant, LeaseRequest, ProgressBody,
-};
+use twin_core::api::{Capabilities, CompleteBody, FailBody, LeaseGrant, LeaseRequest};
 use twin_core::event::JobOutput;
 use twin_core::job::JobState;
-use twin_core::{BlobHash, JobKind};
-
-/// A failure of a stage: `retryable` failures are retried by the server with backoff.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct StageError {
-    pub message: String,
-    pub retryable: bool,
-}
-
-impl StageError {
-    /// Bad input: retrying cannot help.
-    pub fn permanent(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: false,
-        }
-    }
-    /// A transient fault (the server unreachable, a busy device).
-    pub fn transient(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: true,
-        }
-    }
-}
-
-/// One job kind's work. `run` is called on a blocking thread; long work checks
-/// [`StageContext::is_cancelled`] between steps.
-pub trait Stage: Send + Sync + 'static {
-    fn kind(&self) -> JobKind;
-    fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError>;
-}
-
-/// Every stage this build has; `plugins` runs the Wasm modules of `score`, `mine` and `eval`
-/// jobs. Without the `ml` feature (no libtorch) there is no `mine` or `eval` stage.
-pub fn default_stages(plugins: Arc<twin_plugins::Host>) -> Vec<Arc<dyn Stage>> {
-    vec![
-        Arc::new(crate::IngestStage),
-        Arc::new(crate::ScoreStage::new(plugins.clone())),
-        #[cfg(feature = "ml")]
-        Arc::new(crate::mine::MineStage::new(plugins.clone())),
-        #[cfg(feature = "ml")]
-        Arc::new(crate::eval::EvalStage::new(plugins)),
-        Arc::new(crate::build::BuildDatasetStage),
-    ]
-}
-
-/// What a running stage may do: report progress, store blobs, record artefacts, see cancellation.
-pub struct StageContext {
-    client: Client,
-    job: String,
-    epoch: u64,
-    rt: Handle,
-    cancel: Arc<AtomicBool>,
-}
-
-impl StageContext {
-    pub fn is_cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
-    }
-
-    /// Best effort: a lost progress event is not worth failing the job for.
-    pub fn progress(&self, message: &str, fraction: Option<f64>, counters: BTreeMap<String, f64>) {
-        let body = ProgressBody {
-            epoch: self.epoch,
-            message: message.to_owned(),
-            fraction,
-            counters,
-        };
-        if let Err(e) = self.rt.block_on(self.client.progress(&self.job, &body)) {
-            tracing::warn!(job = %self.job, error = %e, "progress not recorded");
-        }
-    }
-
-    /// Stores bytes in the server's blob store (skipped when the server already has them).
-    pub fn upload(&self, bytes: Vec<u8>) -> Result<BlobHash, StageError> {
-        let hash = BlobHash::of(&bytes);
-        let have = self
-            .rt
-            .block_on(self.client.has_blob(&hash))
-            .map_err(transient)?;
-        if !have {
-            let stored = self
-                .rt
-                .block_on(self.client.put_blob(Bytes::from(bytes)))
-                .map_err(transient)?;
-            debug_assert_eq!(stored.hash, hash);
-        }
-        Ok(hash)
-    }
-
-    /// Fetches a blob from the server (its hash checked).
-    pub fn download(&self, hash: &BlobHash) -> Result<Bytes, StageError> {
-        self.rt
-            .block_on(self.client.get_blob(hash))
-            .map_err(transient)
-    }
-
-    /// Jobs on the server (to find reusable results of earlier jobs).
-    pub fn jobs(&self, filter: &twin_client::JobFilter) -> Result<Vec<JobState>, StageError> {
-        self.rt
-            .block_on(self.client.jobs(filter))
-            .map_err(transient)
-    }
-
-    pub fn record_artefact(&self, name: &str, blob: BlobHash) -> Result<(), StageError> {
-        let body = ArtefactBody {
-            epoch: self.epoch,
-            name: name.to_owned(),
-            blob,
-        };
-        self.rt
-            .block_on(self.client.record_artefact(&self.job, &body))
-            .map_err(transient)?;
-        self.stall_if_asked(name);
-        Ok(())
-    }
-
-    /// Fault injection for the resume tests: with `TWIN_FAULT_STALL_AFTER=<artefact>`, the stage
-    /// stops making progress once it has recorded that artefact (until cancelled), so a test
-    /// can kill the executor at a known phase boundary.
-    fn stall_if_asked(&self, artefact: &str) {
-        if std::env::var("TWIN_FAULT_STALL_AFTER").as_deref() == Ok(artefact) {
-            tracing::warn!(artefact, "TWIN_FAULT_STALL_AFTER: stalling this job");
-            while !self.is_cancelled() {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-fn transient(e: ClientError) -> StageError {
-    match e {
-        ref api @ ClientError::Api { .. } if !is_transient(api) => {
-            StageError::permanent(e.to_string())
-        }
-        e => StageError::transient(e.to_string()),
-    }
-}
+use twin_stage::{HttpBackend, ModelCache, Stage, StageContext, StageError, is_transient};
 
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
@@ -173,6 +35,23 @@ pub struct ExecutorConfig {
     pub labels: Vec<String>,
     /// How long one lease request waits on the server for a job.
     pub poll_wait: Duration,
+    /// The model cache's budget, per device ([`ModelCache`]).
+    pub model_cache_bytes: u64,
+}
+
+impl ExecutorConfig {
+    /// 24 GiB per device: Qwen2.5-VL-7B in bf16 (16.6 GB) and a CLIP ViT-L image tower (0.6 GB)
+    /// fit together, so an executor alternating mine and eval jobs keeps both, while a 40 GB GPU
+    /// still has 16 GB left for activations and the KV cache. A fixed size rather than a share
+    /// of the device's memory: libtorch reports no free memory to ask, and the same setting then
+    /// means the same on every machine. A bigger model (a 7B in f32 on the CPU) still loads,
+    /// alone.
+    pub const DEFAULT_MODEL_CACHE_BYTES: u64 = 24 << 30;
+
+    /// A model cache with this configuration's budget, for [`crate::default_stages`].
+    pub fn model_cache(&self) -> Arc<ModelCache> {
+        Arc::new(ModelCache::new(self.model_cache_bytes))
+    }
 }
 
 pub struct Executor {
@@ -247,11 +126,13 @@ impl Executor {
             .cloned()
         else {
             // The server only leases kinds we listed; this is a server bug, say so and give up.
+            let e = StageError::internal(format!("executor has no stage for {}", grant.job.kind))
+                .retryable(true);
             let body = FailBody {
                 epoch,
-                error: format!("executor has no stage for {}", grant.job.kind),
-                retryable: true,
-                code: twin_core::FailureCode::Internal,
+                error: e.message,
+                retryable: e.retryable,
+                code: e.code,
                 detail: None,
             };
             let _ = self.client.fail(&id, &body).await;
@@ -273,17 +154,18 @@ impl Executor {
             cancel.clone(),
             lost.clone(),
         ));
-        let ctx = StageContext {
-            client: self.client.clone(),
-            job: id.clone(),
-            epoch,
-            rt: Handle::current(),
-            cancel: cancel.clone(),
-        };
+        let backend = HttpBackend::new(self.client.clone(), id.clone(), epoch, Handle::current());
+        let ctx = StageContext::new(Arc::new(backend), &grant.job.artefacts, cancel.clone());
         let job = grant.job.clone();
-        let result = tokio::task::spawn_blocking(move || stage.run(&job, &ctx))
-            .await
-            .unwrap_or_else(|e| Err(StageError::permanent(format!("stage panicked: {e}"))));
+        // The blocking thread does not inherit the task's span; the stage's logs should name the job.
+        let span = tracing::Span::current();
+        let result = tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
+            twin_stage::fault::abort_in(job.kind);
+            stage.run(&job, &ctx)
+        })
+        .await
+        .unwrap_or_else(|e| Err(join_failure(e)));
         if lost.load(Ordering::SeqCst) {
             heartbeat.abort();
             tracing::warn!("lease lost while running; the result is discarded");
@@ -327,13 +209,13 @@ impl Executor {
                     } else {
                         e.message.clone()
                     };
-                    tracing::warn!(%error, retryable = e.retryable, "job attempt failed");
+                    tracing::warn!(%error, code = %e.code, detail = e.detail.as_deref(), retryable = e.retryable, "job attempt failed");
                     let body = FailBody {
                         epoch,
                         error,
                         retryable: e.retryable,
-                        code: twin_core::FailureCode::Unclassified,
-                        detail: None,
+                        code: e.code,
+                        detail: e.detail.clone(),
                     };
                     self.client.fail(id, &body).await
                 }
@@ -350,12 +232,18 @@ impl Executor {
     }
 }
 
-/// Network errors, timeouts, rate limits and server errors may pass; other answers will not.
-fn is_transient(e: &ClientError) -> bool {
-    match e.status() {
-        None => true,
-        Some(s) => s == 408 || s == 429 || s >= 500,
+/// A stage that panicked is a bug (`internal`), its panic message kept.
+fn join_failure(e: tokio::task::JoinError) -> StageError {
+    if !e.is_panic() {
+        return StageError::internal(format!("the stage's thread was stopped: {e}"));
     }
+    let panic = e.into_panic();
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    StageError::internal(format!("stage panicked: {message}"))
 }
 
 /// Heartbeats every third of the TTL. Raises `cancel` when the server asks; raises `lost` (and

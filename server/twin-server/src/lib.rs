@@ -139,8 +139,10 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
             gpus: config.executor.gpus.unwrap_or_else(detected_gpus),
             labels: config.executor.labels.clone(),
             poll_wait: Duration::from_secs(20),
+            model_cache_bytes: twin_executor::ExecutorConfig::DEFAULT_MODEL_CACHE_BYTES,
         };
-        let exec = twin_executor::Executor::new(cfg, twin_executor::default_stages(plugins))?;
+        let stages = twin_executor::default_stages(plugins, cfg.model_cache());
+        let exec = twin_executor::Executor::new(cfg, stages)?;
         Some(tokio::spawn(exec.run(stop_rx)))
     } else {
         None
@@ -201,7 +203,8 @@ pub async fn run_executor(
     module_cache: std::path::PathBuf,
 ) -> anyhow::Result<()> {
     let plugins = plugin_host(module_cache, 64 << 20, Duration::from_secs(120))?;
-    let exec = twin_executor::Executor::new(config, twin_executor::default_stages(plugins))?;
+    let stages = twin_executor::default_stages(plugins, config.model_cache());
+    let exec = twin_executor::Executor::new(config, stages)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(exec.run(stop_rx));
     shutdown_signal().await?;
