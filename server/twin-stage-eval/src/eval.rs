@@ -858,6 +858,7 @@ mod tests {
     use twin_ml::qwen::{QwenTokenizer, QwenVlConfig};
     use twin_ml::tch::Kind;
     use twin_plugins::HostConfig;
+    use twin_stage::testing::{MemoryBackend, job};
 
     /// A seeded random tiny checkpoint, as `twin-server model init-qwen --preset tiny` writes it.
     fn tiny_model(dir: &Path, seed: u64) {
@@ -937,6 +938,101 @@ mod tests {
         let path = dir.join("questions.jsonl");
         std::fs::write(&path, lines.join("\n") + "\n\n").unwrap();
         path
+    }
+
+    /// An eval stage, a memory backend holding the FGVQA scorers, and a job over `questions`
+    /// answered by the checkpoint at `model`, two questions per engine call.
+    fn eval_job(
+        model: &Path,
+        questions: &Path,
+        models: &Arc<ModelCache>,
+    ) -> (EvalStage, MemoryBackend, JobState) {
+        let backend = MemoryBackend::new();
+        let read = |name: &str| std::fs::read(modules_dir().join(format!("{name}.wasm"))).unwrap();
+        let pair = backend.put(read("fgvqa_pair"));
+        let multi = backend.put(read("fgvqa_multi"));
+        let host = Arc::new(Host::new(HostConfig::default()).unwrap());
+        let job = job(serde_json::json!({
+            "kind": "eval",
+            "model": model.to_str().unwrap(),
+            "data": {"questions": questions.to_str().unwrap()},
+            "device": "cpu", "batch_size": 2, "max_new_tokens": 6,
+            "scorers": {
+                "pair": {"module": "fgvqa-pair", "module_hash": pair.to_hex()},
+                "multi": {"module": "fgvqa-multi", "module_hash": multi.to_hex()},
+            },
+        }));
+        (EvalStage::new(host, models.clone()), backend, job)
+    }
+
+    fn evaluated(out: JobOutput) -> EvalOutput {
+        match out {
+            JobOutput::Eval(out) => out,
+            other => panic!("an eval job's output, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_job_stopped_mid_answering_resumes_from_its_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = tmp.path().join("qwen");
+        tiny_model(&ckpt, 1);
+        let questions = questions_jsonl(tmp.path());
+        let models = Arc::new(ModelCache::new(1 << 30));
+
+        // Start to finish, for comparison.
+        let (stage, straight, job) = eval_job(&ckpt, &questions, &models);
+        let whole = evaluated(stage.run(&job, &straight.context(&[])).unwrap());
+        assert_eq!(straight.names(), [ANSWERS, SAMPLES]);
+        assert_eq!((whole.questions, whole.resumed), (6, 0));
+
+        // The executor dies after the first engine call's checkpoint (two of six answers)...
+        let (stage, backend, job) = eval_job(&ckpt, &questions, &models);
+        backend.cancel_after("answers.partial");
+        let attempt = |earlier: &[twin_core::job::Artefact]| {
+            let ctx = backend
+                .context(earlier)
+                .with_checkpoint_every(std::time::Duration::ZERO);
+            stage.run(&job, &ctx)
+        };
+        assert_eq!(attempt(&[]).unwrap_err(), StageError::cancelled());
+        assert_eq!(backend.names(), ["answers.partial"]);
+
+        // ...and the next attempt answers the other four, to the same samples.
+        backend.reset_cancel();
+        let resumed = evaluated(attempt(&backend.artefacts()).unwrap());
+        assert_eq!(resumed.resumed, 2);
+        assert_eq!(resumed.samples, whole.samples);
+        assert_eq!(resumed.subsets, whole.subsets);
+        assert_eq!(resumed.model_hash, whole.model_hash);
+        assert!(
+            backend
+                .fractions()
+                .contains(&(Some(0.3), "resumed: 2 answers from an earlier attempt".into())),
+            "{:?}",
+            backend.fractions()
+        );
+        let names = backend.names();
+        assert_eq!(names[names.len() - 2..], [ANSWERS, SAMPLES]);
+
+        // A third attempt only reports: both phases are done.
+        let before = backend.artefacts().len();
+        let again = evaluated(attempt(&backend.artefacts()).unwrap());
+        assert_eq!((again.resumed, again.samples), (6, whole.samples));
+        assert_eq!(again.scorers["pair"].scored, whole.scorers["pair"].scored);
+        assert_eq!(backend.artefacts().len(), before);
+        // One load served every attempt.
+        assert_eq!(models.stats().misses, 1);
+
+        // The checkpoint replaced in place: the answers of the old weights are redone.
+        tiny_model(&ckpt, 2);
+        let replaced = evaluated(attempt(&backend.artefacts()).unwrap());
+        assert_ne!(replaced.model_hash, whole.model_hash);
+        assert_eq!(replaced.resumed, 0);
+        assert_eq!(models.stats().misses, 2);
+        // New answers (of the new weights); the samples are recorded again unless the new
+        // weights happened to say the same (the same blob is recorded once).
+        assert_eq!(backend.names().iter().filter(|n| *n == ANSWERS).count(), 2);
     }
 
     fn no_blobs(h: &BlobHash) -> Result<Bytes, StageError> {

@@ -660,3 +660,132 @@ impl MineStage {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use twin_ml::clip::ClipConfig;
+    use twin_stage::testing::{MemoryBackend, job};
+
+    /// Twelve images (3 categories × 2 instances × 2 views) and their manifest, in `backend`.
+    fn dataset(backend: &MemoryBackend) -> BlobHash {
+        let mut manifest = Vec::new();
+        for (c, category) in ["mug", "shoe", "lamp"].into_iter().enumerate() {
+            for instance in 0..2u8 {
+                for view in 0..2u8 {
+                    let img = image::RgbImage::from_fn(24, 24, |x, y| {
+                        let shade = (c as u8 * 70).wrapping_add(instance * 30 + view * 5);
+                        image::Rgb([shade, (x * 10) as u8, (y * 10) as u8 ^ instance])
+                    });
+                    let mut png = Vec::new();
+                    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                        .unwrap();
+                    manifest.push(ManifestEntry {
+                        blob: backend.put(png),
+                        path: format!("{category}/i{instance}/{view}.png"),
+                        category: category.into(),
+                        instance: format!("i{instance}"),
+                        width: 24,
+                        height: 24,
+                        format: "png".into(),
+                        phash: "0000000000000000".into(),
+                    });
+                }
+            }
+        }
+        backend.put(JsonLines.encode(&manifest).unwrap())
+    }
+
+    #[test]
+    fn a_job_stopped_mid_embedding_resumes_from_its_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = tmp.path().join("clip");
+        ClipModel::init_random(ClipConfig::tiny().vision_only(), 3, Device::Cpu)
+            .unwrap()
+            .save_pretrained(&ckpt)
+            .unwrap();
+        let host = Arc::new(Host::new(twin_plugins::HostConfig::default()).unwrap());
+        let models = Arc::new(ModelCache::new(1 << 30));
+        let stage = MineStage::new(host, models.clone());
+        let spec = |manifest: BlobHash| {
+            job(serde_json::json!({
+                "kind": "mine", "dataset": "d", "manifest": manifest.to_hex(),
+                "model": ckpt.to_str().unwrap(), "device": "cpu", "batch_size": 4, "k": 3,
+            }))
+        };
+        let mined = |out: JobOutput| match out {
+            JobOutput::Mine(out) => out,
+            other => panic!("a mine job's output, got {other:?}"),
+        };
+
+        // Start to finish, for comparison.
+        let straight = MemoryBackend::new();
+        let whole = mined(
+            stage
+                .run(&spec(dataset(&straight)), &straight.context(&[]))
+                .unwrap(),
+        );
+        assert_eq!(straight.names(), [EMBEDDINGS, NEIGHBOURS, CANDIDATES]);
+        // Per category, each image pairs with the other instance's two views.
+        assert_eq!(whole.pairs, 12 * 2 / 2);
+
+        // The executor dies after the first batch's checkpoint (4 of 12 images)...
+        let backend = MemoryBackend::new();
+        let job = spec(dataset(&backend));
+        backend.cancel_after("embeddings.partial");
+        let attempt = |earlier: &[twin_core::job::Artefact]| {
+            let ctx = backend
+                .context(earlier)
+                .with_checkpoint_every(Duration::ZERO);
+            stage.run(&job, &ctx)
+        };
+        let err = attempt(&[]).unwrap_err();
+        assert_eq!(err, StageError::cancelled());
+        assert_eq!(backend.names(), ["embeddings.partial"]);
+        let partial = EmbeddingTable::decode(&backend.blob(&backend.artefacts()[0].blob)).unwrap();
+        assert_eq!(partial.rows.len(), 4);
+
+        // ...and the next attempt embeds only the other eight, to the same result.
+        backend.reset_cancel();
+        let resumed = mined(attempt(&backend.artefacts()).unwrap());
+        assert!(
+            backend
+                .fractions()
+                .iter()
+                .any(|(_, m)| m == "embedded 8 of 8 images (0 reused, 4 from an earlier attempt)"),
+            "{:?}",
+            backend.fractions()
+        );
+        assert_eq!(resumed.embeddings, whole.embeddings);
+        assert_eq!(resumed.candidates, whole.candidates);
+        assert_eq!(resumed.device, "cpu");
+        let names = backend.names();
+        assert_eq!(names[names.len() - 3..], [EMBEDDINGS, NEIGHBOURS, CANDIDATES]);
+
+        // A third attempt redoes nothing. The model loaded once for all of them.
+        let before = backend.artefacts().len();
+        let again = mined(attempt(&backend.artefacts()).unwrap());
+        assert_eq!(again.candidates, whole.candidates);
+        assert_eq!(backend.artefacts().len(), before);
+        assert_eq!(models.stats().misses, 1);
+    }
+
+    #[test]
+    fn a_checkpoint_that_does_not_load_is_a_model_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("config.json"), "{}").unwrap();
+        let host = Arc::new(Host::new(twin_plugins::HostConfig::default()).unwrap());
+        let stage = MineStage::new(host, Arc::new(ModelCache::new(1 << 30)));
+        let backend = MemoryBackend::new();
+        let job = job(serde_json::json!({
+            "kind": "mine", "dataset": "d", "manifest": dataset(&backend).to_hex(),
+            "model": tmp.path().to_str().unwrap(), "device": "cpu",
+        }));
+        let err = stage.run(&job, &backend.context(&[])).unwrap_err();
+        assert_eq!(err.code, twin_core::FailureCode::ModelError, "{err}");
+        assert!(err.message.starts_with("spec.model: "), "{err}");
+        assert!(backend.names().is_empty());
+    }
+}
