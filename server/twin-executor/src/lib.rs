@@ -53,10 +53,8 @@ mod tests {
     fn the_stages_of_this_build_share_one_model_cache() {
         let host = Arc::new(twin_plugins::Host::new(twin_plugins::HostConfig::default()).unwrap());
         let models = Arc::new(ModelCache::new(1 << 20));
-        let kinds: Vec<JobKind> = default_stages(host, models.clone())
-            .iter()
-            .map(|s| s.kind())
-            .collect();
+        let stages = default_stages(host, models.clone());
+        let kinds: Vec<JobKind> = stages.iter().map(|s| s.kind()).collect();
         let mut want = Vec::new();
         if cfg!(feature = "data") {
             want.extend([JobKind::Ingest, JobKind::Score, JobKind::BuildDataset]);
@@ -68,9 +66,8 @@ mod tests {
             want.push(JobKind::Eval);
         }
         assert_eq!(kinds, want);
-        // The stages hold the cache: it is shared, not copied.
-        if cfg!(any(feature = "mine", feature = "eval")) {
-            assert!(Arc::strong_count(&models) > 1);
-        }
+        // Each ML stage holds the one cache: shared, not copied.
+        let ml = usize::from(cfg!(feature = "mine")) + usize::from(cfg!(feature = "eval"));
+        assert_eq!(Arc::strong_count(&models), 1 + ml);
     }
 }
