@@ -28,20 +28,20 @@ pub fn default_stages(
     plugins: Arc<twin_plugins::Host>,
     models: Arc<ModelCache>,
 ) -> Vec<Arc<dyn Stage>> {
-    let mut stages: Vec<Arc<dyn Stage>> = Vec::new();
-    #[cfg(feature = "data")]
-    stages.extend([
-        Arc::new(IngestStage) as Arc<dyn Stage>,
+    // A build without the families that use them has no use for the host or the cache.
+    let _ = (&plugins, &models);
+    vec![
+        #[cfg(feature = "data")]
+        Arc::new(IngestStage),
+        #[cfg(feature = "data")]
         Arc::new(ScoreStage::new(plugins.clone())),
+        #[cfg(feature = "data")]
         Arc::new(BuildDatasetStage),
-    ]);
-    #[cfg(feature = "mine")]
-    stages.push(Arc::new(MineStage::new(plugins.clone(), models.clone())));
-    #[cfg(feature = "eval")]
-    stages.push(Arc::new(EvalStage::new(plugins.clone(), models.clone())));
-    // Without a family that uses them, the host and the cache are simply not needed.
-    let _ = (plugins, models);
-    stages
+        #[cfg(feature = "mine")]
+        Arc::new(MineStage::new(plugins.clone(), models.clone())),
+        #[cfg(feature = "eval")]
+        Arc::new(EvalStage::new(plugins.clone(), models.clone())),
+    ]
 }
 
 #[cfg(test)]
