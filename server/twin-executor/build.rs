@@ -1,5 +1,5 @@
-//! Gives this crate's binaries and tests an rpath to libtorch (when built with the `ml`
-//! feature), so they start without `LD_LIBRARY_PATH`.
+//! Gives this crate's binaries and tests an rpath to libtorch (when built with the `mine` or
+//! `eval` feature), so they start without `LD_LIBRARY_PATH`.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -1,24 +1,73 @@
-//! The executor runtime: a lease loop that runs jobs through [`Stage`]s, and the stages built so far.
+//! The executor runtime: a lease loop that runs jobs through [`Stage`]s, and the stages this build
+//! has, chosen by cargo features.
 //!
-//! Used two ways: standalone (`twin-server executor --server URL`) on GPU machines, and embedded
-//! in `twin-server serve`, where it talks to its own server over loopback with the same protocol.
-//! The `ml` feature (on by default) adds the stages that need libtorch (`mine`, `eval`).
+//! Used two ways: standalone on GPU machines, and embedded in `twin-server serve`, where it talks
+//! to its own server over loopback with the same protocol. Features: `data` (ingest,
+//! build-dataset, score), `mine` and `eval` (both need libtorch), `ml` = `mine` + `eval`; all are
+//! on by default. The stage API itself is `twin-stage`, re-exported here.
 
-mod build;
-pub mod embeddings;
-#[cfg(feature = "ml")]
-mod eval;
-mod ingest;
-#[cfg(feature = "ml")]
-mod mine;
 mod runtime;
-mod score;
 
-pub use build::BuildDatasetStage;
-#[cfg(feature = "ml")]
-pub use eval::EvalStage;
-pub use ingest::IngestStage;
-#[cfg(feature = "ml")]
-pub use mine::MineStage;
-pub use runtime::{Executor, ExecutorConfig, Stage, StageContext, StageError, default_stages};
-pub use score::ScoreStage;
+pub use runtime::{Executor, ExecutorConfig};
+pub use twin_stage::{
+    CacheStats, ModelCache, ModelKey, Stage, StageBackend, StageContext, StageError,
+};
+#[cfg(feature = "data")]
+pub use twin_stage_data::{BuildDatasetStage, IngestStage, ScoreStage};
+#[cfg(feature = "eval")]
+pub use twin_stage_eval::EvalStage;
+#[cfg(feature = "mine")]
+pub use twin_stage_mine::{EmbeddingTable, MineStage, embeddings};
+
+use std::sync::Arc;
+
+/// Every stage this build has, all sharing `models` (one cache per executor, so a model one stage
+/// loaded counts against the budget another stage's model needs). `plugins` runs the Wasm modules
+/// of `score`, `mine` and `eval` jobs.
+pub fn default_stages(
+    plugins: Arc<twin_plugins::Host>,
+    models: Arc<ModelCache>,
+) -> Vec<Arc<dyn Stage>> {
+    // A build without the families that use them has no use for the host or the cache.
+    let _ = (&plugins, &models);
+    vec![
+        #[cfg(feature = "data")]
+        Arc::new(IngestStage),
+        #[cfg(feature = "data")]
+        Arc::new(ScoreStage::new(plugins.clone())),
+        #[cfg(feature = "data")]
+        Arc::new(BuildDatasetStage),
+        #[cfg(feature = "mine")]
+        Arc::new(MineStage::new(plugins.clone(), models.clone())),
+        #[cfg(feature = "eval")]
+        Arc::new(EvalStage::new(plugins.clone(), models.clone())),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twin_core::JobKind;
+
+    #[test]
+    fn the_stages_of_this_build_share_one_model_cache() {
+        let host = Arc::new(twin_plugins::Host::new(twin_plugins::HostConfig::default()).unwrap());
+        let models = Arc::new(ModelCache::new(1 << 20));
+        let stages = default_stages(host, models.clone());
+        let kinds: Vec<JobKind> = stages.iter().map(|s| s.kind()).collect();
+        let mut want = Vec::new();
+        if cfg!(feature = "data") {
+            want.extend([JobKind::Ingest, JobKind::Score, JobKind::BuildDataset]);
+        }
+        if cfg!(feature = "mine") {
+            want.push(JobKind::Mine);
+        }
+        if cfg!(feature = "eval") {
+            want.push(JobKind::Eval);
+        }
+        assert_eq!(kinds, want);
+        // Each ML stage holds the one cache: shared, not copied.
+        let ml = usize::from(cfg!(feature = "mine")) + usize::from(cfg!(feature = "eval"));
+        assert_eq!(Arc::strong_count(&models), 1 + ml);
+    }
+}

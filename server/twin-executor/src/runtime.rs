@@ -1,167 +1,32 @@
-//! The lease loop and the context a stage runs in.
+//! The lease loop: leases, heartbeats, cancellation and reports around each stage's run.
 //!
 //! Loop (one per executor): ask the server for a job (long poll), mark it started, run its stage
 //! on a blocking thread while a heartbeat task keeps the lease alive, then report completion or
 //! failure, all fenced by the lease's epoch. The heartbeat task raises the stage's cancel flag
 //! when the server asks for cancellation or refuses the epoch (the lease was lost: the result is
-//! then discarded, never reported). The loop stops when `shutdown` turns true, after the current
-//! job: a job cut short by a stopping executor is simply re-leased after its lease expires.
+//! then discarded, never reported). When `shutdown` turns true the running stage is cancelled
+//! and, unless it finished anyway, its job is handed back (`release`): the server re-queues it at
+//! once, counting no attempt, and whatever phases and checkpoints it recorded let the next
+//! attempt resume. With `exit_when_idle` the loop also stops after that long without a job.
+//!
+//! Each attempt's stage gets a [`StageContext`] over HTTP that knows the artefacts earlier
+//! attempts recorded, so it resumes where they stopped. A stage's failure is reported with its
+//! code and detail; a stage that panics is reported as `internal`. The test-only hooks
+//! `TWIN_FAULT_ABORT_IN` and `TWIN_FAULT_STALL_IN` (see `twin_stage::fault`) act where a stage is
+//! invoked.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tracing::Instrument;
 use twin_client::{Client, ClientError};
-use twin_core::api::{
-    ArtefactBody, Capabilities, CompleteBody, FailBody, LeaseGrant, LeaseRequest, ProgressBody,
-};
+use twin_core::api::{Capabilities, CompleteBody, FailBody, LeaseGrant, LeaseRequest, ReleaseBody};
 use twin_core::event::JobOutput;
 use twin_core::job::JobState;
-use twin_core::{BlobHash, JobKind};
-
-/// A failure of a stage: `retryable` failures are retried by the server with backoff.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct StageError {
-    pub message: String,
-    pub retryable: bool,
-}
-
-impl StageError {
-    /// Bad input: retrying cannot help.
-    pub fn permanent(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: false,
-        }
-    }
-    /// A transient fault (the server unreachable, a busy device).
-    pub fn transient(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            retryable: true,
-        }
-    }
-}
-
-/// One job kind's work. `run` is called on a blocking thread; long work checks
-/// [`StageContext::is_cancelled`] between steps.
-pub trait Stage: Send + Sync + 'static {
-    fn kind(&self) -> JobKind;
-    fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError>;
-}
-
-/// Every stage this build has; `plugins` runs the Wasm modules of `score`, `mine` and `eval`
-/// jobs. Without the `ml` feature (no libtorch) there is no `mine` or `eval` stage.
-pub fn default_stages(plugins: Arc<twin_plugins::Host>) -> Vec<Arc<dyn Stage>> {
-    vec![
-        Arc::new(crate::IngestStage),
-        Arc::new(crate::ScoreStage::new(plugins.clone())),
-        #[cfg(feature = "ml")]
-        Arc::new(crate::mine::MineStage::new(plugins.clone())),
-        #[cfg(feature = "ml")]
-        Arc::new(crate::eval::EvalStage::new(plugins)),
-        Arc::new(crate::build::BuildDatasetStage),
-    ]
-}
-
-/// What a running stage may do: report progress, store blobs, record artefacts, see cancellation.
-pub struct StageContext {
-    client: Client,
-    job: String,
-    epoch: u64,
-    rt: Handle,
-    cancel: Arc<AtomicBool>,
-}
-
-impl StageContext {
-    pub fn is_cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
-    }
-
-    /// Best effort: a lost progress event is not worth failing the job for.
-    pub fn progress(&self, message: &str, fraction: Option<f64>, counters: BTreeMap<String, f64>) {
-        let body = ProgressBody {
-            epoch: self.epoch,
-            message: message.to_owned(),
-            fraction,
-            counters,
-        };
-        if let Err(e) = self.rt.block_on(self.client.progress(&self.job, &body)) {
-            tracing::warn!(job = %self.job, error = %e, "progress not recorded");
-        }
-    }
-
-    /// Stores bytes in the server's blob store (skipped when the server already has them).
-    pub fn upload(&self, bytes: Vec<u8>) -> Result<BlobHash, StageError> {
-        let hash = BlobHash::of(&bytes);
-        let have = self
-            .rt
-            .block_on(self.client.has_blob(&hash))
-            .map_err(transient)?;
-        if !have {
-            let stored = self
-                .rt
-                .block_on(self.client.put_blob(Bytes::from(bytes)))
-                .map_err(transient)?;
-            debug_assert_eq!(stored.hash, hash);
-        }
-        Ok(hash)
-    }
-
-    /// Fetches a blob from the server (its hash checked).
-    pub fn download(&self, hash: &BlobHash) -> Result<Bytes, StageError> {
-        self.rt
-            .block_on(self.client.get_blob(hash))
-            .map_err(transient)
-    }
-
-    /// Jobs on the server (to find reusable results of earlier jobs).
-    pub fn jobs(&self, filter: &twin_client::JobFilter) -> Result<Vec<JobState>, StageError> {
-        self.rt
-            .block_on(self.client.jobs(filter))
-            .map_err(transient)
-    }
-
-    pub fn record_artefact(&self, name: &str, blob: BlobHash) -> Result<(), StageError> {
-        let body = ArtefactBody {
-            epoch: self.epoch,
-            name: name.to_owned(),
-            blob,
-        };
-        self.rt
-            .block_on(self.client.record_artefact(&self.job, &body))
-            .map_err(transient)?;
-        self.stall_if_asked(name);
-        Ok(())
-    }
-
-    /// Fault injection for the resume tests: with `TWIN_FAULT_STALL_AFTER=<artefact>`, the stage
-    /// stops making progress once it has recorded that artefact (until cancelled), so a test
-    /// can kill the executor at a known phase boundary.
-    fn stall_if_asked(&self, artefact: &str) {
-        if std::env::var("TWIN_FAULT_STALL_AFTER").as_deref() == Ok(artefact) {
-            tracing::warn!(artefact, "TWIN_FAULT_STALL_AFTER: stalling this job");
-            while !self.is_cancelled() {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-fn transient(e: ClientError) -> StageError {
-    match e {
-        ref api @ ClientError::Api { .. } if !is_transient(api) => {
-            StageError::permanent(e.to_string())
-        }
-        e => StageError::transient(e.to_string()),
-    }
-}
+use twin_stage::{HttpBackend, ModelCache, Stage, StageContext, StageError, is_transient};
 
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
@@ -173,6 +38,40 @@ pub struct ExecutorConfig {
     pub labels: Vec<String>,
     /// How long one lease request waits on the server for a job.
     pub poll_wait: Duration,
+    /// The model cache's budget, per device ([`ModelCache`]).
+    pub model_cache_bytes: u64,
+    /// Stop after this long without a job (batch allocations that bill idle time).
+    pub exit_when_idle: Option<Duration>,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        Self {
+            server: "http://127.0.0.1:7878".into(),
+            token: None,
+            name: "executor".into(),
+            gpus: 0,
+            labels: Vec::new(),
+            poll_wait: Duration::from_secs(20),
+            model_cache_bytes: Self::DEFAULT_MODEL_CACHE_BYTES,
+            exit_when_idle: None,
+        }
+    }
+}
+
+impl ExecutorConfig {
+    /// 24 GiB per device: Qwen2.5-VL-7B in bf16 (16.6 GB) and a CLIP ViT-L image tower (0.6 GB)
+    /// fit together, so an executor alternating mine and eval jobs keeps both, while a 40 GB GPU
+    /// still has 16 GB left for activations and the KV cache. A fixed size rather than a share
+    /// of the device's memory: libtorch reports no free memory to ask, and the same setting then
+    /// means the same on every machine. A bigger model (a 7B in f32 on the CPU) still loads,
+    /// alone.
+    pub const DEFAULT_MODEL_CACHE_BYTES: u64 = 24 << 30;
+
+    /// A model cache with this configuration's budget, for [`crate::default_stages`].
+    pub fn model_cache(&self) -> Arc<ModelCache> {
+        Arc::new(ModelCache::new(self.model_cache_bytes))
+    }
 }
 
 pub struct Executor {
@@ -199,16 +98,31 @@ impl Executor {
         }
     }
 
-    /// Runs until `shutdown` becomes true.
+    /// Runs until `shutdown` becomes true (handing back the job it holds then), or until it has
+    /// been idle for `exit_when_idle`.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let request = LeaseRequest {
-            executor: self.config.name.clone(),
-            capabilities: self.capabilities(),
-            wait_ms: self.config.poll_wait.as_millis() as u64,
-        };
         tracing::info!(executor = %self.config.name, server = %self.config.server, "executor started");
         let mut backoff = Duration::from_millis(250);
+        let mut idle_since = tokio::time::Instant::now();
         while !*shutdown.borrow() {
+            // A lease request never waits past the idle deadline.
+            let mut wait = self.config.poll_wait;
+            if let Some(limit) = self.config.exit_when_idle {
+                let left = limit.saturating_sub(idle_since.elapsed());
+                if left.is_zero() {
+                    tracing::info!(
+                        idle_ms = limit.as_millis() as u64,
+                        "idle for too long; exiting"
+                    );
+                    break;
+                }
+                wait = wait.min(left);
+            }
+            let request = LeaseRequest {
+                executor: self.config.name.clone(),
+                capabilities: self.capabilities(),
+                wait_ms: wait.as_millis() as u64,
+            };
             let leased = tokio::select! {
                 r = self.client.lease(&request) => r,
                 _ = shutdown.changed() => break,
@@ -216,7 +130,8 @@ impl Executor {
             match leased {
                 Ok(Some(grant)) => {
                     backoff = Duration::from_millis(250);
-                    self.run_job(grant).await;
+                    self.run_job(grant, shutdown.clone()).await;
+                    idle_since = tokio::time::Instant::now();
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -232,12 +147,12 @@ impl Executor {
         tracing::info!(executor = %self.config.name, "executor stopped");
     }
 
-    async fn run_job(&self, grant: LeaseGrant) {
+    async fn run_job(&self, grant: LeaseGrant, shutdown: watch::Receiver<bool>) {
         let span = tracing::info_span!("job", job = %grant.job.id, epoch = grant.epoch, kind = %grant.job.kind);
-        self.run_job_in_span(grant).instrument(span).await
+        self.run_job_in_span(grant, shutdown).instrument(span).await
     }
 
-    async fn run_job_in_span(&self, grant: LeaseGrant) {
+    async fn run_job_in_span(&self, grant: LeaseGrant, mut shutdown: watch::Receiver<bool>) {
         let id = grant.job.id.to_string();
         let epoch = grant.epoch;
         let Some(stage) = self
@@ -247,11 +162,13 @@ impl Executor {
             .cloned()
         else {
             // The server only leases kinds we listed; this is a server bug, say so and give up.
+            let e = StageError::internal(format!("executor has no stage for {}", grant.job.kind))
+                .retryable(true);
             let body = FailBody {
                 epoch,
-                error: format!("executor has no stage for {}", grant.job.kind),
-                retryable: true,
-                code: twin_core::FailureCode::Internal,
+                error: e.message,
+                retryable: e.retryable,
+                code: e.code,
                 detail: None,
             };
             let _ = self.client.fail(&id, &body).await;
@@ -273,17 +190,36 @@ impl Executor {
             cancel.clone(),
             lost.clone(),
         ));
-        let ctx = StageContext {
-            client: self.client.clone(),
-            job: id.clone(),
-            epoch,
-            rt: Handle::current(),
-            cancel: cancel.clone(),
-        };
+        let backend = HttpBackend::new(self.client.clone(), id.clone(), epoch, Handle::current());
+        let ctx = StageContext::new(Arc::new(backend), &grant.job.artefacts, cancel.clone());
         let job = grant.job.clone();
-        let result = tokio::task::spawn_blocking(move || stage.run(&job, &ctx))
-            .await
-            .unwrap_or_else(|e| Err(StageError::permanent(format!("stage panicked: {e}"))));
+        // The blocking thread does not inherit the task's span; the stage's logs should name the job.
+        let span = tracing::Span::current();
+        let stage_cancel = cancel.clone();
+        let mut running = tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
+            twin_stage::fault::abort_in(job.kind);
+            twin_stage::fault::stall_in(job.kind, &stage_cancel);
+            if ctx.is_cancelled() {
+                return Err(StageError::internal("stopped before the stage began"));
+            }
+            stage.run(&job, &ctx)
+        });
+        // A stopping executor cancels the stage and hands the job back once the stage returns.
+        let mut handing_back = false;
+        let joined = loop {
+            tokio::select! {
+                r = &mut running => break r,
+                changed = shutdown.changed(), if !handing_back => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        tracing::info!("stopping: cancelling the stage to hand its job back");
+                        handing_back = true;
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+        };
+        let result = joined.unwrap_or_else(|e| Err(join_failure(e)));
         if lost.load(Ordering::SeqCst) {
             heartbeat.abort();
             tracing::warn!("lease lost while running; the result is discarded");
@@ -291,13 +227,42 @@ impl Executor {
         }
         // The heartbeat keeps the lease alive until the report is in, so a slow or retried
         // report cannot lose a finished result to a lease expiry.
-        let reported = self
-            .report(&id, epoch, result, cancel.load(Ordering::SeqCst), ttl)
-            .await;
+        let reported = if handing_back && result.is_err() {
+            self.hand_back(&id, epoch, ttl).await
+        } else {
+            self.report(&id, epoch, result, cancel.load(Ordering::SeqCst), ttl)
+                .await
+        };
         heartbeat.abort();
         match reported {
             Ok(state) => tracing::info!(status = state.status.as_str(), "job reported"),
             Err(e) => tracing::warn!(error = %e, "the job's report was not accepted"),
+        }
+    }
+
+    /// Gives the lease back so the job is re-queued at once (no attempt counted), retrying
+    /// transient errors for up to one lease TTL; if it never gets through, the lease expires.
+    async fn hand_back(
+        &self,
+        id: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<JobState, ClientError> {
+        let body = ReleaseBody {
+            epoch,
+            reason: Some(format!("executor {} is stopping", self.config.name)),
+        };
+        let deadline = tokio::time::Instant::now() + ttl;
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.client.release(id, &body).await {
+                Err(e) if is_transient(&e) && tokio::time::Instant::now() + wait < deadline => {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "hand-back failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
         }
     }
 
@@ -327,13 +292,13 @@ impl Executor {
                     } else {
                         e.message.clone()
                     };
-                    tracing::warn!(%error, retryable = e.retryable, "job attempt failed");
+                    tracing::warn!(%error, code = %e.code, detail = e.detail.as_deref(), retryable = e.retryable, "job attempt failed");
                     let body = FailBody {
                         epoch,
                         error,
                         retryable: e.retryable,
-                        code: twin_core::FailureCode::Unclassified,
-                        detail: None,
+                        code: e.code,
+                        detail: e.detail.clone(),
                     };
                     self.client.fail(id, &body).await
                 }
@@ -350,12 +315,18 @@ impl Executor {
     }
 }
 
-/// Network errors, timeouts, rate limits and server errors may pass; other answers will not.
-fn is_transient(e: &ClientError) -> bool {
-    match e.status() {
-        None => true,
-        Some(s) => s == 408 || s == 429 || s >= 500,
+/// A stage that panicked is a bug (`internal`), its panic message kept.
+fn join_failure(e: tokio::task::JoinError) -> StageError {
+    if !e.is_panic() {
+        return StageError::internal(format!("the stage's thread was stopped: {e}"));
     }
+    let panic = e.into_panic();
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    StageError::internal(format!("stage panicked: {message}"))
 }
 
 /// Heartbeats every third of the TTL. Raises `cancel` when the server asks; raises `lost` (and

@@ -99,6 +99,44 @@ pub fn select(request: DeviceRequest) -> Result<Device, MlError> {
     }
 }
 
+impl From<twin_core::mine::ComputeDevice> for DeviceRequest {
+    fn from(d: twin_core::mine::ComputeDevice) -> Self {
+        use twin_core::mine::ComputeDevice;
+        match d {
+            ComputeDevice::Auto => DeviceRequest::Auto,
+            ComputeDevice::Cpu => DeviceRequest::Cpu,
+            ComputeDevice::Cuda => DeviceRequest::Cuda,
+        }
+    }
+}
+
+/// The device a job runs on, resolved on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobDevice {
+    pub device: Device,
+    /// Its name in logs, job outputs and model-cache keys: `cpu`, `cuda:0`.
+    pub name: String,
+}
+
+/// Resolves a job spec's device: the one place ML stages turn a request into a device, so a
+/// model cached by one stage is found by another under the same device name.
+pub fn for_job(request: twin_core::mine::ComputeDevice) -> Result<JobDevice, MlError> {
+    let device = select(request.into())?;
+    Ok(JobDevice {
+        device,
+        name: name(device),
+    })
+}
+
+/// A device's name as PyTorch writes it: `cpu`, `cuda:0`.
+pub fn name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".to_owned(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
 /// The floating-point type models run in on a device: bf16 on GPU, f32 on CPU.
 pub fn compute_kind(device: Device) -> tch::Kind {
     if device.is_cuda() {
@@ -119,6 +157,17 @@ mod tests {
             let err = select(DeviceRequest::Cuda).unwrap_err();
             assert!(err.to_string().contains("CUDA was requested"), "{err}");
             assert_eq!(select(DeviceRequest::Auto).unwrap(), Device::Cpu);
+        }
+    }
+
+    #[test]
+    fn a_jobs_device_is_named_as_pytorch_names_it() {
+        let cpu = for_job(twin_core::mine::ComputeDevice::Cpu).unwrap();
+        assert_eq!((cpu.device, cpu.name.as_str()), (Device::Cpu, "cpu"));
+        assert_eq!(name(Device::Cuda(1)), "cuda:1");
+        if !cuda_available() {
+            let err = for_job(twin_core::mine::ComputeDevice::Cuda).unwrap_err();
+            assert_eq!(err.failure_code(), twin_core::FailureCode::Unavailable);
         }
     }
 

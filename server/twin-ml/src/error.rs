@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use twin_core::FailureCode;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MlError {
     #[error("checkpoint {dir}: missing tensor `{name}`")]
@@ -42,6 +44,10 @@ pub enum MlError {
     /// libtorch could not allocate: CUDA out of memory, or the host's allocator refused.
     #[error("out of memory: {0}")]
     OutOfMemory(String),
+    /// One request of a batch call (the generation engine's) was refused; `index` is its
+    /// position in the call's requests, so a caller can name its own item without parsing text.
+    #[error("request {index}: {message}")]
+    Request { index: usize, message: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -62,6 +68,45 @@ impl MlError {
             MlError::OutOfMemory(first.trim().to_owned())
         } else {
             MlError::Torch(e)
+        }
+    }
+
+    /// [`Self::failure_code`] for an error while loading a checkpoint: the checkpoint's fault
+    /// (`model_error`) unless the device ran out of memory or is not there.
+    pub fn loading_failure_code(&self) -> FailureCode {
+        match self.failure_code() {
+            code @ (FailureCode::OutOfMemory | FailureCode::Unavailable) => code,
+            _ => FailureCode::ModelError,
+        }
+    }
+
+    /// Which request of a batch call failed, when the error is tied to one.
+    pub fn request(&self) -> Option<usize> {
+        match self {
+            MlError::Request { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
+
+    /// What kind of failure this is for a job. Callers that know more (any error while loading
+    /// a checkpoint is the checkpoint's) override it.
+    pub fn failure_code(&self) -> FailureCode {
+        match self {
+            MlError::OutOfMemory(_) => FailureCode::OutOfMemory,
+            MlError::CudaUnavailable(_) => FailureCode::Unavailable,
+            MlError::Image { .. } | MlError::Request { .. } | MlError::Invalid(_) => {
+                FailureCode::BadInput
+            }
+            MlError::ThreadPool(_) => FailureCode::Internal,
+            MlError::MissingTensor { .. }
+            | MlError::WrongShape { .. }
+            | MlError::UnsupportedArchitecture { .. }
+            | MlError::Config { .. }
+            | MlError::Io { .. }
+            | MlError::CorruptWeights { .. }
+            | MlError::Torch(_)
+            | MlError::ZeroEmbedding { .. }
+            | MlError::NonFiniteEmbedding { .. } => FailureCode::ModelError,
         }
     }
 

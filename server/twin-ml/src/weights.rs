@@ -147,6 +147,17 @@ impl Checkpoint {
         read_json(&self.config_path())
     }
 
+    /// Bytes the tensors whose names pass `keep` would take loaded as `kind`: a model's size
+    /// before it is loaded.
+    pub fn bytes_as(&self, kind: Kind, keep: impl Fn(&str) -> bool) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|(name, _)| keep(name))
+            .map(|(_, t)| t.shape.iter().product::<i64>().max(0) as u64)
+            .sum::<u64>()
+            * kind.elt_size_in_bytes() as u64
+    }
+
     /// The weights files in hash order.
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.files.iter().map(|(p, _)| p.as_path())
@@ -252,6 +263,14 @@ impl Checkpoint {
         }
         Ok(hex::encode(hasher.finalize()))
     }
+}
+
+/// Bytes a model's variables take on its device: what keeping the model loaded costs.
+pub fn var_store_bytes(vs: &VarStore) -> u64 {
+    vs.variables()
+        .values()
+        .map(|t| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64)
+        .sum()
 }
 
 /// Fills `var` with seeded uniform values of standard deviation `std` (uniform on [-a, a] with

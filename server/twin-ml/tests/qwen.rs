@@ -435,8 +435,27 @@ fn bad_requests_are_refused_with_the_reason() {
     };
     let err = generate(&s.model, &[request(1)], &options).unwrap_err();
     assert!(err.to_string().contains("exceed the context"), "{err}");
+    // The refused request is named by its index, as data: a caller maps it to its own item.
+    let short = SamplingParams::greedy(2, Vec::new());
+    let fits = GenerationRequest {
+        prompt: &prompt,
+        samples: 1,
+        params: &short,
+    };
+    let err = generate(&s.model, &[fits, request(1)], &options).unwrap_err();
+    assert_eq!(err.request(), Some(1), "{err}");
+    assert!(
+        matches!(&err, MlError::Request { index: 1, message } if message.starts_with("the prompt's")),
+        "{err}"
+    );
+    assert!(
+        err.to_string().starts_with("request 1: the prompt's"),
+        "{err}"
+    );
+    assert_eq!(err.failure_code(), twin_core::FailureCode::BadInput);
     let err = generate(&s.model, &[request(0)], &EngineOptions::default()).unwrap_err();
     assert!(err.to_string().contains("samples"), "{err}");
+    assert_eq!(err.request(), Some(0));
     let bad_p = SamplingParams {
         top_p: 0.0,
         ..SamplingParams::default()
@@ -528,6 +547,24 @@ fn saved_tiny(dir: &Path) -> QwenVl {
         .unwrap();
     s.tokenizer.save(dir).unwrap();
     s.model
+}
+
+#[test]
+fn a_checkpoints_size_is_known_before_it_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_tiny(dir.path());
+    let model = QwenVl::load(dir.path(), Device::Cpu).unwrap();
+    let checkpoint = twin_ml::weights::Checkpoint::open(dir.path()).unwrap();
+    assert!(model.resident_bytes() > 0);
+    // What a model cache is told to expect is what the loaded model takes.
+    assert_eq!(
+        checkpoint.bytes_as(Kind::Float, |_| true),
+        model.resident_bytes()
+    );
+    assert_eq!(
+        checkpoint.bytes_as(Kind::BFloat16, |_| true) * 2,
+        model.resident_bytes()
+    );
 }
 
 #[test]

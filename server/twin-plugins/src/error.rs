@@ -83,4 +83,41 @@ impl PluginError {
     pub fn is_module_fault(&self) -> bool {
         !matches!(self, PluginError::Host(_) | PluginError::CompilerFailed(_))
     }
+
+    /// What kind of failure this is for a job that ran the module: the module's own fault is
+    /// `module_error` (with [`Self::code`] as its detail); the host's trouble (a pool exhausted,
+    /// I/O) may pass, so it is `unavailable`; a compiler child that fails is a bug.
+    pub fn failure_code(&self) -> twin_core::FailureCode {
+        match self {
+            PluginError::Host(_) => twin_core::FailureCode::Unavailable,
+            PluginError::CompilerFailed(_) => twin_core::FailureCode::Internal,
+            _ => twin_core::FailureCode::ModuleError,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twin_core::FailureCode;
+
+    #[test]
+    fn a_modules_own_fault_is_a_module_error_and_the_hosts_trouble_is_not() {
+        assert_eq!(
+            PluginError::OutOfFuel { fuel: 1 }.failure_code(),
+            FailureCode::ModuleError
+        );
+        assert_eq!(
+            PluginError::BadParams("x".into()).failure_code(),
+            FailureCode::ModuleError
+        );
+        assert_eq!(
+            PluginError::Host("pool exhausted".into()).failure_code(),
+            FailureCode::Unavailable
+        );
+        assert_eq!(
+            PluginError::CompilerFailed("signal 9".into()).failure_code(),
+            FailureCode::Internal
+        );
+    }
 }

@@ -60,6 +60,22 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// These limits with those a job's spec sets in their place (tables are not the job's to
+    /// set).
+    pub fn with_job_limits(self, job: &twin_core::score::ModuleLimits) -> Limits {
+        Limits {
+            fuel: job.fuel.unwrap_or(self.fuel),
+            deadline: job
+                .deadline_ms
+                .map(Duration::from_millis)
+                .unwrap_or(self.deadline),
+            memory_bytes: job.memory_mb.map(|m| m << 20).unwrap_or(self.memory_bytes),
+            table_elements: self.table_elements,
+        }
+    }
+}
+
 /// Settings of a [`Host`].
 #[derive(Debug, Clone)]
 pub struct HostConfig {

@@ -220,6 +220,9 @@ mod tests {
     fn a_missing_executor_binary_says_what_to_do() {
         let err = check_program(Path::new("/nonexistent/twin-executor")).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("--executor-bin") && msg.contains("--no-executor"), "{msg}");
+        assert!(
+            msg.contains("--executor-bin") && msg.contains("--no-executor"),
+            "{msg}"
+        );
     }
 }

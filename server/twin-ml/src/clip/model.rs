@@ -646,6 +646,11 @@ impl ClipModel {
     /// SHA-256 of the weights files the model was loaded from, concatenated in shard order
     /// (`None` for [`ClipModel::init_random`]; [`ClipModel::save_pretrained`] returns the hash
     /// of what it wrote).
+    /// Bytes the weights take on the model's device.
+    pub fn resident_bytes(&self) -> u64 {
+        crate::weights::var_store_bytes(&self.vs)
+    }
+
     pub fn weights_hash(&self) -> Option<&str> {
         self.weights_hash.as_deref()
     }

@@ -235,7 +235,8 @@ pub struct GenerationStats {
 }
 
 /// Generates completions for every request: `result[i]` holds request `i`'s `samples`
-/// completions in sample order.
+/// completions in sample order. A request that cannot run is refused before any work with
+/// [`MlError::Request`], which carries its index.
 pub fn generate(
     model: &QwenVl,
     requests: &[GenerationRequest<'_>],
@@ -244,25 +245,19 @@ pub fn generate(
     let context = options
         .max_context
         .unwrap_or(model.config().text.max_position_embeddings as usize);
-    for (i, r) in requests.iter().enumerate() {
-        r.params
-            .validate()
-            .map_err(|m| MlError::Invalid(format!("request {i}: {m}")))?;
+    for (index, r) in requests.iter().enumerate() {
+        let refuse = |message: String| MlError::Request { index, message };
+        r.params.validate().map_err(refuse)?;
         if r.samples == 0 {
-            return Err(MlError::Invalid(format!(
-                "request {i}: samples must be ≥ 1"
-            )));
+            return Err(refuse("samples must be ≥ 1".into()));
         }
         if r.prompt.is_empty() {
-            return Err(MlError::Invalid(format!(
-                "request {i}: the prompt is empty"
-            )));
+            return Err(refuse("the prompt is empty".into()));
         }
         let need = r.prompt.len() + r.params.max_new_tokens;
         if need > context {
-            return Err(MlError::Invalid(format!(
-                "request {i}: the prompt's {} tokens plus {} new tokens exceed the context of \
-                 {context} tokens",
+            return Err(refuse(format!(
+                "the prompt's {} tokens plus {} new tokens exceed the context of {context} tokens",
                 r.prompt.len(),
                 r.params.max_new_tokens
             )));

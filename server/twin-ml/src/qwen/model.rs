@@ -192,6 +192,11 @@ impl QwenVl {
         &self.vs
     }
 
+    /// Bytes the weights take on the model's device.
+    pub fn resident_bytes(&self) -> u64 {
+        crate::weights::var_store_bytes(&self.vs)
+    }
+
     pub fn parameter_counts(&self) -> ParameterCounts {
         let mut counts = ParameterCounts {
             vision: 0,

@@ -33,7 +33,19 @@ async fn wait_for(
 }
 
 fn small_sample(dir: &std::path::Path) {
-    crate::sample(dir, &["--categories", "2", "--instances", "2", "--views", "2", "--size", "32"]);
+    crate::sample(
+        dir,
+        &[
+            "--categories",
+            "2",
+            "--instances",
+            "2",
+            "--views",
+            "2",
+            "--size",
+            "32",
+        ],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,25 +113,37 @@ async fn sigterm_hands_the_job_back_counting_no_attempt() {
         "spec": {"kind": "ingest", "dataset": "handed", "source": {"dir": images}},
     });
     let id = client.submit(&spec, None).await.unwrap().job.id.to_string();
-    let first = ExecutorProcess::start_with_env(
-        &server.url,
-        "first",
-        &[("TWIN_FAULT_STALL_IN", "ingest")],
-    );
-    wait_for(&client, &id, Duration::from_secs(30), "the job to run", |j| {
-        j.status == JobStatus::Running
-    })
+    let first =
+        ExecutorProcess::start_with_env(&server.url, "first", &[("TWIN_FAULT_STALL_IN", "ingest")]);
+    wait_for(
+        &client,
+        &id,
+        Duration::from_secs(30),
+        "the job to run",
+        |j| j.status == JobStatus::Running,
+    )
     .await;
     let status = first.terminate(Duration::from_secs(20));
-    assert!(status.success(), "the executor exits cleanly on SIGTERM: {status}");
+    assert!(
+        status.success(),
+        "the executor exits cleanly on SIGTERM: {status}"
+    );
     let requeued = client.job(&id).await.unwrap();
-    assert_eq!(requeued.status, JobStatus::Queued, "re-queued at once, no lease expiry");
+    assert_eq!(
+        requeued.status,
+        JobStatus::Queued,
+        "re-queued at once, no lease expiry"
+    );
     assert!(requeued.attempts[0].released, "{:?}", requeued.attempts);
 
     let _second = ExecutorProcess::start(&server.url, "second");
-    let done = wait_for(&client, &id, Duration::from_secs(60), "the job to finish", |j| {
-        j.status.is_terminal()
-    })
+    let done = wait_for(
+        &client,
+        &id,
+        Duration::from_secs(60),
+        "the job to finish",
+        |j| j.status.is_terminal(),
+    )
     .await;
     assert_eq!(done.status, JobStatus::Succeeded, "{:?}", done.attempts);
     assert_eq!(done.epoch, 2);
@@ -150,10 +174,15 @@ async fn an_idle_executor_exits_when_asked_and_a_bad_input_code_reaches_the_cli(
     let client = Client::new(&server.url, None).unwrap();
     let spec = json!({"spec": {"kind": "ingest", "dataset": "nothing", "source": {"dir": tmp.path().join("absent")}}});
     let id = client.submit(&spec, None).await.unwrap().job.id.to_string();
-    let exec = ExecutorProcess::start_with_args(&server.url, "brief", &["--exit-when-idle", "1"], &[]);
-    let failed = wait_for(&client, &id, Duration::from_secs(30), "the job to fail", |j| {
-        j.status.is_terminal()
-    })
+    let exec =
+        ExecutorProcess::start_with_args(&server.url, "brief", &["--exit-when-idle", "1"], &[]);
+    let failed = wait_for(
+        &client,
+        &id,
+        Duration::from_secs(30),
+        "the job to fail",
+        |j| j.status.is_terminal(),
+    )
     .await;
     assert_eq!(failed.status, JobStatus::Failed);
     assert_eq!(failed.attempts[0].code, Some(FailureCode::BadInput));

@@ -6,7 +6,7 @@
 //! a file that only this user may read, never from the command line or the environment, where
 //! other users of the machine can see it.
 
-#[cfg(feature = "ml")]
+#[cfg(any(feature = "mine", feature = "eval"))]
 mod model;
 
 use std::path::{Path, PathBuf};
@@ -27,7 +27,13 @@ use tracing_subscriber::EnvFilter;
 )]
 struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "human", env = "TWIN_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "TWIN_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(flatten)]
     run: RunArgs,
@@ -54,6 +60,9 @@ struct RunArgs {
     /// Where compiled Wasm modules are cached.
     #[arg(long, env = "TWIN_MODULE_CACHE")]
     module_cache: Option<PathBuf>,
+    /// Bytes of models kept loaded per device between jobs (least recently used evicted first).
+    #[arg(long, env = "TWIN_MODEL_CACHE_BYTES", default_value_t = twin_executor::ExecutorConfig::DEFAULT_MODEL_CACHE_BYTES)]
+    model_cache_bytes: u64,
     /// Exit after this many seconds without a job (for batch systems that bill idle time).
     #[arg(long, value_name = "SECS")]
     exit_when_idle: Option<u64>,
@@ -66,7 +75,7 @@ struct RunArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Model checkpoints: make a random-weight one, describe one, generate from one.
-    #[cfg(feature = "ml")]
+    #[cfg(any(feature = "mine", feature = "eval"))]
     #[command(subcommand)]
     Model(ModelCommand),
     /// Internal: compiles one Wasm module for a parent executor (INPUT OUTPUT FLAGS…).
@@ -119,7 +128,7 @@ fn read_token_file(path: &Path) -> anyhow::Result<String> {
 
 /// CUDA devices this process can use (0 without the ML stages).
 fn detected_gpus() -> u32 {
-    #[cfg(feature = "ml")]
+    #[cfg(any(feature = "mine", feature = "eval"))]
     {
         if twin_ml::cuda_available() {
             return twin_ml::tch::Cuda::device_count().max(0) as u32;
@@ -161,7 +170,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(parent) = args.parent_pid {
         follow_parent(parent)?;
     }
-    let token = args.token_file.as_deref().map(read_token_file).transpose()?;
+    let token = args
+        .token_file
+        .as_deref()
+        .map(read_token_file)
+        .transpose()?;
     let name = args.name.unwrap_or_else(|| {
         let host = nix::unistd::gethostname()
             .ok()
@@ -180,21 +193,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         gpus: args.gpus.unwrap_or_else(detected_gpus),
         labels: args.labels,
         poll_wait: Duration::from_secs(20),
+        model_cache_bytes: args.model_cache_bytes,
         exit_when_idle: args.exit_when_idle.map(Duration::from_secs),
-        ..twin_executor::ExecutorConfig::default()
     };
-    let stages = twin_executor::default_stages(plugins, &config);
+    let stages = twin_executor::default_stages(plugins, config.model_cache());
     let exec = twin_executor::Executor::new(config, stages)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(exec.run(stop_rx));
+    let mut task = tokio::spawn(exec.run(stop_rx));
     tokio::select! {
         r = shutdown_signal() => {
             r?;
             tracing::info!("stopping: handing the current job back");
             let _ = stop_tx.send(true);
-            task.await.context("the executor task")?;
+            (&mut task).await.context("the executor task")?;
         }
-        r = task => r.context("the executor task")?,
+        // The loop ended on its own (`--exit-when-idle`).
+        r = &mut task => r.context("the executor task")?,
     }
     Ok(())
 }
@@ -217,7 +231,7 @@ fn main() -> ExitCode {
             // No runtime, no logging: the child only compiles and exits.
             return ExitCode::from(twin_plugins::compile_main(&args).clamp(0, 255) as u8);
         }
-        #[cfg(feature = "ml")]
+        #[cfg(any(feature = "mine", feature = "eval"))]
         Some(Command::Model(command)) => {
             return match model_command(command) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -248,7 +262,7 @@ fn main() -> ExitCode {
         }
     }
 }
-#[cfg(feature = "ml")]
+#[cfg(any(feature = "mine", feature = "eval"))]
 #[derive(Subcommand)]
 enum ModelCommand {
     /// Write a CLIP image tower with seeded random weights, in the Hugging Face layout.
@@ -300,7 +314,7 @@ enum ModelCommand {
     },
 }
 
-#[cfg(feature = "ml")]
+#[cfg(any(feature = "mine", feature = "eval"))]
 fn model_command(command: ModelCommand) -> anyhow::Result<()> {
     match command {
         ModelCommand::InitClip { dir, preset, seed } => {
@@ -351,3 +365,4 @@ fn model_command(command: ModelCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}

@@ -3,101 +3,103 @@
 //!
 //! Three phases, each ending in an artefact: `embeddings` (the embedding table), `neighbours`
 //! (the unfiltered pairs, with the search's recall) and `candidates` (the filtered pairs). A job
-//! re-leased after its executor died starts from the last phase it finished: the artefacts are in
-//! the job's state, and recording one again is a no-op on the server, so a resumed job adds no
-//! duplicate events. Embeddings are keyed by (model hash, image hash): images already embedded
-//! by an earlier mine job with the same weights are taken from its table, not recomputed.
+//! re-leased after its executor died starts from the last phase it finished (see
+//! `twin_stage::StageContext::phase`), and within the embedding phase from its last checkpoint
+//! (`embeddings.partial`, the table so far). Embeddings are keyed by (model hash, image hash):
+//! images already embedded by an earlier mine job with the same weights are taken from its
+//! table, not recomputed. The CLIP image tower lives in the executor's model cache.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use twin_client::JobFilter;
 use twin_core::event::{JobOutput, JobResult, ManifestEntry, RejectedFile};
 use twin_core::job::{JobState, JobStatus};
 use twin_core::mine::{
-    Candidate, ComputeDevice, FilterMode, FilterSummary, FilterVerdict, MineOutput, MineScope,
-    MineSpec, PairImage, SearchMethod,
+    Candidate, FilterMode, FilterSummary, FilterVerdict, MineOutput, MineScope, MineSpec,
+    PairImage, SearchMethod,
 };
 use twin_core::spec::JobSpec;
 use twin_core::{BlobHash, JobKind};
+use twin_ml::MlError;
 use twin_ml::clip::{ClipModel, ClipPreprocessor};
+use twin_ml::device::JobDevice;
 use twin_ml::index::{
     Determinism, EmbeddingMatrix, HnswParams, Neighbours, Queries, RowLabel, Scope, recall_at_k,
     sample_queries, search_exact, search_hnsw,
 };
 use twin_ml::tch::Device;
 use twin_plugins::{CandidatePair, Host, PluginError};
+use twin_stage::{
+    CachedModel, Codec, Json, JsonLines, ModelCache, ModelKey, Phase, Stage, StageContext,
+    StageError,
+};
 
 use crate::embeddings::EmbeddingTable;
-use crate::{Stage, StageContext, StageError};
 
 const EMBEDDINGS: &str = "embeddings";
 const NEIGHBOURS: &str = "neighbours";
 const CANDIDATES: &str = "candidates";
+/// Shares of a run's time: embedding dominates (a forward pass per image), an exact search is a
+/// few matrix products, the filters are cheap Wasm calls.
+const PLAN: [(&str, f64); 3] = [(EMBEDDINGS, 0.6), (NEIGHBOURS, 0.3), (CANDIDATES, 0.1)];
 /// Above this many images a global search on the CPU uses HNSW rather than exact search.
 const HNSW_FROM_ROWS: usize = 100_000;
+/// The model cache's family for CLIP image towers.
+const CLIP_FAMILY: &str = "clip-vision";
 
-/// A loaded checkpoint, kept between jobs that name the same directory. libtorch tensors are
-/// not `Sync`, so the model lives behind the stage's mutex and is used while it is held (an
-/// executor runs one job at a time anyway).
-struct Loaded {
-    dir: String,
+/// A CLIP image tower as the model cache keeps it.
+struct Clip {
     model: ClipModel,
     preprocessor: ClipPreprocessor,
     hash: String,
 }
 
-/// Runs `mine` jobs; filter modules run on the shared plugin host.
+/// Runs `mine` jobs; filter modules run on the shared plugin host, CLIP in the shared model
+/// cache.
 pub struct MineStage {
     host: Arc<Host>,
-    loaded: Mutex<Option<Loaded>>,
+    models: Arc<ModelCache>,
 }
 
 impl MineStage {
-    pub fn new(host: Arc<Host>) -> Self {
-        Self {
-            host,
-            loaded: Mutex::new(None),
-        }
+    pub fn new(host: Arc<Host>, models: Arc<ModelCache>) -> Self {
+        Self { host, models }
     }
 
-    /// Runs `f` with the checkpoint at `dir` on `device`, loading it unless it is the one held.
-    fn with_model<T>(
-        &self,
-        dir: &str,
-        device: Device,
-        f: impl FnOnce(&ClipModel, &ClipPreprocessor, &str) -> Result<T, StageError>,
-    ) -> Result<T, StageError> {
-        let mut slot = self.loaded.lock();
-        let reuse = slot
-            .as_ref()
-            .is_some_and(|l| l.dir == dir && l.model.device() == device);
-        if !reuse {
-            *slot = None;
-            let path = Path::new(dir);
-            let model = ClipModel::load_vision(path, device)
-                .map_err(|e| StageError::permanent(format!("spec.model: {e}")))?;
-            let preprocessor = ClipPreprocessor::load(path)
-                .map_err(|e| StageError::permanent(format!("spec.model: {e}")))?;
+    /// The image tower of the checkpoint at `dir` on `device`, from the cache or loaded.
+    fn clip(&self, dir: &str, device: &JobDevice) -> Result<CachedModel<Clip>, StageError> {
+        let path = Path::new(dir);
+        let key = ModelKey::checkpoint(CLIP_FAMILY, path, &device.name);
+        let kind = twin_ml::device::compute_kind(device.device);
+        // Only the image tower is loaded: the text tower's tensors do not count.
+        let expected = twin_ml::weights::Checkpoint::open(path)
+            .map(|c| {
+                c.bytes_as(kind, |name| {
+                    !name.starts_with("text_") && name != "logit_scale"
+                })
+            })
+            .unwrap_or(0);
+        self.models.get_or_load_expecting(&key, expected, || {
+            let model = ClipModel::load_vision(path, device.device).map_err(load_failure)?;
+            let preprocessor = ClipPreprocessor::load(path).map_err(load_failure)?;
             let hash = model
                 .weights_hash()
-                .ok_or_else(|| {
-                    StageError::permanent("spec.model: the checkpoint has no weights hash")
-                })?
+                .ok_or_else(|| StageError::model("spec.model: the checkpoint has no weights hash"))?
                 .to_owned();
-            *slot = Some(Loaded {
-                dir: dir.to_owned(),
-                model,
-                preprocessor,
-                hash,
-            });
-        }
-        let l = slot.as_ref().expect("loaded above");
-        f(&l.model, &l.preprocessor, &l.hash)
+            let bytes = model.resident_bytes();
+            Ok((
+                Clip {
+                    model,
+                    preprocessor,
+                    hash,
+                },
+                bytes,
+            ))
+        })
     }
 }
 
@@ -122,29 +124,32 @@ struct NeighbourPhase {
     millis: u64,
 }
 
-fn ml_error(what: &str, e: twin_ml::MlError) -> StageError {
-    StageError::permanent(format!("{what}: {e}"))
+fn load_failure(e: MlError) -> StageError {
+    StageError::new(e.loading_failure_code(), format!("spec.model: {e}"))
 }
 
-fn artefact(job: &JobState, name: &str) -> Option<BlobHash> {
-    job.artefacts
-        .iter()
-        .rev()
-        .find(|a| a.name == name)
-        .map(|a| a.blob)
+fn ml_failure(what: &str, e: MlError) -> StageError {
+    match e {
+        MlError::OutOfMemory(_) => StageError::out_of_memory(format!(
+            "{what}: {e}; lower spec.batch_size (or use a device with more memory)"
+        )),
+        e => StageError::new(e.failure_code(), format!("{what}: {e}")),
+    }
+}
+
+/// A filter module's failure as the job's, the host's code for it as the detail.
+fn filter_failure(label: &str, e: &PluginError) -> StageError {
+    StageError::new(
+        e.failure_code(),
+        format!("filter {label} [{}]: {e}", e.code()),
+    )
+    .with_detail(e.code())
 }
 
 fn parse_manifest(bytes: &[u8]) -> Result<Vec<ManifestEntry>, StageError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| StageError::permanent("the dataset manifest is not UTF-8"))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| StageError::permanent(format!("dataset manifest line {}: {e}", i + 1)))
-        })
-        .collect()
+    JsonLines
+        .decode(bytes)
+        .map_err(|e| StageError::bad_input(format!("dataset manifest: {e}")))
 }
 
 impl Stage for MineStage {
@@ -154,131 +159,88 @@ impl Stage for MineStage {
 
     fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError> {
         let JobSpec::Mine(spec) = &job.submission.spec else {
-            return Err(StageError::permanent(
+            return Err(StageError::internal(
                 "the mine stage got another kind of job",
             ));
         };
+        // The server pins the manifest at submission: a job without one is a server bug.
         let manifest = spec
             .manifest
-            .ok_or_else(|| StageError::permanent("spec.manifest was not pinned at submission"))?;
+            .ok_or_else(|| StageError::internal("spec.manifest was not pinned at submission"))?;
         let entries = parse_manifest(&ctx.download(&manifest)?)?;
         if entries.is_empty() {
-            return Err(StageError::permanent("the dataset has no images"));
+            return Err(StageError::bad_input("the dataset has no images"));
         }
-        let device = twin_ml::device::select(match spec.device {
-            ComputeDevice::Auto => twin_ml::DeviceRequest::Auto,
-            ComputeDevice::Cpu => twin_ml::DeviceRequest::Cpu,
-            ComputeDevice::Cuda => twin_ml::DeviceRequest::Cuda,
-        })
-        .map_err(|e| StageError::permanent(format!("spec.device: {e}")))?;
+        let device =
+            twin_ml::device::for_job(spec.device).map_err(|e| ml_failure("spec.device", e))?;
+        ctx.plan(&PLAN)?;
         let mut timings = BTreeMap::new();
 
-        // Phase 1: embeddings.
         let started = Instant::now();
-        let (table, skipped, reused) = match artefact(job, EMBEDDINGS) {
-            Some(blob) => {
-                let table =
-                    EmbeddingTable::decode(&ctx.download(&blob)?).map_err(StageError::permanent)?;
-                ctx.progress(
-                    "resumed: embeddings from the previous attempt",
-                    None,
-                    BTreeMap::new(),
-                );
-                let skipped = entries
-                    .iter()
-                    .filter(|e| !table.rows.contains_key(&e.blob))
-                    .map(|e| RejectedFile {
-                        path: e.path.clone(),
-                        error: "not embedded by the previous attempt".into(),
-                    })
-                    .collect();
-                (table, skipped, 0)
-            }
-            None => {
-                let (table, skipped, reused) =
-                    self.with_model(&spec.model, device, |model, preprocessor, hash| {
-                        embed(spec, &entries, model, preprocessor, hash, ctx)
-                    })?;
-                let blob = ctx.upload(table.encode())?;
-                ctx.record_artefact(EMBEDDINGS, blob)?;
-                (table, skipped, reused)
-            }
-        };
+        let mut skipped = Vec::new();
+        let mut reused = 0;
+        let embeddings = ctx.phase(
+            EMBEDDINGS,
+            twin_stage::codec::custom(EmbeddingTable::encode, EmbeddingTable::decode),
+            |p| {
+                let clip = self.clip(&spec.model, &device)?;
+                let (table, s, r) = embed(spec, &entries, &clip, ctx, p)?;
+                (skipped, reused) = (s, r);
+                Ok(table)
+            },
+        )?;
+        let table = embeddings.value;
+        if embeddings.resumed {
+            skipped = entries
+                .iter()
+                .filter(|e| !table.rows.contains_key(&e.blob))
+                .map(|e| RejectedFile {
+                    path: e.path.clone(),
+                    error: "not embedded by an earlier attempt".into(),
+                })
+                .collect();
+        }
         timings.insert("embed".to_owned(), started.elapsed().as_millis() as u64);
-        let embeddings_blob = BlobHash::of(&table.encode());
 
-        // Phase 2: neighbours.
         let started = Instant::now();
-        let phase = match artefact(job, NEIGHBOURS) {
-            Some(blob) => serde_json::from_slice::<NeighbourPhase>(&ctx.download(&blob)?)
-                .map_err(|e| StageError::permanent(format!("neighbours artefact: {e}")))?,
-            None => {
-                let phase = search(spec, &entries, &table, device, ctx)?;
-                let blob = ctx.upload(serde_json::to_vec(&phase).expect("phases serialise"))?;
-                ctx.record_artefact(NEIGHBOURS, blob)?;
-                phase
-            }
-        };
+        let phase = ctx
+            .phase(NEIGHBOURS, Json, |p| {
+                search(spec, &entries, &table, device.device, p)
+            })?
+            .value;
         timings.insert("search".to_owned(), started.elapsed().as_millis() as u64);
 
-        // Phase 3: filters.
         let started = Instant::now();
-        let (candidates, candidates_blob, fuel) = match artefact(job, CANDIDATES) {
-            Some(blob) => (
-                parse_candidates(&ctx.download(&blob)?)?,
-                blob,
-                BTreeMap::new(),
-            ),
-            None => {
-                let (candidates, fuel) = self.filter(spec, &entries, &phase, ctx)?;
-                let blob = ctx.upload(candidates_jsonl(&candidates))?;
-                ctx.record_artefact(CANDIDATES, blob)?;
-                (candidates, blob, fuel)
-            }
-        };
+        let mut fuel = BTreeMap::new();
+        let candidates = ctx.phase(CANDIDATES, JsonLines, |p| {
+            let (candidates, used) = self.filter(spec, &entries, &phase, ctx, p)?;
+            fuel = used;
+            Ok(candidates)
+        })?;
         timings.insert("filter".to_owned(), started.elapsed().as_millis() as u64);
-        let summaries = self.summarise(spec, &candidates, &fuel);
+        let summaries = self.summarise(spec, &candidates.value, &fuel);
         let mut listed = skipped.clone();
         listed.truncate(twin_core::event::IngestOutput::MAX_LISTED_REJECTS);
+        let kept = candidates.value.iter().filter(|c| c.kept).count() as u64;
+        let auto_accepted = candidates.value.iter().filter(|c| c.auto_accepted).count() as u64;
         Ok(JobOutput::Mine(MineOutput {
             model_hash: table.model_hash.clone(),
-            embeddings: embeddings_blob,
-            candidates: candidates_blob,
+            embeddings: embeddings.blob,
+            candidates: candidates.blob,
             images: entries.len() as u64,
             reused_embeddings: reused,
             skipped: listed,
             skipped_total: skipped.len() as u64,
             search: phase.search,
-            device: format!("{device:?}").to_lowercase(),
-            pairs: candidates.len() as u64,
-            kept: candidates.iter().filter(|c| c.kept).count() as u64,
-            auto_accepted: candidates.iter().filter(|c| c.auto_accepted).count() as u64,
+            device: device.name,
+            pairs: candidates.value.len() as u64,
+            kept,
+            auto_accepted,
             recall_at_k: phase.recall_at_k,
             filters: summaries,
             timings_ms: timings,
         }))
     }
-}
-
-fn candidates_jsonl(candidates: &[Candidate]) -> Vec<u8> {
-    let mut jsonl = Vec::new();
-    for c in candidates {
-        serde_json::to_writer(&mut jsonl, c).expect("candidates serialise");
-        jsonl.push(b'\n');
-    }
-    jsonl
-}
-
-fn parse_candidates(bytes: &[u8]) -> Result<Vec<Candidate>, StageError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| StageError::permanent("candidates artefact is not UTF-8"))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            serde_json::from_str(l)
-                .map_err(|e| StageError::permanent(format!("candidates artefact: {e}")))
-        })
-        .collect()
 }
 
 /// Embeddings of earlier succeeded mine jobs with the same weights, merged (best effort: a
@@ -315,24 +277,30 @@ fn earlier_embeddings(model_hash: &str, ctx: &StageContext) -> EmbeddingTable {
     merged
 }
 
-/// Embeds every image of the manifest not embedded before; returns the table (for exactly the
-/// manifest's images that decode), the images skipped with their reason, and how many were reused.
-fn embed(
+/// Embeds every image of the manifest not embedded before (by this job's last checkpoint or an
+/// earlier job); returns the table (for exactly the manifest's images that decode), the images
+/// skipped with their reason, and how many rows were taken from earlier jobs. Saves the table
+/// so far whenever a checkpoint is due.
+fn embed<C: Codec<EmbeddingTable>>(
     spec: &MineSpec,
     entries: &[ManifestEntry],
-    model: &ClipModel,
-    preprocessor: &ClipPreprocessor,
-    model_hash: &str,
+    clip: &Clip,
     ctx: &StageContext,
+    p: &mut Phase<'_, EmbeddingTable, C>,
 ) -> Result<(EmbeddingTable, Vec<RejectedFile>, u64), StageError> {
-    let dim = model.embedding_dim() as usize;
-    let earlier = earlier_embeddings(model_hash, ctx);
-    let mut table = EmbeddingTable::new(model_hash, dim);
+    let dim = clip.model.embedding_dim() as usize;
+    // A checkpoint of other weights (the directory changed between attempts) is of no use.
+    let mut table = p
+        .partial()?
+        .filter(|t| t.model_hash == clip.hash && t.dim == dim)
+        .unwrap_or_else(|| EmbeddingTable::new(&clip.hash, dim));
+    let resumed = table.rows.len();
+    let earlier = earlier_embeddings(&clip.hash, ctx);
     let mut reused = 0u64;
     let mut todo = Vec::new();
     let mut seen = BTreeSet::new();
     for e in entries {
-        if !seen.insert(e.blob) {
+        if !seen.insert(e.blob) || table.rows.contains_key(&e.blob) {
             continue;
         }
         match earlier.rows.get(&e.blob) {
@@ -346,10 +314,13 @@ fn embed(
     let mut skipped = Vec::new();
     let batch = spec.batch_size.max(1) as usize;
     let total = todo.len();
+    let from_earlier = if resumed > 0 {
+        format!("{reused} reused, {resumed} from an earlier attempt")
+    } else {
+        format!("{reused} reused")
+    };
     for (i, chunk) in todo.chunks(batch).enumerate() {
-        if ctx.is_cancelled() {
-            return Err(StageError::permanent("cancelled"));
-        }
+        ctx.check_cancelled()?;
         let mut images = Vec::with_capacity(chunk.len());
         let mut hashes = Vec::with_capacity(chunk.len());
         for e in chunk {
@@ -368,25 +339,30 @@ fn embed(
         if images.is_empty() {
             continue;
         }
-        let features = model
-            .embed_images(preprocessor, &images)
-            .map_err(|e| ml_error("embedding", e))?;
+        let features = clip
+            .model
+            .embed_images(&clip.preprocessor, &images)
+            .map_err(|e| ml_failure("embedding", e))?;
         let flat: Vec<f32> = Vec::<f32>::try_from(
             features
                 .to_kind(twin_ml::tch::Kind::Float)
                 .to_device(Device::Cpu)
                 .flatten(0, -1),
         )
-        .map_err(|e| StageError::permanent(format!("embedding: {e}")))?;
+        .map_err(|e| ml_failure("embedding", MlError::from_torch(e)))?;
         for (h, v) in hashes.iter().zip(flat.chunks_exact(dim)) {
             table.rows.insert(*h, v.to_vec());
         }
         let done = ((i + 1) * batch).min(total);
-        ctx.progress(
-            &format!("embedded {done} of {total} images ({reused} reused)"),
-            Some(done as f64 / total.max(1) as f64 / 3.0),
+        p.progress(
+            done,
+            total,
+            &format!("embedded {done} of {total} images ({from_earlier})"),
             BTreeMap::from([("embedded".to_owned(), done as f64)]),
         );
+        if done < total && p.checkpoint_due() {
+            p.checkpoint(&table)?;
+        }
     }
     Ok((table, skipped, reused))
 }
@@ -410,7 +386,7 @@ fn search(
     entries: &[ManifestEntry],
     table: &EmbeddingTable,
     device: Device,
-    ctx: &StageContext,
+    p: &Phase<'_, NeighbourPhase, Json>,
 ) -> Result<NeighbourPhase, StageError> {
     let started = Instant::now();
     let mut seen = BTreeSet::new();
@@ -456,21 +432,22 @@ fn search(
         return Ok(phase);
     }
     let matrix =
-        EmbeddingMatrix::new(table.dim, values, labels).map_err(|e| ml_error("embeddings", e))?;
+        EmbeddingMatrix::new(table.dim, values, labels).map_err(|e| ml_failure("embeddings", e))?;
     let scope = match spec.scope {
         MineScope::PerCategory => Scope::PerCategory,
         MineScope::Global => Scope::Global,
     };
     let k = spec.k as usize;
-    ctx.progress(
+    p.progress(
+        0,
+        1,
         &format!("searching {} images ({method:?})", rows.len()),
-        Some(1.0 / 3.0),
         BTreeMap::new(),
     );
     let found: Neighbours = match method {
         SearchMethod::Exact | SearchMethod::Auto => {
             search_exact(&matrix, scope, k, Queries::All, device)
-                .map_err(|e| ml_error("exact search", e))?
+                .map_err(|e| ml_failure("exact search", e))?
         }
         SearchMethod::Hnsw => {
             let params = HnswParams {
@@ -484,12 +461,12 @@ fn search(
                 },
                 ..HnswParams::default()
             };
-            let found =
-                search_hnsw(&matrix, scope, k, &params).map_err(|e| ml_error("HNSW search", e))?;
+            let found = search_hnsw(&matrix, scope, k, &params)
+                .map_err(|e| ml_failure("HNSW search", e))?;
             if spec.recall_sample > 0 {
                 let sample = sample_queries(rows.len(), spec.recall_sample as usize, spec.seed);
                 let exact = search_exact(&matrix, scope, k, Queries::Rows(&sample), device)
-                    .map_err(|e| ml_error("exact search", e))?;
+                    .map_err(|e| ml_failure("exact search", e))?;
                 phase.recall_at_k = Some(recall_at_k(&found, &exact, k).recall);
             }
             found
@@ -536,6 +513,7 @@ impl MineStage {
         entries: &[ManifestEntry],
         phase: &NeighbourPhase,
         ctx: &StageContext,
+        p: &Phase<'_, Vec<Candidate>, JsonLines>,
     ) -> Result<(Vec<Candidate>, BTreeMap<String, u64>), StageError> {
         let image = |i: usize| {
             let e = &entries[phase.rows[i]];
@@ -583,41 +561,36 @@ impl MineStage {
                 }
             })
             .collect();
-        let limits = crate::score::module_limits(&spec.limits, self.host.config().limits);
+        let limits = self.host.config().limits.with_job_limits(&spec.limits);
         let batch = spec.filter_batch.max(1) as usize;
         let mut fuel = BTreeMap::new();
         let steps = (spec.filters.len() * pairs.len().div_ceil(batch)).max(1);
         let mut step = 0;
         for f in &spec.filters {
+            // The server pins filters at submission: one without a hash is a server bug.
             let hash = f.module_hash.ok_or_else(|| {
-                StageError::permanent(format!("filter {} was not resolved to a hash", f.module))
+                StageError::internal(format!("filter {} was not resolved to a hash", f.module))
             })?;
             let module = match self.host.get(&hash.to_hex()) {
                 Some(m) => m,
-                None => self.host.load(&ctx.download(&hash)?).map_err(|e| {
-                    StageError::permanent(format!("filter {} [{}]: {e}", f.label(), e.code()))
-                })?,
+                None => self
+                    .host
+                    .load(&ctx.download(&hash)?)
+                    .map_err(|e| filter_failure(f.label(), &e))?,
             };
             let params = f.params.to_string();
             let mut used = 0u64;
             for (chunk_index, chunk) in pairs.chunks(batch).enumerate() {
-                if ctx.is_cancelled() {
-                    return Err(StageError::permanent("cancelled"));
-                }
+                ctx.check_cancelled()?;
                 let (out, err) =
                     self.host
                         .judge_or_drop(&module, &params, &spec.grants, Some(&limits), chunk);
                 match err {
-                    Some(e @ (PluginError::BadParams(_) | PluginError::WrongKind { .. })) => {
-                        return Err(StageError::permanent(format!(
-                            "filter {} [{}]: {e}",
-                            f.label(),
-                            e.code()
-                        )));
-                    }
-                    Some(PluginError::Host(e)) => {
-                        return Err(StageError::transient(format!("filter {}: {e}", f.label())));
-                    }
+                    Some(
+                        e @ (PluginError::BadParams(_)
+                        | PluginError::WrongKind { .. }
+                        | PluginError::Host(_)),
+                    ) => return Err(filter_failure(f.label(), &e)),
                     Some(e) => {
                         tracing::warn!(filter = f.label(), error = %e, "filter failed on a batch; its pairs are dropped")
                     }
@@ -636,14 +609,15 @@ impl MineStage {
                     });
                 }
                 step += 1;
-                ctx.progress(
+                p.progress(
+                    step,
+                    steps,
                     &format!(
                         "filter {}: {} of {} pairs",
                         f.label(),
                         ((chunk_index + 1) * batch).min(pairs.len()),
                         pairs.len()
                     ),
-                    Some(2.0 / 3.0 + step as f64 / steps as f64 / 3.0),
                     BTreeMap::new(),
                 );
             }
@@ -688,5 +662,137 @@ impl MineStage {
                 (name, summary)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use twin_ml::clip::ClipConfig;
+    use twin_stage::testing::{MemoryBackend, job};
+
+    /// Twelve images (3 categories × 2 instances × 2 views) and their manifest, in `backend`.
+    fn dataset(backend: &MemoryBackend) -> BlobHash {
+        let mut manifest = Vec::new();
+        for (c, category) in ["mug", "shoe", "lamp"].into_iter().enumerate() {
+            for instance in 0..2u8 {
+                for view in 0..2u8 {
+                    let img = image::RgbImage::from_fn(24, 24, |x, y| {
+                        let shade = (c as u8 * 70).wrapping_add(instance * 30 + view * 5);
+                        image::Rgb([shade, (x * 10) as u8, (y * 10) as u8 ^ instance])
+                    });
+                    let mut png = Vec::new();
+                    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                        .unwrap();
+                    manifest.push(ManifestEntry {
+                        blob: backend.put(png),
+                        path: format!("{category}/i{instance}/{view}.png"),
+                        category: category.into(),
+                        instance: format!("i{instance}"),
+                        width: 24,
+                        height: 24,
+                        format: "png".into(),
+                        phash: "0000000000000000".into(),
+                    });
+                }
+            }
+        }
+        backend.put(JsonLines.encode(&manifest).unwrap())
+    }
+
+    #[test]
+    fn a_job_stopped_mid_embedding_resumes_from_its_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = tmp.path().join("clip");
+        ClipModel::init_random(ClipConfig::tiny().vision_only(), 3, Device::Cpu)
+            .unwrap()
+            .save_pretrained(&ckpt)
+            .unwrap();
+        let host = Arc::new(Host::new(twin_plugins::HostConfig::default()).unwrap());
+        let models = Arc::new(ModelCache::new(1 << 30));
+        let stage = MineStage::new(host, models.clone());
+        let spec = |manifest: BlobHash| {
+            job(serde_json::json!({
+                "kind": "mine", "dataset": "d", "manifest": manifest.to_hex(),
+                "model": ckpt.to_str().unwrap(), "device": "cpu", "batch_size": 4, "k": 3,
+            }))
+        };
+        let mined = |out: JobOutput| match out {
+            JobOutput::Mine(out) => out,
+            other => panic!("a mine job's output, got {other:?}"),
+        };
+
+        // Start to finish, for comparison.
+        let straight = MemoryBackend::new();
+        let whole = mined(
+            stage
+                .run(&spec(dataset(&straight)), &straight.context(&[]))
+                .unwrap(),
+        );
+        assert_eq!(straight.names(), [EMBEDDINGS, NEIGHBOURS, CANDIDATES]);
+        // Per category, each image pairs with the other instance's two views.
+        assert_eq!(whole.pairs, 12 * 2 / 2);
+
+        // The executor dies after the first batch's checkpoint (4 of 12 images)...
+        let backend = MemoryBackend::new();
+        let job = spec(dataset(&backend));
+        backend.cancel_after("embeddings.partial");
+        let attempt = |earlier: &[twin_core::job::Artefact]| {
+            let ctx = backend
+                .context(earlier)
+                .with_checkpoint_every(Duration::ZERO);
+            stage.run(&job, &ctx)
+        };
+        let err = attempt(&[]).unwrap_err();
+        assert_eq!(err, StageError::cancelled());
+        assert_eq!(backend.names(), ["embeddings.partial"]);
+        let partial = EmbeddingTable::decode(&backend.blob(&backend.artefacts()[0].blob)).unwrap();
+        assert_eq!(partial.rows.len(), 4);
+
+        // ...and the next attempt embeds only the other eight, to the same result.
+        backend.reset_cancel();
+        let resumed = mined(attempt(&backend.artefacts()).unwrap());
+        assert!(
+            backend
+                .fractions()
+                .iter()
+                .any(|(_, m)| m == "embedded 8 of 8 images (0 reused, 4 from an earlier attempt)"),
+            "{:?}",
+            backend.fractions()
+        );
+        assert_eq!(resumed.embeddings, whole.embeddings);
+        assert_eq!(resumed.candidates, whole.candidates);
+        assert_eq!(resumed.device, "cpu");
+        let names = backend.names();
+        assert_eq!(
+            names[names.len() - 3..],
+            [EMBEDDINGS, NEIGHBOURS, CANDIDATES]
+        );
+
+        // A third attempt redoes nothing. The model loaded once for all of them.
+        let before = backend.artefacts().len();
+        let again = mined(attempt(&backend.artefacts()).unwrap());
+        assert_eq!(again.candidates, whole.candidates);
+        assert_eq!(backend.artefacts().len(), before);
+        assert_eq!(models.stats().misses, 1);
+    }
+
+    #[test]
+    fn a_checkpoint_that_does_not_load_is_a_model_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("config.json"), "{}").unwrap();
+        let host = Arc::new(Host::new(twin_plugins::HostConfig::default()).unwrap());
+        let stage = MineStage::new(host, Arc::new(ModelCache::new(1 << 30)));
+        let backend = MemoryBackend::new();
+        let job = job(serde_json::json!({
+            "kind": "mine", "dataset": "d", "manifest": dataset(&backend).to_hex(),
+            "model": tmp.path().to_str().unwrap(), "device": "cpu",
+        }));
+        let err = stage.run(&job, &backend.context(&[])).unwrap_err();
+        assert_eq!(err.code, twin_core::FailureCode::ModelError, "{err}");
+        assert!(err.message.starts_with("spec.model: "), "{err}");
+        assert!(backend.names().is_empty());
     }
 }

@@ -14,9 +14,8 @@ use twin_core::job::JobState;
 use twin_core::score::{ScoreOutput, ScoreSpec, TermSummary};
 use twin_core::spec::JobSpec;
 use twin_core::{BlobHash, JobKind};
-use twin_plugins::{Host, Limits, PluginError, RewardScore, Rollout};
-
-use crate::{Stage, StageContext, StageError};
+use twin_plugins::{Host, PluginError, RewardScore, Rollout};
+use twin_stage::{Stage, StageContext, StageError};
 
 /// Runs `score` jobs with a shared plugin host.
 pub struct ScoreStage {
@@ -29,19 +28,20 @@ impl ScoreStage {
     }
 }
 
-pub(crate) fn module_error(term: &str, module: &str, e: PluginError) -> StageError {
+/// A reward module's failure as the job's: the module's own fault is a `module_error` whose
+/// detail is the host's code for it (`out_of_fuel`, `guest_trap`, …); the host's trouble keeps
+/// the code the host gives it (`unavailable` for a pool exhausted or I/O, which may pass).
+fn module_error(term: &str, module: &str, e: PluginError) -> StageError {
     let what = if term.is_empty() {
         format!("reward module {module}")
     } else {
         format!("reward term {term:?} (module {module})")
     };
-    let message = format!("{what} failed [{}]: {e}", e.code());
-    // The host's own trouble (pool exhausted, I/O) may pass; a module's fault will not.
-    if matches!(e, PluginError::Host(_)) {
-        StageError::transient(message)
-    } else {
-        StageError::permanent(message)
-    }
+    StageError::new(
+        e.failure_code(),
+        format!("{what} failed [{}]: {e}", e.code()),
+    )
+    .with_detail(e.code())
 }
 
 impl Stage for ScoreStage {
@@ -51,29 +51,13 @@ impl Stage for ScoreStage {
 
     fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError> {
         let JobSpec::Score(spec) = &job.submission.spec else {
-            return Err(StageError::permanent(
+            return Err(StageError::internal(
                 "the score stage got another kind of job",
             ));
         };
         let rollouts = twin_plugins::parse_rollouts(&ctx.download(&spec.rollouts)?)
-            .map_err(StageError::permanent)?;
+            .map_err(StageError::bad_input)?;
         score(&self.host, spec, &rollouts, ctx)
-    }
-}
-
-/// A job's per-call module limits, unset fields taken from the host's defaults.
-pub(crate) fn module_limits(l: &twin_core::score::ModuleLimits, defaults: Limits) -> Limits {
-    Limits {
-        fuel: l.fuel.unwrap_or(defaults.fuel),
-        deadline: l
-            .deadline_ms
-            .map(std::time::Duration::from_millis)
-            .unwrap_or(defaults.deadline),
-        memory_bytes: l
-            .memory_mb
-            .map(|m| m << 20)
-            .unwrap_or(defaults.memory_bytes),
-        table_elements: defaults.table_elements,
     }
 }
 
@@ -84,7 +68,7 @@ fn score(
     ctx: &StageContext,
 ) -> Result<JobOutput, StageError> {
     let grants = &spec.grants;
-    let limits = module_limits(&spec.limits, host.config().limits);
+    let limits = host.config().limits.with_job_limits(&spec.limits);
     let terms = spec.reward.terms();
     let single = spec.reward.module.is_some();
     let mut totals = vec![0.0f64; rollouts.len()];
@@ -97,7 +81,7 @@ fn score(
     let mut step = 0usize;
     for term in &terms {
         let hash = term.module_hash.ok_or_else(|| {
-            StageError::permanent(format!("module {} was not resolved to a hash", term.module))
+            StageError::internal(format!("module {} was not resolved to a hash", term.module))
         })?;
         let module = match host.get(&hash.to_hex()) {
             Some(m) => m,
@@ -117,9 +101,7 @@ fn score(
         };
         let mut sum = 0.0;
         for (chunk_index, chunk) in rollouts.chunks(batch).enumerate() {
-            if ctx.is_cancelled() {
-                return Err(StageError::permanent("cancelled"));
-            }
+            ctx.check_cancelled()?;
             let out = host
                 .score(&module, &params, grants, Some(&limits), chunk)
                 .map_err(|e| module_error(&name, &term.module, e))?;
@@ -150,13 +132,14 @@ fn score(
             }
             step += 1;
             ctx.progress(
+                step,
+                steps,
                 &format!(
                     "scored {} of {} rollouts with {}",
                     (chunk_index * batch + chunk.len()),
                     rollouts.len(),
                     term.module
                 ),
-                Some(step as f64 / steps as f64),
                 BTreeMap::new(),
             );
         }
@@ -207,4 +190,83 @@ fn score(
         capability_log,
         fuel_used,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use twin_core::FailureCode;
+    use twin_plugins::HostConfig;
+    use twin_stage::testing::{MemoryBackend, job};
+
+    fn misbehave() -> Vec<u8> {
+        let dir = std::env::var_os("TWIN_MODULES_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm32-wasip2/guest")
+            });
+        let path = dir.join("misbehave.wasm");
+        std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; build the modules first with deploy/build-modules.sh",
+                path.display()
+            )
+        })
+    }
+
+    #[test]
+    fn a_reward_that_fails_fails_the_job_with_the_modules_code() {
+        let backend = MemoryBackend::new();
+        let module = backend.put(misbehave());
+        let rollouts = backend.put(
+            "{\"completion\": \"abc\", \"ground_truth\": \"x\"}\n\
+             {\"completion\": \"hello\", \"ground_truth\": \"y\"}\n",
+        );
+        let stage = ScoreStage::new(Arc::new(Host::new(HostConfig::default()).unwrap()));
+        let spec = |mode: &str| {
+            job(serde_json::json!({
+                "kind": "score",
+                "rollouts": rollouts.to_hex(),
+                "reward": {"module": "misbehave", "module_hash": module.to_hex(),
+                           "params": {"mode": mode}},
+            }))
+        };
+
+        // "ok" scores each rollout by its completion's length.
+        let JobOutput::Score(out) = stage.run(&spec("ok"), &backend.context(&[])).unwrap() else {
+            panic!("a score job's output");
+        };
+        assert_eq!(out.mean, 4.0);
+        assert_eq!(backend.names(), ["scores"]);
+        assert_eq!(backend.fractions().last().map(|(f, _)| *f), Some(Some(1.0)));
+
+        for (mode, detail, says) in [
+            ("panic", "guest_trap", "panicked on purpose"),
+            ("error", "guest_error", "returned an error on purpose"),
+            ("bad-config", "bad_params", "bad-config asked for"),
+        ] {
+            let err = stage.run(&spec(mode), &backend.context(&[])).unwrap_err();
+            assert_eq!(err.code, FailureCode::ModuleError, "{mode}: {err}");
+            assert_eq!(err.detail.as_deref(), Some(detail), "{mode}: {err}");
+            assert!(!err.retryable, "{mode}: {err}");
+            assert!(
+                err.message.starts_with("reward module misbehave failed [")
+                    && err.message.contains(says),
+                "{mode}: {err}"
+            );
+        }
+
+        // Rollouts that do not parse are the job's input at fault.
+        let bad = backend.put("not json\n");
+        let job = job(serde_json::json!({
+            "kind": "score",
+            "rollouts": bad.to_hex(),
+            "reward": {"module": "misbehave", "module_hash": module.to_hex(),
+                       "params": {"mode": "ok"}},
+        }));
+        let err = stage.run(&job, &backend.context(&[])).unwrap_err();
+        assert_eq!(err.code, FailureCode::BadInput, "{err}");
+    }
 }

@@ -17,21 +17,18 @@ use twin_core::{BlobHash, JobKind};
 use twin_data::build::{BuildConfig, BuildInputs, ImageRef, NegativePair, Split};
 use twin_data::export::{ExportOptions, PromptStyle};
 
-use crate::{Stage, StageContext, StageError};
+use twin_stage::{Codec, Stage, StageContext, StageError};
 
 pub struct BuildDatasetStage;
 
-fn jsonl<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<Vec<T>, StageError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| StageError::permanent(format!("{what} is not UTF-8")))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| StageError::permanent(format!("{what} line {}: {e}", i + 1)))
-        })
-        .collect()
+/// A JSONL input the server pinned (a manifest, a snapshot of accepted pairs).
+fn jsonl<T: serde::Serialize + serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<Vec<T>, StageError> {
+    twin_stage::JsonLines
+        .decode(bytes)
+        .map_err(|e| StageError::bad_input(format!("{what}: {e}")))
 }
 
 /// Where an exported record points for an image: `images/<sha256>.<ext>`.
@@ -51,15 +48,16 @@ impl Stage for BuildDatasetStage {
 
     fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError> {
         let JobSpec::BuildDataset(spec) = &job.submission.spec else {
-            return Err(StageError::permanent(
+            return Err(StageError::internal(
                 "the build-dataset stage got another kind of job",
             ));
         };
         let config = BuildConfig::from_json(&spec.options)
-            .map_err(|e| StageError::permanent(format!("spec.options: {e}")))?;
+            .map_err(|e| StageError::bad_input(format!("spec.options: {e}")))?;
+        // The server pins the manifest at submission: a job without one is a server bug.
         let manifest = spec
             .manifest
-            .ok_or_else(|| StageError::permanent("spec.manifest was not pinned at submission"))?;
+            .ok_or_else(|| StageError::internal("spec.manifest was not pinned at submission"))?;
         let images: Vec<ManifestEntry> = jsonl(&ctx.download(&manifest)?, "the dataset manifest")?;
         let hard: Vec<NegativePair> = match spec.hard_negatives {
             Some(h) => jsonl(&ctx.download(&h)?, "the accepted hard negatives")?,
@@ -72,14 +70,17 @@ impl Stage for BuildDatasetStage {
                 &format!("synthetic negatives {h}"),
             )?);
         }
+        // Building, then exporting (no progress there: a shortfall must stay the last message).
+        let steps = 2;
         ctx.progress(
+            0,
+            steps,
             &format!(
                 "building from {} images, {} hard and {} synthetic negatives",
                 images.len(),
                 hard.len(),
                 synthetic.len()
             ),
-            Some(0.1),
             BTreeMap::new(),
         );
         let dataset = twin_data::build::build(
@@ -90,14 +91,15 @@ impl Stage for BuildDatasetStage {
             },
             &config,
         )
-        .map_err(|e| StageError::permanent(e.to_string()))?;
+        .map_err(|e| StageError::bad_input(e.to_string()))?;
         // The counts carry how many multi questions (or negatives) fell short, not why; the job's
         // last progress message, which its state keeps after it succeeds, says why.
         let shortfalls = dataset.shortfalls();
         if !shortfalls.is_empty() {
             ctx.progress(
+                1,
+                steps,
                 &format!("built, short of: {}", shortfalls.join("; ")),
-                Some(0.5),
                 BTreeMap::new(),
             );
         }
@@ -116,7 +118,7 @@ impl Stage for BuildDatasetStage {
             let mut parquet = Vec::new();
             twin_data::export::write_jsonl(&records, &mut jsonl)
                 .and_then(|()| twin_data::export::write_parquet(&records, &mut parquet))
-                .map_err(|e| StageError::permanent(format!("exporting {}: {e}", split.as_str())))?;
+                .map_err(|e| StageError::internal(format!("exporting {}: {e}", split.as_str())))?;
             for (name, bytes) in [
                 (format!("{}.jsonl", split.as_str()), jsonl),
                 (format!("{}.parquet", split.as_str()), parquet),

@@ -17,20 +17,21 @@
 //! executor are unaffected, so later jobs run. A prompt longer than the model's context fails the
 //! job with the engine's message, naming the question.
 //!
-//! Resume: completions are recorded as `generations-NNNN` artefacts (at most a minute's work
-//! apart, and at the end), the scored samples as the `samples` artefact. A job re-leased after its
-//! executor died regenerates only the questions no artefact answers, and skips scoring when the
-//! samples are there. Models are cached across jobs like the mine stage's CLIP, and reloaded when
-//! a file of the checkpoint directory changes.
+//! Resume: two phases (`twin_stage::StageContext::phase`), `answers` (every completion) and
+//! `samples` (the scored samples). While answering, the answers so far are checkpointed as
+//! `answers.partial` (about once a minute). A job re-leased after its executor died regenerates
+//! only the questions no earlier attempt answered with the weights the checkpoint directory holds
+//! now, and skips scoring when the samples are there. The model lives in the executor's model
+//! cache, keyed by the directory and a fingerprint of its files, so a checkpoint replaced in
+//! place is loaded afresh.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::Bytes;
 use image::DynamicImage;
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use twin_core::eval::{
     EvalData, EvalFinish, EvalOutput, EvalSample, EvalSpec, QuestionKind, ScorerRef, ScorerSummary,
@@ -38,128 +39,112 @@ use twin_core::eval::{
 };
 use twin_core::event::JobOutput;
 use twin_core::job::JobState;
-use twin_core::mine::ComputeDevice;
 use twin_core::score::{Grants, ModuleLimits};
 use twin_core::spec::JobSpec;
 use twin_core::{BlobHash, JobKind};
 use twin_data::build::{BuiltDataset, ImageRef, RowKind, Split};
 use twin_data::import::QuestionLine;
 use twin_ml::MlError;
+use twin_ml::device::JobDevice;
 use twin_ml::qwen::{
     EngineOptions, FinishReason, GenerationRequest, Message, QwenAssets, QwenPreprocessor, QwenVl,
     SamplingParams,
 };
 use twin_ml::tch::Device;
-use twin_plugins::{Host, Module, QuestionType, Rollout};
+use twin_plugins::{Host, Module, PluginError, QuestionType, Rollout};
+use twin_stage::{CachedModel, JsonLines, ModelCache, ModelKey, Stage, StageContext, StageError};
 
-use crate::{Stage, StageContext, StageError};
-
+const ANSWERS: &str = "answers";
 const SAMPLES: &str = "samples";
-const GENERATIONS: &str = "generations-";
-/// Longest stretch of generation not yet recorded as an artefact.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+/// Shares of an evaluation's time: generation is nearly all of it, scoring is Wasm calls over
+/// text.
+const PLAN: [(&str, f64); 2] = [(ANSWERS, 0.9), (SAMPLES, 0.1)];
+/// The model cache's family for Qwen2.5-VL checkpoints.
+const QWEN_FAMILY: &str = "qwen2.5-vl";
 /// Answers per scorer call.
 const SCORE_BATCH: usize = 256;
 
-/// A checkpoint loaded for a device, kept between jobs. libtorch tensors are not `Sync`, so the
-/// model lives behind the stage's mutex and is used while it is held (an executor runs one job
-/// at a time anyway).
-struct Loaded {
-    dir: String,
-    device: Device,
-    /// Every file of the directory with its size and modification time when it was loaded.
-    files: Vec<(PathBuf, u64, Option<SystemTime>)>,
-    model: QwenVl,
-    assets: QwenAssets,
-    hash: String,
-    stops: Vec<i64>,
+/// A Qwen2.5-VL checkpoint as the model cache keeps it.
+pub(crate) struct Qwen {
+    pub model: QwenVl,
+    pub assets: QwenAssets,
+    pub hash: String,
+    pub stops: Vec<i64>,
 }
 
-/// Runs `eval` jobs; scorer modules run on the shared plugin host.
+/// Runs `eval` jobs; scorer modules run on the shared plugin host, the model in the shared
+/// model cache.
 pub struct EvalStage {
     host: Arc<Host>,
-    loaded: Mutex<Option<Loaded>>,
+    models: Arc<ModelCache>,
 }
 
 impl EvalStage {
-    pub fn new(host: Arc<Host>) -> Self {
-        Self {
-            host,
-            loaded: Mutex::new(None),
-        }
+    pub fn new(host: Arc<Host>, models: Arc<ModelCache>) -> Self {
+        Self { host, models }
     }
 
-    /// Runs `f` with the checkpoint at `dir` on `device`, loading it unless it is the one held
-    /// and unchanged on disk.
-    fn with_model<T>(
-        &self,
-        dir: &str,
-        device: Device,
-        f: impl FnOnce(&Loaded) -> Result<T, StageError>,
-    ) -> Result<T, StageError> {
-        let mut slot = self.loaded.lock();
-        let files = directory_files(Path::new(dir));
-        let reuse = slot
-            .as_ref()
-            .is_some_and(|l| l.dir == dir && l.device == device && l.files == files);
-        if !reuse {
-            // Free the old model before loading the next: both may not fit.
-            *slot = None;
-            *slot = Some(load(dir, device, files)?);
+    fn key(dir: &str, device: &JobDevice) -> ModelKey {
+        ModelKey::checkpoint(QWEN_FAMILY, Path::new(dir), &device.name)
+    }
+
+    /// The checkpoint at `dir` on `device`, from the cache or loaded.
+    fn qwen(&self, dir: &str, device: &JobDevice) -> Result<CachedModel<Qwen>, StageError> {
+        let kind = twin_ml::device::compute_kind(device.device);
+        let expected = twin_ml::weights::Checkpoint::open(Path::new(dir))
+            .map(|c| c.bytes_as(kind, |_| true))
+            .unwrap_or(0);
+        self.models
+            .get_or_load_expecting(&Self::key(dir, device), expected, || {
+                load(dir, device.device)
+            })
+    }
+
+    /// The hash of the weights the checkpoint directory holds now: the cached model's when it
+    /// is cached (its key fingerprints the files), otherwise read from the files.
+    fn weights_hash(&self, dir: &str, device: &JobDevice) -> Result<String, StageError> {
+        match self.models.get::<Qwen>(&Self::key(dir, device))? {
+            Some(qwen) => Ok(qwen.hash.clone()),
+            None => checkpoint_hash(dir),
         }
-        f(slot.as_ref().expect("loaded above"))
     }
 }
 
-/// The directory's regular files, sorted, with size and modification time: a cheap check that
-/// a cached model is still what the directory holds.
-fn directory_files(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let meta = e.metadata().ok().filter(|m| m.is_file())?;
-            Some((e.path(), meta.len(), meta.modified().ok()))
-        })
-        .collect();
-    files.sort();
-    files
-}
-
-fn load(
-    dir: &str,
-    device: Device,
-    files: Vec<(PathBuf, u64, Option<SystemTime>)>,
-) -> Result<Loaded, StageError> {
+/// Loads a checkpoint; returns it with the bytes its weights take on the device.
+pub(crate) fn load(dir: &str, device: Device) -> Result<(Qwen, u64), StageError> {
     let path = Path::new(dir);
-    let model = QwenVl::load(path, device).map_err(|e| ml_failure("spec.model", e))?;
-    let assets = QwenAssets::load(path, model.config()).map_err(|e| ml_failure("spec.model", e))?;
+    let model = QwenVl::load(path, device).map_err(load_failure)?;
+    let assets = QwenAssets::load(path, model.config()).map_err(load_failure)?;
     let hash = model
         .weights_hash()
-        .ok_or_else(|| StageError::permanent("spec.model: the checkpoint has no weights hash"))?
+        .ok_or_else(|| StageError::model("spec.model: the checkpoint has no weights hash"))?
         .to_owned();
     let stops = assets.stop_tokens(model.config());
-    Ok(Loaded {
-        dir: dir.to_owned(),
-        device,
-        files,
-        model,
-        assets,
-        hash,
-        stops,
-    })
+    let bytes = model.resident_bytes();
+    Ok((
+        Qwen {
+            model,
+            assets,
+            hash,
+            stops,
+        },
+        bytes,
+    ))
+}
+
+fn load_failure(e: MlError) -> StageError {
+    StageError::new(e.loading_failure_code(), format!("spec.model: {e}"))
 }
 
 /// A libtorch-side failure as a job error. Allocation failures say what to change; everything
 /// else keeps the ML layer's message (which names the tensor, file or limit).
 pub(crate) fn ml_failure(what: &str, e: MlError) -> StageError {
     match e {
-        MlError::OutOfMemory(_) => StageError::permanent(format!(
+        MlError::OutOfMemory(_) => StageError::out_of_memory(format!(
             "{what}: {e}; lower spec.batch_size or spec.max_new_tokens (or use a device with \
              more memory)"
         )),
-        e => StageError::permanent(format!("{what}: {e}")),
+        e => StageError::new(e.failure_code(), format!("{what}: {e}")),
     }
 }
 
@@ -250,7 +235,7 @@ fn question_kind(line: &QuestionLine) -> Result<QuestionKind, String> {
 pub(crate) fn file_questions(path: &Path) -> Result<Vec<Question>, StageError> {
     let shown = path.display();
     let text = std::fs::read_to_string(path)
-        .map_err(|e| StageError::permanent(format!("spec.data.questions: {shown}: {e}")))?;
+        .map_err(|e| StageError::bad_input(format!("spec.data.questions: {shown}: {e}")))?;
     let base = path.parent().unwrap_or(Path::new("/"));
     let mut questions = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -258,7 +243,7 @@ pub(crate) fn file_questions(path: &Path) -> Result<Vec<Question>, StageError> {
             continue;
         }
         let n = i + 1;
-        let bad = |m: String| StageError::permanent(format!("{shown} line {n}: {m}"));
+        let bad = |m: String| StageError::bad_input(format!("{shown} line {n}: {m}"));
         let line: QuestionLine = serde_json::from_str(raw).map_err(|e| bad(e.to_string()))?;
         let kind = question_kind(&line).map_err(bad)?;
         let subset = line
@@ -319,7 +304,7 @@ pub(crate) fn select(
         .iter()
         .find(|s| !present.iter().any(|p| p.eq_ignore_ascii_case(s)))
     {
-        return Err(StageError::permanent(format!(
+        return Err(StageError::bad_input(format!(
             "spec.subsets: no question is in subset `{missing}` (the data has: {})",
             present.into_iter().collect::<Vec<_>>().join(", ")
         )));
@@ -335,7 +320,7 @@ pub(crate) fn select(
         })
         .collect();
     if chosen.is_empty() {
-        return Err(StageError::permanent("the data has no questions"));
+        return Err(StageError::bad_input("the data has no questions"));
     }
     Ok(chosen)
 }
@@ -349,7 +334,7 @@ fn read_image(
     fetch: &Fetch<'_>,
 ) -> Result<DynamicImage, StageError> {
     let name = source.name();
-    let bad = |m: String| StageError::permanent(format!("image {name} (question {question}): {m}"));
+    let bad = |m: String| StageError::bad_input(format!("image {name} (question {question}): {m}"));
     let bytes = match source {
         ImageSource::Blob { hash, .. } => fetch(hash)?,
         ImageSource::File { path, .. } => std::fs::read(path)
@@ -464,7 +449,7 @@ impl Answerer<'_> {
             let mut batch = Vec::with_capacity(chunk.len());
             for ((q, prompt), c) in chunk.iter().zip(&prompts).zip(completions) {
                 let c = c.into_iter().next().ok_or_else(|| {
-                    StageError::permanent(format!(
+                    StageError::internal(format!(
                         "question {}: the engine returned no completion",
                         q.id
                     ))
@@ -494,15 +479,14 @@ impl Answerer<'_> {
     }
 }
 
-/// The engine's error, its `request N` turned into the question's id.
+/// The engine's error; one tied to a request names that request's question (and carries its
+/// id as the detail).
 fn engine_failure(e: MlError, chunk: &[&Question]) -> StageError {
-    if let MlError::Invalid(message) = &e
-        && let Some((index, rest)) = message
-            .strip_prefix("request ")
-            .and_then(|m| m.split_once(':'))
-        && let Some(q) = index.parse::<usize>().ok().and_then(|i| chunk.get(i))
+    if let MlError::Request { index, message } = &e
+        && let Some(q) = chunk.get(*index)
     {
-        return StageError::permanent(format!("question {}:{rest}", q.id));
+        return StageError::new(e.failure_code(), format!("question {}: {message}", q.id))
+            .with_detail(format!("question {}", q.id));
     }
     let first = chunk.first().map_or("", |q| q.id.as_str());
     let last = chunk.last().map_or("", |q| q.id.as_str());
@@ -526,7 +510,7 @@ pub(crate) fn score(
     questions: &[Question],
     answers: &HashMap<String, Generation>,
 ) -> Result<(Vec<EvalSample>, BTreeMap<String, ScorerSummary>), StageError> {
-    let limits = crate::score::module_limits(limits, host.config().limits);
+    let limits = host.config().limits.with_job_limits(limits);
     let mut scores: Vec<Option<f64>> = vec![None; questions.len()];
     let mut summaries = BTreeMap::new();
     for (kind, scorer) in scorers {
@@ -555,13 +539,7 @@ pub(crate) fn score(
                 .collect::<Result<Vec<_>, StageError>>()?;
             let out = host
                 .score(&scorer.module, &params, grants, Some(&limits), &rollouts)
-                .map_err(|e| {
-                    crate::score::module_error(
-                        &format!("{} scorer", kind.as_str()),
-                        &scorer.reference.module,
-                        e,
-                    )
-                })?;
+                .map_err(|e| scorer_failure(*kind, &scorer.reference.module, &e))?;
             fuel = fuel.saturating_add(out.fuel_used);
             for (&i, s) in chunk.iter().zip(out.values) {
                 scores[i] = Some(s.score);
@@ -584,7 +562,7 @@ pub(crate) fn score(
         .map(|(q, score)| {
             let a = answer_of(answers, q)?;
             let score = score.ok_or_else(|| {
-                StageError::permanent(format!(
+                StageError::internal(format!(
                     "question {}: no scorer for {} questions",
                     q.id,
                     q.kind.as_str()
@@ -618,7 +596,7 @@ fn answer_of<'a>(
 ) -> Result<&'a Generation, StageError> {
     answers
         .get(&q.id)
-        .ok_or_else(|| StageError::permanent(format!("question {}: no answer was generated", q.id)))
+        .ok_or_else(|| StageError::internal(format!("question {}: no answer was generated", q.id)))
 }
 
 /// The job's output from its samples.
@@ -653,36 +631,29 @@ pub(crate) fn summarise(
     }
 }
 
-fn jsonl<T: Serialize>(items: &[T]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for item in items {
-        serde_json::to_writer(&mut out, item).expect("records serialise");
-        out.push(b'\n');
-    }
-    out
-}
-
-fn parse_jsonl<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-    what: &str,
-) -> Result<Vec<T>, StageError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| StageError::permanent(format!("{what} is not UTF-8")))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(|e| StageError::permanent(format!("{what}: {e}"))))
-        .collect()
+/// A scorer module's failure as the job's, the host's code for it as the detail.
+fn scorer_failure(kind: QuestionKind, module: &str, e: &PluginError) -> StageError {
+    StageError::new(
+        e.failure_code(),
+        format!(
+            "{} scorer (module {module}) failed [{}]: {e}",
+            kind.as_str(),
+            e.code()
+        ),
+    )
+    .with_detail(e.code())
 }
 
 impl EvalStage {
     fn questions(&self, spec: &EvalSpec, ctx: &StageContext) -> Result<Vec<Question>, StageError> {
         let all = match &spec.data {
             EvalData::Built(reference) => {
+                // The server pins the manifest at submission: a job without one is a server bug.
                 let manifest = spec.manifest.ok_or_else(|| {
-                    StageError::permanent("spec.manifest was not pinned at submission")
+                    StageError::internal("spec.manifest was not pinned at submission")
                 })?;
                 let dataset = BuiltDataset::from_manifest(&ctx.download(&manifest)?)
-                    .map_err(|e| StageError::permanent(format!("built dataset {manifest}: {e}")))?;
+                    .map_err(|e| StageError::bad_input(format!("built dataset {manifest}: {e}")))?;
                 let name = spec.dataset_name.as_deref().unwrap_or(reference);
                 built_questions(&dataset, name)
             }
@@ -702,7 +673,7 @@ impl EvalStage {
             .into_iter()
             .map(|(kind, reference)| {
                 let hash = reference.module_hash.ok_or_else(|| {
-                    StageError::permanent(format!(
+                    StageError::internal(format!(
                         "spec.scorers.{}: module {} was not resolved to a hash",
                         kind.as_str(),
                         reference.module
@@ -710,13 +681,10 @@ impl EvalStage {
                 })?;
                 let module = match self.host.get(&hash.to_hex()) {
                     Some(m) => m,
-                    None => self.host.load(&ctx.download(&hash)?).map_err(|e| {
-                        crate::score::module_error(
-                            &format!("{} scorer", kind.as_str()),
-                            &reference.module,
-                            e,
-                        )
-                    })?,
+                    None => self
+                        .host
+                        .load(&ctx.download(&hash)?)
+                        .map_err(|e| scorer_failure(kind, &reference.module, &e))?,
                 };
                 Ok((
                     kind,
@@ -731,17 +699,6 @@ impl EvalStage {
     }
 }
 
-/// The blobs of the artefacts earlier attempts recorded under a name that `matches`, in order.
-fn artefacts<'a>(
-    job: &'a JobState,
-    matches: impl Fn(&str) -> bool + 'a,
-) -> impl Iterator<Item = BlobHash> + 'a {
-    job.artefacts
-        .iter()
-        .filter(move |a| matches(&a.name))
-        .map(|a| a.blob)
-}
-
 impl Stage for EvalStage {
     fn kind(&self) -> JobKind {
         JobKind::Eval
@@ -750,166 +707,135 @@ impl Stage for EvalStage {
     fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError> {
         let started = Instant::now();
         let JobSpec::Eval(spec) = &job.submission.spec else {
-            return Err(StageError::permanent(
+            return Err(StageError::internal(
                 "the eval stage got another kind of job",
             ));
         };
-        let device = twin_ml::device::select(match spec.device {
-            ComputeDevice::Auto => twin_ml::DeviceRequest::Auto,
-            ComputeDevice::Cpu => twin_ml::DeviceRequest::Cpu,
-            ComputeDevice::Cuda => twin_ml::DeviceRequest::Cuda,
-        })
-        .map_err(|e| StageError::permanent(format!("spec.device: {e}")))?;
-        let device_name = format!("{device:?}").to_lowercase();
+        let device =
+            twin_ml::device::for_job(spec.device).map_err(|e| ml_failure("spec.device", e))?;
         let questions = self.questions(spec, ctx)?;
         let scorers = self.scorers(spec, ctx)?;
+        ctx.plan(&PLAN)?;
+        let total = questions.len();
 
-        // A finished attempt's samples: only the report is left to make.
-        if let Some(blob) = artefacts(job, |n| n == SAMPLES).last() {
-            let samples: Vec<EvalSample> = parse_jsonl(&ctx.download(&blob)?, "samples artefact")?;
-            ctx.progress(
-                "resumed: samples from the previous attempt",
-                Some(0.95),
-                BTreeMap::new(),
-            );
-            let hash = checkpoint_hash(&spec.model)?;
-            let summaries = scorers
+        // Answers recorded by an earlier attempt count only if they are of the weights the
+        // directory holds now.
+        let mut resumed = total;
+        let answers = ctx.phase_checked(
+            ANSWERS,
+            JsonLines,
+            |recorded: &Vec<Generation>| {
+                let hash = self.weights_hash(&spec.model, &device)?;
+                let answered: HashSet<&str> = recorded
+                    .iter()
+                    .filter(|g| g.model_hash == hash)
+                    .map(|g| g.id.as_str())
+                    .collect();
+                Ok(questions.iter().all(|q| answered.contains(q.id.as_str())))
+            },
+            |p| {
+                let qwen = self.qwen(&spec.model, &device)?;
+                let asked: HashSet<&str> = questions.iter().map(|q| q.id.as_str()).collect();
+                // A checkpoint's answers of other weights (the directory changed between
+                // attempts) are redone.
+                let mut answers: Vec<Generation> = p.partial()?.unwrap_or_default();
+                answers.retain(|g| g.model_hash == qwen.hash && asked.contains(g.id.as_str()));
+                resumed = answers.len();
+                if resumed > 0 {
+                    p.progress(
+                        resumed,
+                        total,
+                        &format!("resumed: {resumed} answers from an earlier attempt"),
+                        BTreeMap::new(),
+                    );
+                }
+                let answered: HashSet<String> = answers.iter().map(|g| g.id.clone()).collect();
+                let todo: Vec<&Question> = questions
+                    .iter()
+                    .filter(|q| !answered.contains(&q.id))
+                    .collect();
+                let answerer = Answerer {
+                    model: &qwen.model,
+                    assets: &qwen.assets,
+                    model_hash: &qwen.hash,
+                    stops: &qwen.stops,
+                    max_new_tokens: spec.max_new_tokens as usize,
+                    batch_size: spec.batch_size as usize,
+                };
+                let mut generated_tokens = 0u64;
+                let fetch = |h: &BlobHash| ctx.download(h);
+                answerer.answer(&todo, &fetch, &mut |batch, done| {
+                    answers.extend(batch.iter().cloned());
+                    generated_tokens += batch.iter().map(|g| g.tokens).sum::<u64>();
+                    let answered = resumed + done;
+                    p.progress(
+                        answered,
+                        total,
+                        &format!("answered {answered} of {total} questions"),
+                        BTreeMap::from([
+                            ("answered".to_owned(), answered as f64),
+                            ("generated_tokens".to_owned(), generated_tokens as f64),
+                        ]),
+                    );
+                    ctx.check_cancelled()?;
+                    if answered < total && p.checkpoint_due() {
+                        p.checkpoint(&answers)?;
+                    }
+                    Ok(())
+                })?;
+                Ok(answers)
+            },
+        )?;
+        // Every answer is of one model: the weights the phase checked or loaded.
+        let model_hash = match answers.value.first() {
+            Some(g) => g.model_hash.clone(),
+            None => self.weights_hash(&spec.model, &device)?,
+        };
+        let answers: HashMap<String, Generation> = answers
+            .value
+            .into_iter()
+            .map(|g| (g.id.clone(), g))
+            .collect();
+
+        let mut summaries = BTreeMap::new();
+        let samples = ctx.phase(SAMPLES, JsonLines, |p| {
+            p.progress(0, 1, &format!("scoring {total} answers"), BTreeMap::new());
+            let (samples, scored) = score(
+                &self.host,
+                &scorers,
+                &spec.grants,
+                &spec.limits,
+                &questions,
+                &answers,
+            )?;
+            summaries = scored;
+            Ok(samples)
+        })?;
+        if samples.resumed {
+            // Scored by an earlier attempt: the counts are the samples', the fuel is not known.
+            summaries = scorers
                 .iter()
                 .map(|(kind, s)| {
                     let summary = ScorerSummary {
                         module: s.reference.module.clone(),
                         module_hash: s.hash,
                         module_version: s.module.descriptor.version.clone(),
-                        scored: samples.iter().filter(|x| x.question_type == *kind).count() as u64,
+                        scored: samples
+                            .value
+                            .iter()
+                            .filter(|x| x.question_type == *kind)
+                            .count() as u64,
                         fuel_used: 0,
                     };
                     (kind.as_str().to_owned(), summary)
                 })
                 .collect();
-            let n = samples.len() as u64;
-            return Ok(JobOutput::Eval(summarise(
-                &samples,
-                hash,
-                device_name,
-                blob,
-                summaries,
-                n,
-                started,
-            )));
         }
-
-        // Answers recorded by earlier attempts.
-        let mut answers: HashMap<String, Generation> = HashMap::new();
-        let mut recorded = 0usize;
-        for blob in artefacts(job, |n| n.starts_with(GENERATIONS)) {
-            recorded += 1;
-            for g in parse_jsonl::<Generation>(&ctx.download(&blob)?, "generations artefact")? {
-                answers.insert(g.id.clone(), g);
-            }
-        }
-        let total = questions.len();
-        let answered = |answers: &HashMap<String, Generation>| {
-            questions
-                .iter()
-                .filter(|q| answers.contains_key(&q.id))
-                .count()
-        };
-        // With every answer recorded the model is not needed, only the hash of its weights.
-        let on_disk = if answered(&answers) == total {
-            let hash = checkpoint_hash(&spec.model)?;
-            answers.retain(|_, g| g.model_hash == hash);
-            Some(hash).filter(|_| answered(&answers) == total)
-        } else {
-            None
-        };
-        let (hash, resumed) = match on_disk {
-            Some(hash) => (hash, total),
-            None => self.with_model(&spec.model, device, |loaded| {
-                // Answers of other weights (the directory changed between attempts) are redone.
-                answers.retain(|_, g| g.model_hash == loaded.hash);
-                let resumed = answered(&answers);
-                if resumed > 0 {
-                    ctx.progress(
-                        &format!("resumed: {resumed} answers from the previous attempt"),
-                        None,
-                        BTreeMap::new(),
-                    );
-                }
-                let todo: Vec<&Question> = questions
-                    .iter()
-                    .filter(|q| !answers.contains_key(&q.id))
-                    .collect();
-                let answerer = Answerer {
-                    model: &loaded.model,
-                    assets: &loaded.assets,
-                    model_hash: &loaded.hash,
-                    stops: &loaded.stops,
-                    max_new_tokens: spec.max_new_tokens as usize,
-                    batch_size: spec.batch_size as usize,
-                };
-                let mut pending: Vec<Generation> = Vec::new();
-                let mut last_checkpoint = Instant::now();
-                let mut generated_tokens = 0u64;
-                let mut checkpoint = |pending: &mut Vec<Generation>| -> Result<(), StageError> {
-                    if pending.is_empty() {
-                        return Ok(());
-                    }
-                    recorded += 1;
-                    let blob = ctx.upload(jsonl(pending))?;
-                    ctx.record_artefact(&format!("{GENERATIONS}{recorded:04}"), blob)?;
-                    pending.clear();
-                    Ok(())
-                };
-                let fetch = |h: &BlobHash| ctx.download(h);
-                let fresh = answerer.answer(&todo, &fetch, &mut |batch, done| {
-                    pending.extend(batch.iter().cloned());
-                    generated_tokens += batch.iter().map(|g| g.tokens).sum::<u64>();
-                    let answered = resumed + done;
-                    ctx.progress(
-                        &format!("answered {answered} of {total} questions"),
-                        Some(0.9 * answered as f64 / total as f64),
-                        BTreeMap::from([
-                            ("answered".to_owned(), answered as f64),
-                            ("generated_tokens".to_owned(), generated_tokens as f64),
-                        ]),
-                    );
-                    if ctx.is_cancelled() {
-                        return Err(StageError::permanent("cancelled"));
-                    }
-                    if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-                        checkpoint(&mut pending)?;
-                        last_checkpoint = Instant::now();
-                    }
-                    Ok(())
-                })?;
-                checkpoint(&mut pending)?;
-                for g in fresh {
-                    answers.insert(g.id.clone(), g);
-                }
-                Ok((loaded.hash.clone(), resumed))
-            })?,
-        };
-
-        ctx.progress(
-            &format!("scoring {total} answers"),
-            Some(0.9),
-            BTreeMap::new(),
-        );
-        let (samples, summaries) = score(
-            &self.host,
-            &scorers,
-            &spec.grants,
-            &spec.limits,
-            &questions,
-            &answers,
-        )?;
-        let blob = ctx.upload(jsonl(&samples))?;
-        ctx.record_artefact(SAMPLES, blob)?;
         Ok(JobOutput::Eval(summarise(
-            &samples,
-            hash,
-            device_name,
-            blob,
+            &samples.value,
+            model_hash,
+            device.name,
+            samples.blob,
             summaries,
             resumed as u64,
             started,
@@ -921,7 +847,7 @@ impl Stage for EvalStage {
 fn checkpoint_hash(dir: &str) -> Result<String, StageError> {
     twin_ml::weights::Checkpoint::open(Path::new(dir))
         .and_then(|c| c.weights_hash())
-        .map_err(|e| ml_failure("spec.model", e))
+        .map_err(load_failure)
 }
 
 #[cfg(test)]
@@ -932,6 +858,7 @@ mod tests {
     use twin_ml::qwen::{QwenTokenizer, QwenVlConfig};
     use twin_ml::tch::Kind;
     use twin_plugins::HostConfig;
+    use twin_stage::testing::{MemoryBackend, job};
 
     /// A seeded random tiny checkpoint, as `twin-server model init-qwen --preset tiny` writes it.
     fn tiny_model(dir: &Path, seed: u64) {
@@ -1013,8 +940,104 @@ mod tests {
         path
     }
 
+    /// An eval stage, a memory backend holding the FGVQA scorers, and a job over `questions`
+    /// answered by the checkpoint at `model`, two questions per engine call.
+    fn eval_job(
+        model: &Path,
+        questions: &Path,
+        models: &Arc<ModelCache>,
+    ) -> (EvalStage, MemoryBackend, JobState) {
+        let backend = MemoryBackend::new();
+        let read = |name: &str| std::fs::read(modules_dir().join(format!("{name}.wasm"))).unwrap();
+        let pair = backend.put(read("fgvqa_pair"));
+        let multi = backend.put(read("fgvqa_multi"));
+        let host = Arc::new(Host::new(HostConfig::default()).unwrap());
+        let job = job(serde_json::json!({
+            "kind": "eval",
+            "model": model.to_str().unwrap(),
+            "data": {"questions": questions.to_str().unwrap()},
+            "device": "cpu", "batch_size": 2, "max_new_tokens": 6,
+            "scorers": {
+                "pair": {"module": "fgvqa-pair", "module_hash": pair.to_hex()},
+                "multi": {"module": "fgvqa-multi", "module_hash": multi.to_hex()},
+            },
+        }));
+        (EvalStage::new(host, models.clone()), backend, job)
+    }
+
+    fn evaluated(out: JobOutput) -> EvalOutput {
+        match out {
+            JobOutput::Eval(out) => out,
+            other => panic!("an eval job's output, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_job_stopped_mid_answering_resumes_from_its_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = tmp.path().join("qwen");
+        tiny_model(&ckpt, 1);
+        let questions = questions_jsonl(tmp.path());
+        let models = Arc::new(ModelCache::new(1 << 30));
+
+        // Start to finish, for comparison.
+        let (stage, straight, job) = eval_job(&ckpt, &questions, &models);
+        let whole = evaluated(stage.run(&job, &straight.context(&[])).unwrap());
+        assert_eq!(straight.names(), [ANSWERS, SAMPLES]);
+        assert_eq!((whole.questions, whole.resumed), (6, 0));
+
+        // The executor dies after the first engine call's checkpoint (two of six answers)...
+        let (stage, backend, job) = eval_job(&ckpt, &questions, &models);
+        backend.cancel_after("answers.partial");
+        let attempt = |earlier: &[twin_core::job::Artefact]| {
+            let ctx = backend
+                .context(earlier)
+                .with_checkpoint_every(std::time::Duration::ZERO);
+            stage.run(&job, &ctx)
+        };
+        assert_eq!(attempt(&[]).unwrap_err(), StageError::cancelled());
+        assert_eq!(backend.names(), ["answers.partial"]);
+
+        // ...and the next attempt answers the other four, to the same samples.
+        backend.reset_cancel();
+        let resumed = evaluated(attempt(&backend.artefacts()).unwrap());
+        assert_eq!(resumed.resumed, 2);
+        assert_eq!(resumed.samples, whole.samples);
+        assert_eq!(resumed.subsets, whole.subsets);
+        assert_eq!(resumed.model_hash, whole.model_hash);
+        assert!(
+            backend.fractions().contains(&(
+                Some(0.3),
+                "resumed: 2 answers from an earlier attempt".into()
+            )),
+            "{:?}",
+            backend.fractions()
+        );
+        let names = backend.names();
+        assert_eq!(names[names.len() - 2..], [ANSWERS, SAMPLES]);
+
+        // A third attempt only reports: both phases are done.
+        let before = backend.artefacts().len();
+        let again = evaluated(attempt(&backend.artefacts()).unwrap());
+        assert_eq!((again.resumed, again.samples), (6, whole.samples));
+        assert_eq!(again.scorers["pair"].scored, whole.scorers["pair"].scored);
+        assert_eq!(backend.artefacts().len(), before);
+        // One load served every attempt.
+        assert_eq!(models.stats().misses, 1);
+
+        // The checkpoint replaced in place: the answers of the old weights are redone.
+        tiny_model(&ckpt, 2);
+        let replaced = evaluated(attempt(&backend.artefacts()).unwrap());
+        assert_ne!(replaced.model_hash, whole.model_hash);
+        assert_eq!(replaced.resumed, 0);
+        assert_eq!(models.stats().misses, 2);
+        // New answers (of the new weights); the samples are recorded again unless the new
+        // weights happened to say the same (the same blob is recorded once).
+        assert_eq!(backend.names().iter().filter(|n| *n == ANSWERS).count(), 2);
+    }
+
     fn no_blobs(h: &BlobHash) -> Result<Bytes, StageError> {
-        Err(StageError::permanent(format!("no blob store here ({h})")))
+        Err(StageError::bad_input(format!("no blob store here ({h})")))
     }
 
     #[test]
@@ -1029,7 +1052,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(questions.len(), 6);
-        let loaded = load(ckpt.to_str().unwrap(), Device::Cpu, directory_files(&ckpt)).unwrap();
+        let (loaded, bytes) = load(ckpt.to_str().unwrap(), Device::Cpu).unwrap();
+        assert_eq!(bytes, loaded.model.resident_bytes());
         let max_new_tokens = 12;
         let answerer = Answerer {
             model: &loaded.model,
@@ -1194,7 +1218,7 @@ mod tests {
             &samples,
             loaded.hash.clone(),
             "cpu".into(),
-            BlobHash::of(&jsonl(&samples)),
+            BlobHash::of(&twin_stage::Codec::encode(&JsonLines, &samples).unwrap()),
             summaries,
             0,
             Instant::now(),
@@ -1227,7 +1251,7 @@ mod tests {
         )
         .unwrap();
         let questions = file_questions(&tmp.path().join("q.jsonl")).unwrap();
-        let loaded = load(ckpt.to_str().unwrap(), Device::Cpu, Vec::new()).unwrap();
+        let loaded = load(ckpt.to_str().unwrap(), Device::Cpu).unwrap().0;
         let answerer = Answerer {
             model: &loaded.model,
             assets: &loaded.assets,
@@ -1258,9 +1282,8 @@ mod tests {
         let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
         bytes[at + key.len() - 2] = b'X';
         std::fs::write(&weights, bytes).unwrap();
-        let err = load(ckpt.to_str().unwrap(), Device::Cpu, Vec::new())
-            .err()
-            .unwrap();
+        let err = load(ckpt.to_str().unwrap(), Device::Cpu).err().unwrap();
+        assert_eq!(err.code, twin_core::FailureCode::ModelError);
         assert!(
             err.message.starts_with("spec.model: checkpoint ")
                 && err.message.ends_with("missing tensor `model.norm.weight`"),
@@ -1273,7 +1296,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let ckpt = tmp.path().join("qwen");
         tiny_model(&ckpt, 4);
-        let loaded = load(ckpt.to_str().unwrap(), Device::Cpu, Vec::new()).unwrap();
+        let loaded = load(ckpt.to_str().unwrap(), Device::Cpu).unwrap().0;
         assert!(loaded.stops.contains(&151_645), "{:?}", loaded.stops); // <|im_end|>
         assert!(loaded.stops.contains(&151_643), "{:?}", loaded.stops); // <|endoftext|>
         for id in &loaded.model.config().eos_token_ids {
@@ -1295,6 +1318,7 @@ mod tests {
              with more memory)"
         );
         assert!(!e.retryable);
+        assert_eq!(e.code, twin_core::FailureCode::OutOfMemory);
         let chunk = [Question {
             id: "q9".into(),
             subset: "s".into(),
@@ -1305,17 +1329,32 @@ mod tests {
         }];
         let refs: Vec<&Question> = chunk.iter().collect();
         let e = engine_failure(
-            MlError::Invalid(
-                "request 0: the prompt's 700 tokens plus 5000 new tokens exceed the context of \
-                 4096 tokens"
+            MlError::Request {
+                index: 0,
+                message: "the prompt's 700 tokens plus 5000 new tokens exceed the context of \
+                          4096 tokens"
                     .into(),
-            ),
+            },
             &refs,
         );
         assert_eq!(
             e.message,
             "question q9: the prompt's 700 tokens plus 5000 new tokens exceed the context of \
              4096 tokens"
+        );
+        assert_eq!(e.code, twin_core::FailureCode::BadInput);
+        assert_eq!(e.detail.as_deref(), Some("question q9"));
+        // An index past the chunk (an engine bug) falls back to naming the chunk.
+        let e = engine_failure(
+            MlError::Request {
+                index: 3,
+                message: "the prompt is empty".into(),
+            },
+            &refs,
+        );
+        assert_eq!(
+            e.message,
+            "generating questions q9 to q9: request 3: the prompt is empty"
         );
     }
 
@@ -1490,8 +1529,9 @@ mod tests {
         assert_eq!((img.width(), img.height()), (504, 392));
         let prepared = preprocessor.prepare(&img, "x").unwrap();
         assert_eq!(prepared.resized, (392, 504), "the processor keeps the size");
-        let missing = |_: &BlobHash| Err(StageError::transient("server unreachable"));
+        let missing = |_: &BlobHash| Err(StageError::unavailable("server unreachable"));
         let err = read_image(&source, "q", &preprocessor, &missing).unwrap_err();
-        assert!(err.retryable, "a fetch failure stays transient: {err}");
+        assert!(err.retryable, "a fetch failure stays retryable: {err}");
+        assert_eq!(err.code, twin_core::FailureCode::Unavailable);
     }
 }

@@ -17,7 +17,7 @@ use twin_core::event::{IngestOutput, JobOutput, ManifestEntry, RejectedFile};
 use twin_core::job::JobState;
 use twin_core::spec::{IngestSource, JobSpec};
 
-use crate::runtime::{Stage, StageContext, StageError};
+use twin_stage::{Stage, StageContext, StageError};
 
 pub struct IngestStage;
 
@@ -57,7 +57,7 @@ fn is_hidden(p: &Path) -> bool {
 /// Lists `<root>/<category>/<instance>/<image>`; anything else under `root` is rejected by name.
 fn list_dir(root: &Path) -> Result<(Vec<Item>, Vec<RejectedFile>), StageError> {
     if !root.is_dir() {
-        return Err(StageError::permanent(format!(
+        return Err(StageError::bad_input(format!(
             "spec.source.dir: {} is not a directory",
             root.display()
         )));
@@ -116,7 +116,7 @@ fn list_dir(root: &Path) -> Result<(Vec<Item>, Vec<RejectedFile>), StageError> {
 
 fn list_manifest(path: &Path) -> Result<(Vec<Item>, Vec<RejectedFile>), StageError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        StageError::permanent(format!(
+        StageError::bad_input(format!(
             "spec.source.manifest: cannot read {}: {e}",
             path.display()
         ))
@@ -173,7 +173,7 @@ impl Stage for IngestStage {
 
     fn run(&self, job: &JobState, ctx: &StageContext) -> Result<JobOutput, StageError> {
         let JobSpec::Ingest(spec) = &job.submission.spec else {
-            return Err(StageError::permanent(
+            return Err(StageError::internal(
                 "the ingest stage got another kind of job",
             ));
         };
@@ -190,11 +190,8 @@ impl Stage for IngestStage {
         let mut entries = Vec::with_capacity(total);
         let mut last_report = Instant::now();
         for (i, item) in items.into_iter().enumerate() {
-            if ctx.is_cancelled() {
-                return Err(StageError::permanent(format!(
-                    "stopped after {i} of {total} images"
-                )));
-            }
+            ctx.check_cancelled()
+                .map_err(|e| e.context(format!("stopped after {i} of {total} images")))?;
             let bytes = match std::fs::read(&item.path) {
                 Ok(b) => b,
                 Err(e) => {
@@ -233,8 +230,9 @@ impl Stage for IngestStage {
                     ("rejected".to_owned(), rejected.len() as f64),
                 ]);
                 ctx.progress(
+                    i + 1,
+                    total,
                     &format!("{} of {total} files", i + 1),
-                    Some((i + 1) as f64 / total as f64),
                     counters,
                 );
             }
@@ -244,7 +242,7 @@ impl Stage for IngestStage {
                 .first()
                 .map(|r| format!(" (first: {}: {})", r.path, r.error))
                 .unwrap_or_default();
-            return Err(StageError::permanent(format!(
+            return Err(StageError::bad_input(format!(
                 "no valid images in the source; {} files rejected{first}",
                 rejected.len()
             )));
