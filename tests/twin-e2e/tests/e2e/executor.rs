@@ -83,10 +83,11 @@ async fn a_stage_that_aborts_its_executor_is_failed_as_executor_lost_and_the_ser
     assert!(server.alive(), "the server outlived every abort");
 
     // The server still serves, its executor child is back, and other kinds still run.
-    let out = twin(&["--server", &server.url, "jobs", "show", &id]);
+    // The listing (not only the JSON of `jobs show`) names the code.
+    let out = twin(&["--server", &server.url, "jobs", "ls"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(stdout.contains("executor_lost"), "{stdout}");
+    assert!(stdout.contains("failed (executor_lost)"), "{stdout}");
     // The supervisor counts the restart just after it re-queues (or fails) the job.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -188,8 +189,13 @@ async fn an_idle_executor_exits_when_asked_and_a_bad_input_code_reaches_the_cli(
     assert_eq!(failed.attempts[0].code, Some(FailureCode::BadInput));
     let status = exec.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "an idle executor exits cleanly: {status}");
-    let out = twin(&["--server", &server.url, "jobs", "show", &id]);
-    let (stdout, _) = text(&out);
-    assert!(stdout.contains("bad_input"), "{stdout}");
+    // `jobs wait` on a failed job exits 1 naming the code.
+    let out = twin(&["--server", &server.url, "jobs", "wait", &id]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("failed (bad_input)"),
+        "{stdout}{stderr}"
+    );
     server.stop();
 }
