@@ -503,7 +503,7 @@ fn an_eval_job_resumes_from_its_answers_after_its_executor_dies() {
     let first = ExecutorProcess::start_with_env(
         &url,
         "first",
-        &[("TWIN_FAULT_STALL_AFTER", "generations-0001")],
+        &[("TWIN_FAULT_STALL_AFTER", "answers")],
     );
     prepare(tmp.path(), &url);
     let model = tiny_qwen(tmp.path(), "qwen", 1);
@@ -534,7 +534,7 @@ fn an_eval_job_resumes_from_its_answers_after_its_executor_dies() {
     eventually(Duration::from_secs(120), "the answers' artefact", || {
         let j = ok_json(&["--server", &url, "--json", "jobs", "show", &id]);
         artefact_names(&j)
-            .contains(&"generations-0001".to_owned())
+            .contains(&"answers".to_owned())
             .then_some(())
     });
     first.kill();
@@ -545,7 +545,7 @@ fn an_eval_job_resumes_from_its_answers_after_its_executor_dies() {
     // The dead executor's answers were scored, not regenerated.
     assert_eq!(
         artefact_names(&done),
-        ["generations-0001", "samples"],
+        ["answers", "samples"],
         "{done:#}"
     );
     assert_eq!(done["result"]["resumed"], 6, "{done:#}");
