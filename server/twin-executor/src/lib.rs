@@ -12,10 +12,10 @@ pub use runtime::{Executor, ExecutorConfig};
 pub use twin_stage::{
     CacheStats, ModelCache, ModelKey, Stage, StageBackend, StageContext, StageError,
 };
-#[cfg(feature = "eval")]
-pub use twin_stage_eval::EvalStage;
 #[cfg(feature = "data")]
 pub use twin_stage_data::{BuildDatasetStage, IngestStage, ScoreStage};
+#[cfg(feature = "eval")]
+pub use twin_stage_eval::EvalStage;
 #[cfg(feature = "mine")]
 pub use twin_stage_mine::{EmbeddingTable, MineStage, embeddings};
 

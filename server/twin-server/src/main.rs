@@ -255,8 +255,7 @@ fn main() -> ExitCode {
                         gpus: gpus.unwrap_or_else(twin_server::detected_gpus),
                         labels,
                         poll_wait: Duration::from_secs(20),
-                        model_cache_bytes:
-                            twin_executor::ExecutorConfig::DEFAULT_MODEL_CACHE_BYTES,
+                        model_cache_bytes: twin_executor::ExecutorConfig::DEFAULT_MODEL_CACHE_BYTES,
                     },
                     cache,
                 )

@@ -229,7 +229,12 @@ impl Stage for IngestStage {
                     ("images".to_owned(), entries.len() as f64),
                     ("rejected".to_owned(), rejected.len() as f64),
                 ]);
-                ctx.progress(i + 1, total, &format!("{} of {total} files", i + 1), counters);
+                ctx.progress(
+                    i + 1,
+                    total,
+                    &format!("{} of {total} files", i + 1),
+                    counters,
+                );
             }
         }
         if entries.is_empty() {

@@ -37,8 +37,11 @@ fn module_error(term: &str, module: &str, e: PluginError) -> StageError {
     } else {
         format!("reward term {term:?} (module {module})")
     };
-    StageError::new(e.failure_code(), format!("{what} failed [{}]: {e}", e.code()))
-        .with_detail(e.code())
+    StageError::new(
+        e.failure_code(),
+        format!("{what} failed [{}]: {e}", e.code()),
+    )
+    .with_detail(e.code())
 }
 
 impl Stage for ScoreStage {
@@ -237,19 +240,14 @@ mod tests {
         };
         assert_eq!(out.mean, 4.0);
         assert_eq!(backend.names(), ["scores"]);
-        assert_eq!(
-            backend.fractions().last().map(|(f, _)| *f),
-            Some(Some(1.0))
-        );
+        assert_eq!(backend.fractions().last().map(|(f, _)| *f), Some(Some(1.0)));
 
         for (mode, detail, says) in [
             ("panic", "guest_trap", "panicked on purpose"),
             ("error", "guest_error", "returned an error on purpose"),
             ("bad-config", "bad_params", "bad-config asked for"),
         ] {
-            let err = stage
-                .run(&spec(mode), &backend.context(&[]))
-                .unwrap_err();
+            let err = stage.run(&spec(mode), &backend.context(&[])).unwrap_err();
             assert_eq!(err.code, FailureCode::ModuleError, "{mode}: {err}");
             assert_eq!(err.detail.as_deref(), Some(detail), "{mode}: {err}");
             assert!(!err.retryable, "{mode}: {err}");

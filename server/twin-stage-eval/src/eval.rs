@@ -1007,9 +1007,10 @@ mod tests {
         assert_eq!(resumed.subsets, whole.subsets);
         assert_eq!(resumed.model_hash, whole.model_hash);
         assert!(
-            backend
-                .fractions()
-                .contains(&(Some(0.3), "resumed: 2 answers from an earlier attempt".into())),
+            backend.fractions().contains(&(
+                Some(0.3),
+                "resumed: 2 answers from an earlier attempt".into()
+            )),
             "{:?}",
             backend.fractions()
         );

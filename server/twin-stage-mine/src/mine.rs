@@ -77,7 +77,11 @@ impl MineStage {
         let kind = twin_ml::device::compute_kind(device.device);
         // Only the image tower is loaded: the text tower's tensors do not count.
         let expected = twin_ml::weights::Checkpoint::open(path)
-            .map(|c| c.bytes_as(kind, |name| !name.starts_with("text_") && name != "logit_scale"))
+            .map(|c| {
+                c.bytes_as(kind, |name| {
+                    !name.starts_with("text_") && name != "logit_scale"
+                })
+            })
             .unwrap_or(0);
         self.models.get_or_load_expecting(&key, expected, || {
             let model = ClipModel::load_vision(path, device.device).map_err(load_failure)?;
@@ -427,8 +431,8 @@ fn search(
     if rows.is_empty() {
         return Ok(phase);
     }
-    let matrix = EmbeddingMatrix::new(table.dim, values, labels)
-        .map_err(|e| ml_failure("embeddings", e))?;
+    let matrix =
+        EmbeddingMatrix::new(table.dim, values, labels).map_err(|e| ml_failure("embeddings", e))?;
     let scope = match spec.scope {
         MineScope::PerCategory => Scope::PerCategory,
         MineScope::Global => Scope::Global,
@@ -457,8 +461,8 @@ fn search(
                 },
                 ..HnswParams::default()
             };
-            let found =
-                search_hnsw(&matrix, scope, k, &params).map_err(|e| ml_failure("HNSW search", e))?;
+            let found = search_hnsw(&matrix, scope, k, &params)
+                .map_err(|e| ml_failure("HNSW search", e))?;
             if spec.recall_sample > 0 {
                 let sample = sample_queries(rows.len(), spec.recall_sample as usize, spec.seed);
                 let exact = search_exact(&matrix, scope, k, Queries::Rows(&sample), device)
@@ -762,7 +766,10 @@ mod tests {
         assert_eq!(resumed.candidates, whole.candidates);
         assert_eq!(resumed.device, "cpu");
         let names = backend.names();
-        assert_eq!(names[names.len() - 3..], [EMBEDDINGS, NEIGHBOURS, CANDIDATES]);
+        assert_eq!(
+            names[names.len() - 3..],
+            [EMBEDDINGS, NEIGHBOURS, CANDIDATES]
+        );
 
         // A third attempt redoes nothing. The model loaded once for all of them.
         let before = backend.artefacts().len();

@@ -285,10 +285,12 @@ impl ModelCache {
         let started = Instant::now();
         let (model, bytes) = match load() {
             Err(e) if e.code == FailureCode::OutOfMemory => {
-                let evicted =
-                    self.entries
-                        .lock()
-                        .make_room(&key.device, u64::MAX, 0, "a load ran out of memory");
+                let evicted = self.entries.lock().make_room(
+                    &key.device,
+                    u64::MAX,
+                    0,
+                    "a load ran out of memory",
+                );
                 if evicted.is_empty() {
                     return Err(e);
                 }
@@ -615,6 +617,10 @@ mod tests {
         std::fs::write(dir.path().join("model.safetensors"), b"new weights").unwrap();
         let after = ModelKey::checkpoint("qwen", dir.path(), "cpu");
         assert_ne!(before, after);
-        assert!(after.identity.starts_with(&dir.path().canonicalize().unwrap().display().to_string()));
+        assert!(
+            after
+                .identity
+                .starts_with(&dir.path().canonicalize().unwrap().display().to_string())
+        );
     }
 }

@@ -269,9 +269,7 @@ impl StageContext {
             }
         }
         self.plan.lock().fresh = true;
-        let partial = reuse
-            .then(|| self.recorded(&partial_name(name)))
-            .flatten();
+        let partial = reuse.then(|| self.recorded(&partial_name(name))).flatten();
         let now = Instant::now();
         let mut phase = Phase {
             ctx: self,
@@ -439,7 +437,10 @@ mod tests {
         assert_eq!(&backend.blob(&b.blob)[..], b"\"x\"\n");
         assert_eq!(
             backend.fractions(),
-            [(Some(0.375), "half of a".into()), (Some(0.8125), "a quarter of b".into())]
+            [
+                (Some(0.375), "half of a".into()),
+                (Some(0.8125), "a quarter of b".into())
+            ]
         );
         ctx.note("done");
         assert_eq!(backend.fractions()[2], (Some(1.0), "done".into()));
@@ -579,7 +580,10 @@ mod tests {
         ctx.progress(0, 0, "nothing to do", BTreeMap::new());
         assert_eq!(
             backend.fractions(),
-            [(Some(0.75), "three of four".into()), (Some(1.0), "nothing to do".into())]
+            [
+                (Some(0.75), "three of four".into()),
+                (Some(1.0), "nothing to do".into())
+            ]
         );
     }
 }

@@ -32,7 +32,10 @@ pub fn stall_after(artefact: &str, cancel: &AtomicBool) {
 /// Aborts the process when `TWIN_FAULT_ABORT_IN` names `kind`.
 pub fn abort_in(kind: JobKind) {
     if std::env::var(ABORT_IN).as_deref() == Ok(kind.as_str()) {
-        tracing::error!(kind = kind.as_str(), "{ABORT_IN}: aborting the executor process");
+        tracing::error!(
+            kind = kind.as_str(),
+            "{ABORT_IN}: aborting the executor process"
+        );
         std::process::abort();
     }
 }

@@ -18,9 +18,7 @@ pub mod testing;
 pub use backend::{HttpBackend, StageBackend, client_error, is_transient};
 pub use cache::{CacheStats, CachedModel, ModelCache, ModelKey};
 pub use codec::{Codec, Json, JsonLines};
-pub use context::{
-    CHECKPOINT_EVERY_ENV, Phase, PhaseOutput, StageContext, partial_name,
-};
+pub use context::{CHECKPOINT_EVERY_ENV, Phase, PhaseOutput, StageContext, partial_name};
 pub use error::StageError;
 
 use twin_core::JobKind;

@@ -158,8 +158,7 @@ impl StageBackend for MemoryBackend {
         }
         if state.cancel_after.as_deref() == Some(name) {
             state.cancel_after = None;
-            self.cancel
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         Ok(())
     }

@@ -500,11 +500,8 @@ fn an_eval_job_resumes_from_its_answers_after_its_executor_dies() {
         &["--no-executor", "--lease-ttl-ms", "1500"],
     );
     let url = server.url.clone();
-    let first = ExecutorProcess::start_with_env(
-        &url,
-        "first",
-        &[("TWIN_FAULT_STALL_AFTER", "answers")],
-    );
+    let first =
+        ExecutorProcess::start_with_env(&url, "first", &[("TWIN_FAULT_STALL_AFTER", "answers")]);
     prepare(tmp.path(), &url);
     let model = tiny_qwen(tmp.path(), "qwen", 1);
     let job = ok_json(&[
@@ -543,11 +540,7 @@ fn an_eval_job_resumes_from_its_answers_after_its_executor_dies() {
     assert_eq!(done["status"], "succeeded", "{done:#}");
     assert_eq!(done["epoch"], 2);
     // The dead executor's answers were scored, not regenerated.
-    assert_eq!(
-        artefact_names(&done),
-        ["answers", "samples"],
-        "{done:#}"
-    );
+    assert_eq!(artefact_names(&done), ["answers", "samples"], "{done:#}");
     assert_eq!(done["result"]["resumed"], 6, "{done:#}");
     assert_eq!(done["result"]["questions"], 6);
 }
