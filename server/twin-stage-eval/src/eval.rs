@@ -374,7 +374,8 @@ pub(crate) type Fetch<'a> = dyn Fn(&BlobHash) -> Result<Bytes, StageError> + 'a;
 /// Sees each engine call's answers and how many questions are done.
 pub(crate) type AfterBatch<'a> = dyn FnMut(&[Generation], usize) -> Result<(), StageError> + 'a;
 
-/// A question's completion, before scoring. The `generations-NNNN` artefacts hold these.
+/// A question's completion, before scoring. The `answers` artefact (and its checkpoints) hold
+/// these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Generation {
     pub id: String,

@@ -500,11 +500,8 @@ fn an_eval_job_resumes_from_its_answers_after_its_executor_dies() {
         &["--no-executor", "--lease-ttl-ms", "1500"],
     );
     let url = server.url.clone();
-    let first = ExecutorProcess::start_with_env(
-        &url,
-        "first",
-        &[("TWIN_FAULT_STALL_AFTER", "generations-0001")],
-    );
+    let first =
+        ExecutorProcess::start_with_env(&url, "first", &[("TWIN_FAULT_STALL_AFTER", "answers")]);
     prepare(tmp.path(), &url);
     let model = tiny_qwen(tmp.path(), "qwen", 1);
     let job = ok_json(&[
@@ -534,7 +531,7 @@ fn an_eval_job_resumes_from_its_answers_after_its_executor_dies() {
     eventually(Duration::from_secs(120), "the answers' artefact", || {
         let j = ok_json(&["--server", &url, "--json", "jobs", "show", &id]);
         artefact_names(&j)
-            .contains(&"generations-0001".to_owned())
+            .contains(&"answers".to_owned())
             .then_some(())
     });
     first.kill();
@@ -543,11 +540,7 @@ fn an_eval_job_resumes_from_its_answers_after_its_executor_dies() {
     assert_eq!(done["status"], "succeeded", "{done:#}");
     assert_eq!(done["epoch"], 2);
     // The dead executor's answers were scored, not regenerated.
-    assert_eq!(
-        artefact_names(&done),
-        ["generations-0001", "samples"],
-        "{done:#}"
-    );
+    assert_eq!(artefact_names(&done), ["answers", "samples"], "{done:#}");
     assert_eq!(done["result"]["resumed"], 6, "{done:#}");
     assert_eq!(done["result"]["questions"], 6);
 }
