@@ -11,7 +11,7 @@
 #      response_schema_conformance (hooks: tests/api-tools/hooks.py).
 # Needs: target/debug/twin-server (cargo build --bins), python3 and PyPI for
 # deploy/setup-api-tools.sh. TWIN_BIN_DIR overrides the binary's directory;
-# TWIN_API_CHECK_EXAMPLES (default 25) and TWIN_API_CHECK_SEED (default 1) bound and pick the
+# TWIN_API_CHECK_EXAMPLES (default 50) and TWIN_API_CHECK_SEED (default 1) bound and pick the
 # fuzzing. On failure the server's log and the work directory are kept and named.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ venv=$(cd "${TWIN_API_TOOLS_VENV:-.venv/api-tools}" && pwd)
 # openapi-python-client formats what it generates with the ruff it finds on PATH.
 export PATH="$venv/bin:$PATH"
 server_bin=${TWIN_BIN_DIR:-target/debug}/twin-server
-examples=${TWIN_API_CHECK_EXAMPLES:-25}
+examples=${TWIN_API_CHECK_EXAMPLES:-50}
 seed=${TWIN_API_CHECK_SEED:-1}
 tools="$PWD/tests/api-tools"
 

@@ -80,7 +80,10 @@ fn discriminated_union(doc: &Value, union: &str, tag: &str) -> BTreeSet<String> 
     let branches = union_schema["oneOf"]
         .as_array()
         .unwrap_or_else(|| panic!("{union} is not a oneOf: {union_schema}"));
-    assert_eq!(union_schema["discriminator"]["propertyName"], tag, "{union}");
+    assert_eq!(
+        union_schema["discriminator"]["propertyName"], tag,
+        "{union}"
+    );
     let mapping = union_schema["discriminator"]["mapping"]
         .as_object()
         .unwrap();
@@ -105,7 +108,11 @@ fn discriminated_union(doc: &Value, union: &str, tag: &str) -> BTreeSet<String> 
         assert_eq!(mapping.get(&value), Some(&json!(reference)), "{union}");
         assert!(values.insert(value.clone()), "{union}: `{value}` twice");
     }
-    assert_eq!(mapping.len(), values.len(), "{union}: stray mapping entries");
+    assert_eq!(
+        mapping.len(),
+        values.len(),
+        "{union}: stray mapping entries"
+    );
     values
 }
 
@@ -129,10 +136,7 @@ fn recorded_events_are_a_union_on_type_naming_types_as_the_server_sends_them() {
         .iter()
         .map(|(name, _)| (*name).to_owned())
         .collect();
-    assert_eq!(
-        discriminated_union(&doc, "RecordedEvent", "type"),
-        names
-    );
+    assert_eq!(discriminated_union(&doc, "RecordedEvent", "type"), names);
 }
 
 #[test]
@@ -188,8 +192,7 @@ fn harness() -> Harness {
     let tokens: Vec<TokenConfig> = [("reader", "r", "read"), ("admin", "a", "admin")]
         .iter()
         .map(|(name, token, role)| {
-            serde_json::from_value(json!({"name": name, "token": token, "roles": [role]}))
-                .unwrap()
+            serde_json::from_value(json!({"name": name, "token": token, "roles": [role]})).unwrap()
         })
         .collect();
     Harness {
@@ -339,8 +342,14 @@ async fn served_values_have_exactly_their_branchs_properties() {
     let spec = &done["submission"]["spec"];
     assert_eq!(keys(spec), properties(&branch("JobSpec", "kind", spec)));
     let result = &done["result"];
-    assert_eq!(keys(result), properties(&branch("JobResult", "kind", result)));
-    assert_eq!(keys(&output), properties(&branch("JobOutput", "kind", &output)));
+    assert_eq!(
+        keys(result),
+        properties(&branch("JobResult", "kind", result))
+    );
+    assert_eq!(
+        keys(&output),
+        properties(&branch("JobOutput", "kind", &output))
+    );
 
     let page: Value =
         test::call_and_read_body_json(&app, call(TestRequest::get().uri("/v1/events"))).await;

@@ -28,7 +28,7 @@ fn parse_hash(h: &str) -> Result<BlobHash, ApiError> {
 #[utoipa::path(
     tag = "blobs",
     operation_id = "blobs_upload",
-    params(("hash" = String, Path)),
+    params(("hash" = twin_core::BlobHash, Path)),
     request_body(content = inline(Binary), content_type = "application/octet-stream"),
     responses(
         (status = 201, body = BlobStored), (status = 200, body = BlobStored, description = "already stored"),
@@ -73,7 +73,7 @@ async fn upload(
 #[utoipa::path(
     tag = "blobs",
     operation_id = "blobs_download",
-    params(("hash" = String, Path)),
+    params(("hash" = twin_core::BlobHash, Path)),
     responses(
         (status = 200, content_type = "application/octet-stream", body = inline(Binary)),
         BadRequest, Unauthorized, Forbidden, NotFound
@@ -115,7 +115,7 @@ async fn download(
 #[utoipa::path(
     tag = "blobs",
     operation_id = "blobs_exists",
-    params(("hash" = String, Path)),
+    params(("hash" = twin_core::BlobHash, Path)),
     responses(
         (status = 200, description = "stored", headers(("X-Blob-Bytes" = u64, description = "its size in bytes"))),
         BadRequest, Unauthorized, Forbidden, NotFound

@@ -54,7 +54,7 @@ async fn lease(
 #[utoipa::path(
     tag = "executors",
     operation_id = "executors_start",
-    params(("id" = String, Path)),
+    params(("id" = twin_core::JobId, Path)),
     request_body = EpochBody,
     responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
 )]
@@ -75,7 +75,7 @@ async fn start(
 #[utoipa::path(
     tag = "executors",
     operation_id = "executors_heartbeat",
-    params(("id" = String, Path)),
+    params(("id" = twin_core::JobId, Path)),
     request_body = EpochBody,
     responses(
         (status = 200, body = HeartbeatResponse),
@@ -101,7 +101,7 @@ async fn heartbeat(
 #[utoipa::path(
     tag = "executors",
     operation_id = "executors_progress",
-    params(("id" = String, Path)),
+    params(("id" = twin_core::JobId, Path)),
     request_body = ProgressBody,
     responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
 )]
@@ -137,7 +137,7 @@ async fn progress(
 #[utoipa::path(
     tag = "executors",
     operation_id = "executors_record_artefact",
-    params(("id" = String, Path)),
+    params(("id" = twin_core::JobId, Path)),
     request_body = ArtefactBody,
     responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
 )]
@@ -169,7 +169,7 @@ async fn artefact(
 #[utoipa::path(
     tag = "executors",
     operation_id = "executors_complete",
-    params(("id" = String, Path)),
+    params(("id" = twin_core::JobId, Path)),
     request_body = CompleteBody,
     responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
 )]
@@ -195,7 +195,7 @@ async fn complete(
 #[utoipa::path(
     tag = "executors",
     operation_id = "executors_fail",
-    params(("id" = String, Path)),
+    params(("id" = twin_core::JobId, Path)),
     request_body = FailBody,
     responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
 )]
@@ -234,7 +234,7 @@ async fn fail(
 #[utoipa::path(
     tag = "executors",
     operation_id = "executors_release",
-    params(("id" = String, Path)),
+    params(("id" = twin_core::JobId, Path)),
     request_body = ReleaseBody,
     responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
 )]

@@ -57,7 +57,7 @@ async fn list(
 #[utoipa::path(
     tag = "experiments",
     operation_id = "experiments_get",
-    params(("id" = String, Path)),
+    params(("id" = twin_core::ExperimentId, Path)),
     responses((status = 200, body = Experiment), Unauthorized, Forbidden, NotFound)
 )]
 #[get("/experiments/{id}")]

@@ -129,7 +129,7 @@ async fn list(
 #[utoipa::path(
     tag = "jobs",
     operation_id = "jobs_get",
-    params(("id" = String, Path)),
+    params(("id" = twin_core::JobId, Path)),
     responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound)
 )]
 #[get("/jobs/{id}")]
@@ -146,7 +146,7 @@ async fn get_job(
 #[utoipa::path(
     tag = "jobs",
     operation_id = "jobs_cancel",
-    params(("id" = String, Path)),
+    params(("id" = twin_core::JobId, Path)),
     request_body = Option<CancelBody>,
     responses(
         (status = 200, body = JobState),

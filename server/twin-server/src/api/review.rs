@@ -20,7 +20,7 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
 #[utoipa::path(
     tag = "review",
     operation_id = "review_candidates",
-    params(("id" = String, Path, description = "mine job id"), CandidateQuery),
+    params(("id" = twin_core::JobId, Path, description = "mine job id"), CandidateQuery),
     responses((status = 200, body = CandidatePage), BadRequest, Unauthorized, Forbidden, NotFound)
 )]
 #[get("/jobs/{id}/candidates")]
@@ -39,7 +39,7 @@ async fn candidates(
 #[utoipa::path(
     tag = "review",
     operation_id = "review_record",
-    params(("id" = String, Path, description = "mine job id")),
+    params(("id" = twin_core::JobId, Path, description = "mine job id")),
     request_body = ReviewBody,
     responses(
         (status = 200, body = ReviewOutcome),

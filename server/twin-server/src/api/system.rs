@@ -104,7 +104,7 @@ async fn datasets(
 #[utoipa::path(
     tag = "datasets",
     operation_id = "datasets_get",
-    params(("id" = String, Path)),
+    params(("id" = twin_core::DatasetId, Path)),
     responses((status = 200, body = Dataset), Unauthorized, Forbidden, NotFound)
 )]
 #[get("/datasets/{id}")]
