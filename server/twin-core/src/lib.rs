@@ -14,7 +14,7 @@ pub mod ids;
 pub mod job;
 pub mod mine;
 pub mod projection;
-pub mod schema;
+pub(crate) mod schema;
 pub mod score;
 pub mod spec;
 

@@ -10,7 +10,7 @@ mod executors;
 mod experiments;
 mod jobs;
 mod modules;
-pub mod responses;
+mod responses;
 mod review;
 mod system;
 

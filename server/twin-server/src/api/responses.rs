@@ -17,7 +17,7 @@ use crate::error::ApiError;
 
 /// The error body's schema name; `ApiDoc` registers the schema (an [`IntoResponses`] type does
 /// not register what it refers to).
-pub const ERROR_BODY: &str = "ErrorBody";
+const ERROR_BODY: &str = "ErrorBody";
 
 /// A response with the error body and a description naming every code of `status`.
 fn error_response(status: u16, what: &str) -> Response {
@@ -61,7 +61,8 @@ macro_rules! error_responses {
         )*
 
         /// Every status above.
-        pub const DECLARED: &[u16] = &[$($status,)*];
+        #[cfg(test)]
+        const DECLARED: &[u16] = &[$($status,)*];
     };
 }
 
