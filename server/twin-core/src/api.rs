@@ -26,6 +26,8 @@ pub struct ErrorDetail {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateExperiment {
+    /// Becomes the experiment's id, so it is one.
+    #[schema(pattern = "^[a-z0-9_-]{1,64}$")]
     pub name: String,
     #[serde(default)]
     pub description: String,

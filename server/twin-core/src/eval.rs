@@ -64,20 +64,34 @@ impl ScorerRef {
 }
 
 /// The scorer of each question type.
+///
+/// Defaults per field rather than `#[serde(default)]` on the struct: the same values, but the
+/// struct-level form makes utoipa write them into the schema as `default` objects, which
+/// openapi-python-client refuses on a property of a model type. The doc comments say them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct EvalScorers {
     /// Yes/no pair questions; `fgvqa-pair` by default.
+    #[serde(default = "default_pair_scorer")]
     pub pair: ScorerRef,
     /// 0–3 count questions; `fgvqa-multi` by default.
+    #[serde(default = "default_multi_scorer")]
     pub multi: ScorerRef,
+}
+
+fn default_pair_scorer() -> ScorerRef {
+    ScorerRef::named(DEFAULT_PAIR_SCORER)
+}
+
+fn default_multi_scorer() -> ScorerRef {
+    ScorerRef::named(DEFAULT_MULTI_SCORER)
 }
 
 impl Default for EvalScorers {
     fn default() -> Self {
         EvalScorers {
-            pair: ScorerRef::named(DEFAULT_PAIR_SCORER),
-            multi: ScorerRef::named(DEFAULT_MULTI_SCORER),
+            pair: default_pair_scorer(),
+            multi: default_multi_scorer(),
         }
     }
 }

@@ -96,8 +96,9 @@ pub fn encode_payload<T: Serialize>(payload: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(payload).expect("event payloads are plain data and always encode")
 }
 
-/// One committed event with its log coordinates, as projections and clients see it.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+/// One committed event with its log coordinates, as projections and clients see it. Its schema
+/// is written by hand, below the `events!` list.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct RecordedEvent {
     pub seq: u64,
     /// Commit time, milliseconds since the Unix epoch.
@@ -110,8 +111,11 @@ pub struct RecordedEvent {
     pub event: Event,
 }
 
+// `$name` is a `tt`, not a `literal`: a `literal` fragment reaches derive macros wrapped in an
+// invisible group, which utoipa's attribute parser does not see through, so the document named
+// the types after the variants (`ExperimentCreated`) while serde sends `experiment_created`.
 macro_rules! events {
-    ($($variant:ident($payload:ident) = $name:literal v $version:literal;)*) => {
+    ($($variant:ident($payload:ident) = $name:tt v $version:literal;)*) => {
         /// Every event twin records. The serialised form for clients is `{"type", "data"}`.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
         #[serde(tag = "type", content = "data")]
@@ -122,6 +126,24 @@ macro_rules! events {
         impl Event {
             pub fn event_type(&self) -> &'static str {
                 match self { $(Event::$variant(_) => $name,)* }
+            }
+        }
+
+        impl Event {
+            /// Each event type, for [`RecordedEvent`]'s schema.
+            fn schema_types() -> Vec<EventSchemaType> {
+                vec![$(EventSchemaType {
+                    name: $name,
+                    component: concat!("Recorded", stringify!($variant)),
+                    payload: <$payload as utoipa::ToSchema>::name(),
+                    register: |out| {
+                        out.push((
+                            <$payload as utoipa::ToSchema>::name().into_owned(),
+                            <$payload as utoipa::PartialSchema>::schema(),
+                        ));
+                        <$payload as utoipa::ToSchema>::schemas(out);
+                    },
+                },)*]
             }
         }
 
@@ -162,6 +184,83 @@ events! {
     ModuleAliasSet(ModuleAliasSet) = "module_alias_set" v 1;
     CandidateReviewed(CandidateReviewed) = "candidate_reviewed" v 1;
     DatasetBuilt(DatasetBuilt) = "dataset_built" v 1;
+}
+
+/// One event type as [`RecordedEvent`]'s schema lists it.
+struct EventSchemaType {
+    /// The type name serde writes (`experiment_created`).
+    name: &'static str,
+    /// The component of a recorded event of this type (`RecordedExperimentCreated`).
+    component: &'static str,
+    /// The payload's component (`ExperimentCreated`).
+    payload: std::borrow::Cow<'static, str>,
+    /// Registers the payload's component and what it refers to.
+    register: fn(&mut crate::schema::Schemas),
+}
+
+// A recorded event's schema, written by hand. serde flattens the event's `{type, data}` beside
+// the log coordinates; the derive renders that as `allOf` of the coordinates and the event union,
+// which openapi-python-client cannot take. Here each event type has its own component,
+// `Recorded<Type>`: the coordinates, `type` (one value) and `data`, and the union discriminates
+// on `type`.
+impl utoipa::PartialSchema for RecordedEvent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{Discriminator, OneOfBuilder, Ref};
+        let types = Event::schema_types();
+        let mapping = types
+            .iter()
+            .map(|t| (t.name, format!("#/components/schemas/{}", t.component)));
+        let mut union = OneOfBuilder::new()
+            .description(Some(
+                "One committed event with its log coordinates, told apart by `type`.",
+            ))
+            .discriminator(Some(Discriminator::with_mapping("type", mapping)));
+        for t in &types {
+            union = union.item(Ref::from_schema_name(t.component));
+        }
+        union.into()
+    }
+}
+
+impl utoipa::ToSchema for RecordedEvent {
+    fn schemas(schemas: &mut crate::schema::Schemas) {
+        use utoipa::PartialSchema;
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Ref, SchemaFormat, Type};
+        for t in Event::schema_types() {
+            let branch = ObjectBuilder::new()
+                .property("seq", u64::schema())
+                .required("seq")
+                .property(
+                    "ts",
+                    ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                        .description(Some("Commit time, milliseconds since the Unix epoch.")),
+                )
+                .required("ts")
+                .property("stream", String::schema())
+                .required("stream")
+                .property("stream_version", u64::schema())
+                .required("stream_version")
+                .property("actor", String::schema())
+                .required("actor")
+                .property("hash", Ref::from_schema_name(BlobHash::name()))
+                .required("hash")
+                .property(
+                    "type",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .enum_values(Some([t.name])),
+                )
+                .required("type")
+                .property("data", Ref::from_schema_name(t.payload.clone()))
+                .required("data");
+            schemas.push((t.component.to_owned(), branch.into()));
+            (t.register)(schemas);
+        }
+        schemas.push((BlobHash::name().into_owned(), BlobHash::schema()));
+        BlobHash::schemas(schemas);
+    }
 }
 
 /// Upcasters of the production schema, one per version step. `twin-log/tests/schema.rs` reads
@@ -321,7 +420,7 @@ pub struct ModuleAliasSet {
 }
 
 /// The typed result of a succeeded job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum JobResult {
     Ingest(IngestResult),
@@ -400,7 +499,7 @@ pub struct ManifestEntry {
 }
 
 /// What an executor sends on completion, per kind.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum JobOutput {
     Ingest(IngestOutput),
@@ -421,6 +520,27 @@ impl JobOutput {
         }
     }
 }
+
+// Both unions' schemas are written by hand, discriminated on `kind` (see [`crate::schema`]).
+crate::schema::kind_tagged_schema!(
+    JobResult,
+    "The typed result of a succeeded job, told apart by `kind`.",
+    Ingest(IngestResult) = "IngestJobResult",
+    Score(crate::score::ScoreOutput) = "ScoreJobResult",
+    Mine(crate::mine::MineOutput) = "MineJobResult",
+    BuildDataset(BuildDatasetResult) = "BuildDatasetJobResult",
+    Eval(crate::eval::EvalOutput) = "EvalJobResult",
+);
+
+crate::schema::kind_tagged_schema!(
+    JobOutput,
+    "What an executor sends on completion, told apart by `kind`.",
+    Ingest(IngestOutput) = "IngestJobOutput",
+    Score(crate::score::ScoreOutput) = "ScoreJobOutput",
+    Mine(crate::mine::MineOutput) = "MineJobOutput",
+    BuildDataset(crate::dataset::BuildDatasetOutput) = "BuildDatasetJobOutput",
+    Eval(crate::eval::EvalOutput) = "EvalJobOutput",
+);
 
 impl Event {
     /// Blobs this event refers to, for `verify` and lineage.

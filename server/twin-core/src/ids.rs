@@ -33,6 +33,8 @@ macro_rules! id_type {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, utoipa::ToSchema)]
         #[serde(transparent)]
+        // What `valid_id` accepts, so that generated values and clients' checks agree with it.
+        #[schema(pattern = "^[a-z0-9_-]{1,64}$")]
         pub struct $name(String);
 
         impl $name {

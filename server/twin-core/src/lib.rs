@@ -14,6 +14,7 @@ pub mod ids;
 pub mod job;
 pub mod mine;
 pub mod projection;
+pub(crate) mod schema;
 pub mod score;
 pub mod spec;
 

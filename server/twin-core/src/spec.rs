@@ -109,7 +109,7 @@ impl fmt::Display for JobKind {
 }
 
 /// The typed spec of a job, one variant per built kind.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum JobSpec {
     Ingest(IngestSpec),
@@ -153,6 +153,18 @@ impl JobSpec {
         }
     }
 }
+
+// Its schema is a discriminated union on `kind`, written by hand (see [`crate::schema`]): each
+// branch, `IngestJobSpec` and so on, lists `kind` among its own properties.
+crate::schema::kind_tagged_schema!(
+    JobSpec,
+    "The typed spec of a job, one variant per built kind, told apart by `kind`.",
+    Ingest(IngestSpec) = "IngestJobSpec",
+    Score(ScoreSpec) = "ScoreJobSpec",
+    Mine(MineSpec) = "MineJobSpec",
+    BuildDataset(BuildDatasetSpec) = "BuildDatasetJobSpec",
+    Eval(EvalSpec) = "EvalJobSpec",
+);
 
 /// Ingest images into the blob store and register them as a dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -640,8 +640,9 @@ async fn eval_submissions_are_checked_and_pinned_at_submission() {
     let doc = serde_json::to_value(api::openapi()).unwrap();
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     for name in [
-        "EvalSpec",
-        "EvalOutput",
+        "EvalJobSpec",
+        "EvalJobOutput",
+        "EvalJobResult",
         "SubsetMetrics",
         "EvalData",
         "EvalScorers",

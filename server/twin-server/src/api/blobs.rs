@@ -5,7 +5,10 @@ use futures_util::StreamExt;
 use twin_core::BlobHash;
 use twin_core::api::BlobStored;
 
-use crate::api::Limits;
+use crate::api::responses::{
+    BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
+};
+use crate::api::{Binary, Limits};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::service::Service;
@@ -24,9 +27,13 @@ fn parse_hash(h: &str) -> Result<BlobHash, ApiError> {
 /// Uploads a blob; the body must hash to `{hash}` (SHA-256, lower-case hex).
 #[utoipa::path(
     tag = "blobs",
-    params(("hash" = String, Path)),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 201, body = BlobStored), (status = 200, body = BlobStored, description = "already stored"), (status = 400), (status = 413))
+    operation_id = "blobs_upload",
+    params(("hash" = twin_core::BlobHash, Path)),
+    request_body(content = inline(Binary), content_type = "application/octet-stream"),
+    responses(
+        (status = 201, body = BlobStored), (status = 200, body = BlobStored, description = "already stored"),
+        BadRequest, Unauthorized, Forbidden, PayloadTooLarge, Unavailable
+    )
 )]
 #[put("/blobs/{hash}")]
 async fn upload(
@@ -63,7 +70,15 @@ async fn upload(
 }
 
 /// Downloads a blob.
-#[utoipa::path(tag = "blobs", params(("hash" = String, Path)), responses((status = 200, content_type = "application/octet-stream"), (status = 404)))]
+#[utoipa::path(
+    tag = "blobs",
+    operation_id = "blobs_download",
+    params(("hash" = twin_core::BlobHash, Path)),
+    responses(
+        (status = 200, content_type = "application/octet-stream", body = inline(Binary)),
+        BadRequest, Unauthorized, Forbidden, NotFound
+    )
+)]
 #[get("/blobs/{hash}")]
 async fn download(
     caller: Caller,
@@ -96,8 +111,16 @@ async fn download(
         .streaming(body))
 }
 
-/// Whether a blob is stored (its size in `Content-Length`).
-#[utoipa::path(tag = "blobs", params(("hash" = String, Path)), responses((status = 200), (status = 404)))]
+/// Whether a blob is stored (its size in `X-Blob-Bytes`).
+#[utoipa::path(
+    tag = "blobs",
+    operation_id = "blobs_exists",
+    params(("hash" = twin_core::BlobHash, Path)),
+    responses(
+        (status = 200, description = "stored", headers(("X-Blob-Bytes" = u64, description = "its size in bytes"))),
+        BadRequest, Unauthorized, Forbidden, NotFound
+    )
+)]
 #[head("/blobs/{hash}")]
 async fn exists(
     caller: Caller,

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use twin_core::api::EventsPage;
 
+use crate::api::responses::{BadRequest, Forbidden, Unauthorized};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::service::Service;
@@ -29,7 +30,12 @@ struct PageQuery {
 }
 
 /// A page of events in sequence order; `next` continues it.
-#[utoipa::path(tag = "events", params(PageQuery), responses((status = 200, body = EventsPage)))]
+#[utoipa::path(
+    tag = "events",
+    operation_id = "events_page",
+    params(PageQuery),
+    responses((status = 200, body = EventsPage), BadRequest, Unauthorized, Forbidden)
+)]
 #[get("/events")]
 async fn events_page(
     caller: Caller,
@@ -54,7 +60,15 @@ struct StreamQuery {
 
 /// Server-Sent Events: `id` is the sequence number, `event` the type, `data` the event as JSON.
 /// A comment line is sent every 15 s of quiet to keep proxies from closing the stream.
-#[utoipa::path(tag = "events", params(StreamQuery), responses((status = 200, content_type = "text/event-stream")))]
+#[utoipa::path(
+    tag = "events",
+    operation_id = "events_stream",
+    params(StreamQuery),
+    responses(
+        (status = 200, content_type = "text/event-stream", body = String),
+        BadRequest, Unauthorized, Forbidden
+    )
+)]
 #[get("/events/stream")]
 async fn stream(
     caller: Caller,

@@ -8,6 +8,9 @@ use twin_core::api::{
 };
 use twin_core::job::{JobCommand, JobState};
 
+use crate::api::responses::{
+    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
+};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::service::{Service, now_ms};
@@ -25,7 +28,15 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
 
 /// Leases the best queued job this executor can run (priority, then age), waiting up to
 /// `wait_ms`; 204 when none came.
-#[utoipa::path(tag = "executors", request_body = LeaseRequest, responses((status = 200, body = LeaseGrant), (status = 204)))]
+#[utoipa::path(
+    tag = "executors",
+    operation_id = "executors_lease",
+    request_body = LeaseRequest,
+    responses(
+        (status = 200, body = LeaseGrant), (status = 204, description = "no job came"),
+        BadRequest, Unauthorized, Forbidden, PayloadTooLarge, Unavailable
+    )
+)]
 #[post("/executors/lease")]
 async fn lease(
     caller: Caller,
@@ -40,7 +51,13 @@ async fn lease(
 }
 
 /// Marks the leased job running.
-#[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = EpochBody, responses((status = 200, body = JobState), (status = 409)))]
+#[utoipa::path(
+    tag = "executors",
+    operation_id = "executors_start",
+    params(("id" = twin_core::JobId, Path)),
+    request_body = EpochBody,
+    responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
+)]
 #[post("/jobs/{id}/start")]
 async fn start(
     caller: Caller,
@@ -55,7 +72,16 @@ async fn start(
 }
 
 /// Extends the lease; says whether cancellation was requested.
-#[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = EpochBody, responses((status = 200, body = HeartbeatResponse), (status = 409)))]
+#[utoipa::path(
+    tag = "executors",
+    operation_id = "executors_heartbeat",
+    params(("id" = twin_core::JobId, Path)),
+    request_body = EpochBody,
+    responses(
+        (status = 200, body = HeartbeatResponse),
+        BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge
+    )
+)]
 #[post("/jobs/{id}/heartbeat")]
 async fn heartbeat(
     caller: Caller,
@@ -72,7 +98,13 @@ async fn heartbeat(
 }
 
 /// Records a progress event.
-#[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = ProgressBody, responses((status = 200, body = JobState), (status = 409)))]
+#[utoipa::path(
+    tag = "executors",
+    operation_id = "executors_progress",
+    params(("id" = twin_core::JobId, Path)),
+    request_body = ProgressBody,
+    responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
+)]
 #[post("/jobs/{id}/progress")]
 async fn progress(
     caller: Caller,
@@ -102,7 +134,13 @@ async fn progress(
 }
 
 /// Records an uploaded blob as a named artefact of the job.
-#[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = ArtefactBody, responses((status = 200, body = JobState), (status = 400), (status = 409)))]
+#[utoipa::path(
+    tag = "executors",
+    operation_id = "executors_record_artefact",
+    params(("id" = twin_core::JobId, Path)),
+    request_body = ArtefactBody,
+    responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
+)]
 #[post("/jobs/{id}/artefacts")]
 async fn artefact(
     caller: Caller,
@@ -128,7 +166,13 @@ async fn artefact(
 }
 
 /// Completes the job with its typed output.
-#[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = CompleteBody, responses((status = 200, body = JobState), (status = 409)))]
+#[utoipa::path(
+    tag = "executors",
+    operation_id = "executors_complete",
+    params(("id" = twin_core::JobId, Path)),
+    request_body = CompleteBody,
+    responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
+)]
 #[post("/jobs/{id}/complete")]
 async fn complete(
     caller: Caller,
@@ -148,7 +192,13 @@ async fn complete(
 
 /// Fails the attempt with a failure code and message; retried with backoff when `retryable` and
 /// attempts remain. After a cancellation request this ends the job as cancelled.
-#[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = FailBody, responses((status = 200, body = JobState), (status = 400), (status = 409)))]
+#[utoipa::path(
+    tag = "executors",
+    operation_id = "executors_fail",
+    params(("id" = twin_core::JobId, Path)),
+    request_body = FailBody,
+    responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
+)]
 #[post("/jobs/{id}/fail")]
 async fn fail(
     caller: Caller,
@@ -181,7 +231,13 @@ async fn fail(
 /// Gives the job back unfinished (the executor is shutting down): it is queued again at once,
 /// with no backoff, and the attempt counts against no limit. After a cancellation request this
 /// ends the job as cancelled.
-#[utoipa::path(tag = "executors", params(("id" = String, Path)), request_body = ReleaseBody, responses((status = 200, body = JobState), (status = 409)))]
+#[utoipa::path(
+    tag = "executors",
+    operation_id = "executors_release",
+    params(("id" = twin_core::JobId, Path)),
+    request_body = ReleaseBody,
+    responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
+)]
 #[post("/jobs/{id}/release")]
 async fn release(
     caller: Caller,

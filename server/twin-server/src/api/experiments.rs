@@ -4,6 +4,9 @@ use actix_web::{HttpResponse, get, post, web};
 use twin_core::api::CreateExperiment;
 use twin_core::projection::Experiment;
 
+use crate::api::responses::{
+    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
+};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::service::Service;
@@ -13,7 +16,15 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
 }
 
 /// Creates an experiment; its name is its id.
-#[utoipa::path(tag = "experiments", request_body = CreateExperiment, responses((status = 201, body = Experiment), (status = 400), (status = 409)))]
+#[utoipa::path(
+    tag = "experiments",
+    operation_id = "experiments_create",
+    request_body = CreateExperiment,
+    responses(
+        (status = 201, body = Experiment),
+        BadRequest, Unauthorized, Forbidden, Conflict, PayloadTooLarge, Unavailable
+    )
+)]
 #[post("/experiments")]
 async fn create(
     caller: Caller,
@@ -26,7 +37,11 @@ async fn create(
 }
 
 /// Lists experiments with their job ids.
-#[utoipa::path(tag = "experiments", responses((status = 200, body = Vec<Experiment>)))]
+#[utoipa::path(
+    tag = "experiments",
+    operation_id = "experiments_list",
+    responses((status = 200, body = Vec<Experiment>), Unauthorized, Forbidden)
+)]
 #[get("/experiments")]
 async fn list(
     caller: Caller,
@@ -39,7 +54,12 @@ async fn list(
 }
 
 /// One experiment.
-#[utoipa::path(tag = "experiments", params(("id" = String, Path)), responses((status = 200, body = Experiment), (status = 404)))]
+#[utoipa::path(
+    tag = "experiments",
+    operation_id = "experiments_get",
+    params(("id" = twin_core::ExperimentId, Path)),
+    responses((status = 200, body = Experiment), Unauthorized, Forbidden, NotFound)
+)]
 #[get("/experiments/{id}")]
 async fn get_experiment(
     caller: Caller,

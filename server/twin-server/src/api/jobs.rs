@@ -6,6 +6,9 @@ use twin_core::JobKind;
 use twin_core::api::CancelBody;
 use twin_core::job::{JobState, JobStatus};
 
+use crate::api::responses::{
+    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
+};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::service::Service;
@@ -21,11 +24,12 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
 /// (200) instead of creating another (201); the same key with another body is refused (409).
 #[utoipa::path(
     tag = "jobs",
+    operation_id = "jobs_submit",
     request_body = twin_core::JobSubmission,
     params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe; scoped to the caller")),
     responses(
         (status = 201, body = JobState), (status = 200, body = JobState, description = "replayed submission"),
-        (status = 400, body = twin_core::api::ErrorBody), (status = 409, body = twin_core::api::ErrorBody)
+        BadRequest, Unauthorized, Forbidden, Conflict, PayloadTooLarge, Unavailable
     )
 )]
 #[post("/jobs")]
@@ -73,7 +77,12 @@ struct ListQuery {
 }
 
 /// Lists jobs, newest first.
-#[utoipa::path(tag = "jobs", params(ListQuery), responses((status = 200, body = Vec<JobState>), (status = 400)))]
+#[utoipa::path(
+    tag = "jobs",
+    operation_id = "jobs_list",
+    params(ListQuery),
+    responses((status = 200, body = Vec<JobState>), BadRequest, Unauthorized, Forbidden)
+)]
 #[get("/jobs")]
 async fn list(
     caller: Caller,
@@ -117,7 +126,12 @@ async fn list(
 }
 
 /// One job with its attempts, progress, artefacts and result.
-#[utoipa::path(tag = "jobs", params(("id" = String, Path)), responses((status = 200, body = JobState), (status = 404)))]
+#[utoipa::path(
+    tag = "jobs",
+    operation_id = "jobs_get",
+    params(("id" = twin_core::JobId, Path)),
+    responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound)
+)]
 #[get("/jobs/{id}")]
 async fn get_job(
     caller: Caller,
@@ -129,7 +143,16 @@ async fn get_job(
 }
 
 /// Cancels a job: a queued one at once, a running one through its executor's next heartbeat.
-#[utoipa::path(tag = "jobs", params(("id" = String, Path)), request_body = Option<CancelBody>, responses((status = 200, body = JobState), (status = 404), (status = 409)))]
+#[utoipa::path(
+    tag = "jobs",
+    operation_id = "jobs_cancel",
+    params(("id" = twin_core::JobId, Path)),
+    request_body = Option<CancelBody>,
+    responses(
+        (status = 200, body = JobState),
+        BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable
+    )
+)]
 #[post("/jobs/{id}/cancel")]
 async fn cancel(
     caller: Caller,

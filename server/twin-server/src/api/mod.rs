@@ -10,6 +10,7 @@ mod executors;
 mod experiments;
 mod jobs;
 mod modules;
+mod responses;
 mod review;
 mod system;
 
@@ -30,11 +31,29 @@ use crate::service::Service;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "twin", description = "Event-sourced job server for TWIN fine-grained perception training"),
+    // Every error response refers to it (see `responses`), which registers nothing itself.
+    components(schemas(twin_core::api::ErrorBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
 
 struct BearerAuth;
+
+/// Raw bytes as a body's schema (`string`, format `binary`): what client generators read as a
+/// file or byte string, where `Vec<u8>` would document an array of integers.
+pub(crate) struct Binary;
+
+impl utoipa::PartialSchema for Binary {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Binary {}
 
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {

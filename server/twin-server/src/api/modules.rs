@@ -7,6 +7,11 @@ use serde::Deserialize;
 use twin_core::api::AliasBody;
 use twin_core::projection::ModuleInfo;
 
+use crate::api::Binary;
+use crate::api::responses::{
+    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
+    Unprocessable,
+};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::service::Service;
@@ -30,11 +35,12 @@ struct AddQuery {
 /// 201 when new, 200 when these bytes were registered before; a refused module records nothing.
 #[utoipa::path(
     tag = "modules",
+    operation_id = "modules_add",
     params(AddQuery),
-    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    request_body(content = inline(Binary), content_type = "application/wasm"),
     responses(
         (status = 201, body = ModuleInfo), (status = 200, body = ModuleInfo, description = "already registered"),
-        (status = 413, body = twin_core::api::ErrorBody), (status = 422, body = twin_core::api::ErrorBody)
+        BadRequest, Unauthorized, Forbidden, Conflict, PayloadTooLarge, Unprocessable, Unavailable
     )
 )]
 #[post("/modules")]
@@ -69,7 +75,11 @@ async fn add(
 }
 
 /// Every registered module, with the names that point at it.
-#[utoipa::path(tag = "modules", responses((status = 200, body = Vec<ModuleInfo>)))]
+#[utoipa::path(
+    tag = "modules",
+    operation_id = "modules_list",
+    responses((status = 200, body = Vec<ModuleInfo>), Unauthorized, Forbidden)
+)]
 #[get("/modules")]
 async fn list(caller: Caller, svc: web::Data<Service>) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Read)?;
@@ -78,7 +88,12 @@ async fn list(caller: Caller, svc: web::Data<Service>) -> Result<HttpResponse, A
 }
 
 /// One module, by registry name or hash.
-#[utoipa::path(tag = "modules", params(("reference" = String, Path, description = "name or SHA-256")), responses((status = 200, body = ModuleInfo), (status = 404)))]
+#[utoipa::path(
+    tag = "modules",
+    operation_id = "modules_describe",
+    params(("reference" = String, Path, description = "name or SHA-256")),
+    responses((status = 200, body = ModuleInfo), Unauthorized, Forbidden, NotFound)
+)]
 #[get("/modules/{reference}")]
 async fn describe(
     caller: Caller,
@@ -91,7 +106,16 @@ async fn describe(
 
 /// Points a registry name at a registered module. Jobs resolve names when submitted, so a
 /// switch affects later submissions only.
-#[utoipa::path(tag = "modules", params(("name" = String, Path)), request_body = AliasBody, responses((status = 200, body = ModuleInfo), (status = 404)))]
+#[utoipa::path(
+    tag = "modules",
+    operation_id = "modules_set_alias",
+    params(("name" = String, Path)),
+    request_body = AliasBody,
+    responses(
+        (status = 200, body = ModuleInfo),
+        BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable
+    )
+)]
 #[put("/modules/aliases/{name}")]
 async fn alias(
     caller: Caller,

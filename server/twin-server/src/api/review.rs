@@ -3,6 +3,9 @@
 use actix_web::{HttpResponse, get, post, web};
 use twin_core::api::{CandidatePage, ReviewBody, ReviewOutcome};
 
+use crate::api::responses::{
+    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
+};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::mining::CandidateQuery;
@@ -16,8 +19,9 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
 /// every filter's verdict) with their review status, filtered and paged.
 #[utoipa::path(
     tag = "review",
-    params(("id" = String, Path, description = "mine job id"), CandidateQuery),
-    responses((status = 200, body = CandidatePage), (status = 400, body = twin_core::api::ErrorBody), (status = 404, body = twin_core::api::ErrorBody))
+    operation_id = "review_candidates",
+    params(("id" = twin_core::JobId, Path, description = "mine job id"), CandidateQuery),
+    responses((status = 200, body = CandidatePage), BadRequest, Unauthorized, Forbidden, NotFound)
 )]
 #[get("/jobs/{id}/candidates")]
 async fn candidates(
@@ -34,9 +38,13 @@ async fn candidates(
 /// `candidate_reviewed` event per changed verdict, with the caller as its actor.
 #[utoipa::path(
     tag = "review",
-    params(("id" = String, Path, description = "mine job id")),
+    operation_id = "review_record",
+    params(("id" = twin_core::JobId, Path, description = "mine job id")),
     request_body = ReviewBody,
-    responses((status = 200, body = ReviewOutcome), (status = 400, body = twin_core::api::ErrorBody), (status = 404, body = twin_core::api::ErrorBody))
+    responses(
+        (status = 200, body = ReviewOutcome),
+        BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable
+    )
 )]
 #[post("/jobs/{id}/reviews")]
 async fn review(

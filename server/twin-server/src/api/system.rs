@@ -4,6 +4,7 @@ use actix_web::{HttpResponse, get, web};
 use twin_core::api::Health;
 use twin_core::projection::{BuiltDataset, Dataset, Lineage};
 
+use crate::api::responses::{Forbidden, NotFound, Unauthorized};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::service::{ExecutorSeen, Service};
@@ -25,7 +26,7 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
 }
 
 /// Liveness and the log's head.
-#[utoipa::path(tag = "system", responses((status = 200, body = Health)))]
+#[utoipa::path(tag = "system", operation_id = "system_health", responses((status = 200, body = Health)))]
 #[get("/healthz")]
 async fn healthz(svc: web::Data<Service>) -> web::Json<Health> {
     web::Json(Health {
@@ -36,7 +37,11 @@ async fn healthz(svc: web::Data<Service>) -> web::Json<Health> {
 }
 
 /// Prometheus text exposition.
-#[utoipa::path(tag = "system", responses((status = 200, content_type = "text/plain")))]
+#[utoipa::path(
+    tag = "system",
+    operation_id = "system_metrics",
+    responses((status = 200, content_type = "text/plain", body = String))
+)]
 #[get("/metrics")]
 async fn metrics(svc: web::Data<Service>) -> HttpResponse {
     let text = svc.read(|p| svc.metrics.render(p));
@@ -46,7 +51,11 @@ async fn metrics(svc: web::Data<Service>) -> HttpResponse {
 }
 
 /// This document.
-#[utoipa::path(tag = "system", responses((status = 200, content_type = "application/json")))]
+#[utoipa::path(
+    tag = "system",
+    operation_id = "system_openapi",
+    responses((status = 200, content_type = "application/json", body = Object))
+)]
 #[get("/openapi.json")]
 async fn openapi_json(doc: web::Data<utoipa::openapi::OpenApi>) -> HttpResponse {
     HttpResponse::Ok().json(doc.get_ref())
@@ -55,8 +64,9 @@ async fn openapi_json(doc: web::Data<utoipa::openapi::OpenApi>) -> HttpResponse 
 /// What produced a blob (by SHA-256) or a job (by id): job, spec, inputs, outputs.
 #[utoipa::path(
     tag = "audit",
+    operation_id = "audit_lineage",
     params(("target" = String, Path, description = "blob hash or job id")),
-    responses((status = 200, body = Lineage), (status = 404, body = twin_core::api::ErrorBody))
+    responses((status = 200, body = Lineage), Unauthorized, Forbidden, NotFound)
 )]
 #[get("/lineage/{target}")]
 async fn lineage(
@@ -74,7 +84,11 @@ async fn lineage(
 }
 
 /// Registered datasets.
-#[utoipa::path(tag = "datasets", responses((status = 200, body = Vec<Dataset>)))]
+#[utoipa::path(
+    tag = "datasets",
+    operation_id = "datasets_list",
+    responses((status = 200, body = Vec<Dataset>), Unauthorized, Forbidden)
+)]
 #[get("/datasets")]
 async fn datasets(
     caller: Caller,
@@ -87,7 +101,12 @@ async fn datasets(
 }
 
 /// One dataset.
-#[utoipa::path(tag = "datasets", params(("id" = String, Path)), responses((status = 200, body = Dataset), (status = 404)))]
+#[utoipa::path(
+    tag = "datasets",
+    operation_id = "datasets_get",
+    params(("id" = twin_core::DatasetId, Path)),
+    responses((status = 200, body = Dataset), Unauthorized, Forbidden, NotFound)
+)]
 #[get("/datasets/{id}")]
 async fn dataset(
     caller: Caller,
@@ -106,7 +125,11 @@ async fn dataset(
 }
 
 /// Datasets built by build-dataset jobs, each identified by its manifest's hash.
-#[utoipa::path(tag = "datasets", responses((status = 200, body = Vec<BuiltDataset>)))]
+#[utoipa::path(
+    tag = "datasets",
+    operation_id = "built_datasets_list",
+    responses((status = 200, body = Vec<BuiltDataset>), Unauthorized, Forbidden)
+)]
 #[get("/built-datasets")]
 async fn built_datasets(
     caller: Caller,
@@ -117,7 +140,12 @@ async fn built_datasets(
 }
 
 /// One built dataset, by manifest hash or by name (its latest build).
-#[utoipa::path(tag = "datasets", params(("reference" = String, Path, description = "manifest hash or name")), responses((status = 200, body = BuiltDataset), (status = 404)))]
+#[utoipa::path(
+    tag = "datasets",
+    operation_id = "built_datasets_get",
+    params(("reference" = String, Path, description = "manifest hash or name")),
+    responses((status = 200, body = BuiltDataset), Unauthorized, Forbidden, NotFound)
+)]
 #[get("/built-datasets/{reference}")]
 async fn built_dataset(
     caller: Caller,
@@ -134,7 +162,11 @@ async fn built_dataset(
 }
 
 /// Executors seen since the server started.
-#[utoipa::path(tag = "executors", responses((status = 200, body = Vec<ExecutorSeen>)))]
+#[utoipa::path(
+    tag = "executors",
+    operation_id = "executors_list",
+    responses((status = 200, body = Vec<ExecutorSeen>), Unauthorized, Forbidden)
+)]
 #[get("/executors")]
 async fn executors(
     caller: Caller,
