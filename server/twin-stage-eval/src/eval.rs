@@ -736,6 +736,7 @@ impl Stage for EvalStage {
             },
             |p| {
                 let qwen = self.qwen(&spec.model, &device)?;
+                ctx.note(&qwen.note());
                 let asked: HashSet<&str> = questions.iter().map(|q| q.id.as_str()).collect();
                 // A checkpoint's answers of other weights (the directory changed between
                 // attempts) are redone.

@@ -184,6 +184,7 @@ impl Stage for MineStage {
             twin_stage::codec::custom(EmbeddingTable::encode, EmbeddingTable::decode),
             |p| {
                 let clip = self.clip(&spec.model, &device)?;
+                ctx.note(&clip.note());
                 let (table, s, r) = embed(spec, &entries, &clip, ctx, p)?;
                 (skipped, reused) = (s, r);
                 Ok(table)

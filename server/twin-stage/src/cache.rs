@@ -189,6 +189,8 @@ impl std::fmt::Debug for ModelCache {
 /// A cached model in use: shared access to it, and its entry kept from eviction while alive.
 pub struct CachedModel<T> {
     key: ModelKey,
+    /// Whether the model was already resident (a hit) rather than loaded for this request.
+    from_cache: bool,
     guard: ArcMutexGuard<RawMutex, Box<dyn Any + Send>>,
     holder: Arc<Mutex<Option<ThreadId>>>,
     _model: PhantomData<fn() -> T>,
@@ -197,12 +199,14 @@ pub struct CachedModel<T> {
 impl<T> CachedModel<T> {
     fn new(
         key: &ModelKey,
+        from_cache: bool,
         guard: ArcMutexGuard<RawMutex, Box<dyn Any + Send>>,
         holder: Arc<Mutex<Option<ThreadId>>>,
     ) -> Self {
         *holder.lock() = Some(std::thread::current().id());
         Self {
             key: key.clone(),
+            from_cache,
             guard,
             holder,
             _model: PhantomData,
@@ -219,6 +223,21 @@ impl<T> Drop for CachedModel<T> {
 impl<T: 'static> CachedModel<T> {
     pub fn key(&self) -> &ModelKey {
         &self.key
+    }
+
+    /// True when the model was resident already, false when this request loaded it. Stages say
+    /// which in their progress, so a job's events show what the cache saved.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+
+    /// The progress note a stage records for this model: loaded or found resident.
+    pub fn note(&self) -> String {
+        if self.from_cache {
+            format!("model {} from the executor's cache", self.key)
+        } else {
+            format!("model {} loaded into the executor's cache", self.key)
+        }
     }
 }
 
@@ -321,7 +340,7 @@ impl ModelCache {
             tracing::warn!(model = %key, bytes, budget = self.budget, "the model is bigger than the whole model-cache budget; it is the only model kept on its device");
         }
         tracing::info!(model = %key, bytes, millis = started.elapsed().as_millis() as u64, "model loaded into the cache");
-        Ok(CachedModel::new(key, guard, holder))
+        Ok(CachedModel::new(key, false, guard, holder))
     }
 
     /// The model under `key` if it is cached; never loads.
@@ -358,7 +377,7 @@ impl ModelCache {
             )));
         }
         tracing::debug!(model = %key, "model cache hit");
-        Ok(Some(CachedModel::new(key, guard, holder)))
+        Ok(Some(CachedModel::new(key, true, guard, holder)))
     }
 
     /// The cached models and their sizes, least recently used first.

@@ -127,6 +127,30 @@ fn mine_review_build_and_export_a_dataset() {
     assert!(result["kept"].as_u64().unwrap() > 0, "{result:#}");
     assert_eq!(result["filters"]["distinct"]["mode"], "require");
 
+    // A second mine job with the same checkpoint on the same executor: the CLIP tower the first
+    // one loaded is still in the executor's model cache, and the job's events say so.
+    let again = write(
+        tmp.path(),
+        "mine-again.json",
+        mine_spec("sample", &model, serde_json::json!({"k": 2})),
+    );
+    let second = ok_json(&["--server", url, "--json", "submit", &again, "--wait"]);
+    let second_id = second["id"].as_str().unwrap();
+    let events = twin(&[
+        "--server",
+        url,
+        "events",
+        "tail",
+        "--prefix",
+        &format!("job/{second_id}"),
+    ]);
+    let (stdout, stderr) = text(&events);
+    assert!(events.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("from the executor's cache"),
+        "the second job reused the loaded model: {stdout}"
+    );
+
     // Review: list pending with both paths, accept two, reject one, then bulk by filter.
     let page = ok_json(&[
         "--server", url, "--json", "review", "ls", &id, "--limit", "3",
