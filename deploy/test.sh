@@ -9,6 +9,13 @@ cd "$(dirname "$0")/.."
 ./deploy/setup-verl.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The server runs no job: a stage that aborts must not be able to take the API with it, so
+# twin-server links no libtorch, arrow or stage crate (ARCHITECTURE.md, code map).
+if cargo tree -p twin-server -e normal --prefix none --locked |
+    grep -E '^(tch|torch-sys|arrow|parquet|twin-ml|twin-data|twin-executor|twin-stage[a-z-]*) '; then
+    echo "twin-server must not depend on the crates above" >&2
+    exit 1
+fi
 # The end-to-end tests start the real binaries, and the plugin tests load the Wasm components:
 # build both first.
 cargo build --workspace --bins --locked
