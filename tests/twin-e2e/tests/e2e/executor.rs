@@ -199,3 +199,42 @@ async fn an_idle_executor_exits_when_asked_and_a_bad_input_code_reaches_the_cli(
     );
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_server_has_its_executor_child_hand_the_job_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    small_sample(&images);
+    let data = tmp.path().join("data");
+    let server = Server::start_with_env(&data, &[], &[("TWIN_FAULT_STALL_IN", "ingest")]);
+    let client = Client::new(&server.url, None).unwrap();
+    let spec = json!({
+        "retry": {"max_attempts": 1},
+        "spec": {"kind": "ingest", "dataset": "interrupted", "source": {"dir": images}},
+    });
+    let id = client.submit(&spec, None).await.unwrap().job.id.to_string();
+    wait_for(
+        &client,
+        &id,
+        Duration::from_secs(30),
+        "the child to run the job",
+        |j| j.status == JobStatus::Running,
+    )
+    .await;
+    // SIGTERM to the server: its child hands the job back before the API goes away.
+    server.stop();
+
+    let server = Server::start(&data, &[]);
+    let client = Client::new(&server.url, None).unwrap();
+    let done = wait_for(
+        &client,
+        &id,
+        Duration::from_secs(60),
+        "the job to finish",
+        |j| j.status.is_terminal(),
+    )
+    .await;
+    assert_eq!(done.status, JobStatus::Succeeded, "{:?}", done.attempts);
+    assert!(done.attempts[0].released, "{:?}", done.attempts);
+    server.stop();
+}
