@@ -1,0 +1,254 @@
+//! sled's blob files, and the fsyncs and hard links that make them survive a power cut.
+//!
+//! sled 0.34 writes any log message over a quarter of its 512 KiB segment (a leaf holding a few
+//! values of a few tens of KiB is enough) to a file of its own, `<log>/blobs/<lsn>`, and points
+//! at it from its data file. It never fsyncs those files nor their directory; its `flush` ends in
+//! `sync_file_range`, which makes nothing durable. So before an append is acknowledged, every blob
+//! file the data file may point to must be durable, contents *and* name.
+//!
+//! Fsyncing `blobs/` alone cannot order this safely, because that directory changes both ways:
+//!
+//! - a **new** blob's name must be durable *before* the data file's fsync makes a pointer to it
+//!   durable: after a power cut sled skips a pointer to a missing blob and falls back to the
+//!   page's previous version, which may sit in a segment sled has already reused;
+//! - a **deletion** must become durable only *after* that fsync: sled deletes a superseded blob
+//!   as soon as the segment holding its replacement is written (by `sync_file_range`'s standard),
+//!   and the data file's last durable state may still point at it.
+//!
+//! One directory fsync would make both durable at once. So this module keeps its own durable
+//! record of the blobs: a hard link to each in `<log>/blob-links/`, a directory only it changes.
+//! A sync (with every other sled user locked out, so no blob or pointer appears meanwhile) runs:
+//!
+//! 1. list `blobs/`; fsync each new file and hard-link it into `blob-links/`; fsync `blob-links/`;
+//! 2. the caller fsyncs the data file;
+//! 3. fsync `blobs/` (its new names, and deletions whose replacements step 2 made durable), then
+//!    drop the links of the blobs sled deleted before step 1 (their replacements are durable).
+//!
+//! Before sled opens, [`restore`] links back into `blobs/` any linked blob whose name a power cut
+//! lost there. A blob sled deleted just before a cut may come back too: sled never reads it
+//! (nothing durable points at it), so it only costs its disk space.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::DirEntryExt;
+use std::path::{Path, PathBuf};
+
+/// sled's blob directory, inside the log directory.
+const BLOBS: &str = "blobs";
+/// This module's hard links to sled's blobs, inside the log directory (sled ignores it).
+const LINKS: &str = "blob-links";
+
+/// Fsyncs a directory, so the names created, renamed or deleted in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Name → inode number of each file in a directory. The inode tells a file deleted and created
+/// again under the same name from the one seen before (sled reuses names only after a crash,
+/// when recovery rewinds its log sequence numbers).
+fn list(dir: &Path) -> io::Result<HashMap<OsString, u64>> {
+    fs::read_dir(dir)?
+        .map(|e| e.map(|e| (e.file_name(), e.ino())))
+        .collect()
+}
+
+fn ignore_not_found(result: io::Result<()>) -> io::Result<()> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Before sled opens: links back into `blobs/` every linked blob missing there. Returns how
+/// many it restored.
+pub(crate) fn restore(log_dir: &Path) -> io::Result<usize> {
+    let (blobs, links) = (log_dir.join(BLOBS), log_dir.join(LINKS));
+    if !links.is_dir() {
+        return Ok(0);
+    }
+    fs::create_dir_all(&blobs)?;
+    let present = list(&blobs)?;
+    let mut restored = 0;
+    for name in list(&links)?.into_keys() {
+        if !present.contains_key(&name) {
+            fs::hard_link(links.join(&name), blobs.join(&name))?;
+            restored += 1;
+        }
+    }
+    if restored > 0 {
+        sync_dir(&blobs)?;
+    }
+    Ok(restored)
+}
+
+/// The blob files of one open sled database that are durable, contents and name.
+#[derive(Debug)]
+pub(crate) struct BlobFiles {
+    blobs: PathBuf,
+    links: PathBuf,
+    /// Name → inode of every blob fsynced and linked (durably) into `blob-links/`.
+    durable: HashMap<OsString, u64>,
+    /// Links were removed since `blob-links/` was last fsynced.
+    links_removed: bool,
+}
+
+impl BlobFiles {
+    /// After sled opened (and ran its recovery): makes every blob there durable and linked, and
+    /// drops links to blobs that are gone. Needed at every open, not only after a power cut:
+    /// after a plain crash, blobs that never reached the disk are still in the page cache, sled
+    /// recovers the pages they hold, and new acknowledged appends build on them. Costs one fsync
+    /// per blob file (most are clean, so cheap) and two directory fsyncs.
+    pub(crate) fn open(log_dir: &Path) -> io::Result<Self> {
+        let (blobs, links) = (log_dir.join(BLOBS), log_dir.join(LINKS));
+        fs::create_dir_all(&links)?;
+        let present = list(&blobs)?;
+        let linked = list(&links)?;
+        for (name, ino) in &linked {
+            // Deleted by sled (its recovery deletes blobs past the recovered log's end), or a
+            // name since reused for another blob.
+            if present.get(name) != Some(ino) {
+                ignore_not_found(fs::remove_file(links.join(name)))?;
+            }
+        }
+        for (name, ino) in &present {
+            File::open(blobs.join(name))?.sync_all()?;
+            if linked.get(name) != Some(ino) {
+                fs::hard_link(blobs.join(name), links.join(name))?;
+            }
+        }
+        sync_dir(&links)?;
+        sync_dir(&blobs)?;
+        Ok(Self {
+            blobs,
+            links,
+            durable: present,
+            links_removed: false,
+        })
+    }
+
+    /// Runs `sync_data` (the fsync of sled's data file) between making every new blob durable
+    /// and making sled's deletions durable, as the module doc explains. Returns how many blob
+    /// files it fsynced.
+    ///
+    /// No sled operation may run meanwhile (the caller holds every user off): a blob created
+    /// after the listing could be pointed at by the data file's fsync without being durable.
+    /// With none running, every blob file listed is whole: sled writes a blob completely before
+    /// it writes the pointer, and never appends to it afterwards.
+    pub(crate) fn sync(&mut self, sync_data: impl FnOnce() -> io::Result<()>) -> io::Result<usize> {
+        let mut present = list(&self.blobs)?;
+        let gone: Vec<OsString> = self
+            .durable
+            .keys()
+            .filter(|name| !present.contains_key(*name))
+            .cloned()
+            .collect();
+        let new: Vec<OsString> = present
+            .iter()
+            .filter(|(name, ino)| self.durable.get(*name) != Some(*ino))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut synced = 0;
+        for name in &new {
+            let (file, link) = (self.blobs.join(name), self.links.join(name));
+            let linked = File::open(&file).and_then(|f| f.sync_all()).and_then(|()| {
+                // A link left under this name belongs to an older file: replace it.
+                ignore_not_found(fs::remove_file(&link))?;
+                fs::hard_link(&file, &link)
+            });
+            match linked {
+                Ok(()) => synced += 1,
+                // Deleted since the listing (by the tail of a write the flush waited for): its
+                // replacement is in the data file this sync makes durable.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    present.remove(name);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if synced > 0 || self.links_removed {
+            sync_dir(&self.links)?;
+            self.links_removed = false;
+        }
+        sync_data()?;
+        if !new.is_empty() || !gone.is_empty() {
+            sync_dir(&self.blobs)?;
+        }
+        for name in &gone {
+            ignore_not_found(fs::remove_file(self.links.join(name)))?;
+            self.links_removed = true;
+        }
+        self.durable = present;
+        Ok(synced)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn ino(path: &Path) -> u64 {
+        fs::metadata(path).map(|m| m.ino()).unwrap_or(0)
+    }
+
+    #[test]
+    fn new_blobs_are_linked_before_the_data_sync_and_deleted_ones_unlinked_after() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path();
+        fs::create_dir_all(log.join(BLOBS)).expect("blobs");
+        fs::write(log.join(BLOBS).join("10"), b"old").expect("write");
+        let mut files = BlobFiles::open(log).expect("open");
+        assert_eq!(
+            ino(&log.join(LINKS).join("10")),
+            ino(&log.join(BLOBS).join("10"))
+        );
+
+        // sled writes a replacement blob and deletes the one it supersedes.
+        fs::write(log.join(BLOBS).join("20"), b"new").expect("write");
+        fs::remove_file(log.join(BLOBS).join("10")).expect("rm");
+        let links = log.join(LINKS);
+        let synced = files
+            .sync(|| {
+                assert!(
+                    links.join("20").exists(),
+                    "new blob linked before the data sync"
+                );
+                assert!(
+                    links.join("10").exists(),
+                    "deleted blob kept until the data sync"
+                );
+                Ok(())
+            })
+            .expect("sync");
+        assert_eq!(synced, 1);
+        assert!(
+            !links.join("10").exists(),
+            "link dropped after the data sync"
+        );
+        assert_eq!(
+            files.sync(|| Ok(())).expect("sync"),
+            0,
+            "nothing new, nothing fsynced"
+        );
+    }
+
+    #[test]
+    fn restore_brings_back_linked_blobs_a_power_cut_lost_and_open_drops_stale_links() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path();
+        fs::create_dir_all(log.join(BLOBS)).expect("blobs");
+        fs::write(log.join(BLOBS).join("7"), b"page").expect("write");
+        BlobFiles::open(log).expect("open");
+        // The cut lost the name in blobs/ (its directory was not yet fsynced).
+        fs::remove_file(log.join(BLOBS).join("7")).expect("rm");
+        assert_eq!(restore(log).expect("restore"), 1);
+        assert_eq!(fs::read(log.join(BLOBS).join("7")).expect("read"), b"page");
+        // sled's recovery deletes a blob past the end of the recovered log: open forgets it.
+        fs::remove_file(log.join(BLOBS).join("7")).expect("rm");
+        BlobFiles::open(log).expect("open");
+        assert!(!log.join(LINKS).join("7").exists());
+        assert_eq!(restore(log).expect("restore"), 0);
+    }
+}
