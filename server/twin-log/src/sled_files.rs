@@ -95,35 +95,20 @@ pub(crate) struct BlobFiles {
 }
 
 impl BlobFiles {
-    /// After sled opened (and ran its recovery): makes every blob there durable and linked, and
-    /// drops links to blobs that are gone. Needed at every open, not only after a power cut:
-    /// after a plain crash, blobs that never reached the disk are still in the page cache, sled
-    /// recovers the pages they hold, and new acknowledged appends build on them. Costs one fsync
-    /// per blob file (most are clean, so cheap) and two directory fsyncs.
+    /// After sled opened (and ran its recovery). Takes the links as the record of what is
+    /// durable, so the first [`BlobFiles::sync`] fsyncs and links every blob not linked yet, and
+    /// drops the links of blobs sled's recovery deleted (those past the end of the recovered
+    /// log). That first sync is needed at every open, not only after a power cut: after a plain
+    /// crash, blobs that never reached the disk are still in the page cache, sled recovers the
+    /// pages they hold, and new acknowledged appends build on them.
     pub(crate) fn open(log_dir: &Path) -> io::Result<Self> {
         let (blobs, links) = (log_dir.join(BLOBS), log_dir.join(LINKS));
         fs::create_dir_all(&links)?;
-        let present = list(&blobs)?;
-        let linked = list(&links)?;
-        for (name, ino) in &linked {
-            // Deleted by sled (its recovery deletes blobs past the recovered log's end), or a
-            // name since reused for another blob.
-            if present.get(name) != Some(ino) {
-                ignore_not_found(fs::remove_file(links.join(name)))?;
-            }
-        }
-        for (name, ino) in &present {
-            File::open(blobs.join(name))?.sync_all()?;
-            if linked.get(name) != Some(ino) {
-                fs::hard_link(blobs.join(name), links.join(name))?;
-            }
-        }
-        sync_dir(&links)?;
-        sync_dir(&blobs)?;
+        let durable = list(&links)?;
         Ok(Self {
             blobs,
             links,
-            durable: present,
+            durable,
             links_removed: false,
         })
     }
@@ -200,15 +185,13 @@ mod tests {
         fs::create_dir_all(log.join(BLOBS)).expect("blobs");
         fs::write(log.join(BLOBS).join("10"), b"old").expect("write");
         let mut files = BlobFiles::open(log).expect("open");
-        assert_eq!(
-            ino(&log.join(LINKS).join("10")),
-            ino(&log.join(BLOBS).join("10"))
-        );
+        assert_eq!(files.sync(|| Ok(())).expect("sync"), 1);
+        let links = log.join(LINKS);
+        assert_eq!(ino(&links.join("10")), ino(&log.join(BLOBS).join("10")));
 
         // sled writes a replacement blob and deletes the one it supersedes.
         fs::write(log.join(BLOBS).join("20"), b"new").expect("write");
         fs::remove_file(log.join(BLOBS).join("10")).expect("rm");
-        let links = log.join(LINKS);
         let synced = files
             .sync(|| {
                 assert!(
@@ -235,19 +218,27 @@ mod tests {
     }
 
     #[test]
-    fn restore_brings_back_linked_blobs_a_power_cut_lost_and_open_drops_stale_links() {
+    fn restore_brings_back_linked_blobs_a_power_cut_lost_and_a_reopen_drops_stale_links() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path();
         fs::create_dir_all(log.join(BLOBS)).expect("blobs");
         fs::write(log.join(BLOBS).join("7"), b"page").expect("write");
-        BlobFiles::open(log).expect("open");
+        BlobFiles::open(log)
+            .expect("open")
+            .sync(|| Ok(()))
+            .expect("sync");
         // The cut lost the name in blobs/ (its directory was not yet fsynced).
         fs::remove_file(log.join(BLOBS).join("7")).expect("rm");
         assert_eq!(restore(log).expect("restore"), 1);
         assert_eq!(fs::read(log.join(BLOBS).join("7")).expect("read"), b"page");
-        // sled's recovery deletes a blob past the end of the recovered log: open forgets it.
+        // A reopen knows the restored blob as durable: nothing to fsync.
+        let mut files = BlobFiles::open(log).expect("open");
+        assert_eq!(files.sync(|| Ok(())).expect("sync"), 0);
+        // sled's recovery deletes a blob past the end of the recovered log: the next sync after
+        // the reopen drops its link.
         fs::remove_file(log.join(BLOBS).join("7")).expect("rm");
-        BlobFiles::open(log).expect("open");
+        let mut files = BlobFiles::open(log).expect("open");
+        files.sync(|| Ok(())).expect("sync");
         assert!(!log.join(LINKS).join("7").exists());
         assert_eq!(restore(log).expect("restore"), 0);
     }

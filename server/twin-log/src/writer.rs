@@ -252,8 +252,8 @@ fn open_storage(dir: &Path) -> Result<Storage, OpenError> {
         blobs: Mutex::new(BlobFiles::open(dir).map_err(io)?),
     };
     // Whatever this open replays must be durable, even what a crashed predecessor left only in
-    // the page cache (sled recovers it, and new appends chain onto it). Nothing else uses this
-    // sled yet.
+    // the page cache (sled recovers it, and new appends chain onto it), blobs included. Nothing
+    // else uses this sled yet.
     storage
         .sync_exclusive()
         .map_err(|e| io(std::io::Error::other(e)))?;

@@ -7,7 +7,8 @@
 //! collects each acknowledgement the child prints, kills the child at a chosen point, cuts the
 //! power (drops whatever was not durable), and reopens the surviving image with the real
 //! `Log::open`, which checks the whole chain. Each round continues on the image the last one
-//! left, so recovery from a cut is itself cut.
+//! left, so recovery from a cut is itself cut; some rounds kill only the process, so the next
+//! child recovers unsynced writes still in the file system's memory before the power goes.
 //!
 //! Needs FUSE: `/dev/fuse` and the right to mount (root, or fusermount3). Without them it says
 //! why and skips. `TWIN_POWERLOSS_ROUNDS` runs more rounds, `TWIN_POWERLOSS_SEED` fixes the
@@ -35,21 +36,41 @@ const TEST_NAME: &str = "acknowledged_appends_survive_power_cuts";
 /// Starts each line the child reports on (the rest of its stdout is the test harness's).
 const MARK: &str = "@powerloss ";
 
-/// Where each round cuts the power: after this many acknowledgements (`None`: during the open,
-/// before the child has appended anything).
-const CUTS: &[Option<usize>] = &[
-    Some(0),
-    Some(3),
-    Some(12),
-    None,
-    Some(40),
-    Some(90),
-    Some(7),
-    Some(150),
-    Some(25),
-    None,
-    Some(60),
-    Some(120),
+/// How a round ends.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// Power cut after this many acknowledgements in the round.
+    PowerAfter(usize),
+    /// Power cut a few milliseconds after the child starts: while it opens the log (recovering
+    /// from the last cut), or soon after.
+    PowerEarly,
+    /// Only the process dies, after this many acknowledgements: what it wrote but never synced
+    /// stays in the file system's memory, like a page cache, and the next child recovers it.
+    CrashAfter(usize),
+}
+
+use Stop::{CrashAfter, PowerAfter, PowerEarly};
+
+/// The rounds, in order; the test runs them twice (or `TWIN_POWERLOSS_ROUNDS` rounds).
+const STOPS: &[Stop] = &[
+    PowerAfter(0),
+    PowerAfter(3),
+    PowerAfter(12),
+    PowerEarly,
+    PowerAfter(40),
+    CrashAfter(30),
+    PowerAfter(5),
+    PowerAfter(90),
+    CrashAfter(10),
+    CrashAfter(50),
+    PowerAfter(7),
+    PowerAfter(150),
+    PowerAfter(25),
+    PowerEarly,
+    CrashAfter(20),
+    PowerEarly,
+    PowerAfter(60),
+    PowerAfter(120),
 ];
 
 #[test]
@@ -65,7 +86,7 @@ fn acknowledged_appends_survive_power_cuts() {
     }
     let rounds: usize = std::env::var("TWIN_POWERLOSS_ROUNDS")
         .map(|r| r.parse().unwrap())
-        .unwrap_or(CUTS.len());
+        .unwrap_or(2 * STOPS.len());
     let seed: u64 = std::env::var("TWIN_POWERLOSS_SEED")
         .map(|s| s.parse().unwrap())
         .unwrap_or_else(|_| rand::rng().random());
@@ -80,74 +101,46 @@ fn acknowledged_appends_survive_power_cuts() {
 
     // Every acknowledged record so far: seq → hash. A later cut must not lose an earlier one.
     let mut acked: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
-    let mut totals = fs::Stats::default();
+    let mut mounted: Option<(fuser::BackgroundSession, fs::Control)> = None;
+    let mut blob_files = 0;
+    let mut power_cuts = 0;
     let started = Instant::now();
     for round in 0..rounds {
-        let cut = CUTS[round % CUTS.len()];
-        let (filesystem, control) = fs::PowerCutFs::load(&image).unwrap();
-        let mut config = fuser::Config::default();
-        config
-            .mount_options
-            .push(fuser::MountOption::FSName("twin-powercut".into()));
-        let session = match fuser::spawn_mount(filesystem, &mount, &config) {
-            Ok(s) => s,
-            Err(e) if round == 0 => {
-                eprintln!("SKIPPED power-loss test: cannot mount a FUSE file system here: {e}");
-                return;
-            }
-            Err(e) => panic!("round {round}: mount failed after earlier rounds mounted: {e}"),
-        };
-
-        let child_seed: u64 = rng.random();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_DIR, &mount)
-            .env(CHILD_SEED, child_seed.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let (lines_tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                if lines_tx.send(line.unwrap()).is_err() {
-                    break;
+        let stop = STOPS[round % STOPS.len()];
+        if mounted.is_none() {
+            let (filesystem, control) = fs::PowerCutFs::load(&image).unwrap();
+            let mut config = fuser::Config::default();
+            config
+                .mount_options
+                .push(fuser::MountOption::FSName("twin-powercut".into()));
+            match fuser::spawn_mount(filesystem, &mount, &config) {
+                Ok(session) => mounted = Some((session, control)),
+                Err(e) if round == 0 => {
+                    eprintln!("SKIPPED power-loss test: cannot mount a FUSE file system here: {e}");
+                    return;
                 }
+                Err(e) => panic!("round {round}: mount failed after earlier rounds mounted: {e}"),
             }
-        });
+        }
 
-        // Wait for the cut point, collecting acknowledgements as they come.
-        let mut round_acks: Vec<(u64, [u8; 32])> = Vec::new();
-        let mut opened = false;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let jitter = Duration::from_micros(rng.random_range(0..3000));
-        match cut {
-            None => std::thread::sleep(Duration::from_millis(rng.random_range(5..60))),
-            Some(k) => loop {
-                let line = lines
-                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                    .unwrap_or_else(|e| {
-                        panic!("round {round}: the child stopped or stalled before {k} acks: {e}")
-                    });
-                absorb(&line, &mut round_acks, &mut opened);
-                if opened && round_acks.len() >= k {
-                    std::thread::sleep(jitter);
-                    break;
-                }
-            },
+        let round_acks = run_child(&mount, stop, &mut rng, round);
+        for (seq, hash) in round_acks {
+            assert!(
+                acked.insert(seq, hash).is_none(),
+                "seq {seq} acknowledged twice"
+            );
         }
-        // Kill first, then cut: every acknowledgement printed before the kill was given before
-        // the power went.
-        child.kill().unwrap();
-        child.wait().unwrap();
-        reader.join().unwrap();
-        for line in lines.try_iter() {
-            absorb(&line, &mut round_acks, &mut opened);
+        if let CrashAfter(_) = stop {
+            eprintln!("round {round}: {stop:?}: {} acked so far", acked.len());
+            continue;
         }
+
+        let (session, control) = mounted.take().unwrap();
         let stats = control.cut();
         session.umount_and_join().unwrap();
         control.write_durable_image(&image).unwrap();
+        power_cuts += 1;
+        blob_files += stats.blob_files_created;
 
         // Reboot: the real open, which verifies the whole chain.
         let links_missing = missing_blob_names(&image);
@@ -159,16 +152,10 @@ fn acknowledged_appends_survive_power_cuts() {
             },
             Box::new(|_: &[StoredRecord]| {}),
         )
-        .unwrap_or_else(|e| panic!("round {round} (cut {cut:?}): the log does not reopen: {e}"));
+        .unwrap_or_else(|e| panic!("round {round} ({stop:?}): the log does not reopen: {e}"));
         log.close();
         drop(log);
 
-        for (seq, hash) in round_acks {
-            assert!(
-                acked.insert(seq, hash).is_none(),
-                "seq {seq} acknowledged twice"
-            );
-        }
         let lost: Vec<u64> = acked
             .iter()
             .filter(|(seq, hash)| survived.get(*seq) != Some(*hash))
@@ -176,7 +163,7 @@ fn acknowledged_appends_survive_power_cuts() {
             .collect();
         assert!(
             lost.is_empty(),
-            "round {round} (cut {cut:?}): {} acknowledged records lost or changed, first {:?}; \
+            "round {round} ({stop:?}): {} acknowledged records lost or changed, first {:?}; \
              {} records survived",
             lost.len(),
             &lost[..lost.len().min(10)],
@@ -185,7 +172,7 @@ fn acknowledged_appends_survive_power_cuts() {
         // Records past the last acknowledgement may or may not have survived; the next round
         // chains onto whatever did.
         eprintln!(
-            "round {round}: cut {cut:?}: {} acked so far, {} records after reboot; {} fsyncs, \
+            "round {round}: {stop:?}: {} acked so far, {} records after reboot; {} fsyncs, \
              {} directory fsyncs, {} blob files created, {} blob names not durable at the cut, \
              {} restored from links, {} files with lost writes",
             acked.len(),
@@ -197,18 +184,70 @@ fn acknowledged_appends_survive_power_cuts() {
             links_missing,
             stats.files_with_lost_writes
         );
-        totals.blob_files_created += stats.blob_files_created;
-        totals.blob_names_lost += stats.blob_names_lost;
+    }
+    if let Some((session, _)) = mounted {
+        session.umount_and_join().unwrap();
     }
     eprintln!(
-        "power-loss test: {rounds} cuts in {:.1} s, {} acknowledged records all survived",
+        "power-loss test: {rounds} rounds ({power_cuts} power cuts) in {:.1} s, {} acknowledged \
+         records all survived",
         started.elapsed().as_secs_f64(),
         acked.len()
     );
     assert!(
-        totals.blob_files_created > 0,
+        blob_files > 0,
         "the workload made sled write no blob file: this test no longer covers them"
     );
+}
+
+/// Runs one child on the mounted file system until `stop`, then kills it (SIGKILL). Returns the
+/// acknowledgements it printed, all given before it died.
+fn run_child(mount: &Path, stop: Stop, rng: &mut impl Rng, round: usize) -> Vec<(u64, [u8; 32])> {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_DIR, mount)
+        .env(CHILD_SEED, rng.random::<u64>().to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if lines_tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut acks = Vec::new();
+    let mut opened = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let jitter = Duration::from_micros(rng.random_range(0..3000));
+    match stop {
+        PowerEarly => std::thread::sleep(Duration::from_millis(rng.random_range(5..60))),
+        PowerAfter(k) | CrashAfter(k) => loop {
+            let line = lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|e| {
+                    panic!("round {round}: the child stopped or stalled before {k} acks: {e}")
+                });
+            absorb(&line, &mut acks, &mut opened);
+            if opened && acks.len() >= k {
+                std::thread::sleep(jitter);
+                break;
+            }
+        },
+    }
+    // Killed before the power goes: every acknowledgement it printed came before the cut.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    reader.join().unwrap();
+    for line in lines.try_iter() {
+        absorb(&line, &mut acks, &mut opened);
+    }
+    acks
 }
 
 fn absorb(line: &str, acks: &mut Vec<(u64, [u8; 32])>, opened: &mut bool) {
