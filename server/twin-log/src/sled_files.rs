@@ -24,9 +24,12 @@
 //! 3. fsync `blobs/` (its new names, and deletions whose replacements step 2 made durable), then
 //!    drop the links of the blobs sled deleted before step 1 (their replacements are durable).
 //!
-//! Before sled opens, [`restore`] links back into `blobs/` any linked blob whose name a power cut
-//! lost there. A blob sled deleted just before a cut may come back too: sled never reads it
-//! (nothing durable points at it), so it only costs its disk space.
+//! Before sled opens, [`prepare`] links back into `blobs/` any linked blob whose name a power cut
+//! lost there, links what a crashed predecessor left unlinked, and fsyncs `blob-links/` (a link
+//! the predecessor made may not be durable yet). A blob sled deleted just before a cut may come
+//! back too: sled never reads it (nothing durable points at it), so it only costs its disk space.
+//!
+//! `tests/powerloss` checks all of this under simulated power cuts.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -61,26 +64,56 @@ fn ignore_not_found(result: io::Result<()>) -> io::Result<()> {
     }
 }
 
-/// Before sled opens: links back into `blobs/` every linked blob missing there. Returns how
-/// many it restored.
-pub(crate) fn restore(log_dir: &Path) -> io::Result<usize> {
+/// What [`prepare`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Prepared {
+    /// Linked blobs whose names a power cut lost, linked back into `blobs/`.
+    pub(crate) restored: usize,
+    /// Blobs a crashed predecessor left unlinked (maybe only in the page cache), fsynced and
+    /// linked.
+    pub(crate) linked: usize,
+}
+
+/// Before sled opens: links back into `blobs/` every linked blob missing there, fsyncs and links
+/// every blob not linked yet, and fsyncs `blob-links/`.
+///
+/// This matters after a plain crash, not only after a power cut: the blobs the predecessor wrote
+/// since its last sync may still be in the page cache, some linked but their links not yet
+/// durable, and sled's recovery fsyncs the data file (when it zeroes the torn tail), which can
+/// make a pointer to one of them durable before the first sync. So `blob-links/` is fsynced even
+/// when nothing changed here: only then is every link seen durable.
+pub(crate) fn prepare(log_dir: &Path) -> io::Result<Prepared> {
     let (blobs, links) = (log_dir.join(BLOBS), log_dir.join(LINKS));
-    if !links.is_dir() {
-        return Ok(0);
+    let mut done = Prepared::default();
+    if !blobs.is_dir() {
+        return Ok(done); // a new database: sled creates `blobs/`, the first sync the rest
     }
-    fs::create_dir_all(&blobs)?;
-    let present = list(&blobs)?;
-    let mut restored = 0;
-    for name in list(&links)?.into_keys() {
-        if !present.contains_key(&name) {
-            fs::hard_link(links.join(&name), blobs.join(&name))?;
-            restored += 1;
+    if !links.is_dir() {
+        fs::create_dir(&links)?;
+        sync_dir(log_dir)?;
+    }
+    let mut present = list(&blobs)?;
+    let linked = list(&links)?;
+    for (name, ino) in &linked {
+        if !present.contains_key(name) {
+            fs::hard_link(links.join(name), blobs.join(name))?;
+            present.insert(name.clone(), *ino);
+            done.restored += 1;
         }
     }
-    if restored > 0 {
+    for (name, ino) in &present {
+        if linked.get(name) != Some(ino) {
+            File::open(blobs.join(name))?.sync_all()?;
+            ignore_not_found(fs::remove_file(links.join(name)))?;
+            fs::hard_link(blobs.join(name), links.join(name))?;
+            done.linked += 1;
+        }
+    }
+    sync_dir(&links)?;
+    if done.restored > 0 {
         sync_dir(&blobs)?;
     }
-    Ok(restored)
+    Ok(done)
 }
 
 /// The blob files of one open sled database that are durable, contents and name.
@@ -218,7 +251,33 @@ mod tests {
     }
 
     #[test]
-    fn restore_brings_back_linked_blobs_a_power_cut_lost_and_a_reopen_drops_stale_links() {
+    fn prepare_links_what_a_crashed_predecessor_left_unlinked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path();
+        fs::create_dir_all(log.join(BLOBS)).expect("blobs");
+        fs::write(log.join(BLOBS).join("3"), b"page").expect("write");
+        assert_eq!(
+            prepare(log).expect("prepare"),
+            Prepared {
+                restored: 0,
+                linked: 1
+            }
+        );
+        assert_eq!(
+            ino(&log.join(LINKS).join("3")),
+            ino(&log.join(BLOBS).join("3"))
+        );
+        assert_eq!(
+            BlobFiles::open(log)
+                .expect("open")
+                .sync(|| Ok(()))
+                .expect("sync"),
+            0
+        );
+    }
+
+    #[test]
+    fn prepare_brings_back_linked_blobs_a_power_cut_lost_and_a_reopen_drops_stale_links() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path();
         fs::create_dir_all(log.join(BLOBS)).expect("blobs");
@@ -229,7 +288,7 @@ mod tests {
             .expect("sync");
         // The cut lost the name in blobs/ (its directory was not yet fsynced).
         fs::remove_file(log.join(BLOBS).join("7")).expect("rm");
-        assert_eq!(restore(log).expect("restore"), 1);
+        assert_eq!(prepare(log).expect("prepare").restored, 1);
         assert_eq!(fs::read(log.join(BLOBS).join("7")).expect("read"), b"page");
         // A reopen knows the restored blob as durable: nothing to fsync.
         let mut files = BlobFiles::open(log).expect("open");
@@ -240,6 +299,6 @@ mod tests {
         let mut files = BlobFiles::open(log).expect("open");
         files.sync(|| Ok(())).expect("sync");
         assert!(!log.join(LINKS).join("7").exists());
-        assert_eq!(restore(log).expect("restore"), 0);
+        assert_eq!(prepare(log).expect("prepare"), Prepared::default());
     }
 }

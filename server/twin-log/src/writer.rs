@@ -219,10 +219,15 @@ pub struct Log {
 
 pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, OpenError> {
     std::fs::create_dir_all(dir).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
-    // Blobs whose names a power cut lost must be back before sled's recovery looks for them.
-    let restored = sled_files::restore(dir).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
-    if restored > 0 {
-        tracing::warn!(restored, "restored sled blob files lost by a crash");
+    // Blobs whose names a power cut lost must be back before sled's recovery looks for them,
+    // and blobs a crash left unsynced durable before that recovery fsyncs pointers to them.
+    let prepared = sled_files::prepare(dir).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
+    if prepared != sled_files::Prepared::default() {
+        tracing::warn!(
+            restored = prepared.restored,
+            linked = prepared.linked,
+            "sled blob files after a crash: names restored, unsynced files made durable"
+        );
     }
     sled::Config::new()
         .path(dir)
