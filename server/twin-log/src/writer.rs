@@ -220,14 +220,29 @@ pub struct Log {
 pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, OpenError> {
     std::fs::create_dir_all(dir).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
     // Blobs whose names a power cut lost must be back before sled's recovery looks for them,
-    // and blobs a crash left unsynced durable before that recovery fsyncs pointers to them.
-    let prepared = sled_files::prepare(dir).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
-    if prepared != sled_files::Prepared::default() {
-        tracing::warn!(
-            restored = prepared.restored,
-            linked = prepared.linked,
-            "sled blob files after a crash: names restored, unsynced files made durable"
-        );
+    // and blobs a crash left unsynced durable before that recovery fsyncs pointers to them. Only
+    // under sled's own lock (an exclusive flock of its data file): a server running on this log
+    // must not have its blob directory touched by an offline reader that will then be refused.
+    match File::open(dir.join("db")) {
+        Ok(data) => {
+            data.try_lock().map_err(|e| match e {
+                std::fs::TryLockError::WouldBlock => OpenError::Locked(dir.to_owned()),
+                std::fs::TryLockError::Error(e) => OpenError::Io(dir.to_owned(), e),
+            })?;
+            let prepared =
+                sled_files::prepare(dir).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
+            if prepared != sled_files::Prepared::default() {
+                tracing::warn!(
+                    restored = prepared.restored,
+                    linked = prepared.linked,
+                    "sled blob files: names a crash lost restored, unsynced files made durable"
+                );
+            }
+            // Dropping the file releases the lock for sled to take.
+        }
+        // A new log: nothing to prepare.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(OpenError::Io(dir.to_owned(), e)),
     }
     sled::Config::new()
         .path(dir)

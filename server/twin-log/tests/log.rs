@@ -347,3 +347,27 @@ async fn records_under_the_cap_make_sled_write_blob_files_which_the_log_keeps_li
             .all(|(i, r)| r.payload == vec![i as u8; 20_000])
     );
 }
+
+#[tokio::test]
+async fn an_offline_reader_of_a_log_in_use_is_refused_before_it_touches_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = open(dir.path(), None);
+    let mut req = request("job/big", "", Expected::Any);
+    req.events[0].payload = vec![7; 20_000];
+    for _ in 0..30 {
+        log.append(req.clone()).await.unwrap();
+    }
+    // A blob without its link: an open would link it, which it must not do to a log in use.
+    let links = twin_log::log_dir(dir.path()).join("blob-links");
+    let first = std::fs::read_dir(&links).unwrap().next().unwrap().unwrap();
+    std::fs::remove_file(first.path()).unwrap();
+    match LogReader::open(dir.path()) {
+        Err(twin_log::OpenError::Locked(_)) => {}
+        Err(e) => panic!("expected Locked, got {e}"),
+        Ok(_) => panic!("a log in use opened twice"),
+    }
+    assert!(
+        !first.path().exists(),
+        "the refused reader relinked a blob of the running log"
+    );
+}
