@@ -57,6 +57,18 @@ fn list(dir: &Path) -> io::Result<HashMap<OsString, u64>> {
         .collect()
 }
 
+/// Hard-links `file` as `link`, replacing a link left under that name (it belongs to an older
+/// file of the same name: sled reuses names after a crash).
+fn hard_link_replacing(file: &Path, link: &Path) -> io::Result<()> {
+    match fs::hard_link(file, link) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(link)?;
+            fs::hard_link(file, link)
+        }
+        other => other,
+    }
+}
+
 fn ignore_not_found(result: io::Result<()>) -> io::Result<()> {
     match result {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -104,8 +116,7 @@ pub(crate) fn prepare(log_dir: &Path) -> io::Result<Prepared> {
     for (name, ino) in &present {
         if linked.get(name) != Some(ino) {
             File::open(blobs.join(name))?.sync_all()?;
-            ignore_not_found(fs::remove_file(links.join(name)))?;
-            fs::hard_link(blobs.join(name), links.join(name))?;
+            hard_link_replacing(&blobs.join(name), &links.join(name))?;
             done.linked += 1;
         }
     }
@@ -170,11 +181,9 @@ impl BlobFiles {
         let mut synced = 0;
         for name in &new {
             let (file, link) = (self.blobs.join(name), self.links.join(name));
-            let linked = File::open(&file).and_then(|f| f.sync_all()).and_then(|()| {
-                // A link left under this name belongs to an older file: replace it.
-                ignore_not_found(fs::remove_file(&link))?;
-                fs::hard_link(&file, &link)
-            });
+            let linked = File::open(&file)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| hard_link_replacing(&file, &link));
             match linked {
                 Ok(()) => synced += 1,
                 // Deleted since the listing (by the tail of a write the flush waited for): its
