@@ -43,6 +43,42 @@ const BLOBS: &str = "blobs";
 /// This module's hard links to sled's blobs, inside the log directory (sled ignores it).
 const LINKS: &str = "blob-links";
 
+/// sled's segment size for a new log. sled writes a page to a blob file when it is over a
+/// quarter of a segment; with 16 MiB (the most sled allows) that is 4 MiB, and a leaf of records
+/// under the payload cap stays far below it (sled splits a leaf past 16 entries: 17 × ~97 KiB is
+/// ~1.6 MiB), so a new log's appends need no blob fsyncs. The protocol above still covers any
+/// page that does go to a blob (a record with a huge envelope, or an older log).
+pub(crate) const NEW_LOG_SEGMENT_SIZE: usize = 16 << 20;
+/// sled's default segment size, which every log created before [`NEW_LOG_SEGMENT_SIZE`] has.
+const SLED_DEFAULT_SEGMENT_SIZE: usize = 512 << 10;
+
+/// The segment size to open the log in `log_dir` with: sled fixes it when it creates the log
+/// (in `conf`) and refuses another. A new log gets [`NEW_LOG_SEGMENT_SIZE`]; a log with data but
+/// no readable `conf` gets sled's default, as it always did (such a log predates this rule, or
+/// lost its `conf` to a cut during its first open, before it held any acknowledged record).
+pub(crate) fn segment_size(log_dir: &Path) -> io::Result<usize> {
+    match fs::read(log_dir.join("conf")) {
+        Ok(bytes) => {
+            // `conf` is sled's `key: value` lines followed by a 4-byte CRC.
+            let text = String::from_utf8_lossy(&bytes[..bytes.len().saturating_sub(4)]);
+            let recorded = text
+                .lines()
+                .find_map(|l| l.strip_prefix("segment_size: "))
+                .and_then(|v| v.trim().parse().ok());
+            if let Some(size) = recorded {
+                return Ok(size);
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(if log_dir.join("db").exists() {
+        SLED_DEFAULT_SEGMENT_SIZE
+    } else {
+        NEW_LOG_SEGMENT_SIZE
+    })
+}
+
 /// Fsyncs a directory, so the names created, renamed or deleted in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -257,6 +293,27 @@ mod tests {
             0,
             "nothing new, nothing fsynced"
         );
+    }
+
+    #[test]
+    fn a_log_keeps_the_segment_size_it_was_created_with() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path();
+        assert_eq!(segment_size(log).expect("new"), NEW_LOG_SEGMENT_SIZE);
+        fs::write(log.join("db"), b"").expect("db");
+        assert_eq!(
+            segment_size(log).expect("no conf"),
+            SLED_DEFAULT_SEGMENT_SIZE
+        );
+        // What sled 0.34 writes (here with a dummy CRC).
+        fs::write(
+            log.join("conf"),
+            b"segment_size: 524288\nuse_compression: false\nversion: 0.34\nCRC!",
+        )
+        .expect("conf");
+        assert_eq!(segment_size(log).expect("conf"), 524_288);
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/log-v1/log");
+        assert_eq!(segment_size(&fixture).expect("fixture"), 524_288);
     }
 
     #[test]

@@ -244,8 +244,12 @@ pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, OpenError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(OpenError::Io(dir.to_owned(), e)),
     }
+    let segment_size =
+        sled_files::segment_size(dir).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
     sled::Config::new()
         .path(dir)
+        // Large enough that a new log's pages stay out of blob files (see `sled_files`).
+        .segment_size(segment_size)
         // No background flusher: durability is the writer's job, batch by batch.
         .flush_every_ms(None)
         .open()
