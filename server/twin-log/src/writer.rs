@@ -38,10 +38,12 @@ use crate::sled_files::{self, BlobFiles};
 
 pub(crate) const LOG_TREE: &str = "events";
 
-/// Largest payload one event may carry. The cap bounds request size and memory; it does not keep
-/// records out of sled's blob files: sled 0.34 writes any *page* over 128 KiB (a leaf holding a
-/// few values of a few tens of KiB) to a file of its own, which the syncer fsyncs before it
-/// acknowledges (see [`crate::sled_files`]).
+/// Largest payload one event may carry. The cap bounds request size and memory. On its own it
+/// does not keep records out of sled's blob files: sled 0.34 writes any *page* over a quarter of
+/// a segment to a file of its own, and with the 512 KiB segments of logs created before
+/// `sled_files::NEW_LOG_SEGMENT_SIZE` a leaf of a few records of a few tens of KiB is one. New
+/// logs' larger segments keep such leaves in the data file; either way the syncer makes blob
+/// files durable before it acknowledges (see `sled_files`).
 pub const MAX_PAYLOAD_BYTES: usize = 96 * 1024;
 
 /// An event to append; the payload is already encoded by the schema (see `twin-core`).
