@@ -3,8 +3,10 @@
 //!
 //! The log runs in a child process (this test binary again, in child mode) on a FUSE file system
 //! ([`fs::PowerCutFs`]) that keeps everything not yet fsynced in memory. The test lets the child
-//! append (small records, and records of 16–90 KB, which make sled write its own blob files),
-//! collects each acknowledgement the child prints, kills the child at a chosen point, cuts the
+//! append small records and records of 16–90 KB (which, in a log with sled's old 512 KiB segments,
+//! make sled write its own blob files; a new log's segments keep them in the data file; half the
+//! rounds run on each), collects each acknowledgement the child prints, kills the child at a
+//! chosen point, cuts the
 //! power (drops whatever was not durable), and reopens the surviving image with the real
 //! `Log::open`, which checks the whole chain. Each round continues on the image the last one
 //! left, so recovery from a cut is itself cut; some rounds kill only the process, so the next
