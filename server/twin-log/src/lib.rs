@@ -6,6 +6,7 @@
 
 pub mod blob;
 mod record;
+mod sled_files;
 mod writer;
 
 pub use blob::{BlobError, BlobStore, BlobWriter};

@@ -6,9 +6,11 @@
 //! batch, and hands the batch to the syncer. It then goes straight on to the next batch.
 //!
 //! The **syncer** takes every batch handed over since its last sync, makes them durable with one
-//! `flush` (sled's `sync_file_range`) and one `fsync` of sled's data file, and only then hands the
-//! records to the subscriber and answers the requests. So while the drive syncs group N the
-//! sequencer is already building group N+1: the drive is never idle while work waits, and every
+//! `flush` (sled's `sync_file_range`) and one `fsync` of sled's data file (plus, when sled wrote
+//! blob files, their fsyncs in the order [`crate::sled_files`] explains), and only then hands the
+//! records to the subscriber and answers the requests. The sync holds sled to itself (readers and
+//! the sequencer's write wait), so the data file's fsync captures exactly the flushed state; while
+//! the drive syncs group N the sequencer is already checking and sealing group N+1, and every
 //! sync covers everything that arrived during the previous one.
 //!
 //! A request that fails its checks is answered in order with the rest, without a write.
@@ -28,16 +30,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
 use crate::record::{self, ChainError, GENESIS_HASH, StoredRecord};
+use crate::sled_files::{self, BlobFiles};
 
 pub(crate) const LOG_TREE: &str = "events";
 
-/// Largest payload one event may carry. sled 0.34 stores values above a quarter of its segment
-/// size (128 KiB by default) as separate files it never fsyncs; staying below keeps every record
-/// inside the data file this writer fsyncs.
+/// Largest payload one event may carry. The cap bounds request size and memory. On its own it
+/// does not keep records out of sled's blob files: sled 0.34 writes any *page* over a quarter of
+/// a segment to a file of its own, and with the 512 KiB segments of logs created before
+/// `sled_files::NEW_LOG_SEGMENT_SIZE` a leaf of a few records of a few tens of KiB is one. New
+/// logs' larger segments keep such leaves in the data file; either way the syncer makes blob
+/// files durable before it acknowledges (see `sled_files`).
 pub const MAX_PAYLOAD_BYTES: usize = 96 * 1024;
 
 /// An event to append; the payload is already encoded by the schema (see `twin-core`).
@@ -125,7 +131,7 @@ pub struct BatchStats {
     pub records: usize,
     /// sled batch + flush.
     pub write: Duration,
-    /// The fsync of sled's data file.
+    /// The fsyncs: sled's data file, and any new blob files and their directory.
     pub fsync: Duration,
 }
 
@@ -169,10 +175,33 @@ enum Message {
 }
 
 /// The durable state, shared with readers.
+///
+/// Every sled call goes through `Shared::storage`'s lock, readers' too (a traversal may split a
+/// node, which writes): its exclusive mode is what lets a sync run with no sled operation in
+/// flight (see [`crate::sled_files`]).
 struct Storage {
     db: sled::Db,
     tree: sled::Tree,
     data_file: File,
+    blobs: Mutex<BlobFiles>,
+}
+
+impl Storage {
+    /// Makes everything written to sled so far durable; returns the durations of the flush and
+    /// of the fsyncs. The caller must hold every other sled user off (or be the only one, as at
+    /// open): see [`crate::sled_files`].
+    fn sync_exclusive(&self) -> Result<(Duration, Duration), String> {
+        let started = Instant::now();
+        self.db.flush().map_err(|e| format!("sled flush: {e}"))?;
+        let flushed = Instant::now();
+        // sled's flush ends in sync_file_range, which neither flushes the drive's cache nor the
+        // file's metadata; fsync does both.
+        self.blobs
+            .lock()
+            .sync(|| self.data_file.sync_all())
+            .map_err(|e| format!("fsync: {e}"))?;
+        Ok((flushed - started, flushed.elapsed()))
+    }
 }
 
 struct Shared {
@@ -192,8 +221,37 @@ pub struct Log {
 
 pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, OpenError> {
     std::fs::create_dir_all(dir).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
+    // Blobs whose names a power cut lost must be back before sled's recovery looks for them,
+    // and blobs a crash left unsynced durable before that recovery fsyncs pointers to them. Only
+    // under sled's own lock (an exclusive flock of its data file): a server running on this log
+    // must not have its blob directory touched by an offline reader that will then be refused.
+    match File::open(dir.join("db")) {
+        Ok(data) => {
+            data.try_lock().map_err(|e| match e {
+                std::fs::TryLockError::WouldBlock => OpenError::Locked(dir.to_owned()),
+                std::fs::TryLockError::Error(e) => OpenError::Io(dir.to_owned(), e),
+            })?;
+            let prepared =
+                sled_files::prepare(dir).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
+            if prepared != sled_files::Prepared::default() {
+                tracing::warn!(
+                    restored = prepared.restored,
+                    linked = prepared.linked,
+                    "sled blob files: names a crash lost restored, unsynced files made durable"
+                );
+            }
+            // Dropping the file releases the lock for sled to take.
+        }
+        // A new log: nothing to prepare.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(OpenError::Io(dir.to_owned(), e)),
+    }
+    let segment_size =
+        sled_files::segment_size(dir).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
     sled::Config::new()
         .path(dir)
+        // Large enough that a new log's pages stay out of blob files (see `sled_files`).
+        .segment_size(segment_size)
         // No background flusher: durability is the writer's job, batch by batch.
         .flush_every_ms(None)
         .open()
@@ -207,20 +265,38 @@ pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, OpenError> {
 }
 
 fn open_storage(dir: &Path) -> Result<Storage, OpenError> {
+    let io = |e| OpenError::Io(dir.to_owned(), e);
     let db = open_db(dir)?;
     let tree = db
         .open_tree(LOG_TREE)
         .map_err(|e| OpenError::Sled(dir.to_owned(), e))?;
-    let data_file = File::open(dir.join("db")).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
-    // The directory entries of a fresh database must be durable too.
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| OpenError::Io(dir.to_owned(), e))?;
-    Ok(Storage {
+    let data_file = File::open(dir.join("db")).map_err(io)?;
+    let storage = Storage {
         db,
         tree,
         data_file,
-    })
+        blobs: Mutex::new(BlobFiles::open(dir).map_err(io)?),
+    };
+    // Whatever this open replays must be durable, even what a crashed predecessor left only in
+    // the page cache (sled recovers it, and new appends chain onto it), blobs included. Nothing
+    // else uses this sled yet.
+    storage
+        .sync_exclusive()
+        .map_err(|e| io(std::io::Error::other(e)))?;
+    // sled writes its `conf` once, at creation, and never fsyncs it.
+    File::open(dir.join("conf"))
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    // The names created at open (`conf`, `db`, `blobs/`, `blob-links/`, a snapshot sled renamed
+    // into place) and the log directory's own name in the data directory, which `open_db` may
+    // have created.
+    sled_files::sync_dir(dir).map_err(io)?;
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    sled_files::sync_dir(parent).map_err(io)?;
+    Ok(storage)
 }
 
 #[derive(Default)]
@@ -605,8 +681,8 @@ impl Writer {
                 batch.remove(k);
             }
             storage.tree.apply_batch(batch).map_err(|e| e.to_string())?;
-            storage.db.flush().map_err(|e| e.to_string())?;
-            storage.data_file.sync_all().map_err(|e| e.to_string())?;
+            // Not yet published: nothing else can reach this sled.
+            storage.sync_exclusive()?;
             tracing::warn!(
                 removed = stale.len(),
                 "removed unacknowledged records left by a failed write"
@@ -733,19 +809,15 @@ impl Syncer {
         }
     }
 
-    /// One sled flush and one fsync for everything written so far; returns their durations.
+    /// Makes everything written so far durable; returns the durations of the flush and of the
+    /// fsyncs.
+    ///
+    /// Holds sled to itself: with a write or a traversal in flight, the data file's fsync could
+    /// capture a pointer to a blob file written after the syncer listed them, and a power cut
+    /// would leave that pointer dangling (see [`crate::sled_files`]).
     fn flush(&self) -> Result<(Duration, Duration), String> {
-        let guard = self.shared.storage.read();
+        let guard = self.shared.storage.write();
         let storage = guard.as_ref().ok_or("the log storage is closed")?;
-        let started = Instant::now();
-        storage.db.flush().map_err(|e| format!("sled flush: {e}"))?;
-        let flushed = Instant::now();
-        // sled's flush ends in sync_file_range, which neither flushes the drive's cache nor the
-        // file's metadata; fsync does both.
-        storage
-            .data_file
-            .sync_all()
-            .map_err(|e| format!("fsync: {e}"))?;
-        Ok((flushed - started, flushed.elapsed()))
+        storage.sync_exclusive()
     }
 }
