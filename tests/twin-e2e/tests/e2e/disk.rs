@@ -35,7 +35,9 @@ async fn a_full_disk_fails_appends_loudly_and_the_server_recovers() {
         &mnt,
         Some("tmpfs"),
         MsFlags::empty(),
-        Some("size=16m"),
+        // Room for a few of the log's 16 MiB sled segments: space that returns must be able to
+        // hold a new segment for appends to resume.
+        Some("size=64m"),
     ) {
         eprintln!("skipped: cannot mount a tmpfs here ({e}); run as root to test a full disk");
         return;
