@@ -5,32 +5,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use twin_client::Client;
-use twin_core::job::JobState;
 use twin_core::{FailureCode, JobStatus};
 use twin_e2e::{ExecutorProcess, Server, text, twin};
 
-async fn wait_for(
-    client: &Client,
-    id: &str,
-    limit: Duration,
-    what: &str,
-    pred: impl Fn(&JobState) -> bool,
-) -> JobState {
-    let deadline = Instant::now() + limit;
-    loop {
-        let job = client.job(id).await.unwrap();
-        if pred(&job) {
-            return job;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; job is {:?} with attempts {:?}",
-            job.status,
-            job.attempts
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use crate::wait_for;
 
 fn small_sample(dir: &std::path::Path) {
     crate::sample(

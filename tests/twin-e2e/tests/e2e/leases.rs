@@ -9,6 +9,8 @@ use twin_core::event::{IngestOutput, JobOutput};
 use twin_core::{BlobHash, JobKind, JobStatus};
 use twin_e2e::{ExecutorProcess, Server, ingest_spec, text, twin};
 
+use crate::wait_for;
+
 fn lease_request(name: &str, wait_ms: u64) -> LeaseRequest {
     LeaseRequest {
         executor: name.into(),
@@ -17,28 +19,6 @@ fn lease_request(name: &str, wait_ms: u64) -> LeaseRequest {
             ..Capabilities::default()
         },
         wait_ms,
-    }
-}
-
-async fn wait_for(
-    client: &Client,
-    id: &str,
-    limit: Duration,
-    what: &str,
-    pred: impl Fn(&twin_core::job::JobState) -> bool,
-) -> twin_core::job::JobState {
-    let deadline = Instant::now() + limit;
-    loop {
-        let job = client.job(id).await.unwrap();
-        if pred(&job) {
-            return job;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; job is {:?}",
-            job.status
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 

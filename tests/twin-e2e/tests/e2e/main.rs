@@ -13,7 +13,10 @@ mod model;
 mod modules;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use twin_client::Client;
+use twin_core::job::JobState;
 use twin_e2e::{text, twin};
 
 /// Generates a sample image set with the CLI.
@@ -31,4 +34,29 @@ pub fn modules_dir() -> PathBuf {
         .unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm32-wasip2/guest")
         })
+}
+
+/// Polls job `id` every 25 ms until `pred` holds; fails naming `what`, the job's status and its
+/// attempts after `limit`.
+pub async fn wait_for(
+    client: &Client,
+    id: &str,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&JobState) -> bool,
+) -> JobState {
+    let deadline = Instant::now() + limit;
+    loop {
+        let job = client.job(id).await.unwrap();
+        if pred(&job) {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; job is {:?} with attempts {:?}",
+            job.status,
+            job.attempts
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
