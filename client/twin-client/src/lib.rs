@@ -4,6 +4,10 @@
 //! [`ClientError::Api`] carrying the server's stable error code, so callers branch on codes,
 //! never on message text.
 
+mod transfer;
+
+pub use transfer::TransferEvent;
+
 use std::time::Duration;
 
 use bytes::Bytes;

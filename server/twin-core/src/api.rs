@@ -252,6 +252,32 @@ pub struct CandidatePage {
     pub candidates: Vec<ListedCandidate>,
 }
 
+/// `POST /v1/uploads`: starts a resumable upload of `bytes` bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UploadCreate {
+    /// The blob's total length.
+    pub bytes: u64,
+    /// The blob's SHA-256 if the client knows it: checked when the last byte arrives, and an
+    /// upload of a blob already stored is answered at once (nothing to send).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<BlobHash>,
+}
+
+/// A resumable upload session (`/v1/uploads/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UploadStatus {
+    /// The session's id; empty when no session was needed (the blob was already stored).
+    pub id: String,
+    /// The blob's total length, as declared.
+    pub bytes: u64,
+    /// Bytes durably received: where the next `PATCH` starts (its `Upload-Offset`).
+    pub offset: u64,
+    /// The stored blob, once the last byte arrived (the session is then gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<BlobStored>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
