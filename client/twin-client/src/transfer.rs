@@ -91,6 +91,18 @@ fn transient(e: &ClientError) -> bool {
     }
 }
 
+/// Checks that a reader declared to hold `bytes` bytes has none left: a longer input is an
+/// error, not silently cut.
+async fn at_end<R: AsyncRead + Unpin>(reader: &mut R, bytes: u64) -> std::io::Result<()> {
+    let mut probe = [0u8; 1];
+    match reader.read(&mut probe).await? {
+        0 => Ok(()),
+        _ => Err(std::io::Error::other(format!(
+            "the input is longer than the declared {bytes} bytes"
+        ))),
+    }
+}
+
 fn hash_of(hasher: Sha256) -> BlobHash {
     BlobHash(hasher.finalize().into())
 }
@@ -258,34 +270,26 @@ impl Client {
         reader: R,
         bytes: u64,
     ) -> Result<BlobStored, ClientError> {
+        let mut reader = reader;
         let status = self.create_upload(bytes, None).await?;
+        if let Some(blob) = status.blob {
+            // Zero bytes: stored at creation. The input must be empty too.
+            at_end(&mut reader, bytes)
+                .await
+                .map_err(|e| local(Path::new("(input)"), "reading", e))?;
+            return self.check_stored(blob, hash_of(Sha256::new()));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        // The hasher travels with the stream; the last chunk hands the digest over.
+        // The hasher travels with the stream; the last chunk hands the digest over. It is sent
+        // before the last chunk goes out: with a Content-Length, hyper stops polling the body
+        // once it has that many bytes.
         let state = (reader, Sha256::new(), 0u64, Some(tx));
         let stream = futures_util::stream::unfold(Some(state), move |state| async move {
-            let (mut reader, mut hasher, mut done, tx) = state?;
-            let want = (bytes - done).min(CHUNK as u64) as usize;
-            let mut buf = BytesMut::with_capacity(want.max(1));
-            if want == 0 {
-                // Declared length reached: a longer input is an error, not silently cut.
-                return match reader.read_buf(&mut buf).await {
-                    Ok(0) => {
-                        if let Some(tx) = tx {
-                            let _ = tx.send(hash_of(hasher));
-                        }
-                        None
-                    }
-                    Ok(_) => Some((
-                        Err(std::io::Error::other(format!(
-                            "the input is longer than the declared {bytes} bytes"
-                        ))),
-                        None,
-                    )),
-                    Err(e) => Some((Err(e), None)),
-                };
-            }
-            let mut limited = (&mut reader).take(want as u64);
-            match limited.read_buf(&mut buf).await {
+            let (mut reader, mut hasher, mut done, mut tx) = state?;
+            let want = (bytes - done).min(CHUNK as u64);
+            let mut buf = BytesMut::with_capacity(CHUNK);
+            let read = (&mut reader).take(want).read_buf(&mut buf).await;
+            match read {
                 Ok(0) => Some((
                     Err(std::io::Error::other(format!(
                         "the input ended after {done} of the declared {bytes} bytes"
@@ -295,6 +299,14 @@ impl Client {
                 Ok(n) => {
                     hasher.update(&buf);
                     done += n as u64;
+                    if done == bytes {
+                        if let Err(e) = at_end(&mut reader, bytes).await {
+                            return Some((Err(e), None));
+                        }
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(hash_of(hasher.clone()));
+                        }
+                    }
                     Some((
                         Ok::<Bytes, std::io::Error>(buf.freeze()),
                         Some((reader, hasher, done, tx)),

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 the thing checked is bad (a failed job, a broken chain); 2 the
 //! command could not run (bad arguments, server unreachable, API error).
 
+mod blobs;
 mod eval;
 mod import;
 mod modules;
@@ -65,6 +66,9 @@ enum Command {
     /// Register, list, describe and name Wasm modules; `run` scores a file offline.
     #[command(subcommand)]
     Modules(modules::ModulesCommand),
+    /// Upload and download blobs of any size (resumable, flat memory).
+    #[command(subcommand)]
+    Blobs(blobs::BlobsCommand),
     /// Score a JSONL file of rollouts with a registered reward (uploads it, submits a job).
     Score(modules::ScoreArgs),
     /// Evaluate a Qwen2.5-VL checkpoint (FGVQA metrics), compare evaluations, read samples.

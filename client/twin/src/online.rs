@@ -353,6 +353,7 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
         Command::Eval(command) => {
             return crate::eval::run(&client, command, conn.json).await;
         }
+        Command::Blobs(command) => return crate::blobs::run(&client, command, conn.json).await,
         Command::Score(args) => {
             let wait_for = args.wait;
             let submission = crate::modules::score(&client, args).await?;

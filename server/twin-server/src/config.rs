@@ -19,7 +19,13 @@ pub struct ServerConfig {
     /// A lease lapses this long after its grant or last heartbeat.
     pub lease_ttl_ms: u64,
     pub max_json_bytes: usize,
+    /// Largest blob accepted (`PUT /v1/blobs/{hash}` and resumable uploads); bodies are streamed
+    /// to disk, so this bounds disk use, not memory.
     pub max_blob_bytes: u64,
+    /// Free space blob uploads must leave on the data directory's file system, so blobs never
+    /// fill the disk the event log needs: an upload that would leave less is refused with 503
+    /// `storage_unavailable` (checked up front and every 64 MiB while receiving).
+    pub storage_reserve_bytes: u64,
     pub tokens: Vec<TokenConfig>,
     pub workers: Option<usize>,
     pub modules: ModulesConfig,
@@ -81,7 +87,8 @@ impl Default for ServerConfig {
             executor: EmbeddedExecutorConfig::default(),
             lease_ttl_ms: 30_000,
             max_json_bytes: 256 << 10,
-            max_blob_bytes: 1 << 30,
+            max_blob_bytes: 64 << 30,
+            storage_reserve_bytes: 1 << 30,
             tokens: Vec::new(),
             workers: None,
             modules: ModulesConfig::default(),

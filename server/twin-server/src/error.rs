@@ -47,6 +47,18 @@ pub enum ApiError {
         "the event log could not make the change durable, so nothing was recorded; retry later"
     )]
     StorageUnavailable,
+    /// The blob store's file system is full, or a blob would leave less than the reserve the
+    /// log needs.
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("upload {id} continues at byte {expected}, not at {got}: resume from {expected}")]
+    UploadOffsetMismatch { id: String, expected: u64, got: u64 },
+    #[error("upload {0} is busy with another request; retry when it ends")]
+    UploadBusy(String),
+    #[error("upload {id} belongs to `{owner}`; only they or an admin may use it")]
+    NotUploadOwner { id: String, owner: String },
+    #[error("range `{range}` is outside the blob's {len} bytes")]
+    RangeNotSatisfiable { range: String, len: u64 },
     /// An uploaded module was refused (not a component, invalid, too slow to compile, …).
     #[error("{0}")]
     Module(twin_plugins::PluginError),
@@ -84,7 +96,11 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::BlobHashMismatch { .. } => "blob_hash_mismatch",
-            ApiError::StorageUnavailable => "storage_unavailable",
+            ApiError::StorageUnavailable | ApiError::NoSpace(_) => "storage_unavailable",
+            ApiError::UploadOffsetMismatch { .. } => "upload_offset_mismatch",
+            ApiError::UploadBusy(_) => "upload_busy",
+            ApiError::NotUploadOwner { .. } => "forbidden",
+            ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::Module(e) if e.is_module_fault() => e.code(),
             ApiError::Module(_) => "internal",
             ApiError::Internal => "internal",
@@ -113,8 +129,11 @@ impl ApiError {
         ("idempotency_key_reused", 409),
         ("not_lease_holder", 409),
         ("conflict", 409),
+        ("upload_offset_mismatch", 409),
+        ("upload_busy", 409),
         ("payload_too_large", 413),
         ("module_too_large", 413),
+        ("range_not_satisfiable", 416),
         ("not_wasm", 422),
         ("invalid_module", 422),
         ("compile_timeout", 422),
@@ -149,6 +168,10 @@ impl ResponseError for ApiError {
         let mut resp = HttpResponse::build(self.status_code());
         if matches!(self, ApiError::Unauthenticated | ApiError::BadToken) {
             resp.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        if let ApiError::RangeNotSatisfiable { len, .. } = self {
+            // RFC 9110 §15.5.17: the current length, so a client can correct its range.
+            resp.insert_header(("Content-Range", format!("bytes */{len}")));
         }
         resp.json(ErrorBody {
             error: ErrorDetail {
@@ -200,6 +223,18 @@ impl From<BlobError> for ApiError {
                 actual: actual.to_hex(),
             },
             BlobError::TooLarge { limit } => ApiError::PayloadTooLarge { limit },
+            BlobError::NoSpace { path } => {
+                tracing::error!(path = %path.display(), "blob store is full");
+                ApiError::NoSpace(
+                    "the blob store's file system is full; the upload was removed, retry later"
+                        .into(),
+                )
+            }
+            BlobError::UploadNotFound(id) => ApiError::NotFound { what: "upload", id },
+            BlobError::UploadBusy(id) => ApiError::UploadBusy(id),
+            BlobError::OffsetMismatch { id, expected, got } => {
+                ApiError::UploadOffsetMismatch { id, expected, got }
+            }
             BlobError::Io { path, source } if source.raw_os_error() == Some(28) => {
                 tracing::error!(path = %path.display(), error = %source, "blob store is full");
                 ApiError::StorageUnavailable

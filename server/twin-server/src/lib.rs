@@ -100,7 +100,13 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let limits = api::Limits {
         max_json_bytes: config.max_json_bytes,
         max_blob_bytes: config.max_blob_bytes,
+        storage_reserve_bytes: config.storage_reserve_bytes,
     };
+    // Upload sessions idle for a day are abandoned: their partial files go (also at each new
+    // session, see api/uploads.rs).
+    if let Err(e) = svc.blobs.sweep_uploads(api::UPLOAD_IDLE) {
+        tracing::warn!(error = %e, "sweeping idle upload sessions");
+    }
     let app_svc = svc.clone();
     let mut server =
         actix_web::HttpServer::new(move || api::app(app_svc.clone(), auth.clone(), limits))

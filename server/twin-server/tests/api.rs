@@ -16,6 +16,7 @@ use twin_server::service::Service;
 const LIMITS: Limits = Limits {
     max_json_bytes: 64 * 1024,
     max_blob_bytes: 1024,
+    storage_reserve_bytes: 0,
 };
 
 struct Harness {

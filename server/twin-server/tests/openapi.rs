@@ -21,9 +21,10 @@ use twin_server::service::Service;
 const LIMITS: Limits = Limits {
     max_json_bytes: 64 * 1024,
     max_blob_bytes: 1024,
+    storage_reserve_bytes: 0,
 };
 const ERROR_BODY: &str = "#/components/schemas/ErrorBody";
-const METHODS: [&str; 5] = ["get", "put", "post", "delete", "head"];
+const METHODS: [&str; 6] = ["get", "put", "post", "patch", "delete", "head"];
 
 fn document() -> Value {
     serde_json::to_value(api::openapi()).unwrap()

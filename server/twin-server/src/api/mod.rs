@@ -13,6 +13,7 @@ mod modules;
 mod responses;
 mod review;
 mod system;
+mod uploads;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -66,11 +67,15 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+pub use uploads::UPLOAD_IDLE;
+
 /// Limits applied to request bodies.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_json_bytes: usize,
     pub max_blob_bytes: u64,
+    /// Free space blob uploads leave on the blob store's file system (`storage_reserve_bytes`).
+    pub storage_reserve_bytes: u64,
 }
 
 fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> Error {
@@ -136,6 +141,7 @@ fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
             .configure(events::configure)
             .configure(executors::configure)
             .configure(blobs::configure)
+            .configure(uploads::configure)
             .configure(modules::configure)
             .configure(review::configure),
     );
@@ -173,7 +179,12 @@ pub fn app(
             web::QueryConfig::default()
                 .error_handler(|e, _| ApiError::InvalidQuery(format!("query: {e}")).into()),
         )
-        .app_data(web::PayloadConfig::default().limit(limits.max_blob_bytes as usize))
+        // Blob bodies are streamed (`web::Payload`, which this does not cap); this bounds the
+        // buffered extractors, at the blob limit as before (saturating: `usize` is 64-bit here).
+        .app_data(
+            web::PayloadConfig::default()
+                .limit(usize::try_from(limits.max_blob_bytes).unwrap_or(usize::MAX)),
+        )
         .default_service(web::to(no_route))
         .wrap(from_fn(observe))
 }

@@ -79,6 +79,8 @@ error_responses! {
     Conflict = 409, "The request conflicts with the current state";
     /// A body, or the event it would record, over its limit.
     PayloadTooLarge = 413, "Too large";
+    /// A `Range` outside the blob.
+    RangeNotSatisfiable = 416, "The range is outside the blob (`Content-Range: bytes */<length>`)";
     /// A module upload the server refused to register.
     Unprocessable = 422, "The module was refused";
     /// The log or blob store could not make a change durable; retry later.
