@@ -143,10 +143,7 @@ async fn an_upload_broken_off_mid_body_resumes_from_what_arrived_even_after_a_re
 
     // The body delivers 100 000 bytes, then the connection breaks.
     let first = Bytes::copy_from_slice(&blob[..100_000]);
-    let broken = futures_util::stream::iter(vec![
-        Ok(first),
-        Err(PayloadError::Incomplete(None)),
-    ]);
+    let broken = futures_util::stream::iter(vec![Ok(first), Err(PayloadError::Incomplete(None))]);
     let resp = call!(app, with_stream!(patch(&id, "a", 0), broken));
     assert_code(&resp, 400, "invalid_body");
     let status = call!(
@@ -287,7 +284,9 @@ async fn sizes_hashes_owners_and_concurrent_patches_are_refused() {
     assert_code(
         &call!(
             app,
-            patch(&id, "b", 5).set_payload(b"67890".to_vec()).to_request()
+            patch(&id, "b", 5)
+                .set_payload(b"67890".to_vec())
+                .to_request()
         ),
         403,
         "forbidden",
@@ -317,7 +316,9 @@ async fn sizes_hashes_owners_and_concurrent_patches_are_refused() {
     tx.send(Ok(Bytes::from_static(b"89"))).await.unwrap();
     let busy = call!(
         app,
-        patch(&id, "a", 5).set_payload(b"67890".to_vec()).to_request()
+        patch(&id, "a", 5)
+            .set_payload(b"67890".to_vec())
+            .to_request()
     );
     assert_code(&busy, 409, "upload_busy");
     let busy = call!(
@@ -332,10 +333,7 @@ async fn sizes_hashes_owners_and_concurrent_patches_are_refused() {
     drop(tx);
     let done = first.await.unwrap();
     assert_eq!(done.0, StatusCode::OK, "{}", done.1);
-    assert_eq!(
-        done.1["blob"]["hash"],
-        BlobHash::of(b"1234567890").to_hex()
-    );
+    assert_eq!(done.1["blob"]["hash"], BlobHash::of(b"1234567890").to_hex());
 
     // A claimed hash the bytes do not have: refused at the last byte, the session ended.
     let (_, s) = call!(
@@ -522,17 +520,147 @@ async fn downloads_answer_ranges() {
 
 /// The real server on a loopback port (so the client and raw sockets reach it).
 fn serve(svc: Arc<Service>) -> (String, actix_web::dev::ServerHandle) {
+    serve_at(svc, "127.0.0.1:0".parse().unwrap())
+}
+
+fn serve_at(
+    svc: Arc<Service>,
+    addr: std::net::SocketAddr,
+) -> (String, actix_web::dev::ServerHandle) {
     let auth = auth();
-    let server = actix_web::HttpServer::new(move || api::app(svc.clone(), auth.clone(), LIMITS))
+    let limits = Limits {
+        max_blob_bytes: 1 << 30,
+        ..LIMITS
+    };
+    let server = actix_web::HttpServer::new(move || api::app(svc.clone(), auth.clone(), limits))
         .workers(1)
         .disable_signals()
-        .bind(("127.0.0.1", 0))
+        .bind(addr)
         .unwrap();
     let addr = server.addrs()[0];
     let server = server.run();
     let handle = server.handle();
     actix_web::rt::spawn(server);
     (format!("http://{addr}"), handle)
+}
+
+/// A writer that stops the server once `at` bytes went through it (a connection cut mid-body).
+struct CutAt {
+    written: Vec<u8>,
+    at: usize,
+    cut: Option<(actix_web::dev::ServerHandle, Arc<tokio::sync::Notify>)>,
+}
+
+impl tokio::io::AsyncWrite for CutAt {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.written.extend_from_slice(buf);
+        if self.written.len() >= self.at
+            && let Some((handle, stopped)) = self.cut.take()
+        {
+            // `stop` sends its command at once; the future only waits for the shutdown.
+            drop(handle.stop(false));
+            stopped.notify_one();
+        }
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[actix_web::test]
+async fn the_client_continues_transfers_across_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open_service(dir.path());
+    let (url, handle) = serve(svc.clone());
+    let addr: std::net::SocketAddr = url.strip_prefix("http://").unwrap().parse().unwrap();
+    let blob = data(96 << 20);
+    let hash = BlobHash::of(&blob);
+    let file = dir.path().join("blob.bin");
+    std::fs::write(&file, &blob).unwrap();
+
+    // The server goes away while the upload's body is on the wire, and comes back.
+    let client = twin_client::Client::new(&url, Some("a".into())).unwrap();
+    let upload = {
+        let (client, file) = (client.clone(), file.clone());
+        actix_web::rt::spawn(async move {
+            let mut events = Vec::new();
+            let stored = client
+                .upload_file_observed(&file, &mut |e| events.push(format!("{e:?}")))
+                .await;
+            (stored, events)
+        })
+    };
+    let uploads = dir.path().join("blobs/uploads");
+    let part_len = || {
+        std::fs::read_dir(&uploads)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum::<u64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while part_len() < 8 << 20 {
+        assert!(
+            Instant::now() < deadline && !upload.is_finished(),
+            "the upload ended or never started before the server stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    handle.stop(false).await;
+    let (_, handle) = serve_at(svc.clone(), addr);
+    let (stored, events) = upload.await.unwrap();
+    assert_eq!(stored.unwrap().hash, hash);
+    assert!(
+        events.iter().any(|e| e.starts_with("Retrying")),
+        "the upload did not retry: {events:?}"
+    );
+    assert_eq!(svc.blobs.read(&hash).unwrap(), blob);
+
+    // The same for a download into a writer: it continues with a Range from what it has.
+    let stopped = Arc::new(tokio::sync::Notify::new());
+    let mut sink = CutAt {
+        written: Vec::new(),
+        at: 8 << 20,
+        cut: Some((handle, stopped.clone())),
+    };
+    let restart = {
+        let svc = svc.clone();
+        actix_web::rt::spawn(async move {
+            stopped.notified().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            serve_at(svc, addr).1
+        })
+    };
+    let mut events = Vec::new();
+    let len = client
+        .download_to_writer_observed(&hash, &mut sink, &mut |e| events.push(format!("{e:?}")))
+        .await
+        .unwrap();
+    assert_eq!(len, blob.len() as u64);
+    assert!(sink.written == blob, "the resumed download differs");
+    assert!(
+        events.iter().any(|e| e.starts_with("Retrying")),
+        "the download did not retry: {events:?}"
+    );
+    restart.await.unwrap().stop(true).await;
 }
 
 #[actix_web::test]
@@ -637,7 +765,10 @@ async fn the_client_resumes_an_upload_cut_off_on_the_wire_and_a_partial_download
         .upload_reader(std::io::Cursor::new(vec![0u8; 10]), 20)
         .await
         .unwrap_err();
-    assert!(!matches!(short, twin_client::ClientError::Api { .. }), "{short}");
+    assert!(
+        !matches!(short, twin_client::ClientError::Api { .. }),
+        "{short}"
+    );
     // A raw read of a range, as any HTTP client would.
     let mut s = std::net::TcpStream::connect(url.strip_prefix("http://").unwrap()).unwrap();
     write!(

@@ -29,12 +29,16 @@ pub(super) const SPACE_CHECK_BYTES: u64 = 64 << 20;
 /// less than `reserve` free.
 pub(super) fn ensure_space(root: &Path, need: u64, reserve: u64) -> Result<(), ApiError> {
     let free = fs2::available_space(root).map_err(|e| ApiError::internal("statvfs", e))?;
-    if free.saturating_sub(need) < reserve {
-        tracing::warn!(free, need, reserve, "refusing a blob upload: storage reserve");
+    if free < need.saturating_add(reserve) {
+        tracing::warn!(
+            free,
+            need,
+            reserve,
+            "refusing a blob upload: not enough free space"
+        );
         return Err(ApiError::NoSpace(format!(
-            "not enough free space: {need} more bytes would leave {} of {free} free bytes, \
-             under the {reserve}-byte reserve the server keeps for its log",
-            free.saturating_sub(need)
+            "not enough free space: {need} more bytes and the {reserve}-byte reserve the server \
+             keeps for its log do not fit in {free} free bytes; retry later"
         )));
     }
     Ok(())
@@ -280,13 +284,22 @@ mod tests {
         assert_eq!(ok("bytes=-3"), Some((7, 9)));
         assert_eq!(ok("bytes=-30"), Some((0, 9)));
         // Ignored: the whole blob.
-        for h in ["items=0-1", "bytes=0-1,3-4", "bytes=5-2", "bytes=x-", "bytes=3"] {
+        for h in [
+            "items=0-1",
+            "bytes=0-1,3-4",
+            "bytes=5-2",
+            "bytes=x-",
+            "bytes=3",
+        ] {
             assert_eq!(ok(h), None, "{h}");
             assert!(parse_range(h, 10).is_ok(), "{h}");
         }
         for h in ["bytes=10-", "bytes=11-12", "bytes=-0"] {
             assert!(
-                matches!(parse_range(h, 10), Err(ApiError::RangeNotSatisfiable { len: 10, .. })),
+                matches!(
+                    parse_range(h, 10),
+                    Err(ApiError::RangeNotSatisfiable { len: 10, .. })
+                ),
                 "{h}"
             );
         }

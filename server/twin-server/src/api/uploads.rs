@@ -127,7 +127,9 @@ async fn create_upload(
     limits: web::Data<Limits>,
     body: web::Json<UploadCreate>,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = caller.require_any(&[Role::Submit, Role::Execute])?.to_owned();
+    let owner = caller
+        .require_any(&[Role::Submit, Role::Execute])?
+        .to_owned();
     let UploadCreate { bytes, hash } = body.into_inner();
     if bytes > limits.max_blob_bytes {
         return Err(ApiError::PayloadTooLarge {
@@ -222,7 +224,12 @@ async fn append_upload(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     let essence = content_type.split(';').next().unwrap_or_default().trim();
-    if !["application/offset+octet-stream", "application/octet-stream"].contains(&essence) {
+    if ![
+        "application/offset+octet-stream",
+        "application/octet-stream",
+    ]
+    .contains(&essence)
+    {
         return Err(ApiError::InvalidBody(
             "send the bytes as `Content-Type: application/offset+octet-stream`".into(),
         ));
