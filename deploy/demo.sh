@@ -54,6 +54,9 @@ JSONL
 
 step "mine hard negatives: a random-weight CLIP ViT-B/32 (no download), HNSW, two filter modules"
 "$bin/twin-executor" model init-clip "$demo/clip" --preset b32 --seed 0
+# Registered by content: the job pins its hash and the executor fetches it into its model store,
+# as an executor on another machine would.
+"$bin/twin" models add "$demo/clip" --name clip-b32
 "$bin/twin" modules add target/wasm32-wasip2/guest/distinct_instance.wasm --name distinct
 "$bin/twin" modules add target/wasm32-wasip2/guest/similarity_band.wasm --name band
 cat >"$demo/mine.toml" <<SPEC
@@ -62,7 +65,7 @@ experiment = "demo"
 [spec]
 kind = "mine"
 dataset = "sample"
-model = "clip"
+model = "clip-b32"
 k = 5
 search = "hnsw"
 
@@ -130,5 +133,8 @@ manifest=$("$bin/twin" replay --data-dir "$data" --json | python3 -c 'import jso
 
 step "lineage of the dataset manifest $manifest"
 "$bin/twin" lineage "$manifest" --data-dir "$data"
+
+step "lineage of the mine job: the CLIP checkpoint it used, by name, hash and files"
+"$bin/twin" lineage "$mine" --data-dir "$data"
 echo
 echo "done: the data dir is $data; replay it again any time with: $bin/twin replay --data-dir $data --verify"

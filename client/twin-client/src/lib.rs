@@ -4,6 +4,7 @@
 //! [`ClientError::Api`] carrying the server's stable error code, so callers branch on codes,
 //! never on message text.
 
+pub mod models;
 mod transfer;
 
 pub use transfer::TransferEvent;

@@ -30,6 +30,15 @@ pub enum BlobsCommand {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// List (`--dry-run`) or delete the stored blobs no record refers to (admin token). Blobs
+    /// younger than `--min-age` are kept: uploads whose job or model is not registered yet.
+    Gc {
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep blobs stored less than this long ago (`30m`, `2h`, `0s`).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        min_age: std::time::Duration,
+    },
 }
 
 /// Progress worth telling a person, on stderr (stdout carries the hash or the blob).
@@ -68,6 +77,35 @@ pub async fn run(client: &Client, command: BlobsCommand, json: bool) -> Result<(
                 println!("{}", serde_json::to_string_pretty(&stored)?);
             } else {
                 println!("{}", stored.hash);
+            }
+        }
+        BlobsCommand::Gc { dry_run, min_age } => {
+            let report = client
+                .collect_blobs(&twin_core::model::GcRequest {
+                    dry_run,
+                    min_age_secs: min_age.as_secs(),
+                })
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for b in &report.unreferenced {
+                    println!("{}  {:>12}", b.hash, b.bytes);
+                }
+                eprintln!(
+                    "{} of {} stored blobs are unreferenced ({} bytes){}; {} referenced, {} too \
+                     young to collect",
+                    report.unreferenced.len(),
+                    report.stored,
+                    report.unreferenced_bytes,
+                    if report.deleted {
+                        ", deleted"
+                    } else {
+                        ", nothing deleted (dry run)"
+                    },
+                    report.referenced,
+                    report.too_young
+                );
             }
         }
         BlobsCommand::Get { hash, output } => {

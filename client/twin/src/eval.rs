@@ -42,9 +42,10 @@ pub enum EvalCommand {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Qwen2.5-VL checkpoint directory, as the executor sees it (made absolute here).
+    /// The Qwen2.5-VL checkpoint: a registered model's name or hash (`twin models ls`), or a
+    /// directory path as the executor sees it (a path has a `/`: `./qwen`; made absolute here).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: String,
     /// A built dataset (name or manifest hash): its eval split.
     #[arg(
         long,
@@ -107,7 +108,10 @@ pub fn submission(args: &RunArgs) -> anyhow::Result<serde_json::Value> {
     };
     let mut spec = serde_json::json!({
         "kind": "eval",
-        "model": absolute(&args.model)?,
+        "model": match twin_core::model::ModelRef::parse(&args.model) {
+            twin_core::model::ModelRef::Path(p) => absolute(Path::new(p))?,
+            twin_core::model::ModelRef::Registered(name) => name.to_owned(),
+        },
         "data": data,
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
@@ -398,6 +402,7 @@ mod tests {
             model: "/m".into(),
             output: EvalOutput {
                 model_hash: "ab".repeat(32),
+                model_manifest: None,
                 device: "cpu".into(),
                 questions: scored.len() as u64,
                 subsets: subset_metrics(scored.iter().copied()),
@@ -461,7 +466,7 @@ mod tests {
     #[test]
     fn run_arguments_make_an_eval_submission() {
         let args = RunArgs {
-            model: PathBuf::from("ckpt"),
+            model: "./ckpt".into(),
             built: None,
             questions: Some(PathBuf::from("/data/fgvqa/questions.jsonl")),
             subsets: vec!["cub".into()],
@@ -489,6 +494,13 @@ mod tests {
             spec.data,
             twin_core::eval::EvalData::Questions("/data/fgvqa/questions.jsonl".into())
         );
+        // A bare word is a registered model, sent as it is.
+        let named = submission(&RunArgs {
+            model: "qwen-3b".into(),
+            ..args
+        })
+        .expect("valid");
+        assert_eq!(named["spec"]["model"], "qwen-3b");
         assert_eq!(
             (spec.limit, spec.max_new_tokens, spec.batch_size),
             (Some(5), 16, 4)

@@ -6,6 +6,7 @@
 mod blobs;
 mod eval;
 mod import;
+mod models;
 mod modules;
 mod online;
 mod replay;
@@ -69,6 +70,9 @@ enum Command {
     /// Upload and download blobs of any size (resumable, flat memory).
     #[command(subcommand)]
     Blobs(blobs::BlobsCommand),
+    /// Register, list, describe and name model checkpoints (uploaded by content hash).
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
     /// Score a JSONL file of rollouts with a registered reward (uploads it, submits a job).
     Score(modules::ScoreArgs),
     /// Evaluate a Qwen2.5-VL checkpoint (FGVQA metrics), compare evaluations, read samples.

@@ -116,6 +116,15 @@ fn print_module(m: &ModuleInfo, json: bool) -> anyhow::Result<()> {
 pub async fn online(client: &Client, command: ModulesCommand, json: bool) -> Result<(), Failure> {
     match command {
         ModulesCommand::Add { file, name } => {
+            if file.is_dir() {
+                return Err(anyhow!(
+                    "{} is a directory: a module is one `.wasm` file; to register a model \
+                     checkpoint directory use `twin models add {}`",
+                    file.display(),
+                    file.display()
+                )
+                .into());
+            }
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let m = client.add_module(bytes.into(), name.as_deref()).await?;

@@ -11,6 +11,7 @@ use twin_client::{Client, JobFilter};
 use twin_core::RecordedEvent;
 use twin_core::api::CreateExperiment;
 use twin_core::job::{Attempt, JobState, JobStatus};
+use twin_core::model::ModelRef;
 use twin_core::spec::{JobKind, field_pointer};
 
 use crate::{Command, Conn, Failure};
@@ -126,6 +127,16 @@ fn resolve_host_paths(submission: &mut serde_json::Value, base: &Path) {
             && let Some(p) = slot
                 .as_str()
                 .filter(|p| !p.is_empty() && !p.starts_with('/'))
+        {
+            *slot = serde_json::Value::String(base.join(p).display().to_string());
+        }
+    }
+    // A model field is a path only when it looks like one (`./clip`, `ckpts/qwen`); a bare word
+    // names a registered model and stays as it is.
+    for field in kind.model_fields() {
+        if let Some(slot) = submission.pointer_mut(&field_pointer(field))
+            && let Some(ModelRef::Path(p)) = slot.as_str().map(ModelRef::parse)
+            && !p.starts_with('/')
         {
             *slot = serde_json::Value::String(base.join(p).display().to_string());
         }
@@ -354,6 +365,7 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
             return crate::eval::run(&client, command, conn.json).await;
         }
         Command::Blobs(command) => return crate::blobs::run(&client, command, conn.json).await,
+        Command::Models(command) => return crate::models::run(&client, command, conn.json).await,
         Command::Score(args) => {
             let wait_for = args.wait;
             let submission = crate::modules::score(&client, args).await?;
@@ -494,8 +506,8 @@ mod tests {
             assert_eq!(spec, expect);
         };
         check(
-            serde_json::json!({"spec": {"kind": "mine", "model": "clip", "dataset": "d"}}),
-            serde_json::json!({"spec": {"kind": "mine", "model": "/work/specs/clip", "dataset": "d"}}),
+            serde_json::json!({"spec": {"kind": "mine", "model": "./clip", "dataset": "d"}}),
+            serde_json::json!({"spec": {"kind": "mine", "model": "/work/specs/./clip", "dataset": "d"}}),
         );
         check(
             serde_json::json!({"spec": {"kind": "eval", "model": "../qwen",
@@ -510,6 +522,8 @@ mod tests {
         // Absolute paths, other fields, unknown kinds and wrong types are left alone.
         for unchanged in [
             serde_json::json!({"spec": {"kind": "mine", "model": "/abs/clip", "dataset": "clip"}}),
+            // A bare word is a registered model's name.
+            serde_json::json!({"spec": {"kind": "mine", "model": "clip", "dataset": "d"}}),
             serde_json::json!({"spec": {"kind": "eval", "model": "/m", "data": {"built": "pairs"}}}),
             serde_json::json!({"spec": {"kind": "no-such-kind", "model": "clip"}}),
             serde_json::json!({"spec": {"kind": "mine", "model": 3}}),

@@ -119,6 +119,8 @@ pub fn run(args: &ReplayArgs, json: bool) -> Result<(), Failure> {
             "datasets": state.datasets,
             "modules": state.modules.values().collect::<Vec<_>>(),
             "aliases": state.aliases,
+            "models": state.models.values().collect::<Vec<_>>(),
+            "model_aliases": state.model_aliases,
             "anomalies": state.anomalies,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -190,6 +192,21 @@ pub fn run(args: &ReplayArgs, json: bool) -> Result<(), Failure> {
             }
         );
     }
+    for m in state.models.values() {
+        println!(
+            "model {} {}, {} files, {} bytes, registered by {}{}",
+            m.model.hash,
+            crate::models::kind_phrase(m),
+            m.model.files.len(),
+            m.model.bytes,
+            m.registered_by,
+            if m.aliases.is_empty() {
+                String::new()
+            } else {
+                format!(", named {}", m.aliases.join(", "))
+            }
+        );
+    }
     for a in &state.anomalies {
         println!("anomaly: {a}");
     }
@@ -242,6 +259,22 @@ pub fn print_lineage(l: &Lineage, json: bool) -> Result<(), Failure> {
             "  registered dataset {} ({}): {} images, manifest {}",
             d.name, d.id, d.images, d.manifest
         );
+    }
+    for m in &l.models {
+        let names = if m.aliases.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", m.aliases.join(", "))
+        };
+        println!(
+            "  model {}{names}: {}, {} files",
+            m.model.hash,
+            crate::models::kind_phrase(m),
+            m.model.files.len()
+        );
+        for f in &m.model.files {
+            println!("    file {} {} ({} bytes)", f.sha256, f.path, f.size);
+        }
     }
     for b in &l.blobs {
         println!("  output blob {b}");

@@ -121,10 +121,14 @@ fn empty_object() -> serde_json::Value {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSpec {
-    /// A Hugging Face Qwen2.5-VL checkpoint directory on the executor, an absolute path
-    /// (`config.json`, safetensors, `tokenizer.json`, `preprocessor_config.json`, optionally a
-    /// chat template).
+    /// The Qwen2.5-VL checkpoint (`config.json`, safetensors, `tokenizer.json`,
+    /// `preprocessor_config.json`, optionally a chat template): a registered model's name or
+    /// manifest hash (`twin models add`), or an absolute directory path on the executor.
     pub model: String,
+    /// Set by the server at submission when `model` names a registered model: its manifest hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub model_manifest: Option<BlobHash>,
     pub data: EvalData,
     /// Set by the server for `data.built`: the manifest the reference resolved to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -229,6 +233,7 @@ impl EvalSpec {
     pub fn inputs(&self) -> Vec<BlobHash> {
         self.manifest
             .into_iter()
+            .chain(self.model_manifest)
             .chain(
                 self.scorers
                     .each()
@@ -400,6 +405,11 @@ pub struct ScorerSummary {
 pub struct EvalOutput {
     /// SHA-256 over the checkpoint's weight files.
     pub model_hash: String,
+    /// The manifest of the checkpoint's files as loaded: the registered model's, or (for a
+    /// directory path) one the executor wrote and uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub model_manifest: Option<BlobHash>,
     pub device: String,
     /// Questions asked.
     pub questions: u64,

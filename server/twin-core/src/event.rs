@@ -184,6 +184,8 @@ events! {
     ModuleAliasSet(ModuleAliasSet) = "module_alias_set" v 1;
     CandidateReviewed(CandidateReviewed) = "candidate_reviewed" v 1;
     DatasetBuilt(DatasetBuilt) = "dataset_built" v 1;
+    ModelRegistered(ModelRegistered) = "model_registered" v 1;
+    ModelAliasSet(ModelAliasSet) = "model_alias_set" v 1;
 }
 
 /// One event type as [`RecordedEvent`]'s schema lists it.
@@ -419,6 +421,33 @@ pub struct ModuleAliasSet {
     pub previous: Option<BlobHash>,
 }
 
+/// A model's files and canonical manifest were stored and checked. Stream `model/<hash>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModelRegistered {
+    /// SHA-256 of the canonical manifest: the model's identity.
+    #[schema(value_type = String)]
+    pub hash: BlobHash,
+    /// The manifest's files (path, size, SHA-256), in its order.
+    pub files: Vec<crate::model::ModelFile>,
+    /// Sum of the files' sizes.
+    pub bytes: u64,
+    pub kind: crate::model::ModelKind,
+    /// The job that wrote the checkpoint, when a job did (training).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub job: Option<JobId>,
+}
+
+/// A model name now points at `hash`. Stream `model/<alias>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModelAliasSet {
+    pub alias: String,
+    #[schema(value_type = String)]
+    pub hash: BlobHash,
+    #[schema(value_type = Option<String>)]
+    pub previous: Option<BlobHash>,
+}
+
 /// The typed result of a succeeded job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -444,11 +473,14 @@ impl JobResult {
         match self {
             JobResult::Ingest(r) => vec![r.output.manifest],
             JobResult::Score(s) => std::iter::once(s.results).chain(s.capability_log).collect(),
-            JobResult::Mine(m) => vec![m.embeddings, m.candidates],
+            JobResult::Mine(m) => [m.embeddings, m.candidates]
+                .into_iter()
+                .chain(m.model_manifest)
+                .collect(),
             JobResult::BuildDataset(b) => std::iter::once(b.output.manifest)
                 .chain(b.output.exports.values().copied())
                 .collect(),
-            JobResult::Eval(e) => vec![e.samples],
+            JobResult::Eval(e) => std::iter::once(e.samples).chain(e.model_manifest).collect(),
         }
     }
 }
@@ -550,6 +582,9 @@ impl Event {
             Event::JobSucceeded(JobSucceeded { result, .. }) => result.blobs(),
             Event::DatasetRegistered(d) => vec![d.manifest],
             Event::ModuleRegistered(m) => vec![m.hash],
+            Event::ModelRegistered(m) => std::iter::once(m.hash)
+                .chain(m.files.iter().map(|f| f.sha256))
+                .collect(),
             Event::DatasetBuilt(d) => std::iter::once(d.output.manifest)
                 .chain(d.output.exports.values().copied())
                 .collect(),

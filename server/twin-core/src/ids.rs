@@ -157,6 +157,8 @@ pub enum StreamName {
     /// A Wasm module's registration (`module/<hash>`) or a registry name's alias history
     /// (`module/<name>`); names never look like hashes, so the two cannot collide.
     Module(String),
+    /// A model's registration (`model/<hash>`) or a model name's alias history (`model/<name>`).
+    Model(String),
     /// A training run (arrives with the training stage).
     Run(String),
     /// Reviews of a mine job's candidates (`review/<job>`).
@@ -170,6 +172,7 @@ impl fmt::Display for StreamName {
             StreamName::Job(id) => write!(f, "job/{id}"),
             StreamName::Dataset(id) => write!(f, "dataset/{id}"),
             StreamName::Module(h) => write!(f, "module/{h}"),
+            StreamName::Model(h) => write!(f, "model/{h}"),
             StreamName::Run(id) => write!(f, "run/{id}"),
             StreamName::Review(id) => write!(f, "review/{id}"),
         }
@@ -187,6 +190,9 @@ impl FromStr for StreamName {
             "dataset" => StreamName::Dataset(id.parse().map_err(|_| bad())?),
             "module" if id.parse::<BlobHash>().is_ok() || crate::score::valid_module_name(id) => {
                 StreamName::Module(id.to_owned())
+            }
+            "model" if id.parse::<BlobHash>().is_ok() || crate::model::valid_model_name(id) => {
+                StreamName::Model(id.to_owned())
             }
             "run" if valid_id(id) => StreamName::Run(id.to_owned()),
             "review" => StreamName::Review(id.parse().map_err(|_| bad())?),

@@ -13,6 +13,7 @@ pub mod failure;
 pub mod ids;
 pub mod job;
 pub mod mine;
+pub mod model;
 pub mod projection;
 pub(crate) mod schema;
 pub mod score;

@@ -120,10 +120,14 @@ pub struct MineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub manifest: Option<BlobHash>,
-    /// A Hugging Face CLIP checkpoint directory on the executor, an absolute path (`CLIPModel`
-    /// or `CLIPVisionModelWithProjection`; `config.json`, safetensors,
-    /// `preprocessor_config.json`).
+    /// The CLIP checkpoint (`CLIPModel` or `CLIPVisionModelWithProjection`; `config.json`,
+    /// safetensors, `preprocessor_config.json`): a registered model's name or manifest hash
+    /// (`twin models add`), or an absolute directory path on the executor.
     pub model: String,
+    /// Set by the server at submission when `model` names a registered model: its manifest hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub model_manifest: Option<BlobHash>,
     #[serde(default)]
     pub device: ComputeDevice,
     /// Images per forward pass.
@@ -312,6 +316,11 @@ pub struct FilterSummary {
 pub struct MineOutput {
     /// SHA-256 over the checkpoint's weight files: the key of the embeddings.
     pub model_hash: String,
+    /// The manifest of the checkpoint's files as loaded: the registered model's, or (for a
+    /// directory path) one the executor wrote and uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub model_manifest: Option<BlobHash>,
     /// Embedding blob (see the executor's `embeddings` module for the format).
     #[schema(value_type = String)]
     pub embeddings: BlobHash,

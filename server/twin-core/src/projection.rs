@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use crate::event::{Event, ModuleRegistered, RecordedEvent};
+use crate::event::{Event, ModelRegistered, ModuleRegistered, RecordedEvent};
 use crate::ids::{BlobHash, DatasetId, ExperimentId, JobId, Millis, StreamName};
 use crate::job::{JobState, JobStatus};
 use crate::mine::Verdict;
@@ -68,6 +68,16 @@ pub struct ModuleInfo {
     pub aliases: Vec<String>,
 }
 
+/// A registered model and the names that point at it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ModelInfo {
+    #[serde(flatten)]
+    pub model: ModelRegistered,
+    pub registered_by: String,
+    pub registered_at: Millis,
+    pub aliases: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Producer {
     pub seq: u64,
@@ -89,6 +99,12 @@ pub struct Projections {
     pub aliases: BTreeMap<String, BlobHash>,
     /// Registry name → version of its `module/<name>` stream (for optimistic switches).
     pub alias_versions: BTreeMap<String, u64>,
+    /// Registered models by manifest hash.
+    pub models: BTreeMap<BlobHash, ModelInfo>,
+    /// Model name → manifest hash.
+    pub model_aliases: BTreeMap<String, BlobHash>,
+    /// Model name → version of its `model/<name>` stream.
+    pub model_alias_versions: BTreeMap<String, u64>,
     /// Built datasets by manifest hash.
     pub built: BTreeMap<BlobHash, BuiltDataset>,
     /// Mine job → candidate pair id → latest review.
@@ -107,6 +123,9 @@ pub struct Lineage {
     pub job: Option<JobState>,
     pub experiment: Option<Experiment>,
     pub datasets: Vec<Dataset>,
+    /// Registered models among the blobs (the job's checkpoint, with its files), or the model
+    /// the target is (a manifest) or belongs to (one of its files).
+    pub models: Vec<ModelInfo>,
     /// Blobs the job's spec or results refer to.
     pub blobs: Vec<BlobHash>,
 }
@@ -131,6 +150,7 @@ impl Projections {
                 Event::DatasetRegistered(d) => format!("dataset:{}", d.id),
                 Event::DatasetBuilt(d) => format!("dataset:{}", d.id),
                 Event::ModuleRegistered(m) => format!("module:{}", m.name),
+                Event::ModelRegistered(m) => format!("model:{}", m.hash),
                 _ => "result".to_owned(),
             };
             self.producers.entry(blob).or_insert(Producer {
@@ -247,6 +267,37 @@ impl Projections {
                     info.aliases.sort();
                 }
             }
+            (Event::ModelRegistered(m), Ok(StreamName::Model(_))) => {
+                self.note_blobs(rec, m.job.as_ref());
+                let aliases = self
+                    .model_aliases
+                    .iter()
+                    .filter(|(_, h)| **h == m.hash)
+                    .map(|(a, _)| a.clone())
+                    .collect();
+                self.models.insert(
+                    m.hash,
+                    ModelInfo {
+                        model: m.clone(),
+                        registered_by: rec.actor.clone(),
+                        registered_at: rec.ts,
+                        aliases,
+                    },
+                );
+            }
+            (Event::ModelAliasSet(a), Ok(StreamName::Model(_))) => {
+                self.model_alias_versions
+                    .insert(a.alias.clone(), rec.stream_version);
+                if let Some(prev) = self.model_aliases.insert(a.alias.clone(), a.hash)
+                    && let Some(info) = self.models.get_mut(&prev)
+                {
+                    info.aliases.retain(|x| x != &a.alias);
+                }
+                if let Some(info) = self.models.get_mut(&a.hash) {
+                    info.aliases.push(a.alias.clone());
+                    info.aliases.sort();
+                }
+            }
             (event, Ok(StreamName::Job(id))) => {
                 self.note_blobs(rec, Some(&id));
                 match self.jobs.get_mut(&id) {
@@ -306,6 +357,15 @@ impl Projections {
         self.modules.get(&hash)
     }
 
+    /// The model a job reference names: a model name or a registered manifest hash.
+    pub fn resolve_model(&self, reference: &str) -> Option<&ModelInfo> {
+        let hash = match reference.parse::<BlobHash>() {
+            Ok(h) => h,
+            Err(_) => *self.model_aliases.get(reference)?,
+        };
+        self.models.get(&hash)
+    }
+
     pub fn lineage(&self, target: &str) -> Option<Lineage> {
         let (producer, job_id) = match target.parse::<BlobHash>() {
             Ok(hash) => {
@@ -349,12 +409,25 @@ impl Projections {
             .collect();
         blobs.sort();
         blobs.dedup();
+        let target_hash = target.parse::<BlobHash>().ok();
+        let models = self
+            .models
+            .values()
+            .filter(|m| {
+                blobs.contains(&m.model.hash)
+                    || target_hash.is_some_and(|t| {
+                        t == m.model.hash || m.model.files.iter().any(|f| f.sha256 == t)
+                    })
+            })
+            .cloned()
+            .collect();
         Some(Lineage {
             target: target.to_owned(),
             producer,
             job,
             experiment,
             datasets,
+            models,
             blobs,
         })
     }

@@ -85,9 +85,21 @@ impl JobKind {
     pub fn host_path_fields(self) -> &'static [&'static str] {
         match self {
             JobKind::Ingest => &["spec.source.dir", "spec.source.manifest"],
-            JobKind::Mine => &["spec.model"],
-            JobKind::Eval => &["spec.model", "spec.data.questions"],
+            JobKind::Mine => &[],
+            JobKind::Eval => &["spec.data.questions"],
             JobKind::BuildDataset | JobKind::Score => &[],
+            JobKind::Synthesize | JobKind::Train => &[],
+        }
+    }
+
+    /// The submission fields that name a model: a registered one by name or manifest hash
+    /// (pinned to the hash at submission), or a checkpoint directory on the executor, told apart
+    /// by [`crate::model::ModelRef::parse`]. A path is checked and resolved as the
+    /// [`JobKind::host_path_fields`] are.
+    pub fn model_fields(self) -> &'static [&'static str] {
+        match self {
+            JobKind::Mine | JobKind::Eval => &["spec.model"],
+            JobKind::Ingest | JobKind::BuildDataset | JobKind::Score => &[],
             JobKind::Synthesize | JobKind::Train => &[],
         }
     }
@@ -141,6 +153,7 @@ impl JobSpec {
             JobSpec::Mine(m) => m
                 .manifest
                 .into_iter()
+                .chain(m.model_manifest)
                 .chain(m.filters.iter().filter_map(|f| f.module_hash))
                 .collect(),
             JobSpec::BuildDataset(b) => b
@@ -304,6 +317,11 @@ impl JobSubmission {
                 check_host_path(field, path)?;
             }
         }
+        for field in kind.model_fields() {
+            if let Some(model) = value.pointer(&field_pointer(field)) {
+                check_model_ref(field, model)?;
+            }
+        }
         let submission: JobSubmission = serde_path_to_error::deserialize(&value).map_err(|e| {
             let path = e.path().to_string();
             let message = e.into_inner().to_string();
@@ -384,6 +402,33 @@ fn check_host_path(field: &str, path: &serde_json::Value) -> Result<(), SpecErro
         ));
     }
     Ok(())
+}
+
+fn check_model_ref(field: &str, value: &serde_json::Value) -> Result<(), SpecError> {
+    let Some(model) = value.as_str() else {
+        return Err(SpecError::invalid(
+            field,
+            "expected a string (a registered model's name or hash, or a path)",
+        ));
+    };
+    if model.is_empty() {
+        return Err(SpecError::invalid(field, "must not be empty"));
+    }
+    match crate::model::ModelRef::parse(model) {
+        crate::model::ModelRef::Path(_) => check_host_path(field, value),
+        crate::model::ModelRef::Registered(r)
+            if r.parse::<BlobHash>().is_ok() || crate::model::valid_model_name(r) =>
+        {
+            Ok(())
+        }
+        crate::model::ModelRef::Registered(r) => Err(SpecError::invalid(
+            field,
+            format!(
+                "`{r}` is neither a model name (a-z, 0-9, `-`, `_`, `.`), a manifest hash nor a \
+                 path (a path has a `/`: write `./{r}` for a directory beside the spec)"
+            ),
+        )),
+    }
 }
 
 /// The error of reading `spec` (without its `kind`) as `kind`'s spec, at its path under `spec`.
@@ -518,6 +563,31 @@ mod tests {
                     uses > 0,
                     "{field} ({kind}) is in no example: is it a field?"
                 );
+            }
+            for field in kind.model_fields() {
+                let pointer = field_pointer(field);
+                let mut uses = 0;
+                for example in &examples {
+                    let mut named = example.clone();
+                    if named.pointer(&pointer).is_none() {
+                        continue;
+                    }
+                    uses += 1;
+                    for ok in ["clip-b32", "ab".repeat(32).as_str(), "/abs/clip"] {
+                        *named.pointer_mut(&pointer).expect("found") = json!(ok);
+                        check(named.clone(), Ok(()));
+                    }
+                    for (bad, message) in [
+                        ("models/clip", "must be an absolute path"),
+                        ("./clip", "must be an absolute path"),
+                        ("Bad Name", "`Bad Name` is neither a model name"),
+                        ("", "must not be empty"),
+                    ] {
+                        *named.pointer_mut(&pointer).expect("found") = json!(bad);
+                        check(named.clone(), Err(&format!("{field}: {message}")));
+                    }
+                }
+                assert!(uses > 0, "{field} ({kind}) is in no example");
             }
         }
     }

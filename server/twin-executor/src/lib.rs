@@ -10,7 +10,7 @@ mod runtime;
 
 pub use runtime::{Executor, ExecutorConfig};
 pub use twin_stage::{
-    CacheStats, ModelCache, ModelKey, Stage, StageBackend, StageContext, StageError,
+    CacheStats, ModelCache, ModelKey, ModelStore, Stage, StageBackend, StageContext, StageError,
 };
 #[cfg(feature = "data")]
 pub use twin_stage_data::{BuildDatasetStage, IngestStage, ScoreStage};
@@ -22,14 +22,15 @@ pub use twin_stage_mine::{EmbeddingTable, MineStage, embeddings};
 use std::sync::Arc;
 
 /// Every stage this build has, all sharing `models` (one cache per executor, so a model one stage
-/// loaded counts against the budget another stage's model needs). `plugins` runs the Wasm modules
-/// of `score`, `mine` and `eval` jobs.
+/// loaded counts against the budget another stage's model needs) and `store` (registered models
+/// on disk). `plugins` runs the Wasm modules of `score`, `mine` and `eval` jobs.
 pub fn default_stages(
     plugins: Arc<twin_plugins::Host>,
     models: Arc<ModelCache>,
+    store: Arc<ModelStore>,
 ) -> Vec<Arc<dyn Stage>> {
-    // A build without the families that use them has no use for the host or the cache.
-    let _ = (&plugins, &models);
+    // A build without the families that use them has no use for the host or the caches.
+    let _ = (&plugins, &models, &store);
     vec![
         #[cfg(feature = "data")]
         Arc::new(IngestStage),
@@ -38,9 +39,17 @@ pub fn default_stages(
         #[cfg(feature = "data")]
         Arc::new(BuildDatasetStage),
         #[cfg(feature = "mine")]
-        Arc::new(MineStage::new(plugins.clone(), models.clone())),
+        Arc::new(MineStage::new(
+            plugins.clone(),
+            models.clone(),
+            store.clone(),
+        )),
         #[cfg(feature = "eval")]
-        Arc::new(EvalStage::new(plugins.clone(), models.clone())),
+        Arc::new(EvalStage::new(
+            plugins.clone(),
+            models.clone(),
+            store.clone(),
+        )),
     ]
 }
 
@@ -53,7 +62,9 @@ mod tests {
     fn the_stages_of_this_build_share_one_model_cache() {
         let host = Arc::new(twin_plugins::Host::new(twin_plugins::HostConfig::default()).unwrap());
         let models = Arc::new(ModelCache::new(1 << 20));
-        let stages = default_stages(host, models.clone());
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(ModelStore::open(tmp.path(), 1 << 20).unwrap());
+        let stages = default_stages(host, models.clone(), store);
         let kinds: Vec<JobKind> = stages.iter().map(|s| s.kind()).collect();
         let mut want = Vec::new();
         if cfg!(feature = "data") {

@@ -15,6 +15,7 @@ use crate::service::Service;
 impl Service {
     /// Pins the built dataset and the scorer modules, and checks the device.
     pub(crate) fn resolve_eval(&self, spec: &mut EvalSpec) -> Result<(), ApiError> {
+        spec.model_manifest = self.pin_model("spec.model", &spec.model)?;
         if let EvalData::Built(reference) = &spec.data {
             let built = self
                 .read(|p| p.resolve_built(reference).cloned())

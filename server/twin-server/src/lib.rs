@@ -10,8 +10,10 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod gc;
 pub mod metrics;
 pub mod mining;
+pub mod models;
 pub mod reaper;
 pub mod service;
 pub mod supervisor;
@@ -155,6 +157,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
                 gpus: config.executor.gpus,
                 labels: config.executor.labels.clone(),
                 module_cache: cache,
+                model_store: config.data_dir.join("model-store"),
             };
             let grace = Duration::from_millis(config.executor.stop_grace_ms);
             Some(tokio::spawn(supervisor::supervise(

@@ -80,6 +80,7 @@ fn status_of(
 impl Service {
     /// Pins the filters' modules, checks their kind and capabilities, and pins the dataset.
     pub(crate) fn resolve_mine(&self, spec: &mut MineSpec) -> Result<(), ApiError> {
+        spec.model_manifest = self.pin_model("spec.model", &spec.model)?;
         let (id, manifest) = self.pin_dataset(&spec.dataset)?;
         spec.dataset_id = Some(id);
         spec.manifest = Some(manifest);

@@ -55,7 +55,7 @@ pub struct ExecutorSeen {
 }
 
 pub struct Service {
-    log: Log,
+    pub(crate) log: Log,
     pub blobs: BlobStore,
     state: Arc<RwLock<Projections>>,
     /// Held jobs' lease deadlines, with the epoch each belongs to.

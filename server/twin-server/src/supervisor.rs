@@ -33,6 +33,9 @@ pub struct ChildSpec {
     pub labels: Vec<String>,
     /// Where the child caches compiled Wasm modules.
     pub module_cache: PathBuf,
+    /// Where the child keeps registered models it fetched (beside the data, not in the user's
+    /// cache: the server's data directory is what its operator sized).
+    pub model_store: PathBuf,
 }
 
 /// Restart pacing: the first restart waits `BACKOFF_INITIAL`, doubling to `BACKOFF_MAX`; a child
@@ -92,6 +95,8 @@ impl ChildSpec {
             .arg(&self.name)
             .arg("--module-cache")
             .arg(&self.module_cache)
+            .arg("--model-store")
+            .arg(&self.model_store)
             .arg("--parent-pid")
             .arg(std::process::id().to_string());
         if let Some(t) = &self.token_file {

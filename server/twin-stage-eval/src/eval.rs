@@ -52,7 +52,9 @@ use twin_ml::qwen::{
 };
 use twin_ml::tch::Device;
 use twin_plugins::{Host, Module, PluginError, QuestionType, Rollout};
-use twin_stage::{CachedModel, JsonLines, ModelCache, ModelKey, Stage, StageContext, StageError};
+use twin_stage::{
+    CachedModel, JsonLines, ModelCache, ModelKey, ModelStore, Stage, StageContext, StageError,
+};
 
 const ANSWERS: &str = "answers";
 const SAMPLES: &str = "samples";
@@ -77,11 +79,16 @@ pub(crate) struct Qwen {
 pub struct EvalStage {
     host: Arc<Host>,
     models: Arc<ModelCache>,
+    store: Arc<ModelStore>,
 }
 
 impl EvalStage {
-    pub fn new(host: Arc<Host>, models: Arc<ModelCache>) -> Self {
-        Self { host, models }
+    pub fn new(host: Arc<Host>, models: Arc<ModelCache>, store: Arc<ModelStore>) -> Self {
+        Self {
+            host,
+            models,
+            store,
+        }
     }
 
     fn key(dir: &str, device: &JobDevice) -> ModelKey {
@@ -612,6 +619,7 @@ pub(crate) fn summarise(
 ) -> EvalOutput {
     EvalOutput {
         model_hash,
+        model_manifest: None,
         device,
         questions: samples.len() as u64,
         subsets: subset_metrics(
@@ -714,6 +722,9 @@ impl Stage for EvalStage {
         };
         let device =
             twin_ml::device::for_job(spec.device).map_err(|e| ml_failure("spec.device", e))?;
+        // Held to the end: the store keeps the model's files while the job may still load them.
+        let checkpoint = self.store.resolve(ctx, &spec.model, spec.model_manifest)?;
+        let model_dir = checkpoint.dir.to_string_lossy().into_owned();
         let questions = self.questions(spec, ctx)?;
         let scorers = self.scorers(spec, ctx)?;
         ctx.plan(&PLAN)?;
@@ -726,7 +737,7 @@ impl Stage for EvalStage {
             ANSWERS,
             JsonLines,
             |recorded: &Vec<Generation>| {
-                let hash = self.weights_hash(&spec.model, &device)?;
+                let hash = self.weights_hash(&model_dir, &device)?;
                 let answered: HashSet<&str> = recorded
                     .iter()
                     .filter(|g| g.model_hash == hash)
@@ -735,7 +746,7 @@ impl Stage for EvalStage {
                 Ok(questions.iter().all(|q| answered.contains(q.id.as_str())))
             },
             |p| {
-                let qwen = self.qwen(&spec.model, &device)?;
+                let qwen = self.qwen(&model_dir, &device)?;
                 ctx.note(&qwen.note());
                 let asked: HashSet<&str> = questions.iter().map(|q| q.id.as_str()).collect();
                 // A checkpoint's answers of other weights (the directory changed between
@@ -791,7 +802,7 @@ impl Stage for EvalStage {
         // Every answer is of one model: the weights the phase checked or loaded.
         let model_hash = match answers.value.first() {
             Some(g) => g.model_hash.clone(),
-            None => self.weights_hash(&spec.model, &device)?,
+            None => self.weights_hash(&model_dir, &device)?,
         };
         let answers: HashMap<String, Generation> = answers
             .value
@@ -833,7 +844,7 @@ impl Stage for EvalStage {
                 })
                 .collect();
         }
-        Ok(JobOutput::Eval(summarise(
+        let mut output = summarise(
             &samples.value,
             model_hash,
             device.name,
@@ -841,7 +852,9 @@ impl Stage for EvalStage {
             summaries,
             resumed as u64,
             started,
-        )))
+        );
+        output.model_manifest = Some(checkpoint.manifest);
+        Ok(JobOutput::Eval(output))
     }
 }
 
@@ -964,7 +977,9 @@ mod tests {
                 "multi": {"module": "fgvqa-multi", "module_hash": multi.to_hex()},
             },
         }));
-        (EvalStage::new(host, models.clone()), backend, job)
+        let store = model.parent().expect("in a directory").join("model-store");
+        let store = Arc::new(ModelStore::open(store, 1 << 30).unwrap());
+        (EvalStage::new(host, models.clone(), store), backend, job)
     }
 
     fn evaluated(out: JobOutput) -> EvalOutput {

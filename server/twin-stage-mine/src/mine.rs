@@ -34,8 +34,8 @@ use twin_ml::index::{
 use twin_ml::tch::Device;
 use twin_plugins::{CandidatePair, Host, PluginError};
 use twin_stage::{
-    CachedModel, Codec, Json, JsonLines, ModelCache, ModelKey, Phase, Stage, StageContext,
-    StageError,
+    CachedModel, Codec, Json, JsonLines, ModelCache, ModelKey, ModelStore, Phase, Stage,
+    StageContext, StageError,
 };
 
 use crate::embeddings::EmbeddingTable;
@@ -63,11 +63,16 @@ struct Clip {
 pub struct MineStage {
     host: Arc<Host>,
     models: Arc<ModelCache>,
+    store: Arc<ModelStore>,
 }
 
 impl MineStage {
-    pub fn new(host: Arc<Host>, models: Arc<ModelCache>) -> Self {
-        Self { host, models }
+    pub fn new(host: Arc<Host>, models: Arc<ModelCache>, store: Arc<ModelStore>) -> Self {
+        Self {
+            host,
+            models,
+            store,
+        }
     }
 
     /// The image tower of the checkpoint at `dir` on `device`, from the cache or loaded.
@@ -173,6 +178,9 @@ impl Stage for MineStage {
         }
         let device =
             twin_ml::device::for_job(spec.device).map_err(|e| ml_failure("spec.device", e))?;
+        // Held to the end: the store keeps the model's files while the job may still load them.
+        let checkpoint = self.store.resolve(ctx, &spec.model, spec.model_manifest)?;
+        let model_dir = checkpoint.dir.to_string_lossy().into_owned();
         ctx.plan(&PLAN)?;
         let mut timings = BTreeMap::new();
 
@@ -183,7 +191,7 @@ impl Stage for MineStage {
             EMBEDDINGS,
             twin_stage::codec::custom(EmbeddingTable::encode, EmbeddingTable::decode),
             |p| {
-                let clip = self.clip(&spec.model, &device)?;
+                let clip = self.clip(&model_dir, &device)?;
                 ctx.note(&clip.note());
                 let (table, s, r) = embed(spec, &entries, &clip, ctx, p)?;
                 (skipped, reused) = (s, r);
@@ -226,6 +234,7 @@ impl Stage for MineStage {
         let auto_accepted = candidates.value.iter().filter(|c| c.auto_accepted).count() as u64;
         Ok(JobOutput::Mine(MineOutput {
             model_hash: table.model_hash.clone(),
+            model_manifest: Some(checkpoint.manifest),
             embeddings: embeddings.blob,
             candidates: candidates.blob,
             images: entries.len() as u64,
@@ -713,7 +722,8 @@ mod tests {
             .unwrap();
         let host = Arc::new(Host::new(twin_plugins::HostConfig::default()).unwrap());
         let models = Arc::new(ModelCache::new(1 << 30));
-        let stage = MineStage::new(host, models.clone());
+        let store = Arc::new(ModelStore::open(tmp.path().join("store"), 1 << 30).unwrap());
+        let stage = MineStage::new(host, models.clone(), store);
         let spec = |manifest: BlobHash| {
             job(serde_json::json!({
                 "kind": "mine", "dataset": "d", "manifest": manifest.to_hex(),
@@ -785,7 +795,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("config.json"), "{}").unwrap();
         let host = Arc::new(Host::new(twin_plugins::HostConfig::default()).unwrap());
-        let stage = MineStage::new(host, Arc::new(ModelCache::new(1 << 30)));
+        let store_dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ModelStore::open(store_dir.path(), 1 << 30).unwrap());
+        let stage = MineStage::new(host, Arc::new(ModelCache::new(1 << 30)), store);
         let backend = MemoryBackend::new();
         let job = job(serde_json::json!({
             "kind": "mine", "dataset": "d", "manifest": dataset(&backend).to_hex(),

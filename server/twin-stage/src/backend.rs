@@ -19,6 +19,20 @@ pub trait StageBackend: Send + Sync {
     fn upload(&self, bytes: Vec<u8>) -> Result<BlobHash, StageError>;
     /// Fetches a blob, its hash checked.
     fn download(&self, hash: &BlobHash) -> Result<Bytes, StageError>;
+    /// Streams a blob into a file, its hash checked (a checkpoint never sits in memory). The
+    /// default reads it whole: fine for test backends.
+    fn download_to_file(&self, hash: &BlobHash, dest: &std::path::Path) -> Result<u64, StageError> {
+        let bytes = self.download(hash)?;
+        std::fs::write(dest, &bytes)
+            .map_err(|e| StageError::internal(format!("writing {}: {e}", dest.display())))?;
+        Ok(bytes.len() as u64)
+    }
+    /// Stores a file's bytes, streamed; returns their hash.
+    fn upload_file(&self, path: &std::path::Path) -> Result<BlobHash, StageError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| StageError::internal(format!("reading {}: {e}", path.display())))?;
+        self.upload(bytes)
+    }
     /// Records `blob` as this attempt's artefact `name`.
     fn record_artefact(&self, name: &str, blob: BlobHash) -> Result<(), StageError>;
     fn progress(
@@ -78,6 +92,19 @@ impl StageBackend for HttpBackend {
         self.rt
             .block_on(self.client.get_blob(hash))
             .map_err(|e| client_error(e).context(format!("blob {hash}")))
+    }
+
+    fn download_to_file(&self, hash: &BlobHash, dest: &std::path::Path) -> Result<u64, StageError> {
+        self.rt
+            .block_on(self.client.download_to_file(hash, dest))
+            .map_err(|e| client_error(e).context(format!("blob {hash}")))
+    }
+
+    fn upload_file(&self, path: &std::path::Path) -> Result<BlobHash, StageError> {
+        self.rt
+            .block_on(self.client.upload_file(path))
+            .map(|stored| stored.hash)
+            .map_err(|e| client_error(e).context(format!("uploading {}", path.display())))
     }
 
     fn record_artefact(&self, name: &str, blob: BlobHash) -> Result<(), StageError> {

@@ -122,6 +122,20 @@ impl StageContext {
         self.backend.download(hash)
     }
 
+    /// Streams a blob from the server into a file (its hash checked).
+    pub fn download_to_file(
+        &self,
+        hash: &BlobHash,
+        dest: &std::path::Path,
+    ) -> Result<u64, StageError> {
+        self.backend.download_to_file(hash, dest)
+    }
+
+    /// Streams a file into the server's blob store.
+    pub fn upload_file(&self, path: &std::path::Path) -> Result<BlobHash, StageError> {
+        self.backend.upload_file(path)
+    }
+
     /// Jobs on the server (to find reusable results of earlier jobs).
     pub fn jobs(&self, filter: &JobFilter) -> Result<Vec<JobState>, StageError> {
         self.backend.jobs(filter)

@@ -12,6 +12,7 @@ pub mod codec;
 mod context;
 mod error;
 pub mod fault;
+mod model_store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
@@ -20,6 +21,7 @@ pub use cache::{CacheStats, CachedModel, ModelCache, ModelKey};
 pub use codec::{Codec, Json, JsonLines};
 pub use context::{CHECKPOINT_EVERY_ENV, Phase, PhaseOutput, StageContext, partial_name};
 pub use error::StageError;
+pub use model_store::{Fetch, ModelStore, ResolvedModel, StoredModel};
 
 use twin_core::JobKind;
 use twin_core::event::JobOutput;

@@ -140,7 +140,15 @@ impl ExecutorProcess {
 
     /// Starts an executor with extra flags and environment variables.
     pub fn start_with_args(server: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let child = Command::new(bin("twin-executor"))
+        let mut cmd = Command::new(bin("twin-executor"));
+        if !args.contains(&"--model-store") {
+            // Not the user's cache: a store of this test run's own.
+            cmd.env(
+                "TWIN_MODEL_STORE",
+                std::env::temp_dir().join(format!("twin-e2e-model-store-{}", std::process::id())),
+            );
+        }
+        let child = cmd
             .args(["--server", server, "--name", name])
             .args(args)
             .envs(env.iter().copied())

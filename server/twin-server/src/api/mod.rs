@@ -9,6 +9,7 @@ mod events;
 mod executors;
 mod experiments;
 mod jobs;
+mod models;
 mod modules;
 mod responses;
 mod review;
@@ -143,6 +144,7 @@ fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
             .configure(blobs::configure)
             .configure(uploads::configure)
             .configure(modules::configure)
+            .configure(models::configure)
             .configure(review::configure),
     );
 }

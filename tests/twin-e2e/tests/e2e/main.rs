@@ -10,6 +10,7 @@ mod executor;
 mod leases;
 mod mining;
 mod model;
+mod models;
 mod modules;
 
 use std::path::{Path, PathBuf};

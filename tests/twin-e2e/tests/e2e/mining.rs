@@ -41,7 +41,7 @@ pub(crate) fn write(dir: &Path, name: &str, spec: serde_json::Value) -> String {
 }
 
 /// Ingests a fresh sample set as `dataset` and registers the two filters.
-fn prepare(tmp: &Path, url: &str, dataset: &str) -> PathBuf {
+pub(crate) fn prepare(tmp: &Path, url: &str, dataset: &str) -> PathBuf {
     let images = tmp.join("images");
     crate::sample(
         &images,
@@ -84,7 +84,13 @@ fn prepare(tmp: &Path, url: &str, dataset: &str) -> PathBuf {
     tiny_clip(tmp)
 }
 
-fn mine_spec(dataset: &str, model: &Path, extra: serde_json::Value) -> serde_json::Value {
+/// A mine submission; `model` is a checkpoint path or a registered model's name.
+pub(crate) fn mine_spec(
+    dataset: &str,
+    model: impl AsRef<std::ffi::OsStr>,
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let model = model.as_ref().to_str().unwrap();
     let mut spec = serde_json::json!({
         "kind": "mine",
         "dataset": dataset,

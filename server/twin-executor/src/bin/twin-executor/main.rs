@@ -63,6 +63,13 @@ struct RunArgs {
     /// Bytes of models kept loaded per device between jobs (least recently used evicted first).
     #[arg(long, env = "TWIN_MODEL_CACHE_BYTES", default_value_t = twin_executor::ExecutorConfig::DEFAULT_MODEL_CACHE_BYTES)]
     model_cache_bytes: u64,
+    /// Where registered models are kept on disk, fetched by hash (shareable by executors on
+    /// one machine; default: `$XDG_CACHE_HOME/twin/models`, or `~/.cache/twin/models`).
+    #[arg(long, env = "TWIN_MODEL_STORE")]
+    model_store: Option<PathBuf>,
+    /// Bytes of model files the model store may hold (least recently used models evicted).
+    #[arg(long, env = "TWIN_MODEL_STORE_BYTES", default_value_t = DEFAULT_MODEL_STORE_BYTES)]
+    model_store_bytes: u64,
     /// Exit after this many seconds without a job (for batch systems that bill idle time).
     #[arg(long, value_name = "SECS")]
     exit_when_idle: Option<u64>,
@@ -101,6 +108,17 @@ fn init_logging(format: LogFormat) {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// 200 GiB: a few checkpoints of the recipe's sizes (7–15 GB each) with room to spare.
+const DEFAULT_MODEL_STORE_BYTES: u64 = 200 << 30;
+
+fn default_model_store() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("twin/models")
 }
 
 /// Reads the execute token from `path`, refusing a file that group or others can read: a token
@@ -196,7 +214,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         model_cache_bytes: args.model_cache_bytes,
         exit_when_idle: args.exit_when_idle.map(Duration::from_secs),
     };
-    let stages = twin_executor::default_stages(plugins, config.model_cache());
+    let store_dir = args.model_store.unwrap_or_else(default_model_store);
+    let store = twin_executor::ModelStore::open(&store_dir, args.model_store_bytes)
+        .map_err(|e| anyhow::anyhow!("--model-store {}: {}", store_dir.display(), e.message))?;
+    let stages =
+        twin_executor::default_stages(plugins, config.model_cache(), std::sync::Arc::new(store));
     let exec = twin_executor::Executor::new(config, stages)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut task = tokio::spawn(exec.run(stop_rx));
@@ -315,15 +337,48 @@ enum ModelCommand {
 }
 
 #[cfg(any(feature = "mine", feature = "eval"))]
+/// The `twin models add` command that registers a checkpoint just written, named after its
+/// directory when that makes a valid model name.
+#[cfg(any(feature = "mine", feature = "eval"))]
+fn models_add_line(dir: &Path) -> String {
+    let name: String = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let name = if twin_core::model::valid_model_name(&name) {
+        name
+    } else {
+        "NAME".to_owned()
+    };
+    let shown = dir.display().to_string();
+    let quoted = if shown.contains(|c: char| c.is_whitespace() || "'\"$`\\".contains(c)) {
+        format!("'{}'", shown.replace('\'', "'\\''"))
+    } else {
+        shown
+    };
+    format!("twin models add {quoted} --name {name}")
+}
+
 fn model_command(command: ModelCommand) -> anyhow::Result<()> {
     match command {
         ModelCommand::InitClip { dir, preset, seed } => {
             let hash = model::init_clip(&dir, preset, seed)?;
             println!("wrote {} (weights {hash})", dir.display());
+            println!("register it: {}", models_add_line(&dir));
         }
         ModelCommand::InitQwen { dir, preset, seed } => {
             let hash = model::init_qwen(&dir, preset, seed)?;
             println!("wrote {} (weights {hash})", dir.display());
+            println!("register it: {}", models_add_line(&dir));
         }
         ModelCommand::Info { dir } => {
             let info = model::info(&dir)?;
