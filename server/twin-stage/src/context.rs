@@ -316,6 +316,10 @@ impl StageContext {
     }
 
     fn send(&self, message: &str, fraction: Option<f64>, counters: &BTreeMap<String, f64>) {
+        // Phase weights summed in floating point can end a hair past 1; the server refuses that.
+        let fraction = fraction
+            .filter(|f| f.is_finite())
+            .map(|f| f.clamp(0.0, 1.0));
         if let Err(e) = self.backend.progress(message, fraction, counters) {
             tracing::warn!(error = %e, "progress not recorded");
         }

@@ -24,6 +24,14 @@ fn a_registered_model_is_pinned_fetched_by_hash_and_reaches_the_lineage() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&tmp.path().join("data"), &["--no-executor"]);
     let url = server.url.as_str();
+    // An executor with a model store of its own, which the client never writes to.
+    let store = tmp.path().join("store");
+    let _executor = ExecutorProcess::start_with_args(
+        url,
+        "remote",
+        &["--model-store", store.to_str().unwrap()],
+        &[],
+    );
     let clip = prepare(tmp.path(), url, "sample");
 
     let info = ok_json(&[
@@ -58,13 +66,6 @@ fn a_registered_model_is_pinned_fetched_by_hash_and_reaches_the_lineage() {
 
     // The client's copy is gone: the executor can only have it from the server, by hash.
     std::fs::remove_dir_all(&clip).unwrap();
-    let store = tmp.path().join("store");
-    let executor = ExecutorProcess::start_with_args(
-        url,
-        "remote",
-        &["--model-store", store.to_str().unwrap()],
-        &[],
-    );
     let spec = write(
         tmp.path(),
         "mine.json",
@@ -132,19 +133,22 @@ fn a_registered_model_is_pinned_fetched_by_hash_and_reaches_the_lineage() {
     assert!(!out.status.success(), "the stray blob is gone");
 
     // The model survived collection: a fresh store fetches it again and mines with it.
-    drop(executor);
+    // On an executor with an empty store (the job requires its label), named by hash this time.
     let store2 = tmp.path().join("store2");
-    let _executor = ExecutorProcess::start_with_args(
+    let _second = ExecutorProcess::start_with_args(
         url,
         "remote-2",
-        &["--model-store", store2.to_str().unwrap()],
+        &[
+            "--model-store",
+            store2.to_str().unwrap(),
+            "--label",
+            "second",
+        ],
         &[],
     );
-    let spec = write(
-        tmp.path(),
-        "mine2.json",
-        mine_spec("sample", &hash, serde_json::json!({"k": 2})),
-    );
+    let mut submission = mine_spec("sample", &hash, serde_json::json!({"k": 2}));
+    submission["requirements"] = serde_json::json!({"labels": ["second"]});
+    let spec = write(tmp.path(), "mine2.json", submission);
     let job = ok_json(&["--server", url, "--json", "submit", &spec, "--wait"]);
     assert_eq!(job["status"], "succeeded", "{job:#}");
     assert!(store2.join("models").join(&hash).is_dir());
