@@ -37,8 +37,11 @@ pub struct ModelStore {
     budget: u64,
     /// Manifests of local directories, by path, with the (size, mtime) of each file when hashed:
     /// a directory is re-hashed only when a file changed.
-    local: Mutex<HashMap<PathBuf, (Vec<(u64, i128)>, LocalModel)>>,
+    local: Mutex<HashMap<PathBuf, (Vec<FileStamp>, LocalModel)>>,
 }
+
+/// A file's size and modification time (ns): what says it may have changed.
+type FileStamp = (u64, i128);
 
 /// A model on disk, held (shared lock) so no executor evicts it while this lives.
 #[derive(Debug)]
@@ -393,7 +396,7 @@ impl ModelStore {
     /// The manifest of a checkpoint directory on this machine (a job that names a path), hashed
     /// once and again only when a file's size or modification time changes.
     pub fn local_manifest(&self, dir: &Path) -> Result<ModelManifest, StageError> {
-        let stamp = |local: &LocalModel| -> Option<Vec<(u64, i128)>> {
+        let stamp = |local: &LocalModel| -> Option<Vec<FileStamp>> {
             local
                 .paths
                 .iter()
