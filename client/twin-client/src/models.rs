@@ -162,7 +162,9 @@ impl Client {
                 continue;
             }
             on_upload(&file.path, file.size);
-            let stored = self.upload_file(path).await?;
+            let stored = self
+                .upload_file_as(path, file.sha256, file.size, &mut |_| {})
+                .await?;
             if stored.hash != file.sha256 {
                 return Err(ClientError::Protocol {
                     url: self.base_url().to_owned(),

@@ -214,7 +214,20 @@ impl Client {
         let (hasher, bytes) = hash_file(path, u64::MAX)
             .await
             .map_err(|e| local(path, "reading", e))?;
-        let hash = hash_of(hasher);
+        self.upload_file_as(path, hash_of(hasher), bytes, observe)
+            .await
+    }
+
+    /// [`Client::upload_file_observed`] of a file whose hash and length the caller already has
+    /// (a model's files, hashed for its manifest): not read twice. The server checks the hash,
+    /// so a file that changed since is refused, not stored under the wrong name.
+    pub async fn upload_file_as(
+        &self,
+        path: &Path,
+        hash: BlobHash,
+        bytes: u64,
+        observe: &mut dyn FnMut(TransferEvent),
+    ) -> Result<BlobStored, ClientError> {
         let mut backoff = Backoff::new();
         let mut status = loop {
             match self.create_upload(bytes, Some(hash)).await {
