@@ -201,7 +201,10 @@ async fn create_upload(
         ("id" = String, Path, description = "the session's id"),
         ("Upload-Offset" = u64, Header, description = "where this body starts: the session's current offset")
     ),
-    request_body(content = inline(Binary), content_type = "application/offset+octet-stream"),
+    // Documented as plain octet-stream, which client generators understand (openapi-python-client
+    // skips an endpoint whose only body type is tus's `application/offset+octet-stream`);
+    // both are accepted.
+    request_body(content = inline(Binary), content_type = "application/octet-stream"),
     responses(
         (status = 200, body = UploadStatus, description = "the bytes are durable; `blob` is set once the last one arrived"),
         BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable
@@ -231,7 +234,9 @@ async fn append_upload(
     .contains(&essence)
     {
         return Err(ApiError::InvalidBody(
-            "send the bytes as `Content-Type: application/offset+octet-stream`".into(),
+            "send the bytes as `Content-Type: application/octet-stream` (or \
+             `application/offset+octet-stream`)"
+                .into(),
         ));
     }
     let offset: u64 = req
