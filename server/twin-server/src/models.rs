@@ -89,41 +89,26 @@ impl Service {
             value: hash.chars().take(80).collect(),
         })?;
         self.model(&hash.to_hex())?;
-        for _ in 0..8 {
-            let (previous, version) = self.read(|p| {
+        self.point_alias(
+            actor,
+            StreamName::Model(alias.to_owned()),
+            |p| {
                 (
                     p.model_aliases.get(alias).copied(),
                     p.model_alias_versions.get(alias).copied(),
                 )
-            });
-            if previous == Some(hash) {
-                return self.model(&hash.to_hex());
-            }
-            let stream = StreamName::Model(alias.to_owned());
-            let expected = match version {
-                Some(v) => Expected::Version(v),
-                None => Expected::NoStream,
-            };
-            let event = Event::ModelAliasSet(ModelAliasSet {
-                alias: alias.to_owned(),
-                hash,
-                previous,
-            });
-            match self
-                .append(
-                    actor,
-                    vec![(stream.clone(), event)],
-                    vec![(stream.to_string(), expected)],
-                    None,
-                )
-                .await
-            {
-                Ok(_) => return self.model(&hash.to_hex()),
-                Err(ApiError::Conflict(_)) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(ApiError::Conflict(format!("model/{alias}")))
+            },
+            |previous| {
+                Event::ModelAliasSet(ModelAliasSet {
+                    alias: alias.to_owned(),
+                    hash,
+                    previous,
+                })
+            },
+            hash,
+        )
+        .await?;
+        self.model(&hash.to_hex())
     }
 
     /// The manifest hash a job's model field pins, when it names a registered model (a path is

@@ -433,41 +433,63 @@ impl Service {
             value: hash.chars().take(80).collect(),
         })?;
         self.module(&hash.to_hex())?;
-        for _ in 0..8 {
-            let (previous, version) = self.read(|p| {
+        self.point_alias(
+            actor,
+            StreamName::Module(alias.to_owned()),
+            |p| {
                 (
                     p.aliases.get(alias).copied(),
                     p.alias_versions.get(alias).copied(),
                 )
-            });
+            },
+            |previous| {
+                Event::ModuleAliasSet(ModuleAliasSet {
+                    alias: alias.to_owned(),
+                    hash,
+                    previous,
+                })
+            },
+            hash,
+        )
+        .await?;
+        self.module(&hash.to_hex())
+    }
+
+    /// Points a registry name (its own stream) at `hash` with one event, retrying when another
+    /// switch of the same name wins the race. `current` reads what the name points at now and
+    /// its stream's version; `event` makes the switch from the previous target.
+    pub(crate) async fn point_alias(
+        &self,
+        actor: &str,
+        stream: StreamName,
+        current: impl Fn(&Projections) -> (Option<BlobHash>, Option<u64>),
+        event: impl Fn(Option<BlobHash>) -> Event,
+        hash: BlobHash,
+    ) -> Result<(), ApiError> {
+        for _ in 0..8 {
+            let (previous, version) = self.read(&current);
             if previous == Some(hash) {
-                return self.module(&hash.to_hex());
+                return Ok(());
             }
-            let stream = StreamName::Module(alias.to_owned());
             let expected = match version {
                 Some(v) => Expected::Version(v),
                 None => Expected::NoStream,
             };
-            let event = Event::ModuleAliasSet(ModuleAliasSet {
-                alias: alias.to_owned(),
-                hash,
-                previous,
-            });
             match self
                 .append(
                     actor,
-                    vec![(stream.clone(), event)],
+                    vec![(stream.clone(), event(previous))],
                     vec![(stream.to_string(), expected)],
                     None,
                 )
                 .await
             {
-                Ok(_) => return self.module(&hash.to_hex()),
+                Ok(_) => return Ok(()),
                 Err(ApiError::Conflict(_)) => continue,
                 Err(e) => return Err(e),
             }
         }
-        Err(ApiError::Conflict(format!("module/{alias}")))
+        Err(ApiError::Conflict(stream.to_string()))
     }
 
     pub async fn cancel(
