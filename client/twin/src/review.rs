@@ -168,11 +168,46 @@ fn body(verdict: Verdict, a: VerdictArgs) -> ReviewBody {
     }
 }
 
+/// An image path's extension when it is a plain one (`png`, `jpg`), else `img`: the extension
+/// comes from the server and ends up in a local file name.
 fn extension(path: &str) -> &str {
     Path::new(path)
         .extension()
         .and_then(|e| e.to_str())
+        .filter(|e| !e.is_empty() && e.len() <= 10 && e.bytes().all(|b| b.is_ascii_alphanumeric()))
         .unwrap_or("img")
+}
+
+/// A file name the server gave (an export, a pair id) that may be written under the output
+/// directory: one plain component of `A-Za-z0-9`, `-`, `_`, `.`, not hidden, no `..`. Anything
+/// else (`../x`, `/etc/x`, `a/b`) would write outside the directory the user chose.
+fn safe_file_name(name: &str) -> anyhow::Result<&str> {
+    let plain = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && !name.contains("..")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if plain {
+        Ok(name)
+    } else {
+        Err(anyhow::anyhow!(
+            "the server named a file `{}`, which is not a plain file name; refusing to write it",
+            name.chars().take(100).collect::<String>()
+        ))
+    }
+}
+
+/// The blob an export's image reference names, when it has the one form exports write:
+/// `images/<sha256>.<ext>`.
+fn image_reference(file: &str) -> Option<BlobHash> {
+    let name = file.strip_prefix("images/")?;
+    let (hash, ext) = name.split_once('.')?;
+    if ext.is_empty() || ext.len() > 10 || !ext.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    hash.parse().ok()
 }
 
 async fn save_images(
@@ -185,7 +220,8 @@ async fn save_images(
         let v = &c.candidate;
         for (side, img) in [("a", &v.a), ("b", &v.b)] {
             let bytes = client.get_blob(&img.blob).await?;
-            let path = dir.join(format!("{}-{side}.{}", v.id, extension(&img.path)));
+            let id = safe_file_name(&v.id)?;
+            let path = dir.join(format!("{id}-{side}.{}", extension(&img.path)));
             std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
         }
     }
@@ -278,7 +314,7 @@ async fn export(
     std::fs::write(out.join("manifest.json"), &manifest_bytes)?;
     for (name, hash) in exports {
         let bytes = client.get_blob(hash).await?;
-        let path = out.join(name);
+        let path = out.join(safe_file_name(name)?);
         std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
     }
     // The JSONL exports name every image as `images/<sha256>.<ext>`.
@@ -292,11 +328,8 @@ async fn export(
         }
     }
     for file in images {
-        let Some(hash) = file
-            .strip_prefix("images/")
-            .and_then(|f| f.split('.').next())
-            .and_then(|h| h.parse::<BlobHash>().ok())
-        else {
+        // Only `images/<sha256>.<ext>`: a reference of any other form is not ours to write.
+        let Some(hash) = image_reference(&file) else {
             continue;
         };
         let path = out.join(&file);
@@ -324,6 +357,38 @@ fn collect_image_files(v: &serde_json::Value, out: &mut std::collections::BTreeS
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_from_the_server_cannot_leave_the_output_directory() {
+        for ok in ["train.jsonl", "eval.parquet", "pair-0001_ab"] {
+            assert_eq!(safe_file_name(ok).unwrap(), ok);
+        }
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "a/b",
+            "..",
+            ".hidden",
+            "",
+            "a\\b",
+            "x..y",
+        ] {
+            assert!(safe_file_name(bad).is_err(), "{bad}");
+        }
+        let h = BlobHash::of(b"x");
+        assert_eq!(image_reference(&format!("images/{h}.png")), Some(h));
+        for bad in [
+            format!("images/{h}.png/../../../x"),
+            format!("images/{h}./x"),
+            format!("images/../{h}.png"),
+            format!("other/{h}.png"),
+            format!("images/{h}"),
+        ] {
+            assert_eq!(image_reference(&bad), None, "{bad}");
+        }
+        assert_eq!(extension("a/b.png"), "png");
+        assert_eq!(extension("a/b.p/../../x"), "img");
+    }
 
     #[test]
     fn a_built_dataset_is_summarised_from_the_counts_its_build_wrote() {
