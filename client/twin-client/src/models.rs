@@ -102,6 +102,8 @@ pub fn scan_model_dir(
         })?;
         entries.push((rel, entry.path().to_owned()));
     }
+    // The manifest's order (path bytes), so file i of the manifest is entry i.
+    entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut files = Vec::with_capacity(entries.len());
     for (rel, path) in &entries {
         let (sha256, size) = hash_file(path).map_err(io_at(path))?;
@@ -116,17 +118,7 @@ pub fn scan_model_dir(
         dir: dir.to_owned(),
         source,
     })?;
-    let paths = manifest
-        .files
-        .iter()
-        .map(|f| {
-            entries
-                .iter()
-                .find(|(rel, _)| *rel == f.path)
-                .map(|(_, p)| p.clone())
-                .expect("every manifest file was walked")
-        })
-        .collect();
+    let paths = entries.into_iter().map(|(_, path)| path).collect();
     Ok(LocalModel { manifest, paths })
 }
 

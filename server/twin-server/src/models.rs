@@ -10,7 +10,7 @@ use twin_core::event::{ModelAliasSet, ModelRegistered};
 use twin_core::model::{MAX_MANIFEST_BYTES, ModelKind, ModelManifest, ModelRef, valid_model_name};
 use twin_core::projection::ModelInfo;
 use twin_core::{BlobHash, Event, StreamName};
-use twin_log::{BlobError, BlobStore, Expected};
+use twin_log::{BlobError, BlobStore};
 
 use crate::error::ApiError;
 use crate::mining::invalid;
@@ -46,20 +46,12 @@ impl Service {
                 job: None,
             };
             tracing::info!(hash = %manifest, bytes = event.bytes, files = event.files.len(), "model registered");
-            let stream = StreamName::Model(manifest.to_hex());
-            match self
-                .append(
-                    actor,
-                    vec![(stream.clone(), Event::ModelRegistered(event))],
-                    vec![(stream.to_string(), Expected::NoStream)],
-                    None,
-                )
-                .await
-            {
-                // The same manifest registered concurrently: same model, same record.
-                Ok(_) | Err(ApiError::Conflict(_)) => {}
-                Err(e) => return Err(e),
-            }
+            self.record_once(
+                actor,
+                StreamName::Model(manifest.to_hex()),
+                Event::ModelRegistered(event),
+            )
+            .await?;
         }
         let info = match alias {
             Some(a) => self.set_model_alias(actor, &a, &manifest.to_hex()).await?,

@@ -390,20 +390,12 @@ impl Service {
                 imports: module.imports.clone(),
                 capabilities: module.capabilities.clone(),
             };
-            let stream = StreamName::Module(hash.to_hex());
-            match self
-                .append(
-                    actor,
-                    vec![(stream.clone(), Event::ModuleRegistered(event))],
-                    vec![(stream.to_string(), Expected::NoStream)],
-                    None,
-                )
-                .await
-            {
-                // Another upload of the same bytes won the race: same module, same record.
-                Ok(_) | Err(ApiError::Conflict(_)) => {}
-                Err(e) => return Err(e),
-            }
+            self.record_once(
+                actor,
+                StreamName::Module(hash.to_hex()),
+                Event::ModuleRegistered(event),
+            )
+            .await?;
         }
         let info = match alias {
             Some(a) => self.set_module_alias(actor, &a, &hash.to_hex()).await?,
@@ -453,6 +445,25 @@ impl Service {
         )
         .await?;
         self.module(&hash.to_hex())
+    }
+
+    /// Appends the first event of a content-addressed stream (`module/<hash>`, `model/<hash>`).
+    /// Losing the race to another registration of the same content is success: same content,
+    /// same record.
+    pub(crate) async fn record_once(
+        &self,
+        actor: &str,
+        stream: StreamName,
+        event: Event,
+    ) -> Result<(), ApiError> {
+        let expect = vec![(stream.to_string(), Expected::NoStream)];
+        match self
+            .append(actor, vec![(stream, event)], expect, None)
+            .await
+        {
+            Ok(_) | Err(ApiError::Conflict(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Points a registry name (its own stream) at `hash` with one event, retrying when another
