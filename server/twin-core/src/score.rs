@@ -94,6 +94,52 @@ impl RewardSpec {
         }
     }
 
+    /// Checks a reward as a spec gives it, naming fields under `at` (e.g. `spec.reward`).
+    pub(crate) fn validate(&self, at: &str) -> Result<(), SpecError> {
+        let r = self;
+        match (&r.module, r.weighted_sum.is_empty()) {
+            (Some(_), false) => {
+                return Err(SpecError::invalid(
+                    at,
+                    "give either `module` or `weighted_sum`, not both",
+                ));
+            }
+            (None, true) => {
+                return Err(SpecError::invalid(
+                    at,
+                    "give `module` (a name or hash) or a non-empty `weighted_sum`",
+                ));
+            }
+            _ => {}
+        }
+        check_reference(&format!("{at}.module"), r.module.as_deref())?;
+        check_params(&format!("{at}.params"), &r.params)?;
+        let mut names = BTreeSet::new();
+        for (i, t) in r.weighted_sum.iter().enumerate() {
+            let term = |f: &str| format!("{at}.weighted_sum[{i}].{f}");
+            check_reference(&term("module"), Some(&t.module))?;
+            check_params(&term("params"), &t.params)?;
+            if !t.weight.is_finite() {
+                return Err(SpecError::invalid(
+                    &term("weight"),
+                    "must be a finite number",
+                ));
+            }
+            let name = if t.name.is_empty() {
+                &t.module
+            } else {
+                &t.name
+            };
+            if name.contains('.') || !names.insert(name.clone()) {
+                return Err(SpecError::invalid(
+                    &term("name"),
+                    "term names must be unique and contain no `.`",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Mutable access to every module reference and its resolved hash.
     pub fn references_mut(&mut self) -> Vec<(&str, &mut Option<BlobHash>)> {
         match &self.module {
@@ -152,44 +198,7 @@ impl ScoreSpec {
                 "must be between 1 and 4096",
             ));
         }
-        let r = &self.reward;
-        match (&r.module, r.weighted_sum.is_empty()) {
-            (Some(_), false) => {
-                return Err(SpecError::invalid(
-                    "spec.reward",
-                    "give either `module` or `weighted_sum`, not both",
-                ));
-            }
-            (None, true) => {
-                return Err(SpecError::invalid(
-                    "spec.reward",
-                    "give `module` (a name or hash) or a non-empty `weighted_sum`",
-                ));
-            }
-            _ => {}
-        }
-        check_reference("spec.reward.module", r.module.as_deref())?;
-        check_params("spec.reward.params", &r.params)?;
-        let mut names = BTreeSet::new();
-        for (i, t) in r.weighted_sum.iter().enumerate() {
-            let at = |f: &str| format!("spec.reward.weighted_sum[{i}].{f}");
-            check_reference(&at("module"), Some(&t.module))?;
-            check_params(&at("params"), &t.params)?;
-            if !t.weight.is_finite() {
-                return Err(SpecError::invalid(&at("weight"), "must be a finite number"));
-            }
-            let name = if t.name.is_empty() {
-                &t.module
-            } else {
-                &t.name
-            };
-            if name.contains('.') || !names.insert(name.clone()) {
-                return Err(SpecError::invalid(
-                    &at("name"),
-                    "term names must be unique and contain no `.`",
-                ));
-            }
-        }
+        self.reward.validate("spec.reward")?;
         check_limits(&self.limits)
     }
 }
