@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use twin_core::api::{
     ArtefactBody, BlobStored, CancelBody, CandidatePage, CompleteBody, CreateExperiment, EpochBody,
     ErrorBody, EventsPage, FailBody, Health, HeartbeatResponse, LeaseGrant, LeaseRequest,
-    ProgressBody, ReleaseBody, ReviewBody, ReviewOutcome,
+    ProgressBody, ReleaseBody, ReviewBody, ReviewOutcome, TrainRecordBody, TrainingReport,
 };
 use twin_core::job::JobState;
 use twin_core::projection::{BuiltDataset, Dataset, Experiment, Lineage, ModuleInfo};
@@ -201,6 +201,12 @@ impl Client {
 
     pub async fn job(&self, id: &str) -> Result<JobState, ClientError> {
         self.json(self.request(Method::GET, &format!("/v1/jobs/{id}")))
+            .await
+    }
+
+    /// A training run's steps, validations and checkpoints.
+    pub async fn training(&self, id: &str) -> Result<TrainingReport, ClientError> {
+        self.json(self.request(Method::GET, &format!("/v1/jobs/{id}/training")))
             .await
     }
 
@@ -475,6 +481,14 @@ impl Client {
         body: &ArtefactBody,
     ) -> Result<JobState, ClientError> {
         self.job_call(id, "artefacts", body).await
+    }
+
+    pub async fn record_training(
+        &self,
+        id: &str,
+        body: &TrainRecordBody,
+    ) -> Result<JobState, ClientError> {
+        self.job_call(id, "training", body).await
     }
 
     pub async fn complete(&self, id: &str, body: &CompleteBody) -> Result<JobState, ClientError> {

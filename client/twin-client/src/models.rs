@@ -173,6 +173,8 @@ impl Client {
         self.register_model(&RegisterModel {
             manifest: stored.hash,
             name: name.map(str::to_owned),
+            job: None,
+            epoch: None,
         })
         .await
     }

@@ -96,6 +96,25 @@ pub struct ArtefactBody {
     pub blob: BlobHash,
 }
 
+/// A training step or validation of the leased `train` job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainRecordBody {
+    pub epoch: u64,
+    pub record: crate::train::TrainRecord,
+}
+
+/// A training run's history: its steps and validations (as `train_step` and `train_validation`
+/// events recorded them) and the checkpoints it registered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TrainingReport {
+    pub job: crate::ids::JobId,
+    #[serde(flatten)]
+    pub log: crate::train::TrainingLog,
+    /// Registered models the run wrote, oldest first.
+    pub checkpoints: Vec<crate::projection::ModelInfo>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompleteBody {

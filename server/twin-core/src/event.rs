@@ -15,6 +15,7 @@ use crate::failure::FailureCode;
 use crate::ids::{BlobHash, DatasetId, ExperimentId, JobId, Millis};
 use crate::mine::CandidateReviewed;
 use crate::spec::JobSubmission;
+use crate::train::{TrainStep, TrainValidation};
 
 /// A schema: how a set of events is encoded into and decoded from the log.
 pub trait EventSchema: Sized {
@@ -186,6 +187,8 @@ events! {
     DatasetBuilt(DatasetBuilt) = "dataset_built" v 1;
     ModelRegistered(ModelRegistered) = "model_registered" v 1;
     ModelAliasSet(ModelAliasSet) = "model_alias_set" v 1;
+    TrainStep(TrainStep) = "train_step" v 1;
+    TrainValidation(TrainValidation) = "train_validation" v 1;
 }
 
 /// One event type as [`RecordedEvent`]'s schema lists it.
@@ -457,6 +460,7 @@ pub enum JobResult {
     Mine(crate::mine::MineOutput),
     BuildDataset(BuildDatasetResult),
     Eval(crate::eval::EvalOutput),
+    Train(crate::train::TrainOutput),
 }
 
 /// A build-dataset result: the output plus the dataset id the server minted.
@@ -481,6 +485,7 @@ impl JobResult {
                 .chain(b.output.exports.values().copied())
                 .collect(),
             JobResult::Eval(e) => std::iter::once(e.samples).chain(e.model_manifest).collect(),
+            JobResult::Train(t) => t.blobs(),
         }
     }
 }
@@ -539,6 +544,7 @@ pub enum JobOutput {
     Mine(crate::mine::MineOutput),
     BuildDataset(crate::dataset::BuildDatasetOutput),
     Eval(crate::eval::EvalOutput),
+    Train(crate::train::TrainOutput),
 }
 
 impl JobOutput {
@@ -549,6 +555,7 @@ impl JobOutput {
             JobOutput::Mine(_) => crate::spec::JobKind::Mine,
             JobOutput::BuildDataset(_) => crate::spec::JobKind::BuildDataset,
             JobOutput::Eval(_) => crate::spec::JobKind::Eval,
+            JobOutput::Train(_) => crate::spec::JobKind::Train,
         }
     }
 }
@@ -562,6 +569,7 @@ crate::schema::kind_tagged_schema!(
     Mine(crate::mine::MineOutput) = "MineJobResult",
     BuildDataset(BuildDatasetResult) = "BuildDatasetJobResult",
     Eval(crate::eval::EvalOutput) = "EvalJobResult",
+    Train(crate::train::TrainOutput) = "TrainJobResult",
 );
 
 crate::schema::kind_tagged_schema!(
@@ -572,6 +580,7 @@ crate::schema::kind_tagged_schema!(
     Mine(crate::mine::MineOutput) = "MineJobOutput",
     BuildDataset(crate::dataset::BuildDatasetOutput) = "BuildDatasetJobOutput",
     Eval(crate::eval::EvalOutput) = "EvalJobOutput",
+    Train(crate::train::TrainOutput) = "TrainJobOutput",
 );
 
 impl Event {
@@ -588,6 +597,8 @@ impl Event {
             Event::DatasetBuilt(d) => std::iter::once(d.output.manifest)
                 .chain(d.output.exports.values().copied())
                 .collect(),
+            Event::TrainStep(s) => s.rollouts.into_iter().collect(),
+            Event::TrainValidation(v) => vec![v.samples],
             _ => Vec::new(),
         }
     }

@@ -22,6 +22,7 @@ use crate::event::{
 use crate::failure::FailureCode;
 use crate::ids::{Actor, BlobHash, DatasetId, ExperimentId, JobId, Millis, StreamName};
 use crate::spec::{JobKind, JobSpec, JobSubmission};
+use crate::train::{TrainRecord, TrainStep, TrainValidation};
 
 #[derive(
     Debug,
@@ -215,6 +216,11 @@ pub enum JobCommand {
     Cancel {
         reason: String,
     },
+    /// A training run's step or validation (see [`crate::train`]).
+    RecordTraining {
+        epoch: u64,
+        record: Box<TrainRecord>,
+    },
 }
 
 impl JobCommand {
@@ -229,6 +235,7 @@ impl JobCommand {
             JobCommand::ExpireLease { .. } => "expire the lease of",
             JobCommand::ReleaseLease { .. } => "release the lease of",
             JobCommand::Cancel { .. } => "cancel",
+            JobCommand::RecordTraining { .. } => "record training for",
         }
     }
 }
@@ -428,6 +435,12 @@ impl JobState {
                             result: JobResult::Eval(out.clone()),
                         }))
                     }
+                    (JobSpec::Train(_), JobOutput::Train(out)) => {
+                        one(Event::JobSucceeded(JobSucceeded {
+                            epoch,
+                            result: JobResult::Train(out.clone()),
+                        }))
+                    }
                     (JobSpec::BuildDataset(spec), JobOutput::BuildDataset(out)) => Ok(vec![
                         (
                             self.stream(),
@@ -498,6 +511,20 @@ impl JobState {
                     epoch,
                     reason: reason.clone(),
                 }))
+            }
+            JobCommand::RecordTraining { epoch, ref record } => {
+                self.check_epoch(&cmd, epoch)?;
+                if self.submission.kind() != JobKind::Train {
+                    return Err(self.invalid(&cmd));
+                }
+                // The record's own epoch is the lease's: a resumed run's steps say which
+                // attempt took them.
+                one(match record.as_ref() {
+                    TrainRecord::Step(s) => Event::TrainStep(TrainStep { epoch, ..s.clone() }),
+                    TrainRecord::Validation(v) => {
+                        Event::TrainValidation(TrainValidation { epoch, ..v.clone() })
+                    }
+                })
             }
             JobCommand::Cancel { ref reason } => match self.status {
                 JobStatus::Queued => one(Event::JobCancelled(JobCancelled { epoch: None })),

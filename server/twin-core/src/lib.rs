@@ -18,6 +18,7 @@ pub mod projection;
 pub(crate) mod schema;
 pub mod score;
 pub mod spec;
+pub mod train;
 
 pub use event::{DecodeError, Event, EventSchema, RecordedEvent};
 pub use failure::FailureCode;

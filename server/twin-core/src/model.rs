@@ -293,6 +293,13 @@ pub struct RegisterModel {
     /// A name to point at the model once it is registered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The training job that wrote the checkpoint (executors only; with the lease's `epoch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub job: Option<crate::ids::JobId>,
+    /// The epoch of the caller's lease on `job`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// Body of `POST /v1/admin/blobs/gc`.

@@ -111,6 +111,8 @@ pub struct Projections {
     pub reviews: BTreeMap<JobId, BTreeMap<String, Review>>,
     /// Version of each `review/<job>` stream (for optimistic appends).
     pub review_versions: BTreeMap<JobId, u64>,
+    /// Training runs' steps and validations, by job.
+    pub training: BTreeMap<JobId, crate::train::TrainingLog>,
     /// Events whose stream or payload did not fit (kept so a replay can report them).
     pub anomalies: Vec<String>,
 }
@@ -302,6 +304,17 @@ impl Projections {
                 self.note_blobs(rec, Some(&id));
                 match self.jobs.get_mut(&id) {
                     Some(job) => {
+                        match event {
+                            Event::TrainStep(s) => {
+                                let log = self.training.entry(id.clone()).or_default();
+                                log.record_step(s.clone());
+                            }
+                            Event::TrainValidation(v) => {
+                                let log = self.training.entry(id.clone()).or_default();
+                                log.record_validation(v.clone());
+                            }
+                            _ => {}
+                        }
                         job.apply(event, rec.ts, &rec.actor);
                         // The log's count is the truth optimistic concurrency checks against.
                         job.version = rec.stream_version;

@@ -10,6 +10,7 @@ pub use crate::eval::EvalSpec;
 use crate::ids::{BlobHash, ExperimentId};
 pub use crate::mine::MineSpec;
 pub use crate::score::ScoreSpec;
+pub use crate::train::TrainSpec;
 
 /// Every kind of job the recipe has. The set is open: a kind is listed here as soon as it is
 /// designed, and [`JobKind::is_built`] says whether this version can run it.
@@ -69,6 +70,7 @@ impl JobKind {
                 | JobKind::Mine
                 | JobKind::BuildDataset
                 | JobKind::Eval
+                | JobKind::Train
         )
     }
 
@@ -98,9 +100,9 @@ impl JobKind {
     /// [`JobKind::host_path_fields`] are.
     pub fn model_fields(self) -> &'static [&'static str] {
         match self {
-            JobKind::Mine | JobKind::Eval => &["spec.model"],
+            JobKind::Mine | JobKind::Eval | JobKind::Train => &["spec.model"],
             JobKind::Ingest | JobKind::BuildDataset | JobKind::Score => &[],
-            JobKind::Synthesize | JobKind::Train => &[],
+            JobKind::Synthesize => &[],
         }
     }
 }
@@ -130,6 +132,7 @@ pub enum JobSpec {
     BuildDataset(BuildDatasetSpec),
     /// Boxed: the largest spec, and submissions travel inside every `job_submitted` event.
     Eval(Box<EvalSpec>),
+    Train(Box<TrainSpec>),
 }
 
 impl JobSpec {
@@ -140,6 +143,7 @@ impl JobSpec {
             JobSpec::Mine(_) => JobKind::Mine,
             JobSpec::BuildDataset(_) => JobKind::BuildDataset,
             JobSpec::Eval(_) => JobKind::Eval,
+            JobSpec::Train(_) => JobKind::Train,
         }
     }
 
@@ -163,6 +167,7 @@ impl JobSpec {
                 .chain(b.synthetic.iter().copied())
                 .collect(),
             JobSpec::Eval(e) => e.inputs(),
+            JobSpec::Train(t) => t.inputs(),
         }
     }
 }
@@ -177,6 +182,7 @@ crate::schema::kind_tagged_schema!(
     Mine(MineSpec) = "MineJobSpec",
     BuildDataset(BuildDatasetSpec) = "BuildDatasetJobSpec",
     Eval(EvalSpec) = "EvalJobSpec",
+    Train(TrainSpec) = "TrainJobSpec",
 );
 
 /// Ingest images into the blob store and register them as a dataset.
@@ -260,7 +266,7 @@ pub enum SpecError {
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
     #[error(
-        "spec.kind: job kind `{0}` is not built in this version (built: ingest, score, mine, build-dataset, eval)"
+        "spec.kind: job kind `{0}` is not built in this version (built: ingest, score, mine, build-dataset, eval, train)"
     )]
     KindNotBuilt(String),
     #[error(
@@ -379,6 +385,7 @@ impl JobSubmission {
             JobSpec::Mine(spec) => spec.validate(),
             JobSpec::BuildDataset(spec) => spec.validate(),
             JobSpec::Eval(spec) => spec.validate(),
+            JobSpec::Train(spec) => spec.validate(),
         }
     }
 }
@@ -453,7 +460,8 @@ fn spec_error(kind: JobKind, spec: &serde_json::Value) -> Option<SpecError> {
         JobKind::Mine => read::<MineSpec>(&body),
         JobKind::BuildDataset => read::<BuildDatasetSpec>(&body),
         JobKind::Eval => read::<EvalSpec>(&body),
-        JobKind::Synthesize | JobKind::Train => None,
+        JobKind::Train => read::<TrainSpec>(&body),
+        JobKind::Synthesize => None,
     }
 }
 
@@ -531,7 +539,9 @@ mod tests {
                 "kind": "build-dataset", "name": "p", "dataset": "d", "mines": []}})],
             JobKind::Score => vec![json!({"spec": {
                 "kind": "score", "rollouts": h, "reward": {"module": "m"}}})],
-            JobKind::Synthesize | JobKind::Train => Vec::new(),
+            JobKind::Train => vec![json!({"spec": {
+                "kind": "train", "dataset": "pairs", "model": "/m"}})],
+            JobKind::Synthesize => Vec::new(),
         }
     }
 

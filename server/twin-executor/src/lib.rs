@@ -3,8 +3,8 @@
 //!
 //! Used two ways: standalone on GPU machines, and embedded in `twin-server serve`, where it talks
 //! to its own server over loopback with the same protocol. Features: `data` (ingest,
-//! build-dataset, score), `mine` and `eval` (both need libtorch), `ml` = `mine` + `eval`; all are
-//! on by default. The stage API itself is `twin-stage`, re-exported here.
+//! build-dataset, score), `mine`, `eval` and `train` (all need libtorch), `ml` = `mine` + `eval` +
+//! `train`; all are on by default. The stage API itself is `twin-stage`, re-exported here.
 
 mod runtime;
 
@@ -18,6 +18,8 @@ pub use twin_stage_data::{BuildDatasetStage, IngestStage, ScoreStage};
 pub use twin_stage_eval::EvalStage;
 #[cfg(feature = "mine")]
 pub use twin_stage_mine::{EmbeddingTable, MineStage, embeddings};
+#[cfg(feature = "train")]
+pub use twin_stage_train::TrainStage;
 
 use std::sync::Arc;
 
@@ -50,6 +52,12 @@ pub fn default_stages(
             models.clone(),
             store.clone(),
         )),
+        #[cfg(feature = "train")]
+        Arc::new(TrainStage::new(
+            plugins.clone(),
+            models.clone(),
+            store.clone(),
+        )),
     ]
 }
 
@@ -76,9 +84,14 @@ mod tests {
         if cfg!(feature = "eval") {
             want.push(JobKind::Eval);
         }
+        if cfg!(feature = "train") {
+            want.push(JobKind::Train);
+        }
         assert_eq!(kinds, want);
         // Each ML stage holds the one cache: shared, not copied.
-        let ml = usize::from(cfg!(feature = "mine")) + usize::from(cfg!(feature = "eval"));
+        let ml = usize::from(cfg!(feature = "mine"))
+            + usize::from(cfg!(feature = "eval"))
+            + usize::from(cfg!(feature = "train"));
         assert_eq!(Arc::strong_count(&models), 1 + ml);
     }
 }

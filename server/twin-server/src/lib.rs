@@ -18,6 +18,7 @@ pub mod reaper;
 pub mod service;
 pub mod supervisor;
 pub mod telemetry;
+pub mod train;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -9,7 +9,7 @@
 use twin_core::event::{ModelAliasSet, ModelRegistered};
 use twin_core::model::{MAX_MANIFEST_BYTES, ModelKind, ModelManifest, ModelRef, valid_model_name};
 use twin_core::projection::ModelInfo;
-use twin_core::{BlobHash, Event, StreamName};
+use twin_core::{BlobHash, Event, JobId, JobKind, StreamName};
 use twin_log::{BlobError, BlobStore};
 
 use crate::error::ApiError;
@@ -21,15 +21,27 @@ const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 impl Service {
     /// Checks and records the model whose manifest blob is `manifest`, then points `alias` at
-    /// it. Returns the model and whether it was new.
+    /// it. `job` is the training job (and the caller's lease epoch on it) that wrote it, for
+    /// lineage. Returns the model and whether it was new.
     pub async fn register_model(
         &self,
         actor: &str,
         manifest: BlobHash,
         alias: Option<String>,
+        job: Option<(JobId, u64)>,
     ) -> Result<(ModelInfo, bool), ApiError> {
         if let Some(a) = &alias {
             check_model_name(a)?;
+        }
+        if let Some((id, epoch)) = &job {
+            let state = self.job(id)?;
+            self.check_lease(&state, *epoch, actor)?;
+            if state.kind != JobKind::Train {
+                return Err(ApiError::InvalidBody(format!(
+                    "job: {id} is a {} job; only training jobs register checkpoints",
+                    state.kind
+                )));
+            }
         }
         let created = !self.read(|p| p.models.contains_key(&manifest));
         if created {
@@ -43,7 +55,7 @@ impl Service {
                 bytes: files.total_bytes(),
                 files: files.files,
                 kind,
-                job: None,
+                job: job.map(|(id, _)| id),
             };
             tracing::info!(hash = %manifest, bytes = event.bytes, files = event.files.len(), "model registered");
             self.record_once(

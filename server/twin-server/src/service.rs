@@ -23,6 +23,7 @@ use twin_core::event::{ExperimentCreated, JobOutput, ModuleAliasSet, ModuleRegis
 use twin_core::job::{self, JobCommand, JobState};
 use twin_core::projection::ModuleInfo;
 use twin_core::spec::JobSpec;
+use twin_core::train::TrainRecord;
 use twin_core::{
     BlobHash, Event, ExperimentId, FailureCode, JobId, JobSubmission, Millis, Projections,
     StreamName,
@@ -159,7 +160,7 @@ impl Service {
         f(&self.state.read())
     }
 
-    fn job(&self, id: &JobId) -> Result<JobState, ApiError> {
+    pub(crate) fn job(&self, id: &JobId) -> Result<JobState, ApiError> {
         self.read(|p| p.jobs.get(id).cloned())
             .ok_or_else(|| ApiError::NotFound {
                 what: "job",
@@ -330,6 +331,13 @@ impl Service {
                 }
                 return Ok(());
             }
+            JobSpec::Train(spec) => {
+                self.resolve_train(spec)?;
+                if spec.device == twin_core::mine::ComputeDevice::Cuda {
+                    submission.requirements.gpus = submission.requirements.gpus.max(1);
+                }
+                return Ok(());
+            }
             JobSpec::Ingest(_) => return Ok(()),
         };
         if !self.blobs.contains(&spec.rollouts) {
@@ -341,15 +349,23 @@ impl Service {
                 ),
             ));
         }
-        let grants = spec.grants.clone();
-        let single = spec.reward.module.is_some();
-        for (i, (reference, slot)) in spec.reward.references_mut().into_iter().enumerate() {
+        self.resolve_reward(&mut spec.reward, &spec.grants)
+    }
+
+    /// Pins each reward module a spec names (one, or each term of a weighted sum) to its hash.
+    pub(crate) fn resolve_reward(
+        &self,
+        reward: &mut twin_core::score::RewardSpec,
+        grants: &twin_core::score::Grants,
+    ) -> Result<(), ApiError> {
+        let single = reward.module.is_some();
+        for (i, (reference, slot)) in reward.references_mut().into_iter().enumerate() {
             let field = if single {
                 "spec.reward.module".to_owned()
             } else {
                 format!("spec.reward.weighted_sum[{i}].module")
             };
-            *slot = Some(self.resolve_module_ref(reference, &field, "reward", &grants)?);
+            *slot = Some(self.resolve_module_ref(reference, &field, "reward", grants)?);
         }
         Ok(())
     }
@@ -660,6 +676,33 @@ impl Service {
     }
 
     /// Only the caller that took the lease may act on it.
+    /// The caller holds `job`'s current lease, of `epoch`: for calls outside the job state
+    /// machine (registering a checkpoint) that must be fenced as executor commands are.
+    pub(crate) fn check_lease(
+        &self,
+        job: &JobState,
+        epoch: u64,
+        actor: &str,
+    ) -> Result<(), ApiError> {
+        Self::check_holder(job, epoch, actor)?;
+        if !job.status.is_held() || job.epoch != epoch {
+            return Err(if job.status.is_held() {
+                ApiError::Rejected(twin_core::Rejection::StaleEpoch {
+                    job: job.id.clone(),
+                    given: epoch,
+                    current: job.epoch,
+                })
+            } else {
+                ApiError::Rejected(twin_core::Rejection::InvalidState {
+                    job: job.id.clone(),
+                    status: job.status.as_str(),
+                    action: "register a checkpoint of",
+                })
+            });
+        }
+        Ok(())
+    }
+
     fn check_holder(job: &JobState, epoch: u64, actor: &str) -> Result<(), ApiError> {
         match job.attempts.last() {
             Some(a) if job.status.is_held() && job.epoch == epoch && a.leased_by != actor => {
@@ -712,7 +755,8 @@ impl Service {
             | JobCommand::RecordArtefact { epoch, .. }
             | JobCommand::Complete { epoch, .. }
             | JobCommand::Fail { epoch, .. }
-            | JobCommand::ReleaseLease { epoch, .. } => Some(*epoch),
+            | JobCommand::ReleaseLease { epoch, .. }
+            | JobCommand::RecordTraining { epoch, .. } => Some(*epoch),
             _ => None,
         };
         if let Some(epoch) = epoch {
@@ -723,6 +767,18 @@ impl Service {
                 return Err(ApiError::InvalidBody(format!(
                     "blob: {blob} is not in the blob store; upload it first"
                 )));
+            }
+            JobCommand::RecordTraining { record, .. } => {
+                record.check_finite().map_err(ApiError::InvalidBody)?;
+                let blobs: Vec<BlobHash> = match record.as_ref() {
+                    TrainRecord::Step(s) => s.rollouts.into_iter().collect(),
+                    TrainRecord::Validation(v) => vec![v.samples],
+                };
+                if let Some(missing) = blobs.iter().find(|b| !self.blobs.contains(b)) {
+                    return Err(ApiError::InvalidBody(format!(
+                        "{missing} is not in the blob store; upload it first"
+                    )));
+                }
             }
             JobCommand::Complete { output, .. } => {
                 if let JobOutput::Ingest(o) = output.as_ref()

@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use tokio::runtime::Handle;
 use twin_client::{Client, ClientError, JobFilter};
-use twin_core::api::{ArtefactBody, ProgressBody};
+use twin_core::api::{ArtefactBody, ProgressBody, TrainRecordBody};
 use twin_core::job::JobState;
+use twin_core::model::RegisterModel;
+use twin_core::train::TrainRecord;
 use twin_core::{BlobHash, FailureCode};
 
 use crate::StageError;
@@ -43,6 +45,12 @@ pub trait StageBackend: Send + Sync {
     ) -> Result<(), StageError>;
     /// Jobs on the server (to find reusable results of earlier jobs).
     fn jobs(&self, filter: &JobFilter) -> Result<Vec<JobState>, StageError>;
+    /// Records a training step or validation of this (train) job.
+    fn record_training(&self, record: &TrainRecord) -> Result<(), StageError>;
+    /// Registers the model whose manifest blob (and files) are uploaded as a checkpoint this job
+    /// wrote, pointing `name` at it when given.
+    fn register_checkpoint(&self, manifest: BlobHash, name: Option<&str>)
+    -> Result<(), StageError>;
 }
 
 /// The server over HTTP, every call fenced by the attempt's lease epoch. Stages run on a
@@ -141,6 +149,38 @@ impl StageBackend for HttpBackend {
         self.rt
             .block_on(self.client.jobs(filter))
             .map_err(client_error)
+    }
+
+    fn record_training(&self, record: &TrainRecord) -> Result<(), StageError> {
+        let body = TrainRecordBody {
+            epoch: self.epoch,
+            record: record.clone(),
+        };
+        self.rt
+            .block_on(self.client.record_training(&self.job, &body))
+            .map(drop)
+            .map_err(client_error)
+    }
+
+    fn register_checkpoint(
+        &self,
+        manifest: BlobHash,
+        name: Option<&str>,
+    ) -> Result<(), StageError> {
+        let job = self
+            .job
+            .parse()
+            .map_err(|e| StageError::internal(format!("job id {}: {e}", self.job)))?;
+        let body = RegisterModel {
+            manifest,
+            name: name.map(str::to_owned),
+            job: Some(job),
+            epoch: Some(self.epoch),
+        };
+        self.rt
+            .block_on(self.client.register_model(&body))
+            .map(drop)
+            .map_err(|e| client_error(e).context(format!("registering checkpoint {manifest}")))
     }
 }
 

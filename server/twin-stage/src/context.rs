@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use twin_client::JobFilter;
 use twin_core::BlobHash;
 use twin_core::job::{Artefact, JobState};
+use twin_core::train::TrainRecord;
 
 use crate::StageError;
 use crate::backend::StageBackend;
@@ -139,6 +140,37 @@ impl StageContext {
     /// Jobs on the server (to find reusable results of earlier jobs).
     pub fn jobs(&self, filter: &JobFilter) -> Result<Vec<JobState>, StageError> {
         self.backend.jobs(filter)
+    }
+
+    /// Records a training step or validation of this job (a `train_step` or `train_validation`
+    /// event).
+    pub fn record_training(&self, record: &TrainRecord) -> Result<(), StageError> {
+        self.backend.record_training(record)
+    }
+
+    /// Uploads the checkpoint directory `dir` (each file streamed, skipped when the server has
+    /// it) and its canonical manifest, and registers it as a model this job wrote, pointing
+    /// `name` at it when given. Returns the manifest hash (the model's identity).
+    pub fn register_checkpoint(
+        &self,
+        dir: &std::path::Path,
+        name: Option<&str>,
+    ) -> Result<BlobHash, StageError> {
+        let local = twin_client::models::scan_model_dir(dir, |_, _| {})
+            .map_err(|e| StageError::internal(format!("checkpoint {}: {e}", dir.display())))?;
+        for (file, path) in local.manifest.files.iter().zip(&local.paths) {
+            let stored = self.upload_file(path)?;
+            if stored != file.sha256 {
+                return Err(StageError::internal(format!(
+                    "checkpoint file {} changed while it was uploaded",
+                    path.display()
+                )));
+            }
+            self.check_cancelled()?;
+        }
+        let manifest = self.upload(local.manifest.to_bytes())?;
+        self.backend.register_checkpoint(manifest, name)?;
+        Ok(manifest)
     }
 
     /// Records `blob` as the job's artefact `name`. Recording the same artefact again is a

@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use twin_client::JobFilter;
 use twin_core::BlobHash;
 use twin_core::job::{Artefact, JobState};
+use twin_core::train::TrainRecord;
 
 use crate::{StageBackend, StageContext, StageError};
 
@@ -45,6 +46,9 @@ struct State {
     artefacts: Vec<Artefact>,
     progress: Vec<(Option<f64>, String)>,
     jobs: Vec<JobState>,
+    training: Vec<TrainRecord>,
+    /// Registered checkpoints: (manifest, name).
+    checkpoints: Vec<(BlobHash, Option<String>)>,
     /// Raise the cancel flag once this artefact is recorded (an executor dying there).
     cancel_after: Option<String>,
 }
@@ -115,6 +119,16 @@ impl MemoryBackend {
             .unwrap_or_else(|| panic!("no blob {hash}"))
     }
 
+    /// Every training record so far, in order.
+    pub fn training(&self) -> Vec<TrainRecord> {
+        self.state.lock().training.clone()
+    }
+
+    /// Every checkpoint registered so far: (manifest, name), in order.
+    pub fn checkpoints(&self) -> Vec<(BlobHash, Option<String>)> {
+        self.state.lock().checkpoints.clone()
+    }
+
     /// Every progress report so far: (fraction, message).
     pub fn fractions(&self) -> Vec<(Option<f64>, String)> {
         self.state.lock().progress.clone()
@@ -178,5 +192,25 @@ impl StageBackend for MemoryBackend {
 
     fn jobs(&self, _filter: &JobFilter) -> Result<Vec<JobState>, StageError> {
         Ok(self.state.lock().jobs.clone())
+    }
+
+    fn record_training(&self, record: &TrainRecord) -> Result<(), StageError> {
+        self.state.lock().training.push(record.clone());
+        Ok(())
+    }
+
+    fn register_checkpoint(
+        &self,
+        manifest: BlobHash,
+        name: Option<&str>,
+    ) -> Result<(), StageError> {
+        let mut state = self.state.lock();
+        if !state.blobs.contains_key(&manifest) {
+            return Err(StageError::bad_input(format!(
+                "checkpoint manifest {manifest} is not uploaded"
+            )));
+        }
+        state.checkpoints.push((manifest, name.map(str::to_owned)));
+        Ok(())
     }
 }

@@ -152,9 +152,21 @@ impl QwenVl {
         dir: &Path,
         preprocessor: &QwenPreprocessor,
     ) -> Result<String, MlError> {
+        self.save_pretrained_as(dir, preprocessor, self.kind())
+    }
+
+    /// [`QwenVl::save_pretrained`] with the floating-point weights written as `kind` (a
+    /// training run's bf16 checkpoint of f32 weights, as transformers' `save_pretrained` of a
+    /// bf16 model writes it).
+    pub fn save_pretrained_as(
+        &self,
+        dir: &Path,
+        preprocessor: &QwenPreprocessor,
+        kind: Kind,
+    ) -> Result<String, MlError> {
         std::fs::create_dir_all(dir).map_err(|e| MlError::io(dir, e))?;
         let mut config = self.config.to_json();
-        config["dtype"] = serde_json::json!(match self.kind() {
+        config["dtype"] = serde_json::json!(match kind {
             Kind::BFloat16 => "bfloat16",
             Kind::Half => "float16",
             _ => "float32",
@@ -166,7 +178,20 @@ impl QwenVl {
         if stale_index.exists() {
             std::fs::remove_file(&stale_index).map_err(|e| MlError::io(&stale_index, e))?;
         }
-        let tensors: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        let tensors: Vec<(String, Tensor)> = torch_call(|| {
+            self.vs
+                .variables()
+                .into_iter()
+                .map(|(name, t)| {
+                    let t = if t.is_floating_point() && t.kind() != kind {
+                        t.detach().to_kind(kind)
+                    } else {
+                        t
+                    };
+                    (name, t)
+                })
+                .collect()
+        })?;
         write_safetensors(&dir.join(SINGLE_FILE), &tensors)?;
         preprocessor.save(dir)?;
         Checkpoint::open(dir)?.weights_hash()

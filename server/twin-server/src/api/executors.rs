@@ -4,7 +4,7 @@
 use actix_web::{HttpResponse, post, web};
 use twin_core::api::{
     ArtefactBody, CompleteBody, EpochBody, FailBody, HeartbeatResponse, LeaseGrant, LeaseRequest,
-    ProgressBody, ReleaseBody,
+    ProgressBody, ReleaseBody, TrainRecordBody,
 };
 use twin_core::job::{JobCommand, JobState};
 
@@ -21,6 +21,7 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
         .service(heartbeat)
         .service(progress)
         .service(artefact)
+        .service(training_record)
         .service(complete)
         .service(fail)
         .service(release);
@@ -161,6 +162,31 @@ async fn artefact(
         name: b.name,
         blob: b.blob,
         bytes,
+    };
+    svc.job_command(actor, &id, cmd).await.map(web::Json)
+}
+
+/// Records a training step or validation of the leased `train` job (a `train_step` or
+/// `train_validation` event). Numbers must be finite and named blobs uploaded.
+#[utoipa::path(
+    tag = "executors",
+    operation_id = "executors_record_training",
+    params(("id" = twin_core::JobId, Path)),
+    request_body = TrainRecordBody,
+    responses((status = 200, body = JobState), BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, Unavailable)
+)]
+#[post("/jobs/{id}/training")]
+async fn training_record(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+    body: web::Json<TrainRecordBody>,
+) -> Result<web::Json<JobState>, ApiError> {
+    let actor = caller.require(Role::Execute)?;
+    let b = body.into_inner();
+    let cmd = JobCommand::RecordTraining {
+        epoch: b.epoch,
+        record: Box::new(b.record),
     };
     svc.job_command(actor, &id, cmd).await.map(web::Json)
 }

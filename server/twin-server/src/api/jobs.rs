@@ -3,7 +3,7 @@
 use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use serde::Deserialize;
 use twin_core::JobKind;
-use twin_core::api::CancelBody;
+use twin_core::api::{CancelBody, TrainingReport};
 use twin_core::job::{JobState, JobStatus};
 
 use crate::api::responses::{
@@ -17,6 +17,7 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     cfg.service(submit)
         .service(list)
         .service(get_job)
+        .service(training)
         .service(cancel);
 }
 
@@ -140,6 +141,44 @@ async fn get_job(
 ) -> Result<web::Json<JobState>, ApiError> {
     caller.require(Role::Read)?;
     svc.get_job(&id).map(web::Json)
+}
+
+/// A training run's steps, validations and registered checkpoints (empty lists until it has
+/// taken a step).
+#[utoipa::path(
+    tag = "jobs",
+    operation_id = "jobs_training",
+    params(("id" = twin_core::JobId, Path)),
+    responses((status = 200, body = TrainingReport), BadRequest, Unauthorized, Forbidden, NotFound)
+)]
+#[get("/jobs/{id}/training")]
+async fn training(
+    caller: Caller,
+    svc: web::Data<Service>,
+    id: web::Path<String>,
+) -> Result<web::Json<TrainingReport>, ApiError> {
+    caller.require(Role::Read)?;
+    let job = svc.get_job(&id)?;
+    if job.kind != JobKind::Train {
+        return Err(ApiError::InvalidQuery(format!(
+            "job {} is a {} job; only train jobs have a training history",
+            job.id, job.kind
+        )));
+    }
+    Ok(web::Json(svc.read(|p| {
+        let mut checkpoints: Vec<_> = p
+            .models
+            .values()
+            .filter(|m| m.model.job.as_ref() == Some(&job.id))
+            .cloned()
+            .collect();
+        checkpoints.sort_by_key(|m| m.registered_at);
+        TrainingReport {
+            job: job.id.clone(),
+            log: p.training.get(&job.id).cloned().unwrap_or_default(),
+            checkpoints,
+        }
+    })))
 }
 
 /// Cancels a job: a queued one at once, a running one through its executor's next heartbeat.

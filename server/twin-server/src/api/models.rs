@@ -42,7 +42,24 @@ async fn register(
     // Executors register the checkpoints their training jobs write.
     let actor = caller.require_any(&[Role::Submit, Role::Execute])?;
     let body = body.into_inner();
-    let (info, created) = svc.register_model(actor, body.manifest, body.name).await?;
+    let job = match (body.job, body.epoch) {
+        (None, None) => None,
+        (Some(job), Some(epoch)) => {
+            // Only the executor holding the job's lease says a checkpoint is its.
+            caller.require(Role::Execute)?;
+            Some((job, epoch))
+        }
+        _ => {
+            return Err(ApiError::InvalidBody(
+                "job and epoch: give both (an executor registering its job's checkpoint) or \
+                 neither"
+                    .into(),
+            ));
+        }
+    };
+    let (info, created) = svc
+        .register_model(actor, body.manifest, body.name, job)
+        .await?;
     let mut resp = if created {
         HttpResponse::Created()
     } else {
