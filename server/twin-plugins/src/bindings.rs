@@ -18,11 +18,13 @@ pub mod filter {
     });
 }
 
-/// The `lookup` capability's import, for modules built against `reward-with-lookup`.
+/// The `lookup` capability's import, for modules built against `reward-with-lookup`. Trappable,
+/// so that the host can end a call that makes too many lookups.
 pub mod lookup {
     wasmtime::component::bindgen!({
         path: "../../wasm-sdk/wit",
         world: "reward-with-lookup",
+        imports: { "twin:plugin/lookup.get": trappable },
         with: { "twin:plugin/types": crate::bindings::reward::twin::plugin::types },
     });
 }

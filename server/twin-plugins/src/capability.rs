@@ -9,6 +9,13 @@ use serde::{Deserialize, Serialize};
 /// The interface name of the `lookup` capability.
 pub const LOOKUP: &str = "twin:plugin/lookup@0.1.0";
 
+/// Most capability calls in one module call: sixteen for each rollout of the largest batch
+/// (`twin_core::score::MAX_BATCH`). Every call is kept for the audit log, so the log is capped.
+pub const MAX_CALLS: usize = 16 * twin_core::score::MAX_BATCH as usize;
+/// Most bytes of inputs and outputs in the calls of one module call (a lookup table itself is
+/// capped at 4 MiB).
+pub const MAX_CALL_BYTES: usize = 16 << 20;
+
 /// Capabilities a job grants: the job spec's own type, so nothing converts between the two.
 pub use twin_core::score::Grants;
 

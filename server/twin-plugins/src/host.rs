@@ -5,6 +5,11 @@
 //! which world it exports, and asks it to `describe` itself. Each call then instantiates it from
 //! its `InstancePre` into a fresh store from the pooling allocator (microseconds), configures it
 //! with the job's parameters, and runs one batch under fuel, an epoch deadline and memory limits.
+//!
+//! Nothing a guest does holds a call past its deadline or makes the host allocate without bound:
+//! timers are always ready (`clock.rs`), memories and tables of an instance share one budget, what
+//! a guest hands the host in one transfer is capped ([`MAX_TRANSFER_BYTES`]), and so are its
+//! capability calls and the sizes of the values it returns.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,11 +21,13 @@ use parking_lot::Mutex;
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::{filter, lookup, reward};
+use crate::cache::{ModuleCache, engine_fingerprint};
 use crate::capability::{self, CapabilityCall, Grants};
-use crate::compile::{self, Compiler};
+use crate::clock::{self, FixedClock};
+use crate::compile::{self, CompileSlots, Compiler};
 use crate::types::{CandidatePair, Descriptor, ModuleKind, QuestionType, RewardScore, Rollout};
 use crate::{PluginError, Verdict, module_hash};
 
@@ -35,6 +42,27 @@ const DESCRIBE_FUEL: u64 = 2_000_000_000;
 const DESCRIBE_DEADLINE: Duration = Duration::from_secs(10);
 /// Modules kept loaded; beyond this the least recently loaded is dropped (the disk cache remains).
 const MAX_LOADED: usize = 64;
+/// Most bytes a guest hands the host in one transfer: a call's results, or the arguments of one
+/// call it makes to the host (wasmtime's "hostcall fuel", 128 MiB unless set). Lifting a result
+/// allocates on the host before anything can look at it, and list elements may all point at the
+/// same guest bytes, so without this cap a few MiB of guest memory could make gigabytes of host
+/// strings. A full batch's results (4096 scores with components) are well under 2 MiB.
+pub const MAX_TRANSFER_BYTES: usize = 16 << 20;
+/// WASI resources (streams, pollables) a call may hold at once; a guest needs a handful, and each
+/// is a host allocation (wasmtime allows a million).
+const MAX_WASI_RESOURCES: usize = 4096;
+/// Bytes a table element counts against an instance's memory budget (a function reference).
+const TABLE_ELEMENT_BYTES: u64 = std::mem::size_of::<usize>() as u64;
+/// Caps on what a module returns, beyond [`MAX_TRANSFER_BYTES`]. A descriptor is recorded in the
+/// log (events are capped at 96 KiB); components and reasons are kept with every score and verdict.
+const MAX_NAME_BYTES: usize = 128;
+const MAX_VERSION_BYTES: usize = 64;
+const MAX_SUMMARY_BYTES: usize = 1024;
+const MAX_SCHEMA_BYTES: usize = 32 * 1024;
+const MAX_COMPONENTS: usize = 64;
+const MAX_REASON_BYTES: usize = 1024;
+/// Guest error messages are cut to this many bytes: they become a job's failure detail.
+const MAX_MESSAGE_BYTES: usize = 4096;
 
 /// Resource limits of one call (one batch).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,7 +71,9 @@ pub struct Limits {
     pub fuel: u64,
     /// Wall-clock deadline, enforced by epoch interruption.
     pub deadline: Duration,
-    /// Largest linear memory, in bytes (capped by [`HostConfig::max_memory_bytes`]).
+    /// Bytes of all linear memories and tables of the instance together (capped by
+    /// [`HostConfig::max_memory_bytes`]): a component may have several memories, and a budget per
+    /// memory would multiply.
     pub memory_bytes: u64,
     /// Largest table, in elements.
     pub table_elements: u64,
@@ -92,6 +122,10 @@ pub struct HostConfig {
     pub max_memory_bytes: u64,
     /// Calls that may run at once (pool slots).
     pub concurrency: u32,
+    /// Compilations that may run at once; more wait for a slot (a minute at most).
+    pub max_concurrent_compilations: u32,
+    /// Memory a compiler child may allocate (`RLIMIT_DATA`); [`Compiler::Subprocess`] only.
+    pub max_compile_memory_bytes: u64,
 }
 
 impl Default for HostConfig {
@@ -104,6 +138,13 @@ impl Default for HostConfig {
             consume_fuel: true,
             max_memory_bytes: 1 << 30,
             concurrency: 32,
+            // Two: an upload and a job's module can compile side by side, and a burst of uploads
+            // cannot take every core.
+            max_concurrent_compilations: 2,
+            // The catalogue's components compile in under 16 MiB, and one function of 200 000
+            // operations takes 128-256 MiB; generous for large components (uploads go up to
+            // 64 MiB, e.g. a Python interpreter), while still bounding a hostile one.
+            max_compile_memory_bytes: 4 << 30,
         }
     }
 }
@@ -129,50 +170,32 @@ impl EngineSettings {
         }
         args
     }
+}
 
-    /// Parses `INPUT OUTPUT` and the flags of [`Self::to_args`] plus `--cpu-seconds N`.
-    #[allow(clippy::type_complexity)]
-    pub fn from_args(args: &[String]) -> Result<(String, String, Self, Option<u64>), String> {
-        let usage = "usage: INPUT OUTPUT [--no-fuel] [--max-memory BYTES] [--concurrency N] \
-                     [--cpu-seconds N]";
-        let mut it = args.iter();
-        let input = it.next().ok_or(usage)?.clone();
-        let output = it.next().ok_or(usage)?.clone();
-        let defaults = HostConfig::default();
-        let mut settings = Self {
-            consume_fuel: true,
-            max_memory_bytes: defaults.max_memory_bytes,
-            concurrency: defaults.concurrency,
-        };
-        let mut cpu = None;
-        while let Some(flag) = it.next() {
-            let mut number = || -> Result<u64, String> {
-                it.next()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or_else(|| format!("{flag} needs a number; {usage}"))
-            };
-            match flag.as_str() {
-                "--no-fuel" => settings.consume_fuel = false,
-                "--max-memory" => settings.max_memory_bytes = number()?,
-                "--concurrency" => {
-                    settings.concurrency = u32::try_from(number()?).map_err(|e| e.to_string())?
-                }
-                "--cpu-seconds" => cpu = Some(number()?),
-                other => return Err(format!("unknown flag {other}; {usage}")),
-            }
-        }
-        Ok((input, output, settings, cpu))
-    }
+/// What an engine is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EngineUse {
+    /// Compiling and running modules: a [`Host`]'s engine.
+    Run,
+    /// Compiling only (the compiler child, in-process compilation). Without the pooling
+    /// allocator, whose reservations (gigabytes, partly writable mappings) only instantiation
+    /// needs and which would count against the compiler's `RLIMIT_DATA`. Compiled code does not
+    /// depend on the allocator: the compatibility hash covers the compiler's flags, the tunables
+    /// and the features, and is the same for both uses (a test checks it).
+    Compile,
 }
 
 /// Builds the engine every module runs on. Compilation settings here must match between the
 /// server and its compiler child, so both call this.
-pub(crate) fn engine(settings: &EngineSettings) -> wasmtime::Result<Engine> {
+pub(crate) fn engine(settings: &EngineSettings, using: EngineUse) -> wasmtime::Result<Engine> {
     let mut config = Config::new();
     config.consume_fuel(settings.consume_fuel);
     config.epoch_interruption(true);
     config.wasm_component_model(true);
     config.max_wasm_stack(1 << 20);
+    if using == EngineUse::Compile {
+        return Engine::new(&config);
+    }
     let slots = settings.concurrency.max(1);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(slots)
@@ -248,6 +271,8 @@ pub(crate) struct CallState {
     limiter: Limiter,
     grants: Arc<Grants>,
     calls: Vec<CapabilityCall>,
+    /// Bytes of keys and values in `calls`.
+    call_bytes: usize,
 }
 
 impl WasiView for CallState {
@@ -260,28 +285,80 @@ impl WasiView for CallState {
 }
 
 impl lookup::twin::plugin::lookup::Host for CallState {
-    fn get(&mut self, key: String) -> Option<String> {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
         let output = self
             .grants
             .lookup
             .as_ref()
             .and_then(|table| table.get(&key).cloned());
-        self.calls.push(CapabilityCall {
+        self.record(CapabilityCall {
             capability: "lookup".into(),
             input: key,
             output: output.clone(),
-        });
-        output
+        })?;
+        Ok(output)
+    }
+}
+
+impl CallState {
+    /// Logs a capability call, or ends the call when the log is full: every call is kept (and
+    /// stored with the job), so without a cap a guest in a loop could fill the host's memory.
+    fn record(&mut self, call: CapabilityCall) -> wasmtime::Result<()> {
+        let bytes = call.input.len() + call.output.as_ref().map_or(0, String::len);
+        let hit = if self.calls.len() >= capability::MAX_CALLS {
+            Some(PluginError::MemoryLimit {
+                what: "its number of capability calls",
+                limit: capability::MAX_CALLS as u64,
+            })
+        } else if self.call_bytes + bytes > capability::MAX_CALL_BYTES {
+            Some(PluginError::MemoryLimit {
+                what: "the bytes of its capability calls",
+                limit: capability::MAX_CALL_BYTES as u64,
+            })
+        } else {
+            None
+        };
+        if let Some(hit) = hit {
+            self.limiter.hit = Some(hit);
+            return Err(wasmtime::Error::new(LimitReached));
+        }
+        self.call_bytes += bytes;
+        self.calls.push(call);
+        Ok(())
     }
 }
 
 impl lookup::twin::plugin::types::Host for CallState {}
 
-/// Memory and table limits that remember which one was hit, so the trap can be named.
+/// Memory and table limits that remember which one was hit, so the trap can be named. One
+/// limiter serves a whole store, that is one instance: `used` adds up every memory and table it
+/// has, so several memories share [`Limits::memory_bytes`] instead of each having it.
 struct Limiter {
     memory_bytes: u64,
     table_elements: u64,
+    /// Bytes of memories and tables granted so far.
+    used: u64,
+    /// The limit a call hit (this limiter's or a capability log's), for [`classify`].
     hit: Option<PluginError>,
+}
+
+impl Limiter {
+    /// Grants `grown` more bytes if the budget has them.
+    fn take(&mut self, grown: u64, what: &'static str) -> wasmtime::Result<bool> {
+        match self.used.checked_add(grown) {
+            Some(total) if total <= self.memory_bytes => {
+                self.used = total;
+                Ok(true)
+            }
+            _ => {
+                self.hit = Some(PluginError::MemoryLimit {
+                    what,
+                    limit: self.memory_bytes,
+                });
+                Err(wasmtime::Error::new(LimitReached))
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,25 +366,23 @@ struct Limiter {
 struct LimitReached;
 
 impl wasmtime::ResourceLimiter for Limiter {
+    // wasmtime asks before every growth, a memory's or table's initial size at instantiation
+    // included (`current` 0), so the sums below see everything an instance has.
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired as u64 > self.memory_bytes {
-            self.hit = Some(PluginError::MemoryLimit {
-                what: "linear memory",
-                limit: self.memory_bytes,
-            });
-            return Err(wasmtime::Error::new(LimitReached));
-        }
-        Ok(true)
+        self.take(
+            (desired as u64).saturating_sub(current as u64),
+            "linear memory",
+        )
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -318,28 +393,8 @@ impl wasmtime::ResourceLimiter for Limiter {
             });
             return Err(wasmtime::Error::new(LimitReached));
         }
-        Ok(true)
-    }
-}
-
-/// A clock stuck at the Unix epoch: modules must not observe time.
-struct FixedClock;
-
-impl HostWallClock for FixedClock {
-    fn resolution(&self) -> Duration {
-        Duration::from_secs(1)
-    }
-    fn now(&self) -> Duration {
-        Duration::ZERO
-    }
-}
-
-impl HostMonotonicClock for FixedClock {
-    fn resolution(&self) -> u64 {
-        1_000_000_000
-    }
-    fn now(&self) -> u64 {
-        0
+        let grown = (desired as u64).saturating_sub(current as u64);
+        self.take(grown.saturating_mul(TABLE_ELEMENT_BYTES), "its tables")
     }
 }
 
@@ -381,7 +436,8 @@ pub struct Host {
     linker: Linker<CallState>,
     config: HostConfig,
     settings: EngineSettings,
-    compat: String,
+    cache: Option<ModuleCache>,
+    compile_slots: CompileSlots,
     loaded: Mutex<Vec<Arc<Module>>>,
     _ticker: Ticker,
 }
@@ -402,9 +458,10 @@ impl Host {
             concurrency: config.concurrency,
         };
         let host_err = |e: wasmtime::Error| PluginError::Host(format!("{e:#}"));
-        let engine = engine(&settings).map_err(host_err)?;
+        let engine = engine(&settings, EngineUse::Run).map_err(host_err)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(host_err)?;
+        clock::shadow_monotonic_clock(&mut linker).map_err(host_err)?;
         lookup::twin::plugin::lookup::add_to_linker::<CallState, HasSelf<CallState>>(
             &mut linker,
             |s| s,
@@ -415,23 +472,19 @@ impl Host {
             |s| s,
         )
         .map_err(host_err)?;
-        let compat = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            engine.precompile_compatibility_hash().hash(&mut h);
-            format!("{:016x}", h.finish())
-        };
-        if let Some(dir) = &config.cache_dir {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| PluginError::Host(format!("cache dir {}: {e}", dir.display())))?;
-        }
+        let cache = config
+            .cache_dir
+            .as_deref()
+            .map(|dir| ModuleCache::open(dir, engine_fingerprint(&engine)))
+            .transpose()?;
         Ok(Self {
             _ticker: Ticker::start(engine.clone()),
             engine,
             linker,
+            compile_slots: CompileSlots::new(config.max_concurrent_compilations),
             config,
             settings,
-            compat,
+            cache,
             loaded: Mutex::new(Vec::new()),
         })
     }
@@ -472,38 +525,27 @@ impl Host {
     }
 
     fn component(&self, hash: &str, bytes: &[u8]) -> Result<Component, PluginError> {
-        let cached = self
-            .config
-            .cache_dir
-            .as_ref()
-            .map(|dir| dir.join(format!("{hash}-{}.cwasm", self.compat)));
-        if let Some(path) = &cached
-            && let Ok(artefact) = std::fs::read(path)
-        {
+        if let Some(artefact) = self.cache.as_ref().and_then(|c| c.read(hash)) {
             match self.deserialize(&artefact) {
                 Ok(c) => return Ok(c),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "recompiling a cached module")
-                }
+                Err(e) => tracing::warn!(module = hash, error = %e, "recompiling a cached module"),
             }
         }
-        let artefact = compile::compile(&self.config.compiler, &self.settings, bytes)?;
+        let artefact = compile::compile(&self.config, &self.compile_slots, &self.settings, bytes)?;
         let component = self.deserialize(&artefact)?;
-        if let Some(path) = &cached {
-            // Best effort: a failed cache write costs a recompilation later, nothing more.
-            let tmp = path.with_extension("tmp");
-            if std::fs::write(&tmp, &artefact).is_ok() {
-                let _ = std::fs::rename(&tmp, path);
-            }
+        if let Some(cache) = &self.cache {
+            cache.write(hash, &artefact);
         }
         Ok(component)
     }
 
     fn deserialize(&self, artefact: &[u8]) -> Result<Component, PluginError> {
         // SAFETY: the artefact was produced by `precompile_component` on an engine built by
-        // `engine()` with this host's settings — in this process, by our compiler child, or by an
-        // earlier run into our own cache directory, which only this host writes. wasmtime also
-        // checks the engine compatibility header and rejects artefacts from other settings.
+        // `engine()` with this host's settings: just now, in this process or by our compiler
+        // child, or earlier into the cache, whose directory only this user can write and which
+        // hands out an artefact only after checking the SHA-256 of these very bytes, the module
+        // they were compiled from and the engine's fingerprint (`cache.rs`). wasmtime also checks
+        // the engine compatibility header and rejects artefacts from other settings.
         #[allow(unsafe_code)]
         let component = unsafe { Component::deserialize(&self.engine, artefact) };
         component.map_err(|e| PluginError::CompilerFailed(format!("load artefact: {e:#}")))
@@ -558,12 +600,7 @@ impl Host {
                 actual: descriptor.kind.as_str().into(),
             });
         }
-        serde_json::from_str::<serde_json::Value>(&descriptor.parameters_schema).map_err(|e| {
-            PluginError::BadOutput(format!("describe: parameters-schema is not JSON: {e}"))
-        })?;
-        if descriptor.name.trim().is_empty() {
-            return Err(PluginError::BadOutput("describe: empty name".into()));
-        }
+        check_descriptor(&descriptor)?;
         Ok(Module {
             hash,
             descriptor,
@@ -625,13 +662,17 @@ impl Host {
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes.min(self.config.max_memory_bytes),
                 table_elements: limits.table_elements,
+                used: 0,
                 hit: None,
             },
             grants,
             calls: Vec::new(),
+            call_bytes: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
+        store.set_hostcall_fuel(MAX_TRANSFER_BYTES);
+        store.data_mut().table.set_max_capacity(MAX_WASI_RESOURCES);
         if self.config.consume_fuel {
             store
                 .set_fuel(limits.fuel)
@@ -712,10 +753,10 @@ impl Host {
                 .twin_plugin_module()
                 .call_configure(&mut *store, params)?
             {
-                return Ok(Err(PluginError::BadParams(message)));
+                return Ok(Err(PluginError::BadParams(cut(message))));
             }
             let scored = instance.twin_plugin_scorer().call_score(store, &input)?;
-            Ok(scored.map_err(PluginError::GuestError))
+            Ok(scored.map_err(|m| PluginError::GuestError(cut(m))))
         })?;
         let values = out
             .values
@@ -752,19 +793,17 @@ impl Host {
                 .twin_plugin_module()
                 .call_configure(&mut *store, params)?
             {
-                return Ok(Err(PluginError::BadParams(message)));
+                return Ok(Err(PluginError::BadParams(cut(message))));
             }
             let judged = instance.twin_plugin_judge().call_judge(store, &input)?;
-            Ok(judged.map_err(PluginError::GuestError))
+            Ok(judged.map_err(|m| PluginError::GuestError(cut(m))))
         })?;
         let values = out
             .values
             .into_iter()
-            .map(|v| Verdict {
-                keep: v.keep,
-                reason: v.reason,
-            })
-            .collect();
+            .enumerate()
+            .map(|(i, v)| check_verdict(i, v))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Outcome {
             values,
             calls: out.calls,
@@ -826,6 +865,14 @@ fn classify(
         },
         None => {
             let message = format!("{err:#}");
+            // wasmtime's error type for an exhausted hostcall fuel is private; its message is
+            // what there is (pinned by a test).
+            if message.contains("fuel allocated for hostcalls has been exhausted") {
+                return PluginError::BadOutput(format!(
+                    "the module handed the host more than {MAX_TRANSFER_BYTES} bytes at once (a \
+                     result, or the arguments of a call to the host)"
+                ));
+            }
             if message.contains("concurrent") {
                 PluginError::Host(format!("too many module calls at once: {message}"))
             } else {
@@ -848,8 +895,21 @@ fn check_score(
             s.score
         )));
     }
+    if s.components.len() > MAX_COMPONENTS {
+        return Err(PluginError::BadOutput(format!(
+            "rollout {index} has {} score components, over the limit of {MAX_COMPONENTS}",
+            s.components.len()
+        )));
+    }
     let mut components = std::collections::BTreeMap::new();
     for c in s.components {
+        if c.name.len() > MAX_NAME_BYTES {
+            return Err(PluginError::BadOutput(format!(
+                "a score component name of rollout {index} is {} bytes, over the limit of \
+                 {MAX_NAME_BYTES}",
+                c.name.len()
+            )));
+        }
         if !c.value.is_finite() {
             return Err(PluginError::BadOutput(format!(
                 "component {:?} of rollout {index} is {}",
@@ -867,6 +927,61 @@ fn check_score(
         score: s.score,
         components,
     })
+}
+
+fn check_verdict(
+    index: usize,
+    v: reward::twin::plugin::types::Verdict,
+) -> Result<Verdict, PluginError> {
+    if let Some(reason) = &v.reason
+        && reason.len() > MAX_REASON_BYTES
+    {
+        return Err(PluginError::BadOutput(format!(
+            "the reason of verdict {index} is {} bytes, over the limit of {MAX_REASON_BYTES}",
+            reason.len()
+        )));
+    }
+    Ok(Verdict {
+        keep: v.keep,
+        reason: v.reason,
+    })
+}
+
+/// Checks what `describe` returned: it is stored in the registry and the log as it is.
+fn check_descriptor(d: &Descriptor) -> Result<(), PluginError> {
+    for (field, value, limit) in [
+        ("name", &d.name, MAX_NAME_BYTES),
+        ("version", &d.version, MAX_VERSION_BYTES),
+        ("summary", &d.summary, MAX_SUMMARY_BYTES),
+        ("parameters-schema", &d.parameters_schema, MAX_SCHEMA_BYTES),
+    ] {
+        if value.len() > limit {
+            return Err(PluginError::BadOutput(format!(
+                "describe: {field} is {} bytes, over the limit of {limit}",
+                value.len()
+            )));
+        }
+    }
+    serde_json::from_str::<serde_json::Value>(&d.parameters_schema).map_err(|e| {
+        PluginError::BadOutput(format!("describe: parameters-schema is not JSON: {e}"))
+    })?;
+    if d.name.trim().is_empty() {
+        return Err(PluginError::BadOutput("describe: empty name".into()));
+    }
+    Ok(())
+}
+
+/// `message` cut to [`MAX_MESSAGE_BYTES`] (at a character boundary), marked when cut.
+fn cut(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str(" […]");
+    }
+    message
 }
 
 fn to_wit_rollout(r: &Rollout) -> reward::twin::plugin::types::Rollout {
@@ -911,5 +1026,107 @@ fn from_wit_descriptor(d: &reward::twin::plugin::types::Descriptor) -> Descripto
         },
         summary: d.summary.clone(),
         parameters_schema: d.parameters_schema.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instantiate(host: &Host, limits: &Limits, wat: &str) -> Result<(), PluginError> {
+        let component = Component::new(&host.engine, wat::parse_str(wat).expect("valid WAT"))
+            .expect("compiles");
+        let (mut store, stderr) = host
+            .store(limits, Arc::new(Grants::default()))
+            .expect("a store");
+        match host.linker.instantiate(&mut store, &component) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(classify(&mut store, limits, &stderr, e)),
+        }
+    }
+
+    #[test]
+    fn memories_and_tables_of_an_instance_share_one_budget() {
+        let host = Host::new(HostConfig::default()).expect("host");
+        let limits = Limits {
+            memory_bytes: 32 << 20,
+            ..Limits::default()
+        };
+        let over = Err(PluginError::MemoryLimit {
+            what: "linear memory",
+            limit: 32 << 20,
+        });
+        // 20 MiB (320 pages) fits ...
+        let one = "(component (core module $a (memory 320)) (core instance (instantiate $a)))";
+        assert_eq!(instantiate(&host, &limits, one), Ok(()));
+        // ... twice does not, though each memory is under the limit on its own.
+        let two = "(component
+            (core module $a (memory 320)) (core instance (instantiate $a))
+            (core module $b (memory 320)) (core instance (instantiate $b)))";
+        assert_eq!(instantiate(&host, &limits, two), over);
+        // Tables count too: 31 MiB of memory and 200000 function references (1.6 MB).
+        let with_table = "(component
+            (core module $a (memory 496) (table 200000 funcref)) (core instance (instantiate $a)))";
+        assert!(
+            matches!(
+                instantiate(&host, &limits, with_table),
+                Err(PluginError::MemoryLimit { limit, .. }) if limit == 32 << 20
+            ),
+            "memory and table together are over the budget"
+        );
+        let small_table = "(component
+            (core module $a (memory 496) (table 1000 funcref)) (core instance (instantiate $a)))";
+        assert_eq!(instantiate(&host, &limits, small_table), Ok(()));
+    }
+
+    #[test]
+    fn the_compiler_and_the_runtime_engines_are_compatible() {
+        let settings = EngineSettings {
+            consume_fuel: true,
+            max_memory_bytes: 1 << 30,
+            concurrency: 4,
+        };
+        let run = engine(&settings, EngineUse::Run).expect("engine");
+        let compile = engine(&settings, EngineUse::Compile).expect("engine");
+        assert_eq!(engine_fingerprint(&run), engine_fingerprint(&compile));
+    }
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(cut("short".into()), "short");
+        let long = "é".repeat(MAX_MESSAGE_BYTES);
+        let cut = cut(long);
+        assert!(
+            cut.len() <= MAX_MESSAGE_BYTES + " […]".len(),
+            "{}",
+            cut.len()
+        );
+        assert!(cut.ends_with(" […]"));
+    }
+
+    #[test]
+    fn a_descriptor_over_the_caps_is_refused() {
+        let ok = Descriptor {
+            name: "x".into(),
+            version: "1".into(),
+            kind: ModuleKind::Reward,
+            summary: String::new(),
+            parameters_schema: "{}".into(),
+        };
+        assert_eq!(check_descriptor(&ok), Ok(()));
+        let long_summary = Descriptor {
+            summary: "s".repeat(MAX_SUMMARY_BYTES + 1),
+            ..ok.clone()
+        };
+        assert!(
+            matches!(check_descriptor(&long_summary), Err(PluginError::BadOutput(m)) if m.contains("summary"))
+        );
+        let big_schema = Descriptor {
+            parameters_schema: format!("\"{}\"", "s".repeat(MAX_SCHEMA_BYTES)),
+            ..ok
+        };
+        assert!(
+            matches!(check_descriptor(&big_schema), Err(PluginError::BadOutput(m)) if m.contains("parameters-schema"))
+        );
     }
 }

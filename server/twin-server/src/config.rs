@@ -39,7 +39,9 @@ pub struct ModulesConfig {
     pub max_module_bytes: u64,
     /// Compilation (in a child process) is stopped after this long.
     pub compile_timeout_ms: u64,
-    /// Compiled modules; defaults to `<data_dir>/module-cache`.
+    /// Compiled modules; defaults to `<data_dir>/module-cache`. Its files are loaded as native
+    /// code, so it must be this user's own directory, writable by nobody else (the Wasm host
+    /// creates it 0700 and refuses one that is not).
     pub cache_dir: Option<PathBuf>,
 }
 

@@ -48,6 +48,22 @@ impl Reward for Misbehave {
                 }
             }
             "recursion" => Ok(Score::new(recurse(black_box(1)) as f64)),
+            // `std::thread::sleep` lowers to `wasi:clocks/monotonic-clock.subscribe-duration` and
+            // `wasi:io/poll`: host calls, where the epoch deadline cannot reach.
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(Score::new(r.completion.len() as f64))
+            }
+            "sleep-forever" => loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            },
+            // Outputs over the host's caps. Every rollout's component points at its own 12 MiB
+            // name: together more than the host takes in one transfer.
+            "huge-component" => Ok(Score::new(0.0).with(&"x".repeat(12 << 20), 1.0)),
+            "many-components" => {
+                Ok((0..1000).fold(Score::new(0.0), |s, i| s.with(&format!("c{i}"), 1.0)))
+            }
+            "long-error" => Err("e".repeat(1 << 20)),
             "panic" => panic!("misbehave panicked on purpose"),
             "error" => Err("misbehave returned an error on purpose".into()),
             "nan" => Ok(Score::new(f64::NAN)),

@@ -57,7 +57,9 @@ struct RunArgs {
     /// Labels jobs may require (repeatable).
     #[arg(long = "label")]
     labels: Vec<String>,
-    /// Where compiled Wasm modules are cached.
+    /// Where compiled Wasm modules are cached: a directory private to this user, since its files
+    /// are loaded as native code (default: `$XDG_CACHE_HOME/twin/module-cache`, or
+    /// `~/.cache/twin/module-cache`).
     #[arg(long, env = "TWIN_MODULE_CACHE")]
     module_cache: Option<PathBuf>,
     /// Bytes of models kept loaded per device between jobs (least recently used evicted first).
@@ -200,9 +202,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "host".into());
         format!("executor-{host}-{}", std::process::id())
     });
-    let cache = args
-        .module_cache
-        .unwrap_or_else(|| std::env::temp_dir().join("twin-module-cache"));
+    // Never a shared temporary directory: another user could create it first and plant code.
+    let cache = match args.module_cache {
+        Some(dir) => dir,
+        None => twin_plugins::user_cache_dir().context(
+            "no directory for compiled modules: neither XDG_CACHE_HOME nor HOME is set; \
+             pass --module-cache",
+        )?,
+    };
     let plugins = plugin_host(cache)?;
     let config = twin_executor::ExecutorConfig {
         server: args.server,
