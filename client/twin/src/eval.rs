@@ -7,7 +7,8 @@ use anyhow::{Context, anyhow};
 use clap::{Args, Subcommand};
 use twin_client::Client;
 use twin_core::eval::{
-    EvalFinish, EvalOutput, EvalSample, MeanMetrics, SubsetMetrics, mean_metrics,
+    AppliedImageBounds, EvalFinish, EvalOutput, EvalSample, ImageBounds, MeanMetrics,
+    SubsetMetrics, mean_metrics,
 };
 use twin_core::event::JobResult;
 use twin_core::job::{JobState, JobStatus};
@@ -71,6 +72,9 @@ pub struct RunArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Pixel bounds of --questions images: lmms_eval (FGVQA's protocol) or checkpoint.
+    #[arg(long, default_value = "lmms_eval")]
+    pub image_bounds: String,
     /// Scorer of the pair questions (a registered reward module: name or hash).
     #[arg(long, default_value = twin_core::eval::DEFAULT_PAIR_SCORER)]
     pub pair_scorer: String,
@@ -116,6 +120,7 @@ pub fn submission(args: &RunArgs) -> anyhow::Result<serde_json::Value> {
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
         "device": args.device,
+        "image_bounds": args.image_bounds,
         "scorers": {
             "pair": {"module": args.pair_scorer},
             "multi": {"module": args.multi_scorer},
@@ -247,6 +252,7 @@ fn compare_json(columns: &[Evaluated]) -> serde_json::Value {
                 "label": c.label,
                 "model": c.model,
                 "model_hash": c.output.model_hash,
+                "image_bounds": c.output.image_bounds,
                 "questions": c.output.questions,
                 "subsets": c.output.subsets,
                 "mean": mean_metrics(c.output.subsets.values()),
@@ -356,11 +362,27 @@ pub fn table(columns: &[Evaluated]) -> String {
             .values()
             .fold((0, 0), |(p, m), s| (p + s.pair_count, m + s.multi_count));
         out.push_str(&format!(
-            "{l}: job {}, {} questions ({pairs} pair, {multis} multi), {} cut off at max_new_tokens, {:.1} s\n",
-            c.id, o.questions, o.truncated, o.wall_seconds
+            "{l}: job {}, {} questions ({pairs} pair, {multis} multi), {} cut off at max_new_tokens, {:.1} s{}\n",
+            c.id,
+            o.questions,
+            o.truncated,
+            o.wall_seconds,
+            o.image_bounds.map(bounds_note).unwrap_or_default()
         ));
     }
     out
+}
+
+/// The image bounds a job ran with, for the table's footer: accuracy depends on them.
+fn bounds_note(b: AppliedImageBounds) -> String {
+    let policy = match b.policy {
+        ImageBounds::LmmsEval => "lmms_eval",
+        ImageBounds::Checkpoint => "checkpoint",
+    };
+    format!(
+        ", images within {}–{} pixels ({policy})",
+        b.min_pixels, b.max_pixels
+    )
 }
 
 fn print_table(columns: &[Evaluated]) {
@@ -404,6 +426,7 @@ mod tests {
                 model_hash: "ab".repeat(32),
                 model_manifest: None,
                 device: "cpu".into(),
+                image_bounds: None,
                 questions: scored.len() as u64,
                 subsets: subset_metrics(scored.iter().copied()),
                 samples: BlobHash::of(b"s"),
@@ -425,11 +448,16 @@ mod tests {
             "qwen abababab",
             &[("cub", Pair, 1.0), ("cub", Pair, 0.0), ("twin", Multi, 1.0)],
         );
-        let b = column(
+        let mut b = column(
             "01JOBBBBBBBBBBBBBBBBBBBBBB",
             "qwen abababab",
             &[("cub", Pair, 1.0)],
         );
+        b.output.image_bounds = Some(AppliedImageBounds {
+            policy: ImageBounds::LmmsEval,
+            min_pixels: 200_704,
+            max_pixels: 1_605_632,
+        });
         let t = table(&[a, b]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("SUBSET"), "{t}");
@@ -461,6 +489,11 @@ mod tests {
             "{t}"
         );
         assert!(lines[5].contains("3 questions (2 pair, 1 multi)"), "{t}");
+        assert!(!lines[5].contains("images within"), "{t}");
+        assert!(
+            lines[6].ends_with(", images within 200704–1605632 pixels (lmms_eval)"),
+            "{t}"
+        );
     }
 
     #[test]
@@ -474,6 +507,7 @@ mod tests {
             max_new_tokens: 16,
             batch_size: 4,
             device: "cpu".into(),
+            image_bounds: "checkpoint".into(),
             pair_scorer: "fgvqa-pair".into(),
             multi_scorer: "fgvqa-multi".into(),
             experiment: None,
@@ -506,5 +540,6 @@ mod tests {
             (Some(5), 16, 4)
         );
         assert_eq!(spec.subsets, ["cub"]);
+        assert_eq!(spec.image_bounds, ImageBounds::Checkpoint);
     }
 }

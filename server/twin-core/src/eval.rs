@@ -26,6 +26,11 @@ pub const MAX_EVAL_BATCH: u32 = 1024;
 /// The scorer modules a spec names when it names none (the FGVQA rules of lmms-eval).
 pub const DEFAULT_PAIR_SCORER: &str = "fgvqa-pair";
 pub const DEFAULT_MULTI_SCORER: &str = "fgvqa-multi";
+/// The pixel bounds lmms-eval gives Qwen2.5-VL's processor (`min_pixels` 256·28·28,
+/// `max_pixels` 2048·28·28), overriding the checkpoint's: the paper's FGVQA numbers were
+/// measured with them.
+pub const LMMS_EVAL_MIN_PIXELS: u64 = 256 * 28 * 28;
+pub const LMMS_EVAL_MAX_PIXELS: u64 = 2048 * 28 * 28;
 
 /// Where the questions come from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -36,6 +41,36 @@ pub enum EvalData {
     /// A `questions.jsonl` made by `twin import` (`{subset, question_type, question, answer,
     /// images}`, images relative to the file), on the executor's file system; an absolute path.
     Questions(String),
+}
+
+/// The pixel bounds (`min_pixels`, `max_pixels`) the image processor brings an imported
+/// question's image within.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageBounds {
+    /// lmms-eval's, 200704 to 1605632 pixels: the FGVQA protocol the paper reports.
+    #[default]
+    LmmsEval,
+    /// The checkpoint's `preprocessor_config.json` (Qwen2.5-VL's: 3136 to 12845056).
+    Checkpoint,
+}
+
+impl ImageBounds {
+    /// `(min_pixels, max_pixels)` when the policy fixes them; `None` for the checkpoint's.
+    pub fn pixels(self) -> Option<(u64, u64)> {
+        match self {
+            ImageBounds::LmmsEval => Some((LMMS_EVAL_MIN_PIXELS, LMMS_EVAL_MAX_PIXELS)),
+            ImageBounds::Checkpoint => None,
+        }
+    }
+}
+
+/// The pixel bounds a job's images were brought within, and the policy that chose them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AppliedImageBounds {
+    pub policy: ImageBounds,
+    pub min_pixels: u64,
+    pub max_pixels: u64,
 }
 
 /// A scorer module: a reward module given the completion and the question's answer.
@@ -152,6 +187,13 @@ pub struct EvalSpec {
     pub batch_size: u32,
     #[serde(default)]
     pub device: ComputeDevice,
+    /// The pixel bounds of a `data.questions` image: `lmms_eval` (the default; 200704 to 1605632
+    /// pixels, as the paper's FGVQA numbers were measured) or `checkpoint` (its
+    /// `preprocessor_config.json`'s). A `data.built` image is shown at the dataset's
+    /// `resized_*` size within the checkpoint's bounds whatever this says, so that evaluation
+    /// sees what training saw.
+    #[serde(default)]
+    pub image_bounds: ImageBounds,
     #[serde(default)]
     pub scorers: EvalScorers,
     /// Host capabilities granted to the scorer modules.
@@ -411,6 +453,11 @@ pub struct EvalOutput {
     #[schema(value_type = Option<String>)]
     pub model_manifest: Option<BlobHash>,
     pub device: String,
+    /// The pixel bounds the questions' images were brought within: the spec's `image_bounds`
+    /// for `data.questions`, the checkpoint's for `data.built`. Absent from outputs of jobs run
+    /// before the option existed (which used the checkpoint's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_bounds: Option<AppliedImageBounds>,
     /// Questions asked.
     pub questions: u64,
     pub subsets: BTreeMap<String, SubsetMetrics>,
@@ -457,6 +504,12 @@ mod tests {
         assert_eq!(spec.batch_size, 8);
         assert_eq!(spec.limit, None);
         assert_eq!(spec.device, ComputeDevice::Auto);
+        assert_eq!(spec.image_bounds, ImageBounds::LmmsEval);
+        assert_eq!(
+            ImageBounds::LmmsEval.pixels(),
+            Some((200_704, 1_605_632)),
+            "256·28·28 and 2048·28·28, lmms-eval's"
+        );
         assert_eq!(spec.scorers.pair.module, "fgvqa-pair");
         assert_eq!(spec.scorers.multi.module, "fgvqa-multi");
         // Naming one scorer keeps the other's default.
@@ -469,6 +522,12 @@ mod tests {
         };
         assert_eq!(spec.scorers.pair.module, "binary-match");
         assert_eq!(spec.scorers.multi.module, "fgvqa-multi");
+        let s = submit(eval(json!({"image_bounds": "checkpoint"}))).expect("valid");
+        let crate::spec::JobSpec::Eval(spec) = s.spec else {
+            panic!("not an eval spec");
+        };
+        assert_eq!(spec.image_bounds, ImageBounds::Checkpoint);
+        assert_eq!(spec.image_bounds.pixels(), None);
     }
 
     #[test]
@@ -497,6 +556,7 @@ mod tests {
             ),
             (json!({"limits": {"fuel": 0}}), "spec.limits.fuel"),
             (json!({"temperature": 1.0}), "spec.temperature"),
+            (json!({"image_bounds": "native"}), "spec.image_bounds"),
         ];
         for (extra, field) in cases {
             let err = submit(eval(extra.clone())).expect_err(&format!("{extra} should fail"));
@@ -542,6 +602,32 @@ mod tests {
         assert_eq!(mean.overall_total, Some((0.75 + 0.5 + 0.0) / 3.0));
         assert_eq!(mean_metrics([]).overall_total, None);
         assert!(subset_metrics([]).is_empty());
+    }
+
+    #[test]
+    fn an_output_logged_before_image_bounds_still_decodes() {
+        let old = json!({
+            "model_hash": "ab", "device": "cpu", "questions": 0, "subsets": {},
+            "samples": BlobHash::of(b"s").to_hex(), "scorers": {}, "prompt_tokens": 0,
+            "generated_tokens": 0, "truncated": 0, "resumed": 0, "wall_seconds": 1.0,
+        });
+        let mut out: EvalOutput = serde_json::from_value(old.clone()).expect("an old output");
+        assert_eq!(out.image_bounds, None);
+        assert_eq!(serde_json::to_value(&out).expect("encodes"), old);
+        out.image_bounds = Some(AppliedImageBounds {
+            policy: ImageBounds::LmmsEval,
+            min_pixels: LMMS_EVAL_MIN_PIXELS,
+            max_pixels: LMMS_EVAL_MAX_PIXELS,
+        });
+        let new = serde_json::to_value(&out).expect("encodes");
+        assert_eq!(
+            new["image_bounds"],
+            json!({"policy": "lmms_eval", "min_pixels": 200_704, "max_pixels": 1_605_632})
+        );
+        assert_eq!(
+            serde_json::from_value::<EvalOutput>(new).expect("decodes"),
+            out
+        );
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! the answers, and the job reports per-subset accuracy.
 //!
 //! Questions come from a built dataset's eval split (the manifest pinned at submission; images
-//! are blobs, shown at the size the dataset's exports give the model) or from a
-//! `questions.jsonl` written by `twin import` (images beside it). The user turn is the images,
+//! are blobs, shown at the size the dataset's exports give the model, within the checkpoint's
+//! pixel bounds) or from a `questions.jsonl` written by `twin import` (images beside it, brought
+//! within the spec's `image_bounds`: lmms-eval's by default, which the paper's FGVQA numbers
+//! used, or the checkpoint's). The user turn is the images,
 //! then the question followed by the evaluation instruction (`twin_data::prompts::eval_text`),
 //! rendered with the checkpoint's chat template; decoding is greedy. Each completion is scored by
 //! the job's pair or multi scorer module (the server pinned both to hashes), run by twin-plugins
@@ -34,8 +36,8 @@ use bytes::Bytes;
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 use twin_core::eval::{
-    EvalData, EvalFinish, EvalOutput, EvalSample, EvalSpec, QuestionKind, ScorerRef, ScorerSummary,
-    subset_metrics,
+    AppliedImageBounds, EvalData, EvalFinish, EvalOutput, EvalSample, EvalSpec, ImageBounds,
+    QuestionKind, ScorerRef, ScorerSummary, subset_metrics,
 };
 use twin_core::event::JobOutput;
 use twin_core::job::JobState;
@@ -47,8 +49,8 @@ use twin_data::import::QuestionLine;
 use twin_ml::MlError;
 use twin_ml::device::JobDevice;
 use twin_ml::qwen::{
-    EngineOptions, FinishReason, GenerationRequest, Message, QwenAssets, QwenPreprocessor, QwenVl,
-    SamplingParams,
+    EngineOptions, FinishReason, GenerationRequest, Message, PreparedPrompt, QwenAssets,
+    QwenPreprocessor, QwenProcessor, QwenVl, SamplingParams,
 };
 use twin_ml::tch::Device;
 use twin_plugins::{Host, Module, PluginError, QuestionType, Rollout};
@@ -175,6 +177,29 @@ impl ImageSource {
             ImageSource::Blob { path, .. } => path,
             ImageSource::File { name, .. } => name,
         }
+    }
+}
+
+/// The pixel bounds the job's images are brought within. A built dataset's images keep the
+/// checkpoint's, whatever the policy: they are shown at the size the dataset's exports give the
+/// model in training, and other bounds would resize them again. An imported question's images
+/// take the policy's.
+pub(crate) fn image_bounds(
+    data: &EvalData,
+    policy: ImageBounds,
+    checkpoint: &QwenPreprocessor,
+) -> AppliedImageBounds {
+    let policy = match data {
+        EvalData::Built(_) => ImageBounds::Checkpoint,
+        EvalData::Questions(_) => policy,
+    };
+    let (min_pixels, max_pixels) = policy
+        .pixels()
+        .unwrap_or((checkpoint.min_pixels, checkpoint.max_pixels));
+    AppliedImageBounds {
+        policy,
+        min_pixels,
+        max_pixels,
     }
 }
 
@@ -403,6 +428,9 @@ pub(crate) struct Answerer<'a> {
     pub stops: &'a [i64],
     pub max_new_tokens: usize,
     pub batch_size: usize,
+    /// The bounds of an imported question's images (`image_bounds`); a built dataset's images
+    /// go through the checkpoint's processor as it is.
+    pub image_bounds: AppliedImageBounds,
 }
 
 impl Answerer<'_> {
@@ -419,30 +447,19 @@ impl Answerer<'_> {
             max_batch_rows: self.batch_size,
             ..EngineOptions::default()
         };
-        let processor = &self.assets.processor;
+        let checkpoint = &self.assets.processor;
+        let imported = checkpoint
+            .with_pixel_bounds(self.image_bounds.min_pixels, self.image_bounds.max_pixels)
+            .map_err(|e| ml_failure("spec.image_bounds", e))?;
         let mut out = Vec::with_capacity(questions.len());
         for chunk in questions.chunks(self.batch_size.max(1)) {
             let mut prompts = Vec::with_capacity(chunk.len());
             for q in chunk {
-                let images = q
-                    .images
-                    .iter()
-                    .map(|s| read_image(s, &q.id, &processor.preprocessor, fetch))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let named: Vec<(&str, &DynamicImage)> = q
-                    .images
-                    .iter()
-                    .map(ImageSource::name)
-                    .zip(&images)
-                    .collect();
-                let messages = [Message::user_with_images(
-                    images.len(),
-                    twin_data::prompts::eval_text(&q.question),
-                )];
-                let prompt = processor
-                    .prepare(&self.assets.tokenizer, &messages, &named, true)
-                    .map_err(|e| ml_failure(&format!("question {}", q.id), e))?;
-                prompts.push(prompt);
+                let processor = match q.images.first() {
+                    Some(ImageSource::File { .. }) => &imported,
+                    _ => checkpoint,
+                };
+                prompts.push(self.prompt(q, processor, fetch)?);
             }
             let requests: Vec<GenerationRequest<'_>> = prompts
                 .iter()
@@ -484,6 +501,34 @@ impl Answerer<'_> {
             after_batch(&batch, out.len())?;
         }
         Ok(out)
+    }
+
+    /// A question's prompt: its images read and brought within `processor`'s bounds, then the
+    /// question and the evaluation instruction, under the checkpoint's chat template.
+    fn prompt(
+        &self,
+        q: &Question,
+        processor: &QwenProcessor,
+        fetch: &Fetch<'_>,
+    ) -> Result<PreparedPrompt, StageError> {
+        let images = q
+            .images
+            .iter()
+            .map(|s| read_image(s, &q.id, &processor.preprocessor, fetch))
+            .collect::<Result<Vec<_>, _>>()?;
+        let named: Vec<(&str, &DynamicImage)> = q
+            .images
+            .iter()
+            .map(ImageSource::name)
+            .zip(&images)
+            .collect();
+        let messages = [Message::user_with_images(
+            images.len(),
+            twin_data::prompts::eval_text(&q.question),
+        )];
+        processor
+            .prepare(&self.assets.tokenizer, &messages, &named, true)
+            .map_err(|e| ml_failure(&format!("question {}", q.id), e))
     }
 }
 
@@ -621,6 +666,7 @@ pub(crate) fn summarise(
         model_hash,
         model_manifest: None,
         device,
+        image_bounds: None,
         questions: samples.len() as u64,
         subsets: subset_metrics(
             samples
@@ -727,6 +773,10 @@ impl Stage for EvalStage {
         let model_dir = checkpoint.dir.to_string_lossy().into_owned();
         let questions = self.questions(spec, ctx)?;
         let scorers = self.scorers(spec, ctx)?;
+        // Read from the file rather than the loaded model: a resumed job that loads no model
+        // still reports them.
+        let preprocessor = QwenPreprocessor::load(&checkpoint.dir).map_err(load_failure)?;
+        let bounds = image_bounds(&spec.data, spec.image_bounds, &preprocessor);
         ctx.plan(&PLAN)?;
         let total = questions.len();
 
@@ -774,6 +824,7 @@ impl Stage for EvalStage {
                     stops: &qwen.stops,
                     max_new_tokens: spec.max_new_tokens as usize,
                     batch_size: spec.batch_size as usize,
+                    image_bounds: bounds,
                 };
                 let mut generated_tokens = 0u64;
                 let fetch = |h: &BlobHash| ctx.download(h);
@@ -854,6 +905,7 @@ impl Stage for EvalStage {
             started,
         );
         output.model_manifest = Some(checkpoint.manifest);
+        output.image_bounds = Some(bounds);
         Ok(JobOutput::Eval(output))
     }
 }
@@ -1002,6 +1054,7 @@ mod tests {
         let whole = evaluated(stage.run(&job, &straight.context(&[])).unwrap());
         assert_eq!(straight.names(), [ANSWERS, SAMPLES]);
         assert_eq!((whole.questions, whole.resumed), (6, 0));
+        assert_eq!(whole.image_bounds, Some(lmms_eval_bounds()));
 
         // The executor dies after the first engine call's checkpoint (two of six answers)...
         let (stage, backend, job) = eval_job(&ckpt, &questions, &models);
@@ -1053,6 +1106,14 @@ mod tests {
         assert_eq!(backend.names().iter().filter(|n| *n == ANSWERS).count(), 2);
     }
 
+    fn lmms_eval_bounds() -> AppliedImageBounds {
+        AppliedImageBounds {
+            policy: ImageBounds::LmmsEval,
+            min_pixels: 200_704,
+            max_pixels: 1_605_632,
+        }
+    }
+
     fn no_blobs(h: &BlobHash) -> Result<Bytes, StageError> {
         Err(StageError::bad_input(format!("no blob store here ({h})")))
     }
@@ -1079,6 +1140,7 @@ mod tests {
             stops: &loaded.stops,
             max_new_tokens,
             batch_size: 4,
+            image_bounds: lmms_eval_bounds(),
         };
         let refs: Vec<&Question> = questions.iter().collect();
         let mut batches = Vec::new();
@@ -1276,6 +1338,7 @@ mod tests {
             stops: &loaded.stops,
             max_new_tokens: 4,
             batch_size: 8,
+            image_bounds: lmms_eval_bounds(),
         };
         let err = answerer
             .answer(&[&questions[0]], &no_blobs, &mut |_, _| Ok(()))
@@ -1286,6 +1349,105 @@ mod tests {
             "{err}"
         );
         assert!(!err.retryable);
+    }
+
+    /// The FGVQA protocol: lmms-eval gives Qwen2.5-VL's processor `min_pixels` 256·28·28 and
+    /// `max_pixels` 2048·28·28 over the checkpoint's, so an imported question's small image is
+    /// scaled up before the model sees it; `image_bounds: checkpoint` keeps the checkpoint's.
+    #[test]
+    fn an_imported_questions_image_reaches_the_model_at_lmms_evals_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = tmp.path().join("qwen");
+        tiny_model(&ckpt, 5);
+        // 100 wide, 80 high: 8000 pixels, below lmms-eval's min_pixels.
+        let small = tmp.path().join("img/small.png");
+        std::fs::create_dir_all(small.parent().unwrap()).unwrap();
+        image::RgbImage::from_fn(100, 80, |x, y| image::Rgb([x as u8, y as u8, 7]))
+            .save(&small)
+            .unwrap();
+        let path = tmp.path().join("q.jsonl");
+        let images = ["img/small.png", "img/small.png"];
+        std::fs::write(
+            &path,
+            line("CUB", "pairwise", "Same?", "yes", &images) + "\n",
+        )
+        .unwrap();
+        let questions = file_questions(&path).unwrap();
+        let loaded = load(ckpt.to_str().unwrap(), Device::Cpu).unwrap().0;
+        let checkpoint = QwenPreprocessor::load(&ckpt).unwrap();
+        assert_eq!(
+            (checkpoint.min_pixels, checkpoint.max_pixels),
+            (3136, 512 * 512)
+        );
+
+        // smart_resize by hand. Both sides round to multiples of 28: 80 → 84, 100 → 112, and
+        // 84·112 = 9408 pixels. lmms-eval: below 200704, so scale by β = √(200704 / (80·100))
+        // and round up to multiples of 28: 80β/28 = 14.31 → 15 (420), 100β/28 = 17.89 → 18
+        // (504). The checkpoint: 9408 is within [3136, 262144], so 84×112 stays.
+        let beta = (200_704f64 / (80.0 * 100.0)).sqrt();
+        assert_eq!(
+            ((80.0 * beta / 28.0).ceil(), (100.0 * beta / 28.0).ceil()),
+            (15.0, 18.0)
+        );
+        let data = EvalData::Questions(path.to_string_lossy().into_owned());
+        let cases = [
+            (ImageBounds::LmmsEval, (200_704, 1_605_632), (420, 504)),
+            (ImageBounds::Checkpoint, (3136, 512 * 512), (84, 112)),
+        ];
+        for (policy, (min_pixels, max_pixels), (height, width)) in cases {
+            let bounds = image_bounds(&data, policy, &checkpoint);
+            assert_eq!(
+                bounds,
+                AppliedImageBounds {
+                    policy,
+                    min_pixels,
+                    max_pixels
+                }
+            );
+            let answerer = Answerer {
+                model: &loaded.model,
+                assets: &loaded.assets,
+                model_hash: &loaded.hash,
+                stops: &loaded.stops,
+                max_new_tokens: 1,
+                batch_size: 1,
+                image_bounds: bounds,
+            };
+            let answer = answerer
+                .answer(&[&questions[0]], &no_blobs, &mut |_, _| Ok(()))
+                .unwrap()
+                .remove(0);
+            // Each <|image_pad|> of the rendered prompt became one token per 2×2 block of 14-pixel
+            // patches: (height / 28)·(width / 28).
+            let text = loaded.assets.tokenizer.encode(&answer.prompt).unwrap();
+            let pads = answer.prompt.matches("<|image_pad|>").count();
+            assert_eq!(pads, 2);
+            let per_image = (height / 28) * (width / 28);
+            assert_eq!(
+                answer.prompt_tokens as usize,
+                text.len() - pads + pads * per_image,
+                "{policy:?}: each image at {height}×{width}"
+            );
+        }
+        assert_eq!(
+            image_bounds(&data, ImageBounds::LmmsEval, &checkpoint),
+            lmms_eval_bounds()
+        );
+        // A built dataset's images keep the checkpoint's bounds (their resized size is the
+        // dataset's), and the output says so.
+        let built = image_bounds(
+            &EvalData::Built("pairs".into()),
+            ImageBounds::LmmsEval,
+            &checkpoint,
+        );
+        assert_eq!(
+            built,
+            AppliedImageBounds {
+                policy: ImageBounds::Checkpoint,
+                min_pixels: 3136,
+                max_pixels: 512 * 512
+            }
+        );
     }
 
     #[test]

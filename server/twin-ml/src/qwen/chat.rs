@@ -420,6 +420,21 @@ impl QwenProcessor {
         }
     }
 
+    /// This processor with its images brought within other pixel bounds
+    /// ([`QwenPreprocessor::with_pixel_bounds`]); the template and tokens are the same.
+    pub fn with_pixel_bounds(
+        &self,
+        min_pixels: u64,
+        max_pixels: u64,
+    ) -> Result<QwenProcessor, MlError> {
+        Ok(QwenProcessor {
+            preprocessor: self
+                .preprocessor
+                .with_pixel_bounds(min_pixels, max_pixels)?,
+            ..self.clone()
+        })
+    }
+
     /// Renders, tokenizes and expands `messages` with `images` (one per image part, in order).
     pub fn prepare(
         &self,

@@ -160,6 +160,25 @@ impl QwenPreprocessor {
         })
     }
 
+    /// These settings with other pixel bounds, as transformers' processor takes `min_pixels` /
+    /// `max_pixels` arguments over the file's (lmms-eval's evaluation protocol does so).
+    pub fn with_pixel_bounds(
+        &self,
+        min_pixels: u64,
+        max_pixels: u64,
+    ) -> Result<QwenPreprocessor, MlError> {
+        if min_pixels > max_pixels {
+            return Err(MlError::Invalid(format!(
+                "min_pixels {min_pixels} exceeds max_pixels {max_pixels}"
+            )));
+        }
+        Ok(QwenPreprocessor {
+            min_pixels,
+            max_pixels,
+            ..self.clone()
+        })
+    }
+
     /// The file transformers writes for these settings.
     pub fn to_json(&self) -> Value {
         let (mean, std) = self
@@ -353,6 +372,35 @@ mod tests {
                 .unwrap_err()
                 .contains("aspect ratio")
         );
+    }
+
+    #[test]
+    fn pixel_bounds_override_the_files_and_nothing_else() {
+        let file = QwenPreprocessor {
+            max_pixels: 512 * 512,
+            filter: Filter::Bilinear,
+            ..QwenPreprocessor::default()
+        };
+        let lmms = file.with_pixel_bounds(200_704, 1_605_632).unwrap();
+        assert_eq!((lmms.min_pixels, lmms.max_pixels), (200_704, 1_605_632));
+        assert_eq!(
+            QwenPreprocessor {
+                min_pixels: file.min_pixels,
+                max_pixels: file.max_pixels,
+                ..lmms.clone()
+            },
+            file
+        );
+        // 80×100 rounds to 84×112 = 9408 pixels, within the file's bounds; below lmms-eval's
+        // 200704 it scales by √(200704 / 8000) and rounds up: 420×504.
+        assert_eq!(file.target_size(80, 100).unwrap(), (84, 112));
+        assert_eq!(lmms.target_size(80, 100).unwrap(), (420, 504));
+        let image = DynamicImage::ImageRgb8(image::RgbImage::new(100, 80));
+        let prepared = lmms.prepare(&image, "small").unwrap();
+        assert_eq!(prepared.resized, (420, 504));
+        assert_eq!(prepared.grid, Grid { t: 1, h: 30, w: 36 });
+        let err = file.with_pixel_bounds(10, 9).unwrap_err();
+        assert!(err.to_string().contains("min_pixels 10 exceeds"), "{err}");
     }
 
     #[test]
