@@ -12,6 +12,7 @@ mod online;
 mod replay;
 mod review;
 mod sample;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,6 +79,10 @@ enum Command {
     /// Evaluate a Qwen2.5-VL checkpoint (FGVQA metrics), compare evaluations, read samples.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Post-train a checkpoint (GRPO or SFT): submit a run, read its curves, rollouts and
+    /// checkpoints.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
     /// Replay a data directory offline: verify the chain and blobs, show the state at a point.
     Replay(replay::ReplayArgs),
     /// What produced a blob or a job (offline with --data-dir, else asks the server).

@@ -91,9 +91,16 @@ pub enum ExperimentsCommand {
 /// the spec file's directory, so `model = "clip"` beside the spec means that `clip`, not one in
 /// whatever directory the executor happens to run in.
 pub fn load_spec(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let (mut value, base) = read_spec(path)?;
+    resolve_host_paths(&mut value, &base);
+    Ok(value)
+}
+
+/// A spec file as JSON, whatever its format, and the directory its relative paths are against.
+pub(crate) fn read_spec(path: &Path) -> anyhow::Result<(serde_json::Value, PathBuf)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut value: serde_json::Value = match path.extension().and_then(|e| e.to_str()) {
+    let value: serde_json::Value = match path.extension().and_then(|e| e.to_str()) {
         Some("json") => serde_json::from_str(&text)
             .with_context(|| format!("parsing {} as JSON", path.display()))?,
         _ => {
@@ -108,13 +115,12 @@ pub fn load_spec(path: &Path) -> anyhow::Result<serde_json::Value> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    resolve_host_paths(&mut value, &base);
-    Ok(value)
+    Ok((value, base))
 }
 
 /// Makes every relative path field of the submission's kind absolute against `base`; anything
 /// else (an unknown kind, a field of the wrong type) is left for the server to refuse by name.
-fn resolve_host_paths(submission: &mut serde_json::Value, base: &Path) {
+pub(crate) fn resolve_host_paths(submission: &mut serde_json::Value, base: &Path) {
     let Some(kind) = submission
         .pointer("/spec/kind")
         .and_then(|k| k.as_str())
@@ -169,7 +175,7 @@ pub(crate) fn attempt_outcome(a: &Attempt) -> String {
 }
 
 /// One line of at most `max` characters, for a table cell.
-fn cell(text: &str, max: usize) -> String {
+pub(crate) fn cell(text: &str, max: usize) -> String {
     let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if line.chars().count() <= max {
         return line;
@@ -324,34 +330,47 @@ pub(crate) async fn wait(
     finished(&job)
 }
 
+/// Submits a loaded spec file as `twin submit` does: `--experiment` and `--idempotency-key`
+/// applied, the job id printed, and with `--wait` waited for.
+pub(crate) async fn submit(
+    client: &Client,
+    mut submission: serde_json::Value,
+    args: &SubmitArgs,
+    json: bool,
+) -> Result<(), Failure> {
+    if let Some(e) = &args.experiment {
+        submission
+            .as_object_mut()
+            .ok_or_else(|| anyhow!("the spec file must hold a table/object"))?
+            .insert("experiment".into(), e.clone().into());
+    }
+    let submitted = client
+        .submit(&submission, args.idempotency_key.as_deref())
+        .await?;
+    let job = submitted.job;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&job)?);
+    } else {
+        let note = if submitted.replayed {
+            " (replayed: this key was used before)"
+        } else {
+            ""
+        };
+        println!("submitted job {} ({}){note}", job.id, job.kind.as_str());
+    }
+    if args.wait {
+        return wait(client, job.id.as_str(), None, json).await;
+    }
+    Ok(())
+}
+
 pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
     let client = Client::new(&conn.server, conn.token.clone())?;
     match command {
         Command::Submit(args) => {
-            let mut spec = load_spec(&args.file)?;
-            if let Some(e) = args.experiment {
-                spec.as_object_mut()
-                    .ok_or_else(|| anyhow!("the spec file must hold a table/object"))?
-                    .insert("experiment".into(), e.into());
-            }
-            let submitted = client
-                .submit(&spec, args.idempotency_key.as_deref())
-                .await?;
-            let job = submitted.job;
-            if conn.json {
-                println!("{}", serde_json::to_string_pretty(&job)?);
-            } else {
-                let note = if submitted.replayed {
-                    " (replayed: this key was used before)"
-                } else {
-                    ""
-                };
-                println!("submitted job {} ({}){note}", job.id, job.kind.as_str());
-            }
-            if args.wait {
-                return wait(&client, job.id.as_str(), None, conn.json).await;
-            }
+            return submit(&client, load_spec(&args.file)?, &args, conn.json).await;
         }
+        Command::Train(command) => return crate::train::run(&client, command, conn.json).await,
         Command::Modules(command) => {
             return crate::modules::online(&client, command, conn.json).await;
         }
