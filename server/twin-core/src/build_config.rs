@@ -24,11 +24,39 @@ impl ConfigError {
 /// The longest side of an image as the model sees it (TWIN resizes to at most 512 px).
 pub const DEFAULT_MAX_SIDE: u32 = 512;
 
-/// The largest [`BuildConfig::multi_questions`] per split and
-/// [`BuildConfig::random_negatives_per_instance`]. Both come from a job's options and size
-/// allocations; a million is far above any dataset this builds (TWIN has 561k pairs in all) and
-/// far below a count that would exhaust memory before the build could say anything.
-pub const MAX_REQUESTED: u32 = 1_000_000;
+// The counts below come from a job's options and size what a build draws and holds. Each
+// maximum is far above what the TWIN recipe asks for (TWIN has about 561k pairs in all) and far
+// below a count that would exhaust an executor's memory before the build could say anything.
+
+/// The largest [`BuildConfig::positives_per_instance`]. An instance's positives are also bounded
+/// by its images (n images give n(n−1)/2 pairs); the recipe's default is 4.
+pub const MAX_POSITIVES_PER_INSTANCE: u32 = 1_000_000;
+
+/// The largest [`BuildConfig::random_negatives_per_instance`] (the recipe's default is 2). The
+/// product with the number of instances is bounded separately, by
+/// [`MAX_RANDOM_NEGATIVES_PER_SPLIT`].
+pub const MAX_RANDOM_NEGATIVES_PER_INSTANCE: u32 = 1_000_000;
+
+/// The most random negatives the `random` and `both` modes draw for one split, whatever
+/// `random_negatives_per_instance` × instances or `hard_share` ask for; what is asked beyond it
+/// is counted as `random_shortfall`. About nine times TWIN's whole set of pairs.
+pub const MAX_RANDOM_NEGATIVES_PER_SPLIT: u64 = 5_000_000;
+
+/// The least [`BuildConfig::hard_share`]: `both` mode adds (1 − s)/s random negatives per hard
+/// one, so a share near 0 asks for an unbounded number (10⁹ at s = 10⁻⁹); at 0.01 it is 99.
+pub const MIN_HARD_SHARE: f64 = 0.01;
+
+/// The largest [`BuildConfig::hard_share`]: at 0.99 random negatives are about 1 % of the
+/// negatives; a larger share is `hard` mode in all but name.
+pub const MAX_HARD_SHARE: f64 = 0.99;
+
+/// The largest [`BuildConfig::multi_questions`] per split.
+pub const MAX_MULTI_QUESTIONS: u32 = 1_000_000;
+
+/// The largest [`BuildConfig::max_side`]: 16 times the recipe's 512. A larger side only gives
+/// images the model's processor shrinks again (Qwen2.5-VL's default cap is 12845056 pixels, a
+/// square of 3584 px).
+pub const MAX_IMAGE_SIDE: u32 = 8192;
 
 /// Which side of the instance-disjoint split a row belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -165,18 +193,22 @@ pub struct BuildConfig {
     /// and its instances. The README demo (6 categories × 4 instances, 0.25) gives 3 categories
     /// × 2 instances = 6 of 24 in eval.
     pub eval_fraction: f64,
-    /// At most this many positive pairs (two distinct images) per instance, ≥ 1. Default 4.
+    /// At most this many positive pairs (two distinct images) per instance, in
+    /// 1..=[`MAX_POSITIVES_PER_INSTANCE`] (1000000). Default 4.
     pub positives_per_instance: u32,
     /// Where negatives come from. Default `hard`.
     pub negatives: NegativesMode,
-    /// `random` mode: random negative pairs anchored at each instance, in 1..=[`MAX_REQUESTED`].
-    /// Default 2.
+    /// `random` mode: random negative pairs anchored at each instance, in
+    /// 1..=[`MAX_RANDOM_NEGATIVES_PER_INSTANCE`] (1000000), and at most
+    /// [`MAX_RANDOM_NEGATIVES_PER_SPLIT`] (5000000) in a split. Default 2.
     pub random_negatives_per_instance: u32,
-    /// `both` mode: the share of hard (and synthetic) pairs among negatives, in (0, 1); every
-    /// hard pair is kept and random pairs are added to reach it. Default 0.5.
+    /// `both` mode: the share of hard (and synthetic) pairs among negatives, in
+    /// [[`MIN_HARD_SHARE`], [`MAX_HARD_SHARE`]] = [0.01, 0.99]; every hard pair is kept and random
+    /// pairs are added to reach it (at most [`MAX_RANDOM_NEGATIVES_PER_SPLIT`] in a split).
+    /// Default 0.5.
     pub hard_share: f64,
     /// Multi questions per split, each a multiple of 4 (an equal number per answer 0–3) and at
-    /// most [`MAX_REQUESTED`]. Default 0 and 0.
+    /// most [`MAX_MULTI_QUESTIONS`] (1000000). Default 0 and 0.
     pub multi_questions: PerSplit<u32>,
     /// Per split, after the mode's negatives: while negatives are fewer than positives, add
     /// random negatives drawn from the split's own instances (two instances of one category,
@@ -196,7 +228,7 @@ pub struct BuildConfig {
     /// to the positives but keeps a surplus of hard negatives (train usually has one, and so may
     /// eval); `downsample` makes them exactly equal.
     pub balance: Balance,
-    /// Longest side of the resized images, ≥ 1. Default 512.
+    /// Longest side of the resized images, in 1..=[`MAX_IMAGE_SIDE`] (8192). Default 512.
     pub max_side: u32,
 }
 
@@ -262,54 +294,51 @@ impl BuildConfig {
                 format!("must be in [0, 1), got {}", self.eval_fraction),
             ));
         }
-        if self.positives_per_instance == 0 {
-            return Err(ConfigError::new(
-                "positives_per_instance",
-                "must be at least 1",
-            ));
-        }
+        check_count(
+            "positives_per_instance",
+            self.positives_per_instance,
+            1,
+            MAX_POSITIVES_PER_INSTANCE,
+        )?;
         if self.negatives == NegativesMode::Random && self.random_negatives_per_instance == 0 {
             return Err(ConfigError::new(
                 "random_negatives_per_instance",
                 "must be at least 1 when negatives is `random`",
             ));
         }
-        if self.random_negatives_per_instance > MAX_REQUESTED {
-            return Err(ConfigError::new(
-                "random_negatives_per_instance",
-                format!(
-                    "must be at most {MAX_REQUESTED}, got {}",
-                    self.random_negatives_per_instance
-                ),
-            ));
-        }
+        // The maximum holds in every mode, so a spec never carries a count that would be refused
+        // once its mode changed.
+        check_count(
+            "random_negatives_per_instance",
+            self.random_negatives_per_instance,
+            0,
+            MAX_RANDOM_NEGATIVES_PER_INSTANCE,
+        )?;
         if self.negatives == NegativesMode::Both
-            && !(self.hard_share.is_finite() && self.hard_share > 0.0 && self.hard_share < 1.0)
+            && !(self.hard_share.is_finite()
+                && (MIN_HARD_SHARE..=MAX_HARD_SHARE).contains(&self.hard_share))
         {
             return Err(ConfigError::new(
                 "hard_share",
                 format!(
-                    "must be in (0, 1) when negatives is `both`, got {}",
+                    "must lie in (0, 1), from {MIN_HARD_SHARE} to {MAX_HARD_SHARE} (at most 99 \
+                     random negatives per hard one), when negatives is `both`, got {}",
                     self.hard_share
                 ),
             ));
         }
         for split in Split::ALL {
             let count = *self.multi_questions.get(split);
+            let field = format!("multi_questions.{split}");
             if !count.is_multiple_of(4) {
                 return Err(ConfigError::new(
-                    format!("multi_questions.{split}"),
+                    field,
                     format!(
                         "must be a multiple of 4 (the same number per answer 0-3), got {count}"
                     ),
                 ));
             }
-            if count > MAX_REQUESTED {
-                return Err(ConfigError::new(
-                    format!("multi_questions.{split}"),
-                    format!("must be at most {MAX_REQUESTED}, got {count}"),
-                ));
-            }
+            check_count(&field, count, 0, MAX_MULTI_QUESTIONS)?;
         }
         if self.multi_questions.eval > 0 && self.eval_fraction == 0.0 {
             return Err(ConfigError::new(
@@ -317,11 +346,26 @@ impl BuildConfig {
                 "must be 0 when eval_fraction is 0 (there is no eval split)",
             ));
         }
-        if self.max_side == 0 {
-            return Err(ConfigError::new("max_side", "must be at least 1"));
-        }
+        check_count("max_side", self.max_side, 1, MAX_IMAGE_SIDE)?;
         Ok(())
     }
+}
+
+/// `value` in `least..=most`, the error naming `field` ("at least 1", "at most 8192").
+fn check_count(field: &str, value: u32, least: u32, most: u32) -> Result<(), ConfigError> {
+    if value < least {
+        return Err(ConfigError::new(
+            field,
+            format!("must be at least {least}, got {value}"),
+        ));
+    }
+    if value > most {
+        return Err(ConfigError::new(
+            field,
+            format!("must be at most {most}, got {value}"),
+        ));
+    }
+    Ok(())
 }
 
 fn field<T: DeserializeOwned>(name: &str, value: &serde_json::Value) -> Result<T, ConfigError> {

@@ -14,6 +14,13 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{BlobHash, DatasetId, JobId};
 use crate::spec::SpecError;
 
+/// Most mine jobs one build names: the server reads every one's candidates into the
+/// hard-negative snapshot at submission. A dataset is usually mined once or a few times.
+pub const MAX_MINES: usize = 256;
+
+/// Most synthetic-negative blobs one build names: the stage downloads and holds them all.
+pub const MAX_SYNTHETIC_BLOBS: usize = 256;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuildDatasetSpec {
@@ -28,20 +35,25 @@ pub struct BuildDatasetSpec {
     #[schema(value_type = Option<String>)]
     pub manifest: Option<BlobHash>,
     /// Succeeded mine jobs on the same dataset; their accepted candidates are the hard negatives.
+    /// At most 256.
     #[serde(default)]
-    #[schema(value_type = Vec<String>)]
+    #[schema(value_type = Vec<String>, max_items = 256)]
     pub mines: Vec<JobId>,
     /// Set by the server: JSONL snapshot of the accepted pairs (`{"pair","a","b","by"}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub hard_negatives: Option<BlobHash>,
     /// Synthetic negatives (JSONL blobs of `{"a","b"}` image hashes) — filled by the synthesis
-    /// stage of a later version; accepted as given.
+    /// stage of a later version; accepted as given. At most 256.
     #[serde(default)]
-    #[schema(value_type = Vec<String>)]
+    #[schema(value_type = Vec<String>, max_items = 256)]
     pub synthetic: Vec<BlobHash>,
     /// Building options (split, sampling, question counts): a [`crate::build_config::BuildConfig`]
-    /// as a JSON object, absent fields taking their defaults.
+    /// as a JSON object, absent fields taking their defaults. The bounds: `eval_fraction` in
+    /// [0, 1); `positives_per_instance` 1 to 1000000; `random_negatives_per_instance` at most
+    /// 1000000 (at least 1 in `random` mode); `hard_share` 0.01 to 0.99 (`both` mode);
+    /// `multi_questions.train` and `.eval` multiples of 4, at most 1000000 each; `max_side` 1 to
+    /// 8192. The `random` and `both` modes draw at most 5000000 random negatives per split.
     #[serde(default = "empty_object")]
     #[schema(value_type = Object)]
     pub options: serde_json::Value,
@@ -61,6 +73,17 @@ impl BuildDatasetSpec {
         }
         if self.dataset.is_empty() {
             return Err(SpecError::invalid("spec.dataset", "must not be empty"));
+        }
+        for (field, count, most) in [
+            ("spec.mines", self.mines.len(), MAX_MINES),
+            ("spec.synthetic", self.synthetic.len(), MAX_SYNTHETIC_BLOBS),
+        ] {
+            if count > most {
+                return Err(SpecError::invalid(
+                    field,
+                    format!("must list at most {most}, got {count}"),
+                ));
+            }
         }
         if !self.options.is_object() {
             return Err(SpecError::invalid("spec.options", "must be a JSON object"));

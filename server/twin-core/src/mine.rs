@@ -13,8 +13,27 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::RejectedFile;
 use crate::ids::{BlobHash, DatasetId, JobId};
-use crate::score::{Grants, ModuleLimits, valid_module_name};
+use crate::score::{Grants, MAX_BATCH, MAX_NAME_BYTES, ModuleLimits, valid_module_name};
 use crate::spec::SpecError;
+
+/// Largest `batch_size`: images in one CLIP forward pass. A batch of 4096 224-px images is about
+/// 2.5 GB of input alone; larger ones only exhaust a device.
+pub const MAX_MINE_BATCH: u32 = 4096;
+
+/// Largest `k`, neighbours per image. A mine job holds about images × k pairs (the default k is
+/// 10).
+pub const MAX_NEIGHBOURS: u32 = 1000;
+
+/// Largest `hnsw.ef_construction` and `hnsw.ef_search`: both size each search's candidate list,
+/// so time and memory grow with them (the default is 100).
+pub const MAX_HNSW_EF: u32 = 4096;
+
+/// Largest `recall_sample`: queries searched a second time exactly to measure HNSW's recall.
+/// Over ten thousand queries the measured recall's standard error is below half a percent.
+pub const MAX_RECALL_SAMPLE: u32 = 10_000;
+
+/// Most filter modules in one mine job: each runs over every candidate pair.
+pub const MAX_FILTERS: usize = 32;
 
 /// Where the model runs. `auto` takes a GPU when the executor has one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -60,8 +79,9 @@ pub enum FilterMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FilterStep {
-    /// Name of the verdict in the candidates (defaults to `module`).
+    /// Name of the verdict in the candidates (defaults to `module`); at most 64 bytes.
     #[serde(default)]
+    #[schema(max_length = 64)]
     pub name: String,
     /// Registry name or SHA-256 of a filter module.
     pub module: String,
@@ -94,7 +114,11 @@ fn empty_object() -> serde_json::Value {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct HnswParams {
+    /// 1 to 4096; default 100.
+    #[schema(minimum = 1, maximum = 4096)]
     pub ef_construction: u32,
+    /// 1 to 4096; default 100.
+    #[schema(minimum = 1, maximum = 4096)]
     pub ef_search: u32,
 }
 
@@ -130,11 +154,13 @@ pub struct MineSpec {
     pub model_manifest: Option<BlobHash>,
     #[serde(default)]
     pub device: ComputeDevice,
-    /// Images per forward pass.
+    /// Images per forward pass, 1 to 4096.
     #[serde(default = "default_batch")]
+    #[schema(minimum = 1, maximum = 4096)]
     pub batch_size: u32,
-    /// Neighbours per image, from other instances.
+    /// Neighbours per image, from other instances: 1 to 1000.
     #[serde(default = "default_k")]
+    #[schema(minimum = 1, maximum = 1000)]
     pub k: u32,
     #[serde(default)]
     pub scope: MineScope,
@@ -147,10 +173,14 @@ pub struct MineSpec {
     pub deterministic: bool,
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// Queries on which HNSW's recall@k is measured against exact search (0 = skip).
+    /// Queries on which HNSW's recall@k is measured against exact search (0 = skip), at most
+    /// 10000.
     #[serde(default = "default_recall_sample")]
+    #[schema(maximum = 10000)]
     pub recall_sample: u32,
+    /// At most 32 filters, applied in order.
     #[serde(default)]
+    #[schema(max_items = 32)]
     pub filters: Vec<FilterStep>,
     /// Candidates this (advisory or required) filter keeps are accepted without review.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,8 +189,9 @@ pub struct MineSpec {
     pub grants: Grants,
     #[serde(default)]
     pub limits: ModuleLimits,
-    /// Candidate pairs per filter call.
+    /// Candidate pairs per filter call, 1 to 4096.
     #[serde(default = "default_filter_batch")]
+    #[schema(minimum = 1, maximum = 4096)]
     pub filter_batch: u32,
 }
 
@@ -189,26 +220,41 @@ impl MineSpec {
             return Err(SpecError::invalid("spec.dataset", "must not be empty"));
         }
         // `model` is checked as a path with every kind's (`JobKind::host_path_fields`).
-        if !(1..=4096).contains(&self.batch_size) {
+        let between = |field: &str, value: u32, max: u32| {
+            if (1..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(SpecError::invalid(
+                    field,
+                    format!("must be between 1 and {max}, got {value}"),
+                ))
+            }
+        };
+        between("spec.batch_size", self.batch_size, MAX_MINE_BATCH)?;
+        between("spec.k", self.k, MAX_NEIGHBOURS)?;
+        between("spec.filter_batch", self.filter_batch, MAX_BATCH)?;
+        between(
+            "spec.hnsw.ef_construction",
+            self.hnsw.ef_construction,
+            MAX_HNSW_EF,
+        )?;
+        between("spec.hnsw.ef_search", self.hnsw.ef_search, MAX_HNSW_EF)?;
+        if self.recall_sample > MAX_RECALL_SAMPLE {
             return Err(SpecError::invalid(
-                "spec.batch_size",
-                "must be between 1 and 4096",
+                "spec.recall_sample",
+                format!(
+                    "must be at most {MAX_RECALL_SAMPLE} (0 skips it), got {}",
+                    self.recall_sample
+                ),
             ));
         }
-        if !(1..=1000).contains(&self.k) {
-            return Err(SpecError::invalid("spec.k", "must be between 1 and 1000"));
-        }
-        if !(1..=crate::score::MAX_BATCH).contains(&self.filter_batch) {
+        if self.filters.len() > MAX_FILTERS {
             return Err(SpecError::invalid(
-                "spec.filter_batch",
-                "must be between 1 and 4096",
-            ));
-        }
-        let h = self.hnsw;
-        if !(1..=4096).contains(&h.ef_construction) || !(1..=4096).contains(&h.ef_search) {
-            return Err(SpecError::invalid(
-                "spec.hnsw",
-                "ef_construction and ef_search must be between 1 and 4096",
+                "spec.filters",
+                format!(
+                    "must have at most {MAX_FILTERS} filters, got {}",
+                    self.filters.len()
+                ),
             ));
         }
         let mut names = BTreeSet::new();
@@ -222,6 +268,12 @@ impl MineSpec {
             }
             if !f.params.is_object() {
                 return Err(SpecError::invalid(&at("params"), "must be a JSON object"));
+            }
+            if f.label().len() > MAX_NAME_BYTES {
+                return Err(SpecError::invalid(
+                    &at("name"),
+                    format!("must be at most {MAX_NAME_BYTES} bytes"),
+                ));
             }
             if !names.insert(f.label().to_owned()) {
                 return Err(SpecError::invalid(
@@ -238,7 +290,8 @@ impl MineSpec {
                 format!("`{a}` is not one of the job's filters"),
             ));
         }
-        Ok(())
+        crate::score::check_grants(&self.grants)?;
+        crate::score::check_limits(&self.limits)
     }
 }
 

@@ -43,7 +43,8 @@ use crate::prompts;
 pub const MANIFEST_FORMAT: &str = "twin-dataset/1";
 
 pub use twin_core::build_config::{
-    Balance, BuildConfig, DEFAULT_MAX_SIDE, MAX_REQUESTED, NegativesMode, PerSplit, Split,
+    Balance, BuildConfig, DEFAULT_MAX_SIDE, MAX_RANDOM_NEGATIVES_PER_SPLIT, NegativesMode,
+    PerSplit, Split,
 };
 
 /// A negative pair of two images, by blob hash. Reads the lines of a hard-negative snapshot
@@ -306,7 +307,8 @@ pub struct SplitCounts {
     /// Why, for each answer with a shortfall.
     #[serde(default)]
     pub multi_shortfall_reasons: [Option<MultiShortfall>; 4],
-    /// Random negatives asked for but not found (too few instances or images).
+    /// Random negatives asked for but not found (too few instances or images), or beyond
+    /// [`MAX_RANDOM_NEGATIVES_PER_SPLIT`].
     pub random_shortfall: u64,
     /// Random negatives added by [`BuildConfig::fill_negatives`] (before balancing; they are
     /// also among `pairs.random`).
@@ -443,7 +445,8 @@ impl BuiltDataset {
             }
             if c.random_shortfall > 0 {
                 out.push(format!(
-                    "{split}: {} random negatives not found (too few instances or images)",
+                    "{split}: {} random negatives not found (too few instances or images, or \
+                     past the {MAX_RANDOM_NEGATIVES_PER_SPLIT} a split draws at most)",
                     c.random_shortfall
                 ));
             }
@@ -688,6 +691,24 @@ fn digest_pairs(pairs: &[NegativePair]) -> InputDigest {
     InputDigest {
         count: pairs.len() as u64,
         hash: BlobHash::of(&bytes),
+    }
+}
+
+/// The random negatives a split's mode asks for, before [`MAX_RANDOM_NEGATIVES_PER_SPLIT`]:
+/// `random_negatives_per_instance` per pairable instance, or in `both` mode as many as make the
+/// `hard` given pairs `hard_share` of the negatives. Saturating, since the options are only
+/// bounded one by one: their product with the dataset's size is not.
+fn random_target(config: &BuildConfig, pairable_instances: usize, hard: usize) -> u64 {
+    match config.negatives {
+        NegativesMode::Hard => 0,
+        NegativesMode::Random => u64::from(config.random_negatives_per_instance)
+            .saturating_mul(pairable_instances as u64),
+        NegativesMode::Both => {
+            let share = config.hard_share;
+            // Validation keeps the share in [0.01, 0.99], so the ratio is at most 99 and the
+            // product finite; a float-to-int `as` saturates (and maps NaN to 0) all the same.
+            (hard as f64 * (1.0 - share) / share).round() as u64
+        }
     }
 }
 
@@ -1041,23 +1062,20 @@ impl Catalog {
                 pairs.push((first, second, n.source));
             }
         }
-        let random_target = match config.negatives {
-            NegativesMode::Hard => 0,
-            NegativesMode::Random => {
-                config.random_negatives_per_instance as usize
-                    * self.pairable_instances(&instances).len()
-            }
-            NegativesMode::Both => {
-                let hard = split_negatives.len() as f64;
-                (hard * (1.0 - config.hard_share) / config.hard_share).round() as usize
-            }
-        };
+        let asked = random_target(
+            config,
+            self.pairable_instances(&instances).len(),
+            split_negatives.len(),
+        );
+        let random_target = usize::try_from(asked.min(MAX_RANDOM_NEGATIVES_PER_SPLIT))
+            .expect("the per-split maximum fits in a usize");
         // Every given pair is excluded, used or not, so random pairs never repeat one; random
         // pairs already drawn join it, so filling never repeats them either.
         let mut taken: HashSet<(usize, usize)> = negatives.iter().map(|n| (n.a, n.b)).collect();
         if random_target > 0 {
             let random = self.random_negatives(&instances, random_target, &mut taken, &mut rng);
-            counts.random_shortfall = (random_target - random.len()) as u64;
+            // What the cap left out counts as not found, with what the images could not give.
+            counts.random_shortfall = asked.saturating_sub(random.len() as u64);
             for (a, b) in random {
                 pairs.push((a, b, Source::Random));
             }
@@ -1406,8 +1424,16 @@ impl Catalog {
                 .collect();
             let mut made = 0;
             let mut attempts = 0;
+            // At most 50 draws per question asked (+200), and no more once draws pass 100 per
+            // question made (+1000): a request far beyond what the split's images allow (up to
+            // `MAX_MULTI_QUESTIONS` on a handful of images) would otherwise spend 50 million
+            // draws on duplicates. The second bound never binds while, on average, one draw in a
+            // hundred or more finds a new question.
             let max_attempts = per_answer * 50 + 200;
-            while made < per_answer && !references.is_empty() && attempts < max_attempts {
+            let within_budget = |attempts: usize, made: usize| {
+                attempts < max_attempts && attempts < 1000 + 100 * made
+            };
+            while made < per_answer && !references.is_empty() && within_budget(attempts, made) {
                 attempts += 1;
                 let reference = references[rng.below(references.len())];
                 let instance = self.instance_of[reference];
