@@ -268,6 +268,7 @@ impl EvalSpec {
                 return Err(SpecError::invalid(&at("params"), "must be a JSON object"));
             }
         }
+        crate::score::check_grants(&self.grants)?;
         check_limits(&self.limits)
     }
 

@@ -472,6 +472,8 @@ fn field_of(path: &str, message: &str) -> String {
         .find_map(|p| message.strip_prefix(p))
         .and_then(|rest| rest.split('`').next());
     match (path, named) {
+        // serde_path_to_error already ends the path with an unknown field's name.
+        (p, Some(f)) if p.ends_with(&format!(".{f}")) => p.to_owned(),
         (".", Some(f)) => f.to_owned(),
         (".", None) => "(body)".to_owned(),
         (p, Some(f)) => format!("{p}.{f}"),
@@ -647,7 +649,7 @@ mod tests {
     #[test]
     fn kinds_not_built_are_told_apart_from_unknown_kinds() {
         check(
-            json!({"spec": {"kind": "train"}}),
+            json!({"spec": {"kind": "synthesize"}}),
             Err("not built in this version"),
         );
         check(

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::BlobHash;
 use crate::mine::ComputeDevice;
-use crate::score::{Grants, ModuleLimits, RewardSpec, check_limits};
+use crate::score::{Grants, ModuleLimits, RewardSpec, check_grants, check_limits};
 use crate::spec::SpecError;
 
 /// Most prompts in one step's batch (the recipe uses 480).
@@ -378,6 +378,7 @@ impl TrainSpec {
             );
         }
         self.reward.validate("spec.reward")?;
+        check_grants(&self.grants)?;
         check_limits(&self.limits)
     }
 }

@@ -181,6 +181,11 @@ impl Trainer {
         &self.model
     }
 
+    /// The trained model and its assets, the optimizer dropped (to train them on another way).
+    pub fn into_parts(self) -> (QwenVl, QwenAssets) {
+        (self.model, self.assets)
+    }
+
     pub fn stop_tokens(&self) -> &[i64] {
         &self.stops
     }
