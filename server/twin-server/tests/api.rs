@@ -94,10 +94,10 @@ async fn bad_specs_are_refused_with_the_field_named() {
         "spec.source.dir",
     );
     assert_error(
-        &call!(h, post(json!({"spec": {"kind": "train"}}))),
+        &call!(h, post(json!({"spec": {"kind": "synthesize"}}))),
         400,
         "kind_not_built",
-        "train",
+        "synthesize",
     );
     assert_error(
         &call!(h, post(json!({"spec": {"kind": "juggle"}}))),
