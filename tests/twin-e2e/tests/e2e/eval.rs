@@ -13,7 +13,7 @@ use crate::modules_dir;
 
 /// A seeded random tiny Qwen2.5-VL checkpoint with a byte-level tokenizer, made by the executor
 /// binary.
-fn tiny_qwen(dir: &Path, name: &str, seed: u64) -> PathBuf {
+pub(crate) fn tiny_qwen(dir: &Path, name: &str, seed: u64) -> PathBuf {
     let path = dir.join(name);
     let out = Command::new(bin("twin-executor"))
         .args(["model", "init-qwen", "--preset", "tiny", "--seed"])
@@ -26,7 +26,7 @@ fn tiny_qwen(dir: &Path, name: &str, seed: u64) -> PathBuf {
 }
 
 /// What `prepare` made.
-struct Prepared {
+pub(crate) struct Prepared {
     images: PathBuf,
     /// The built dataset's row counts (`eval.pair`, `eval.multi`, …).
     counts: serde_json::Value,
@@ -34,7 +34,7 @@ struct Prepared {
 
 /// Ingests a sample set, builds dataset `pairs` (random negatives, four multi questions in the
 /// eval split) and registers the FGVQA scorers under their default names.
-fn prepare(tmp: &Path, url: &str) -> Prepared {
+pub(crate) fn prepare(tmp: &Path, url: &str) -> Prepared {
     let images = tmp.join("images");
     crate::sample(
         &images,

@@ -12,6 +12,7 @@ mod mining;
 mod model;
 mod models;
 mod modules;
+mod train;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
