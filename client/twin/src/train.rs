@@ -568,19 +568,27 @@ fn rollouts_blob(report: &TrainingReport, step: u64) -> anyhow::Result<BlobHash>
         .ok_or_else(|| anyhow!("step {step} of job {} recorded no rollouts", report.job))
 }
 
-/// What `rollouts` shows of a line of the blob (the stage's `RolloutLine`); fields it lacks
-/// read as empty, so an older or newer line still shows.
+/// What `rollouts` shows of a line of the blob: a rollout as a `score` job reads it, with what
+/// the run made of it in `metadata` (the stage's `RolloutLine`). Fields it lacks read as empty,
+/// so an older or newer line still shows.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct Rollout {
+    pub completion: String,
+    pub ground_truth: String,
+    pub metadata: RolloutMetadata,
+}
+
+/// The run's side of a rollout line.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct RolloutMetadata {
     pub prompt_id: String,
     pub sample: u64,
-    pub completion: String,
     pub tokens: u64,
     pub finish: String,
     pub reward: f64,
     pub advantage: f64,
-    pub ground_truth: String,
 }
 
 /// A rollout line as stored (what `--json` prints) and as read.
@@ -602,7 +610,7 @@ pub fn select_rollouts(
         }
         let rollout: Rollout = serde_json::from_str(stored)
             .with_context(|| format!("line {} of the rollouts blob does not parse", i + 1))?;
-        if wrong && rollout.reward >= 1.0 {
+        if wrong && rollout.metadata.reward >= 1.0 {
             continue;
         }
         out.push(RolloutLine { stored, rollout });
@@ -612,14 +620,15 @@ pub fn select_rollouts(
 
 /// One rollout on one line: `prompt #sample reward advantage tokens (finish) target completion`.
 pub fn rollout_row(r: &Rollout) -> String {
+    let m = &r.metadata;
     format!(
         "{}  #{}  reward {}  advantage {:+.3}  {} tokens ({})  target {:?}  {}",
-        r.prompt_id,
-        r.sample,
-        number(r.reward),
-        r.advantage,
-        r.tokens,
-        r.finish,
+        m.prompt_id,
+        m.sample,
+        number(m.reward),
+        m.advantage,
+        m.tokens,
+        m.finish,
         r.ground_truth,
         cell(&r.completion, 100)
     )
@@ -946,14 +955,19 @@ mod tests {
     #[test]
     fn rollouts_are_selected_and_shown_on_one_line() {
         let blob = [
-            json!({"step": 3, "prompt_id": "p1", "sample": 0, "completion": "<think>same\nbird</think><answer>yes</answer>",
-                   "tokens": 12, "finish": "stop", "reward": 1.0, "components": {"binary-match": 1.0},
-                   "advantage": 0.8, "prompt": "Same?", "ground_truth": "yes", "question_type": "pair"}),
-            json!({"step": 3, "prompt_id": "p1", "sample": 1, "completion": "x".repeat(300),
-                   "tokens": 2048, "finish": "length", "reward": 0.0, "components": {},
-                   "advantage": -0.8, "prompt": "Same?", "ground_truth": "yes", "question_type": "pair"}),
-            json!({"step": 3, "prompt_id": "p2", "sample": 0, "completion": "no", "tokens": 1,
-                   "finish": "stop", "reward": 0.0, "advantage": 0.0, "ground_truth": "no"}),
+            json!({"prompt": "Same?", "completion": "<think>same\nbird</think><answer>yes</answer>",
+                   "ground_truth": "yes", "question_type": "pair",
+                   "metadata": {"step": 3, "prompt_id": "p1", "sample": 0, "tokens": 12,
+                                "finish": "stop", "reward": 1.0,
+                                "components": {"binary-match": 1.0}, "advantage": 0.8}}),
+            json!({"prompt": "Same?", "completion": "x".repeat(300), "ground_truth": "yes",
+                   "question_type": "pair",
+                   "metadata": {"step": 3, "prompt_id": "p1", "sample": 1, "tokens": 2048,
+                                "finish": "length", "reward": 0.0, "components": {},
+                                "advantage": -0.8}}),
+            json!({"completion": "no", "ground_truth": "no",
+                   "metadata": {"step": 3, "prompt_id": "p2", "sample": 0, "tokens": 1,
+                                "finish": "stop", "reward": 0.0, "advantage": 0.0}}),
         ]
         .map(|v| v.to_string())
         .join("\n");
@@ -970,7 +984,10 @@ mod tests {
         let wrong = select_rollouts(&blob, 1, true).expect("parses");
         assert_eq!(wrong.len(), 1);
         assert_eq!(
-            (wrong[0].rollout.prompt_id.as_str(), wrong[0].rollout.sample),
+            (
+                wrong[0].rollout.metadata.prompt_id.as_str(),
+                wrong[0].rollout.metadata.sample
+            ),
             ("p1", 1)
         );
         assert!(select_rollouts("{not json", 5, false).is_err());

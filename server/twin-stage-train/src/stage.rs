@@ -275,16 +275,24 @@ fn jsonl<T: Serialize>(items: &[T]) -> Vec<u8> {
     out
 }
 
-/// One line of a step's rollouts blob: what `twin train rollouts` shows and a `score` job reads
-/// (`completion`, `ground_truth`, `prompt`, `question_type`).
+/// One line of a step's rollouts blob: a rollout as a `score` job reads it (`prompt`,
+/// `completion`, `ground_truth`, `question_type`), what the run made of it in `metadata` (the
+/// step, prompt id, sample, tokens, finish, reward, components, advantage), which `twin train
+/// rollouts` shows and a re-scoring module receives.
 #[derive(Debug, Serialize)]
 struct RolloutLine<'a> {
+    prompt: &'a str,
+    completion: &'a str,
+    ground_truth: &'a str,
+    question_type: &'static str,
+    metadata: RolloutMetadata<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct RolloutMetadata<'a> {
     step: u64,
     #[serde(flatten)]
     rollout: &'a Rollout,
-    prompt: &'a str,
-    ground_truth: &'a str,
-    question_type: &'static str,
 }
 
 fn file_err(path: &Path) -> impl Fn(std::io::Error) -> StageError + '_ {
@@ -459,11 +467,11 @@ impl Stage for TrainStage {
                     .map(|r| {
                         let e = by_id.get(r.prompt_id.as_str());
                         RolloutLine {
-                            step,
-                            rollout: r,
                             prompt: e.map_or("", |e| e.question.as_str()),
+                            completion: &r.completion,
                             ground_truth: e.map_or("", |e| e.answer.as_str()),
                             question_type: "pair",
+                            metadata: RolloutMetadata { step, rollout: r },
                         }
                     })
                     .collect();

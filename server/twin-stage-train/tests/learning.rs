@@ -212,3 +212,39 @@ fn grpo_raises_the_reward_of_a_task_the_policy_can_learn_and_shuffled_rewards_do
         "with rewards shuffled the policy has nothing to learn: first {s_first:.3}, last {s_last:.3}"
     );
 }
+
+#[test]
+fn a_step_cancelled_between_micro_batches_leaves_the_weights_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, assets, examples) = setup(dir.path());
+    let mut sft = settings(TrainObjective::Sft, 1e-2);
+    sft.micro_batch = 4;
+    let mut trainer = Trainer::new(model, None, assets, sft).unwrap();
+    let before: Vec<_> = trainer
+        .model()
+        .trainable_parameters()
+        .into_iter()
+        .map(|(_, t)| t.detach().copy())
+        .collect();
+    let batch: Vec<&Example> = examples.iter().collect();
+    // The first micro-batch runs; cancellation arrives before the second.
+    let calls = std::cell::Cell::new(0);
+    let stop = || {
+        calls.set(calls.get() + 1);
+        if calls.get() > 1 {
+            Err(StageError::cancelled())
+        } else {
+            Ok(())
+        }
+    };
+    let mut unused = |_: &[Response<'_>]| -> Result<Vec<Reward>, StageError> { Ok(Vec::new()) };
+    let err = trainer.step(1, &batch, &mut unused, &stop).err().unwrap();
+    assert_eq!(err.code, twin_core::FailureCode::Unavailable, "{err:?}");
+    assert!(err.message.contains("cancel"), "{err:?}");
+    assert_eq!(calls.get(), 2);
+    for (b, (name, after)) in before.iter().zip(trainer.model().trainable_parameters()) {
+        assert!(b.equal(&after), "{name} changed");
+    }
+    // The trainer is usable afterwards: the next step runs whole.
+    trainer.step(1, &batch, &mut unused, &never).unwrap();
+}

@@ -238,15 +238,17 @@ fn a_grpo_run_records_steps_validations_and_checkpoints_an_eval_job_loads() {
                 .map(|l| serde_json::from_slice(l).unwrap())
                 .collect();
             assert_eq!(lines.len(), 8);
+            // A score job reads the same blob: a run re-scores with another module.
+            assert_eq!(twin_plugins::parse_rollouts(&blob).unwrap().len(), 8);
             for l in &lines {
-                for key in [
-                    "prompt_id",
-                    "completion",
-                    "ground_truth",
-                    "reward",
-                    "advantage",
-                ] {
+                for key in ["prompt", "completion", "ground_truth", "question_type"] {
                     assert!(l.get(key).is_some(), "{key} missing in {l}");
+                }
+                for key in ["step", "prompt_id", "reward", "components", "advantage"] {
+                    assert!(
+                        l["metadata"].get(key).is_some(),
+                        "metadata.{key} missing in {l}"
+                    );
                 }
             }
         }
@@ -403,10 +405,10 @@ fn a_weighted_sum_may_give_rewards_that_are_not_binary() {
     let blob = f.backend.blob(&step.rollouts.unwrap());
     let first: serde_json::Value =
         serde_json::from_slice(blob.split(|b| *b == b'\n').next().unwrap()).unwrap();
-    let components = first["components"].as_object().unwrap();
+    let components = first["metadata"]["components"].as_object().unwrap();
     assert!(components.contains_key("match") && components.contains_key("length"));
     let length = components["length"].as_f64().unwrap();
-    let reward = first["reward"].as_f64().unwrap();
+    let reward = first["metadata"]["reward"].as_f64().unwrap();
     assert!(
         (reward - (components["match"].as_f64().unwrap() + 0.25 * length)).abs() < 1e-9,
         "{first}"
