@@ -83,7 +83,9 @@ fn a_training_run_resumes_exactly_after_its_executor_dies_and_its_checkpoint_eva
     assert_eq!(result["steps"], 4);
 
     // The same spec without interruption ends with the same checkpoints, byte for byte.
-    let whole = ok_json(&["--server", &url, "--json", "train", "submit", &spec, "--wait"]);
+    let whole = ok_json(&[
+        "--server", &url, "--json", "train", "submit", &spec, "--wait",
+    ]);
     assert_eq!(whole["status"], "succeeded", "{whole:#}");
     assert_eq!(whole["result"]["checkpoints"], result["checkpoints"]);
     assert_eq!(whole["result"]["model"], result["model"]);
@@ -126,7 +128,14 @@ fn a_training_run_resumes_exactly_after_its_executor_dies_and_its_checkpoint_eva
     assert!(stdout.contains(&trained), "{stdout}");
 
     // The checkpoint is a registered model named by the spec, with the run in its lineage.
-    let info = ok_json(&["--server", &url, "--json", "models", "describe", "tiny-grpo"]);
+    let info = ok_json(&[
+        "--server",
+        &url,
+        "--json",
+        "models",
+        "describe",
+        "tiny-grpo",
+    ]);
     assert_eq!(info["hash"], trained.as_str());
     assert_eq!(info["job"], id.as_str());
 
