@@ -329,6 +329,12 @@ impl Trainer {
         let engine_logprobs: Vec<&[f32]> =
             flat.iter().map(|(_, c)| c.logprobs.as_slice()).collect();
         let options = self.forward_options();
+        // The reference pass needs log-probabilities only: entropy over the vocabulary is the
+        // policy's metric.
+        let ref_options = TrainForwardOptions {
+            entropy: false,
+            ..options.clone()
+        };
         let update_started = Instant::now();
         let mut logprob_seconds = 0.0;
         let mut gap_sum = 0.0f64;
@@ -344,7 +350,7 @@ impl Trainer {
             let ref_started = Instant::now();
             let ref_log_prob = match reference {
                 Some(r) if actor.kl_coef != 0.0 => {
-                    let out = tch::no_grad(|| r.response_log_probs(seqs, &options))?;
+                    let out = tch::no_grad(|| r.response_log_probs(seqs, &ref_options))?;
                     Some(out.log_prob)
                 }
                 _ => None,
