@@ -37,7 +37,9 @@ mkdir -p "$out"
 # ln 2 / 20.5 ≈ 0.034, the entropy of a yes/no choice spread over the 20.5-token answer: about
 # 0.045 after 48 steps at batch 16 and 5e-3 on these ~690-token prompts; at 1e-2 it gets there in
 # 30 steps but jumps about, and one run lost the format at its last step), then GRPO with the
-# binary reward.
+# binary reward and the recipe's KL weight (0.01, the default; without it, at this learning rate,
+# one run's answers drifted off the format by step 12: text after the answer costs no reward, so
+# the stop token wanders until the answer no longer fits in max_response_tokens).
 sft_learning_rate=0.005
 if [ $mode = full ]; then
     sft_batch=16 sft_steps=48 sft_validate_every=8 grpo_batch=8 grpo_group=4 grpo_steps=24
@@ -164,11 +166,11 @@ for negatives in hard random; do
     report "sft-$negatives"
 done
 
-step "GRPO from each warm start: $grpo_steps steps of $grpo_batch prompts x $grpo_group samples, binary reward, learning rate 2e-3, no KL"
+step "GRPO from each warm start: $grpo_steps steps of $grpo_batch prompts x $grpo_group samples, binary reward, learning rate 2e-3, KL 0.01"
 for negatives in hard random; do
     train_spec "grpo-$negatives" "\"objective\": \"grpo\", \"dataset\": \"pairs-$negatives\", \"model\": \"sft-$negatives\",
  \"batch_prompts\": $grpo_batch, \"group_size\": $grpo_group, \"micro_batch\": $((grpo_batch * grpo_group)),
- \"learning_rate\": 0.002, \"kl_coef\": 0, \"temperature\": 1.0, \"max_steps\": $grpo_steps, \"validate_every\": $grpo_validate_every, \"seed\": 2"
+ \"learning_rate\": 0.002, \"temperature\": 1.0, \"max_steps\": $grpo_steps, \"validate_every\": $grpo_validate_every, \"seed\": 2"
     eval "grpo_$negatives=\$(submit train submit \"\$run/grpo-\$negatives.json\" --experiment reproduce)"
 done
 # The warm starts' evals queue behind the GRPO runs.
@@ -254,7 +256,11 @@ def train_line(name):
     c = json.load(open(f"{run}/jobs/{name}.curves.json"))["steps"]
     loss = [s["metrics"]["policy_loss"] for s in c]
     reward = [s["metrics"]["reward_mean"] for s in c]
-    parts = [f"`{name}`: {r['steps']} steps, {r['wall_seconds']:.0f} s"]
+    spec = load(name)["submission"]["spec"]
+    shape = f"{spec['batch_prompts']} prompts" + (
+        f" × {spec['group_size']} samples, KL weight {spec['kl_coef']}" if name.startswith("grpo") else "")
+    parts = [f"`{name}` (on pairs-{name.split('-')[1]}, from `{spec['model']}`): {r['steps']} steps of "
+             f"{shape}, learning rate {spec['learning_rate']}, {r['wall_seconds']:.0f} s"]
     if name.startswith("sft"):
         parts.append(f"loss {loss[0]:.3f} → {loss[-1]:.4f} a token")
     else:
