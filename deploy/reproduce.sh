@@ -35,11 +35,13 @@ mkdir -p "$out"
 
 # The knobs of each mode. Full: SFT until the format is learnt (the loss per token falls towards
 # ln 2 / 20.5 ≈ 0.034, the entropy of a yes/no choice spread over the 20.5-token answer: about
-# 0.045 after 48 steps at batch 16 and 5e-3 on these ~690-token prompts; at 1e-2 it gets there in
+# 0.045 after 48 steps at batch 16 and 5e-3 on these ~600-token prompts; at 1e-2 it gets there in
 # 30 steps but jumps about, and one run lost the format at its last step), then GRPO with the
-# binary reward and the recipe's KL weight (0.01, the default; without it, at this learning rate,
-# one run's answers drifted off the format by step 12: text after the answer costs no reward, so
-# the stop token wanders until the answer no longer fits in max_response_tokens).
+# binary reward, the recipe's KL weight (0.01, the default) and learning rate 2e-3. At this scale
+# GRPO finds nothing in the images to reward and drifts: text after the answer costs no reward, so
+# the stop token wanders, and a run whose answers no longer fit in max_response_tokens earns
+# nothing and stays there (in our tries one run of the two did, at 2e-3 with and without the KL
+# term and at 1e-3 with it).
 sft_learning_rate=0.005
 if [ $mode = full ]; then
     sft_batch=16 sft_steps=48 sft_validate_every=8 grpo_batch=8 grpo_group=4 grpo_steps=24
@@ -55,16 +57,20 @@ elapsed() { echo $(($(date +%s) - started)); }
 # `json EXPR`: evaluates EXPR over the JSON document on stdin (bound to `d`) and prints it.
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 # `wait_job ID LABEL`: waits for a job and keeps its final state in $run/jobs/LABEL.json; a job that
-# does not succeed stops the run, naming it, its error and its log.
+# does not succeed stops the run (`twin jobs wait` has printed its failure code and error).
 wait_job() {
     if ! "$bin/twin" --json jobs wait "$1" >"$run/jobs/$2.json"; then
-        echo "reproduce: job $1 ($2) did not succeed:" >&2
-        "$bin/twin" jobs show "$1" >&2 || true
-        echo "server log: $run/server.log" >&2
+        echo "reproduce: job $1 ($2) did not succeed; its state: $run/jobs/$2.json, the server's log: $run/server.log" >&2
         exit 1
     fi
 }
+# `submit ARGS…`: runs `twin --json ARGS…` (a submission) and prints the new job's id.
 submit() { "$bin/twin" --json "$@" | json 'd["id"]'; }
+# `evaluate MODEL`: submits MODEL's eval on pairs-hard's eval split; prints the job's id.
+evaluate() {
+    submit eval run --model "$1" --built pairs-hard --max-new-tokens $max_tokens --limit $eval_limit --experiment reproduce
+}
+declare -A job # run or eval name (sft-hard, eval-grpo-hard, …) → job id
 # `quiet CMD…`: runs CMD, showing its output only if it fails.
 quiet() { "$@" >"$run/quiet.log" 2>&1 || { cat "$run/quiet.log" >&2; return 1; }; }
 
@@ -158,11 +164,10 @@ for negatives in hard random; do
     train_spec "sft-$negatives" "\"objective\": \"sft\", \"dataset\": \"pairs-$negatives\", \"model\": \"qwen-tiny\",
  \"batch_prompts\": $sft_batch, \"group_size\": 1, \"micro_batch\": $sft_batch, \"learning_rate\": $sft_learning_rate,
  \"max_steps\": $sft_steps, \"validate_every\": $sft_validate_every, \"seed\": 1"
-    eval "sft_$negatives=\$(submit train submit \"\$run/sft-\$negatives.json\" --experiment reproduce)"
+    job[sft-$negatives]=$(submit train submit "$run/sft-$negatives.json" --experiment reproduce)
 done
 for negatives in hard random; do
-    id=$(eval echo "\$sft_$negatives")
-    wait_job "$id" "sft-$negatives"
+    wait_job "${job[sft-$negatives]}" "sft-$negatives"
     report "sft-$negatives"
 done
 
@@ -171,17 +176,16 @@ for negatives in hard random; do
     train_spec "grpo-$negatives" "\"objective\": \"grpo\", \"dataset\": \"pairs-$negatives\", \"model\": \"sft-$negatives\",
  \"batch_prompts\": $grpo_batch, \"group_size\": $grpo_group, \"micro_batch\": $((grpo_batch * grpo_group)),
  \"learning_rate\": 0.002, \"temperature\": 1.0, \"max_steps\": $grpo_steps, \"validate_every\": $grpo_validate_every, \"seed\": 2"
-    eval "grpo_$negatives=\$(submit train submit \"\$run/grpo-\$negatives.json\" --experiment reproduce)"
+    job[grpo-$negatives]=$(submit train submit "$run/grpo-$negatives.json" --experiment reproduce)
 done
 # The warm starts' evals queue behind the GRPO runs.
 for model in sft-hard sft-random; do
-    eval "eval_${model/-/_}=\$(submit eval run --model $model --built pairs-hard --max-new-tokens $max_tokens --limit $eval_limit --experiment reproduce)"
+    job[eval-$model]=$(evaluate $model)
 done
 for negatives in hard random; do
-    id=$(eval echo "\$grpo_$negatives")
-    wait_job "$id" "grpo-$negatives"
+    wait_job "${job[grpo-$negatives]}" "grpo-$negatives"
     report "grpo-$negatives"
-    "$bin/twin" train curves "$id" --out "$out/grpo-$negatives.png" >/dev/null
+    "$bin/twin" train curves "${job[grpo-$negatives]}" --out "$out/grpo-$negatives.png" >/dev/null
     # Committed charts go in as 64-colour palettes (a sixth of the size), where Pillow is at hand.
     if [ $mode = full ] && .venv/bin/python -c 'import PIL' 2>/dev/null; then
         .venv/bin/python -c 'import sys; from PIL import Image; Image.open(sys.argv[1]).quantize(64, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(sys.argv[1], optimize=True)' "$out/grpo-$negatives.png"
@@ -190,14 +194,13 @@ done
 
 step "eval: every model answers pairs-hard's eval split (the FGVQA prompt and scorers)"
 for model in grpo-hard grpo-random; do
-    eval "eval_${model/-/_}=\$(submit eval run --model $model --built pairs-hard --max-new-tokens $max_tokens --limit $eval_limit --experiment reproduce)"
+    job[eval-$model]=$(evaluate $model)
 done
 for model in sft-hard sft-random grpo-hard grpo-random; do
-    id=$(eval echo "\$eval_${model/-/_}")
-    wait_job "$id" "eval-$model"
-    "$bin/twin" --json eval samples "$id" --limit 100000 >"$run/jobs/eval-$model.samples.jsonl"
+    wait_job "${job[eval-$model]}" "eval-$model"
+    "$bin/twin" --json eval samples "${job[eval-$model]}" --limit 100000 >"$run/jobs/eval-$model.samples.jsonl"
 done
-"$bin/twin" eval compare $eval_sft_hard $eval_grpo_hard $eval_sft_random $eval_grpo_random
+"$bin/twin" eval compare "${job[eval-sft-hard]}" "${job[eval-grpo-hard]}" "${job[eval-sft-random]}" "${job[eval-grpo-random]}"
 
 step "results"
 took=$(elapsed)
