@@ -380,25 +380,7 @@ fn read_image(
     else {
         return Ok(image);
     };
-    let (to_h, to_w) = preprocessor
-        .target_size(*h as usize, *w as usize)
-        .map_err(bad)?;
-    let rgb = image.to_rgb8();
-    let (from_w, from_h) = (rgb.width() as usize, rgb.height() as usize);
-    if (to_w, to_h) == (from_w, from_h) || from_w == 0 || from_h == 0 {
-        return Ok(DynamicImage::ImageRgb8(rgb));
-    }
-    let pixels = twin_ml::resample::resize_rgb8(
-        rgb.as_raw(),
-        from_w,
-        from_h,
-        to_w,
-        to_h,
-        twin_ml::resample::Filter::Bicubic,
-    );
-    image::RgbImage::from_raw(to_w as u32, to_h as u32, pixels)
-        .map(DynamicImage::ImageRgb8)
-        .ok_or_else(|| bad("resizing produced a buffer of the wrong size".into()))
+    preprocessor.resize_rounded(&image, *w, *h).map_err(bad)
 }
 
 /// Reads a blob from the server's store.

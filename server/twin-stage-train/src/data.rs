@@ -158,31 +158,14 @@ impl<'a> Prompter<'a> {
     }
 }
 
-/// Decodes an image and resizes it (Pillow's bicubic) to `(width, height)` as the processor
-/// rounds it.
+/// Decodes an image and resizes it to `(width, height)` as the processor rounds it.
 fn resized(
     bytes: &[u8],
     (w, h): (u32, u32),
     preprocessor: &QwenPreprocessor,
 ) -> Result<DynamicImage, String> {
     let image = image::load_from_memory(bytes).map_err(|e| format!("cannot decode: {e}"))?;
-    let (to_h, to_w) = preprocessor.target_size(h as usize, w as usize)?;
-    let rgb = image.to_rgb8();
-    let (from_w, from_h) = (rgb.width() as usize, rgb.height() as usize);
-    if (to_w, to_h) == (from_w, from_h) || from_w == 0 || from_h == 0 {
-        return Ok(DynamicImage::ImageRgb8(rgb));
-    }
-    let pixels = twin_ml::resample::resize_rgb8(
-        rgb.as_raw(),
-        from_w,
-        from_h,
-        to_w,
-        to_h,
-        twin_ml::resample::Filter::Bicubic,
-    );
-    image::RgbImage::from_raw(to_w as u32, to_h as u32, pixels)
-        .map(DynamicImage::ImageRgb8)
-        .ok_or_else(|| "resizing produced a buffer of the wrong size".to_owned())
+    preprocessor.resize_rounded(&image, w, h)
 }
 
 #[cfg(test)]

@@ -214,6 +214,27 @@ impl QwenPreprocessor {
         3 * self.temporal_patch_size * self.patch_size * self.patch_size
     }
 
+    /// `image` resized (Pillow's bicubic) to `width × height` as this processor rounds that size:
+    /// how a built dataset's row shows an image at its `resized_*` size, as its exports do. An
+    /// image already at the rounded size is returned as RGB unchanged.
+    pub fn resize_rounded(
+        &self,
+        image: &DynamicImage,
+        width: u32,
+        height: u32,
+    ) -> Result<DynamicImage, String> {
+        let (to_h, to_w) = self.target_size(height as usize, width as usize)?;
+        let rgb = image.to_rgb8();
+        let (from_w, from_h) = (rgb.width() as usize, rgb.height() as usize);
+        if (to_w, to_h) == (from_w, from_h) || from_w == 0 || from_h == 0 {
+            return Ok(DynamicImage::ImageRgb8(rgb));
+        }
+        let pixels = resize_rgb8(rgb.as_raw(), from_w, from_h, to_w, to_h, Filter::Bicubic);
+        image::RgbImage::from_raw(to_w as u32, to_h as u32, pixels)
+            .map(DynamicImage::ImageRgb8)
+            .ok_or_else(|| "resizing produced a buffer of the wrong size".to_owned())
+    }
+
     /// The `(height, width)` an image of `height × width` is resized to.
     pub fn target_size(&self, height: usize, width: usize) -> Result<(usize, usize), String> {
         if !self.resize {
