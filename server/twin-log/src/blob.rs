@@ -99,6 +99,17 @@ impl BlobStore {
         Ok(Self { root, uploads })
     }
 
+    /// A store to read only: creates nothing, so an audit leaves the directory as it found it
+    /// (writes through it fail, for want of `tmp/`).
+    pub fn open_existing(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
+        let uploads = Arc::new(Uploads {
+            dir: root.join("uploads"),
+            sessions: Mutex::new(HashMap::new()),
+        });
+        Self { root, uploads }
+    }
+
     /// The store's root directory (its file system is the one uploads fill).
     pub fn root(&self) -> &Path {
         &self.root
