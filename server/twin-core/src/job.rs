@@ -9,6 +9,8 @@
 //! Epochs count leases, not attempts: `retry.max_attempts` and the backoff count only attempts
 //! that ended in a failure or an expired lease, so a released lease costs the job nothing.
 
+mod check;
+
 use std::collections::BTreeMap;
 
 use serde::Serialize;
@@ -23,6 +25,8 @@ use crate::failure::FailureCode;
 use crate::ids::{Actor, BlobHash, DatasetId, ExperimentId, JobId, Millis, StreamName};
 use crate::spec::{JobKind, JobSpec, JobSubmission};
 use crate::train::{TrainRecord, TrainStep, TrainValidation};
+
+pub use check::IllegalTransition;
 
 #[derive(
     Debug,
