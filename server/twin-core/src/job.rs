@@ -396,6 +396,11 @@ impl JobState {
                 ref dataset,
             } => {
                 self.check_epoch(&cmd, epoch)?;
+                // A cancellation, once acknowledged, is what the job ends as: the stage finished
+                // before it looked again, and its output (an ingest's dataset with it) is dropped.
+                if self.cancel_requested.is_some() {
+                    return one(Event::JobCancelled(JobCancelled { epoch: Some(epoch) }));
+                }
                 match (&self.submission.spec, output.as_ref()) {
                     (JobSpec::Ingest(spec), JobOutput::Ingest(out)) => Ok(vec![
                         (
@@ -933,6 +938,25 @@ mod tests {
         assert_eq!(e[1].0.to_string(), "dataset/d1");
         assert!(
             matches!(e[1].1, Event::DatasetRegistered(ref d) if d.images == 2 && d.name == "d")
+        );
+    }
+
+    #[test]
+    fn a_job_whose_cancellation_was_acknowledged_cannot_succeed() {
+        let s = given(&[
+            submitted(1),
+            leased(1),
+            Event::JobCancelRequested(JobCancelRequested { reason: "x".into() }),
+        ]);
+        let e = events_of(s.decide(JobCommand::Complete {
+            epoch: 1,
+            output: Box::new(output()),
+            dataset: "d1".parse().expect("id"),
+        }));
+        // Cancelled, and no dataset registered.
+        assert_eq!(
+            e,
+            vec![Event::JobCancelled(JobCancelled { epoch: Some(1) })]
         );
     }
 

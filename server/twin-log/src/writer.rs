@@ -405,6 +405,12 @@ impl Log {
         }
     }
 
+    /// Whether the last write failed and the log has not recovered yet: appends are refused
+    /// (and the server reports itself unhealthy) until it has.
+    pub fn is_failing(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
+    }
+
     /// The highest durable sequence number (0 for an empty log).
     pub fn last_seq(&self) -> u64 {
         self.shared.committed.load(Ordering::Acquire)

@@ -22,8 +22,8 @@ pub use compile::{Compiler, compile_main};
 pub use error::PluginError;
 pub use host::{Host, HostConfig, Limits, MAX_TRANSFER_BYTES, Module, Outcome};
 pub use types::{
-    CandidatePair, Descriptor, ModuleKind, QuestionType, RewardScore, Rollout, Verdict,
-    parse_rollouts,
+    CandidatePair, Descriptor, MAX_ROLLOUT_LINE_BYTES, ModuleKind, QuestionType, RewardScore,
+    Rollout, RolloutLines, Verdict, parse_rollouts, rollout_lines,
 };
 
 /// The WIT package every module must target.

@@ -99,22 +99,87 @@ pub struct Verdict {
     pub reason: Option<String>,
 }
 
+/// The longest rollout line read: far above any real completion (a 2,048-token answer is a few
+/// KiB), low enough that one line cannot take the reader's memory.
+pub const MAX_ROLLOUT_LINE_BYTES: usize = 1 << 20;
+
 /// Parses a JSONL file of rollouts (blank lines skipped); the error names the first bad line.
 /// An empty file is an error: there is nothing to score.
 pub fn parse_rollouts(bytes: &[u8]) -> Result<Vec<Rollout>, String> {
-    let text = std::str::from_utf8(bytes).map_err(|e| format!("rollouts are not UTF-8: {e}"))?;
-    let rollouts = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, line)| {
-            serde_json::from_str(line).map_err(|e| format!("rollouts line {}: {e}", i + 1))
-        })
-        .collect::<Result<Vec<Rollout>, String>>()?;
+    let rollouts = rollout_lines(bytes).collect::<Result<Vec<Rollout>, String>>()?;
     if rollouts.is_empty() {
         return Err("the rollouts file has no rollouts".into());
     }
     Ok(rollouts)
+}
+
+/// Rollouts read one JSONL line at a time (blank lines skipped), so a large file is never held
+/// parsed whole: a reader keeps one line and what it takes. Errors name the line.
+pub fn rollout_lines<R: std::io::BufRead>(reader: R) -> RolloutLines<R> {
+    RolloutLines {
+        reader,
+        line: 0,
+        buf: Vec::new(),
+        done: false,
+    }
+}
+
+/// The iterator of [`rollout_lines`]; it ends after the first error.
+#[derive(Debug)]
+pub struct RolloutLines<R> {
+    reader: R,
+    line: usize,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl<R: std::io::BufRead> Iterator for RolloutLines<R> {
+    type Item = Result<Rollout, String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::io::{BufRead, Read};
+        while !self.done {
+            self.buf.clear();
+            self.line += 1;
+            let limit = MAX_ROLLOUT_LINE_BYTES as u64 + 1;
+            let read = (&mut self.reader)
+                .take(limit)
+                .read_until(b'\n', &mut self.buf);
+            let fail = |done: &mut bool, message: String| {
+                *done = true;
+                Some(Err(message))
+            };
+            match read {
+                Ok(0) => self.done = true,
+                Err(e) => return fail(&mut self.done, format!("reading rollouts: {e}")),
+                Ok(_) if self.buf.len() > MAX_ROLLOUT_LINE_BYTES => {
+                    return fail(
+                        &mut self.done,
+                        format!(
+                            "rollouts line {} is longer than {MAX_ROLLOUT_LINE_BYTES} bytes",
+                            self.line
+                        ),
+                    );
+                }
+                Ok(_) => {
+                    let Ok(text) = std::str::from_utf8(&self.buf) else {
+                        return fail(
+                            &mut self.done,
+                            format!("rollouts line {} is not UTF-8", self.line),
+                        );
+                    };
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    return Some(serde_json::from_str(text).map_err(|e| {
+                        self.done = true;
+                        format!("rollouts line {}: {e}", self.line)
+                    }));
+                }
+            }
+        }
+        None
+    }
 }
 
 fn empty_object() -> String {
@@ -132,5 +197,39 @@ fn metadata_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::
         other => Err(D::Error::custom(format!(
             "metadata must be a JSON object or a string, not {other}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod rollout_tests {
+    use super::*;
+
+    #[test]
+    fn rollouts_stream_line_by_line_and_errors_name_the_line() {
+        let text = "{\"completion\":\"a\",\"ground_truth\":\"b\"}\n\n  \n\
+                    {\"completion\":\"c\",\"ground_truth\":\"d\",\"metadata\":{\"k\":1}}";
+        let all: Vec<Rollout> = rollout_lines(text.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].metadata, "{\"k\":1}");
+
+        let bad = "{\"completion\":\"a\",\"ground_truth\":\"b\"}\nnot json\n{}\n";
+        let mut lines = rollout_lines(bad.as_bytes());
+        assert!(lines.next().unwrap().is_ok());
+        let err = lines.next().unwrap().unwrap_err();
+        assert!(err.starts_with("rollouts line 2:"), "{err}");
+        assert!(lines.next().is_none(), "it stops at the first error");
+
+        let mut long = vec![b' '; MAX_ROLLOUT_LINE_BYTES + 1];
+        long.push(b'\n');
+        let err = rollout_lines(&long[..]).next().unwrap().unwrap_err();
+        assert!(err.contains("line 1 is longer than"), "{err}");
+        let err = rollout_lines(&b"\xff\xfe\n"[..])
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(err.contains("line 1 is not UTF-8"), "{err}");
+        assert!(parse_rollouts(b"\n\n").is_err());
     }
 }

@@ -51,7 +51,47 @@ pub struct Auth {
     tokens: HashMap<[u8; 32], (String, BTreeSet<Role>)>,
 }
 
+/// The token `deploy/config.example.toml` ships with, to be replaced: a server started with it
+/// would accept a secret that anyone who has read the repository knows.
+pub const PLACEHOLDER_TOKEN: &str = "replace-me-with-a-long-random-secret";
+
+/// The shortest secret accepted from a config file: 32 characters (of `openssl rand -hex 16`,
+/// 128 bits) keep a bearer token out of reach of guessing over the network.
+pub const MIN_TOKEN_CHARS: usize = 32;
+
+/// Refuses configured secrets a server must not start with: the shipped placeholder (given
+/// plainly or as its SHA-256) and plain tokens shorter than [`MIN_TOKEN_CHARS`]. A hashed token's
+/// length cannot be known; whoever hashed it chose it.
+pub fn check_token_strength(configs: &[TokenConfig]) -> anyhow::Result<()> {
+    let placeholder = hex::encode(Sha256::digest(PLACEHOLDER_TOKEN.as_bytes()));
+    for c in configs {
+        let is_placeholder = c.token.as_deref().map(str::trim) == Some(PLACEHOLDER_TOKEN)
+            || c.token_sha256
+                .as_deref()
+                .is_some_and(|h| h.eq_ignore_ascii_case(&placeholder));
+        if is_placeholder {
+            anyhow::bail!(
+                "token `{}` is the example config's placeholder: replace it with a secret of your \
+                 own (e.g. `openssl rand -hex 32`)",
+                c.name
+            );
+        }
+        if let Some(t) = &c.token
+            && t.trim().chars().count() < MIN_TOKEN_CHARS
+        {
+            anyhow::bail!(
+                "token `{}` is {} characters long; tokens must have at least {MIN_TOKEN_CHARS} \
+                 (e.g. `openssl rand -hex 32`)",
+                c.name,
+                t.trim().chars().count()
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Auth {
+    /// The token table as configured; [`check_token_strength`] is the start-up policy on top.
     pub fn new(configs: &[TokenConfig]) -> anyhow::Result<Self> {
         let mut tokens = HashMap::new();
         for c in configs {
@@ -162,5 +202,39 @@ impl FromRequest for Caller {
             Some(auth) => auth.authenticate(req),
             None => Err(ApiError::internal("auth", "no Auth in app data")),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(name: &str, token: &str) -> TokenConfig {
+        TokenConfig {
+            name: name.into(),
+            token: Some(token.into()),
+            token_sha256: None,
+            roles: [Role::Read].into(),
+        }
+    }
+
+    #[test]
+    fn short_and_placeholder_tokens_are_refused_at_start() {
+        let short = check_token_strength(&[plain("alice", "0123456789abcdef0123456789abcde")])
+            .unwrap_err()
+            .to_string();
+        assert!(short.contains("`alice` is 31 characters"), "{short}");
+        let shipped = check_token_strength(&[plain("gpu", PLACEHOLDER_TOKEN)])
+            .unwrap_err()
+            .to_string();
+        assert!(shipped.contains("placeholder"), "{shipped}");
+        let hashed = TokenConfig {
+            token: None,
+            token_sha256: Some(hex::encode(Sha256::digest(PLACEHOLDER_TOKEN)).to_uppercase()),
+            ..plain("gpu", "")
+        };
+        assert!(check_token_strength(&[hashed]).is_err());
+        check_token_strength(&[plain("alice", "0123456789abcdef0123456789abcdef")])
+            .expect("32 characters are enough");
     }
 }

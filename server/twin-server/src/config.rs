@@ -122,6 +122,9 @@ mod tests {
         assert_eq!(cfg.tokens.len(), 2);
         assert!(!cfg.embedded_executor);
         crate::auth::Auth::new(&cfg.tokens).expect("its tokens are valid");
+        // Its executor token is the placeholder, there to be replaced before the server starts.
+        let refused = crate::auth::check_token_strength(&cfg.tokens).unwrap_err();
+        assert!(refused.to_string().contains("placeholder"), "{refused}");
     }
 
     #[test]

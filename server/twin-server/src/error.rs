@@ -47,6 +47,12 @@ pub enum ApiError {
         "the event log could not make the change durable, so nothing was recorded; retry later"
     )]
     StorageUnavailable,
+    /// Applying a durable batch to the in-memory projections panicked: decisions on the stale
+    /// state could contradict the log, so nothing more is appended until a restart rebuilds them.
+    #[error(
+        "the server's projections stopped at {0}; it refuses changes until a restart rebuilds them from the log"
+    )]
+    ProjectionsFailed(String),
     /// The blob store's file system is full, or a blob would leave less than the reserve the
     /// log needs.
     #[error("{0}")]
@@ -97,6 +103,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::BlobHashMismatch { .. } => "blob_hash_mismatch",
             ApiError::StorageUnavailable | ApiError::NoSpace(_) => "storage_unavailable",
+            ApiError::ProjectionsFailed(_) => "projections_failed",
             ApiError::UploadOffsetMismatch { .. } => "upload_offset_mismatch",
             ApiError::UploadBusy(_) => "upload_busy",
             ApiError::NotUploadOwner { .. } => "forbidden",
@@ -151,6 +158,7 @@ impl ApiError {
         ("capability_not_granted", 422),
         ("internal", 500),
         ("storage_unavailable", 503),
+        ("projections_failed", 503),
     ];
 }
 

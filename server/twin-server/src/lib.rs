@@ -44,6 +44,7 @@ fn loopback_only(addr: SocketAddr) -> SocketAddr {
 
 /// Runs the server until SIGINT/SIGTERM, then stops the executor and closes the log.
 pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    auth::check_token_strength(&config.tokens)?;
     let metrics = Arc::new(metrics::Metrics::new());
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;

@@ -69,6 +69,48 @@ pub struct Service {
     pub lease_ttl: Duration,
     /// Compiles and describes uploaded modules (compilation runs in a child process).
     pub plugins: Arc<twin_plugins::Host>,
+    /// Where and why applying a durable batch to the projections panicked; once set, the
+    /// projections are frozen, `/healthz` answers 503 and appends are refused (see
+    /// [`apply_batch`]).
+    projection_failure: Arc<Mutex<Option<String>>>,
+}
+
+/// Applies one durable batch to the projections, returning the new last sequence number; `None`
+/// once a batch has panicked. The panic is caught here rather than in the log's writer so the
+/// server knows: the state would otherwise miss a batch silently (a succeeded job still leased in
+/// memory, which the reaper would then expire, appending a contradiction to the log). Later
+/// batches are not applied to a state that is already wrong; a restart replays the log.
+fn apply_batch(
+    state: &RwLock<Projections>,
+    failure: &Mutex<Option<String>>,
+    records: &[StoredRecord],
+    apply: impl Fn(&StoredRecord, &mut Projections),
+) -> Option<u64> {
+    if failure.lock().is_some() {
+        return None;
+    }
+    let run = std::panic::AssertUnwindSafe(|| {
+        let mut s = state.write();
+        for r in records {
+            apply(r, &mut s);
+        }
+        s.last_seq
+    });
+    match std::panic::catch_unwind(run) {
+        Ok(last) => Some(last),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            let first = records.first().map_or(0, |r| r.seq);
+            let at = format!("seq {first} ({message})");
+            tracing::error!(at = %at, "applying a batch to the projections panicked; changes are refused until a restart");
+            *failure.lock() = Some(at);
+            None
+        }
+    }
 }
 
 fn decode(r: &StoredRecord, into: &mut Projections) {
@@ -95,17 +137,15 @@ impl Service {
         let seq_tx = Arc::new(seq_tx);
         let work = Arc::new(Notify::new());
         let mut initial = Projections::default();
+        let projection_failure = Arc::new(Mutex::new(None));
         let subscriber = {
             let (state, work, seq_tx) = (state.clone(), work.clone(), seq_tx.clone());
+            let failure = projection_failure.clone();
             Box::new(move |records: &[StoredRecord]| {
-                let mut s = state.write();
-                for r in records {
-                    decode(r, &mut s);
+                if let Some(last) = apply_batch(&state, &failure, records, decode) {
+                    seq_tx.send_replace(last);
+                    work.notify_waiters();
                 }
-                let last = s.last_seq;
-                drop(s);
-                seq_tx.send_replace(last);
-                work.notify_waiters();
             })
         };
         let mut config = LogConfig::new(twin_log::log_dir(data_dir));
@@ -141,6 +181,7 @@ impl Service {
             metrics,
             lease_ttl,
             plugins,
+            projection_failure,
         };
         // The watch was created before the replay; bring it up to date.
         seq_tx.send_replace(seq);
@@ -172,6 +213,18 @@ impl Service {
         self.job(&parse_job_id(id)?)
     }
 
+    /// `Err` while the server is unhealthy: its projections stopped (see [`apply_batch`]), or
+    /// the log failed to make its last writes durable and has not recovered.
+    pub fn health(&self) -> Result<(), ApiError> {
+        if let Some(at) = self.projection_failure.lock().clone() {
+            return Err(ApiError::ProjectionsFailed(at));
+        }
+        if self.log.is_failing() {
+            return Err(ApiError::StorageUnavailable);
+        }
+        Ok(())
+    }
+
     pub(crate) async fn append(
         &self,
         actor: &str,
@@ -179,6 +232,9 @@ impl Service {
         expect: Vec<(String, Expected)>,
         idempotency: Option<Idempotency>,
     ) -> Result<Appended, ApiError> {
+        if let Some(at) = self.projection_failure.lock().clone() {
+            return Err(ApiError::ProjectionsFailed(at));
+        }
         let events = events
             .iter()
             .map(|(s, e)| twin_log::new_event(s, e))
@@ -195,14 +251,21 @@ impl Service {
     }
 
     /// Runs one command against a job: decide on the current state, append, retry on a race.
+    /// `fence`, for an executor's command, is the lease epoch it names: who holds that lease is
+    /// checked on the same snapshot the decision and the version check use, so a lease granted
+    /// to another executor between a check and the append cannot be acted on.
     async fn execute(
         &self,
         id: &JobId,
         actor: &str,
+        fence: Option<u64>,
         command: impl Fn(&JobState) -> JobCommand,
     ) -> Result<JobState, ApiError> {
         for _ in 0..8 {
             let state = self.job(id)?;
+            if let Some(epoch) = fence {
+                Self::check_holder(&state, epoch, actor)?;
+            }
             let events = state.decide(command(&state)).inspect_err(|r| {
                 if matches!(r, twin_core::Rejection::StaleEpoch { .. }) {
                     self.metrics.stale_epoch_refusals.inc();
@@ -527,7 +590,7 @@ impl Service {
     ) -> Result<JobState, ApiError> {
         let id = parse_job_id(id)?;
         let reason = reason.unwrap_or_else(|| format!("cancelled by {actor}"));
-        self.execute(&id, actor, |_| JobCommand::Cancel {
+        self.execute(&id, actor, None, |_| JobCommand::Cancel {
             reason: reason.clone(),
         })
         .await
@@ -643,7 +706,7 @@ impl Service {
         let now = now_ms();
         for id in self.candidates(&req.capabilities, now) {
             let leased = self
-                .execute(&id, actor, |_| JobCommand::Lease {
+                .execute(&id, actor, None, |_| JobCommand::Lease {
                     executor: req.executor.clone(),
                     now,
                 })
@@ -759,9 +822,6 @@ impl Service {
             | JobCommand::RecordTraining { epoch, .. } => Some(*epoch),
             _ => None,
         };
-        if let Some(epoch) = epoch {
-            Self::check_holder(&self.job(&id)?, epoch, actor)?;
-        }
         match &command {
             JobCommand::RecordArtefact { blob, .. } if !self.blobs.contains(blob) => {
                 return Err(ApiError::InvalidBody(format!(
@@ -792,7 +852,7 @@ impl Service {
             }
             _ => {}
         }
-        self.execute(&id, actor, |_| command.clone()).await
+        self.execute(&id, actor, epoch, |_| command.clone()).await
     }
 
     pub fn dataset_id() -> twin_core::DatasetId {
@@ -871,7 +931,7 @@ impl Service {
     /// Expires lease `epoch` of job `id` as the system; false when the job moved on.
     async fn expire_lease(&self, id: &JobId, epoch: u64, why: &'static str) -> bool {
         match self
-            .execute(id, "system", |_| JobCommand::ExpireLease {
+            .execute(id, "system", None, |_| JobCommand::ExpireLease {
                 epoch,
                 now: now_ms(),
             })
@@ -970,4 +1030,76 @@ pub fn parse_job_id(id: &str) -> Result<JobId, ApiError> {
         what: "job id",
         value: id.chars().take(80).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::{self, TestRequest};
+
+    #[actix_web::test]
+    async fn a_panic_in_the_projections_makes_the_server_unhealthy_and_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = twin_plugins::Host::new(twin_plugins::HostConfig::default()).unwrap();
+        let svc = Service::open(
+            dir.path(),
+            Duration::from_secs(30),
+            Arc::new(Metrics::new()),
+            Arc::new(host),
+        )
+        .unwrap();
+        let experiment = |name: &str| CreateExperiment {
+            name: name.into(),
+            description: String::new(),
+        };
+        svc.create_experiment("t", experiment("before"))
+            .await
+            .unwrap();
+        assert!(svc.health().is_ok());
+
+        // The batch the subscriber would apply next, through the same guard, with an
+        // application that panics (an injected projection bug).
+        let records = svc.log.read_from(1, 10).unwrap();
+        let applied = apply_batch(&svc.state, &svc.projection_failure, &records, |_, _| {
+            panic!("injected")
+        });
+        assert_eq!(applied, None);
+        let why = svc.health().unwrap_err().to_string();
+        assert!(why.contains("seq 1 (injected)"), "{why}");
+
+        let refused = svc.create_experiment("t", experiment("after")).await;
+        assert!(
+            matches!(refused, Err(ApiError::ProjectionsFailed(_))),
+            "{refused:?}"
+        );
+        // Later batches are not applied to the stale state either.
+        let again = apply_batch(&svc.state, &svc.projection_failure, &records, decode);
+        assert_eq!(again, None);
+
+        let auth = Arc::new(crate::auth::Auth::new(&[]).unwrap());
+        let limits = crate::api::Limits {
+            max_json_bytes: 1 << 16,
+            max_blob_bytes: 1 << 16,
+            storage_reserve_bytes: 0,
+        };
+        let app = test::init_service(crate::api::app(svc.clone(), auth, limits)).await;
+        let resp = test::call_service(&app, TestRequest::get().uri("/healthz").to_request()).await;
+        assert_eq!(resp.status(), 503);
+        let body: twin_core::api::ErrorBody = test::read_body_json(resp).await;
+        assert_eq!(body.error.code, "projections_failed");
+        assert!(
+            body.error.message.contains("a restart rebuilds them"),
+            "{body:?}"
+        );
+        let resp = test::call_service(
+            &app,
+            TestRequest::post()
+                .uri("/v1/experiments")
+                .set_json(serde_json::json!({"name": "over-http"}))
+                .to_request(),
+        )
+        .await;
+        assert_eq!(resp.status(), 503);
+        svc.close();
+    }
 }

@@ -974,3 +974,62 @@ async fn the_client_releases_and_reports_failure_codes_over_http() {
     );
     stop.stop(true).await;
 }
+
+/// The race the holder check once lost: it read one snapshot, and the decision another. Token B
+/// keeps starting epoch 1 of a queued job while token A leases it; a lease landing between B's
+/// check and B's decision let B act on A's lease. Now both read the same snapshot, appended
+/// under its version, so none of B's attempts may succeed, however they interleave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_tokens_command_never_lands_on_a_lease_granted_concurrently() {
+    let h = harness(&[]);
+    let svc = h.svc.clone();
+    for round in 0..150 {
+        let (job, _) = svc
+            .submit("boss", ingest(&format!("d{round}")), None)
+            .await
+            .unwrap();
+        let id = job.id.to_string();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let racers: Vec<_> = (0..3)
+            .map(|_| {
+                let (svc, id, stop) = (svc.clone(), id.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut accepted = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let start = twin_core::job::JobCommand::Start { epoch: 1 };
+                        if svc.job_command("gpu-b", &id, start).await.is_ok() {
+                            accepted += 1;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                    accepted
+                })
+            })
+            .collect();
+        let request: twin_core::api::LeaseRequest =
+            serde_json::from_value(json!({"executor": "a", "capabilities": {"kinds": ["ingest"]}}))
+                .unwrap();
+        let grant = svc.lease("gpu-a", request).await.unwrap().expect("leased");
+        assert_eq!(grant.job.id.to_string(), id);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for r in racers {
+            assert_eq!(r.await.unwrap(), 0, "round {round}: B started A's lease");
+        }
+        let job = svc.get_job(&id).unwrap();
+        assert_eq!(job.status.as_str(), "leased", "round {round}");
+        svc.job_command(
+            "gpu-a",
+            &id,
+            twin_core::job::JobCommand::Fail {
+                epoch: 1,
+                error: "done".into(),
+                retryable: false,
+                code: twin_core::FailureCode::Unclassified,
+                detail: None,
+                now: 0,
+            },
+        )
+        .await
+        .unwrap();
+    }
+}

@@ -14,7 +14,7 @@ use twin_core::job::JobState;
 use twin_core::score::{ScoreOutput, ScoreSpec, TermSummary};
 use twin_core::spec::JobSpec;
 use twin_core::{BlobHash, JobKind};
-use twin_plugins::{Host, PluginError, RewardScore, Rollout};
+use twin_plugins::{Host, PluginError, RewardScore, Rollout, RolloutLines, rollout_lines};
 use twin_stage::{Stage, StageContext, StageError};
 
 /// Runs `score` jobs with a shared plugin host.
@@ -55,29 +55,49 @@ impl Stage for ScoreStage {
                 "the score stage got another kind of job",
             ));
         };
-        let rollouts = twin_plugins::parse_rollouts(&ctx.download(&spec.rollouts)?)
-            .map_err(StageError::bad_input)?;
-        score(&self.host, spec, &rollouts, ctx)
+        let bytes = ctx.download(&spec.rollouts)?;
+        // One pass checks every line and counts them before any module runs; each term then
+        // reads the lines again a batch at a time, so only one batch is ever held parsed.
+        let mut count = 0usize;
+        for rollout in twin_plugins::rollout_lines(&bytes[..]) {
+            rollout.map_err(StageError::bad_input)?;
+            count += 1;
+            if count > MAX_ROLLOUTS {
+                return Err(StageError::bad_input(format!(
+                    "the rollouts file has more than {MAX_ROLLOUTS} rollouts; split it into \
+                     several score jobs"
+                )));
+            }
+        }
+        if count == 0 {
+            return Err(StageError::bad_input("the rollouts file has no rollouts"));
+        }
+        score(&self.host, spec, count, || rollout_lines(&bytes[..]), ctx)
     }
 }
 
-fn score(
+/// The most rollouts one score job reads: their totals and components stay in memory (a few
+/// dozen bytes each), the rollouts themselves never all at once.
+pub const MAX_ROLLOUTS: usize = 1_000_000;
+
+fn score<'a>(
     host: &Host,
     spec: &ScoreSpec,
-    rollouts: &[Rollout],
+    count: usize,
+    lines: impl Fn() -> RolloutLines<&'a [u8]>,
     ctx: &StageContext,
 ) -> Result<JobOutput, StageError> {
     let grants = &spec.grants;
     let limits = host.config().limits.with_job_limits(&spec.limits);
     let terms = spec.reward.terms();
     let single = spec.reward.module.is_some();
-    let mut totals = vec![0.0f64; rollouts.len()];
-    let mut components: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); rollouts.len()];
+    let mut totals = vec![0.0f64; count];
+    let mut components: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); count];
     let mut summaries = Vec::new();
     let mut calls = Vec::new();
     let mut fuel_used = 0u64;
     let batch = spec.batch_size.max(1) as usize;
-    let steps = terms.len() * rollouts.len().div_ceil(batch);
+    let steps = terms.len() * count.div_ceil(batch);
     let mut step = 0usize;
     for term in &terms {
         let hash = term.module_hash.ok_or_else(|| {
@@ -100,10 +120,19 @@ fn score(
             term.name.clone()
         };
         let mut sum = 0.0;
-        for (chunk_index, chunk) in rollouts.chunks(batch).enumerate() {
+        let mut rollouts = lines();
+        for chunk_index in 0.. {
+            let chunk = rollouts
+                .by_ref()
+                .take(batch)
+                .collect::<Result<Vec<Rollout>, String>>()
+                .map_err(StageError::bad_input)?;
+            if chunk.is_empty() {
+                break;
+            }
             ctx.check_cancelled()?;
             let out = host
-                .score(&module, &params, grants, Some(&limits), chunk)
+                .score(&module, &params, grants, Some(&limits), &chunk)
                 .map_err(|e| module_error(&name, &term.module, e))?;
             fuel_used = fuel_used.saturating_add(out.fuel_used);
             calls.extend(out.calls);
@@ -137,7 +166,7 @@ fn score(
                 &format!(
                     "scored {} of {} rollouts with {}",
                     (chunk_index * batch + chunk.len()),
-                    rollouts.len(),
+                    count,
                     term.module
                 ),
                 BTreeMap::new(),
@@ -149,11 +178,11 @@ fn score(
             module_hash: hash,
             module_version: module.descriptor.version.clone(),
             weight: term.weight,
-            mean: sum / rollouts.len() as f64,
+            mean: sum / count as f64,
         });
     }
-    let n = rollouts.len() as f64;
-    let mut results = Vec::with_capacity(rollouts.len() * 48);
+    let n = count as f64;
+    let mut results = Vec::with_capacity(count * 48);
     let mut component_sums: BTreeMap<String, f64> = BTreeMap::new();
     for (i, (total, parts)) in totals.iter().zip(&components).enumerate() {
         for (k, v) in parts {
@@ -178,7 +207,7 @@ fn score(
         Some(hash)
     };
     Ok(JobOutput::Score(ScoreOutput {
-        rollouts: rollouts.len() as u64,
+        rollouts: count as u64,
         mean: totals.iter().sum::<f64>() / n,
         component_means: component_sums
             .into_iter()
@@ -240,6 +269,15 @@ mod tests {
         };
         assert_eq!(out.mean, 4.0);
         assert_eq!(backend.names(), ["scores"]);
+        // Read a batch at a time: the same scores whatever the batch.
+        let mut one_by_one = spec("ok");
+        if let JobSpec::Score(s) = &mut one_by_one.submission.spec {
+            s.batch_size = 1;
+        }
+        let JobOutput::Score(again) = stage.run(&one_by_one, &backend.context(&[])).unwrap() else {
+            panic!("a score job's output");
+        };
+        assert_eq!((again.mean, again.rollouts), (4.0, 2));
         assert_eq!(backend.fractions().last().map(|(f, _)| *f), Some(Some(1.0)));
 
         for (mode, detail, says) in [

@@ -4,7 +4,7 @@ use actix_web::{HttpResponse, get, web};
 use twin_core::api::Health;
 use twin_core::projection::{BuiltDataset, Dataset, Lineage};
 
-use crate::api::responses::{Forbidden, NotFound, Unauthorized};
+use crate::api::responses::{Forbidden, NotFound, Unauthorized, Unavailable};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::service::{ExecutorSeen, Service};
@@ -25,15 +25,22 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
         .service(executors);
 }
 
-/// Liveness and the log's head.
-#[utoipa::path(tag = "system", operation_id = "system_health", responses((status = 200, body = Health)))]
+/// Liveness and the log's head. 503 (`projections_failed`, `storage_unavailable`) while the
+/// in-memory state has stopped or the log is failing to write, so a supervisor restarts the
+/// server or pages someone instead of trusting stale answers.
+#[utoipa::path(
+    tag = "system",
+    operation_id = "system_health",
+    responses((status = 200, body = Health), Unavailable)
+)]
 #[get("/healthz")]
-async fn healthz(svc: web::Data<Service>) -> web::Json<Health> {
-    web::Json(Health {
+async fn healthz(svc: web::Data<Service>) -> Result<web::Json<Health>, ApiError> {
+    svc.health()?;
+    Ok(web::Json(Health {
         status: "ok".into(),
         last_seq: svc.last_seq(),
         version: env!("CARGO_PKG_VERSION").into(),
-    })
+    }))
 }
 
 /// Prometheus text exposition.
