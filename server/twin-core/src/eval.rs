@@ -41,6 +41,19 @@ pub enum EvalData {
     /// A `questions.jsonl` made by `twin import` (`{subset, question_type, question, answer,
     /// images}`, images relative to the file), on the executor's file system; an absolute path.
     Questions(String),
+    /// A questions file and its images uploaded to the blob store: a blob holding a
+    /// [`QuestionsUpload`]. What `twin submit` and `twin eval run` send for a questions file on
+    /// the submitter's machine, so an executor needs no allowed roots.
+    Uploaded(BlobHash),
+}
+
+/// An uploaded questions file: the file's blob and the blob of each image it names, by the
+/// name it gives the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuestionsUpload {
+    pub questions: BlobHash,
+    pub images: BTreeMap<String, BlobHash>,
 }
 
 /// The pixel bounds (`min_pixels`, `max_pixels`) the image processor brings an imported
@@ -274,8 +287,13 @@ impl EvalSpec {
 
     /// The pinned blobs the job reads: the manifest and the scorer modules.
     pub fn inputs(&self) -> Vec<BlobHash> {
+        let uploaded = match self.data {
+            EvalData::Uploaded(bundle) => Some(bundle),
+            EvalData::Built(_) | EvalData::Questions(_) => None,
+        };
         self.manifest
             .into_iter()
+            .chain(uploaded)
             .chain(self.model_manifest)
             .chain(
                 self.scorers

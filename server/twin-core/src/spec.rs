@@ -150,7 +150,10 @@ impl JobSpec {
     /// Blobs the job reads (its inputs, for lineage); module hashes once resolved.
     pub fn inputs(&self) -> Vec<BlobHash> {
         match self {
-            JobSpec::Ingest(_) => Vec::new(),
+            JobSpec::Ingest(i) => match i.source {
+                IngestSource::Blobs(listing) => vec![listing],
+                IngestSource::Dir(_) | IngestSource::Manifest(_) => Vec::new(),
+            },
             JobSpec::Score(s) => std::iter::once(s.rollouts)
                 .chain(s.reward.terms().into_iter().filter_map(|t| t.module_hash))
                 .collect(),
@@ -191,7 +194,8 @@ crate::schema::kind_tagged_schema!(
 pub struct IngestSpec {
     /// Name of the dataset to register (1..=64 of a-z, 0-9, `-`, `_`).
     pub dataset: String,
-    /// Where the images are, on the executor's file system.
+    /// Where the images are: uploaded blobs, or paths on the executor's file system (read only
+    /// under its allowed roots).
     pub source: IngestSource,
 }
 
@@ -204,6 +208,22 @@ pub enum IngestSource {
     /// A JSONL file of `{"path", "instance", "category"}` lines; relative paths are resolved
     /// against the manifest's directory. An absolute path on the executor.
     Manifest(String),
+    /// Images uploaded to the blob store: a blob of [`UploadedImage`] JSON lines. What `twin
+    /// submit` sends for a `dir` or `manifest` on the submitter's machine, so an executor needs
+    /// no allowed roots.
+    Blobs(BlobHash),
+}
+
+/// One line of an [`IngestSource::Blobs`] listing: an uploaded image and its labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadedImage {
+    pub blob: BlobHash,
+    /// Where it was on the submitter's machine, relative to the directory or manifest given
+    /// (the dataset's manifest keeps it).
+    pub path: String,
+    pub instance: String,
+    pub category: String,
 }
 
 /// What a GPU count or label set an executor must offer to lease the job.

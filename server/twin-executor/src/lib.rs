@@ -10,7 +10,8 @@ mod runtime;
 
 pub use runtime::{Executor, ExecutorConfig};
 pub use twin_stage::{
-    CacheStats, ModelCache, ModelKey, ModelStore, Stage, StageBackend, StageContext, StageError,
+    AllowedRoots, CacheStats, ModelCache, ModelKey, ModelStore, Stage, StageBackend, StageContext,
+    StageError,
 };
 #[cfg(feature = "data")]
 pub use twin_stage_data::{BuildDatasetStage, IngestStage, ScoreStage};

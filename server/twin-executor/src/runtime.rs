@@ -26,7 +26,9 @@ use twin_client::{Client, ClientError};
 use twin_core::api::{Capabilities, CompleteBody, FailBody, LeaseGrant, LeaseRequest, ReleaseBody};
 use twin_core::event::JobOutput;
 use twin_core::job::JobState;
-use twin_stage::{HttpBackend, ModelCache, Stage, StageContext, StageError, is_transient};
+use twin_stage::{
+    AllowedRoots, HttpBackend, ModelCache, Stage, StageContext, StageError, is_transient,
+};
 
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
@@ -42,6 +44,9 @@ pub struct ExecutorConfig {
     pub model_cache_bytes: u64,
     /// Stop after this long without a job (batch allocations that bill idle time).
     pub exit_when_idle: Option<Duration>,
+    /// Where paths job specs name may be read; none by default, so a spec must name uploaded
+    /// blobs (what `twin submit` sends) rather than paths on this machine.
+    pub allowed_roots: Arc<AllowedRoots>,
 }
 
 impl Default for ExecutorConfig {
@@ -55,6 +60,7 @@ impl Default for ExecutorConfig {
             poll_wait: Duration::from_secs(20),
             model_cache_bytes: Self::DEFAULT_MODEL_CACHE_BYTES,
             exit_when_idle: None,
+            allowed_roots: Arc::new(AllowedRoots::none()),
         }
     }
 }
@@ -191,7 +197,8 @@ impl Executor {
             lost.clone(),
         ));
         let backend = HttpBackend::new(self.client.clone(), id.clone(), epoch, Handle::current());
-        let ctx = StageContext::new(Arc::new(backend), &grant.job.artefacts, cancel.clone());
+        let ctx = StageContext::new(Arc::new(backend), &grant.job.artefacts, cancel.clone())
+            .with_allowed_roots(self.config.allowed_roots.clone());
         let job = grant.job.clone();
         // The blocking thread does not inherit the task's span; the stage's logs should name the job.
         let span = tracing::Span::current();

@@ -37,7 +37,7 @@ use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 use twin_core::eval::{
     AppliedImageBounds, EvalData, EvalFinish, EvalOutput, EvalSample, EvalSpec, ImageBounds,
-    QuestionKind, ScorerRef, ScorerSummary, subset_metrics,
+    QuestionKind, QuestionsUpload, ScorerRef, ScorerSummary, subset_metrics,
 };
 use twin_core::event::JobOutput;
 use twin_core::job::JobState;
@@ -55,7 +55,8 @@ use twin_ml::qwen::{
 use twin_ml::tch::Device;
 use twin_plugins::{Host, Module, PluginError, QuestionType, Rollout};
 use twin_stage::{
-    CachedModel, JsonLines, ModelCache, ModelKey, ModelStore, Stage, StageContext, StageError,
+    AllowedRoots, CachedModel, FileError, JsonLines, ModelCache, ModelKey, ModelStore, Stage,
+    StageContext, StageError,
 };
 
 const ANSWERS: &str = "answers";
@@ -167,15 +168,19 @@ pub(crate) enum ImageSource {
         path: String,
         resized: (u32, u32),
     },
-    /// A file; `name` is its path as questions.jsonl gives it.
+    /// A file; `name` is its path as questions.jsonl gives it. Read under the executor's
+    /// allowed roots.
     File { path: PathBuf, name: String },
+    /// An image of an uploaded questions file ([`EvalData::Uploaded`]); `name` as the file
+    /// gives it.
+    Uploaded { hash: BlobHash, name: String },
 }
 
 impl ImageSource {
     fn name(&self) -> &str {
         match self {
             ImageSource::Blob { path, .. } => path,
-            ImageSource::File { name, .. } => name,
+            ImageSource::File { name, .. } | ImageSource::Uploaded { name, .. } => name,
         }
     }
 }
@@ -191,7 +196,7 @@ pub(crate) fn image_bounds(
 ) -> AppliedImageBounds {
     let policy = match data {
         EvalData::Built(_) => ImageBounds::Checkpoint,
-        EvalData::Questions(_) => policy,
+        EvalData::Questions(_) | EvalData::Uploaded(_) => policy,
     };
     let (min_pixels, max_pixels) = policy
         .pixels()
@@ -262,13 +267,57 @@ fn question_kind(line: &QuestionLine) -> Result<QuestionKind, String> {
     }
 }
 
-/// The questions of a `questions.jsonl`, in file order; images resolved against its directory.
-/// Lines without a subset are in subset `twin` (TWIN's import writes none).
-pub(crate) fn file_questions(path: &Path) -> Result<Vec<Question>, StageError> {
-    let shown = path.display();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| StageError::bad_input(format!("spec.data.questions: {shown}: {e}")))?;
-    let base = path.parent().unwrap_or(Path::new("/"));
+/// The largest questions file read (FGVQA's 12k questions take ~3 MB).
+pub(crate) const MAX_QUESTIONS_BYTES: u64 = 128 << 20;
+/// The largest image file read.
+pub(crate) const MAX_IMAGE_BYTES: u64 = 256 << 20;
+
+/// The questions of a `questions.jsonl` on this machine (under the executor's allowed roots), in
+/// file order; images resolved against its directory.
+pub(crate) fn file_questions(
+    files: &AllowedRoots,
+    path: &Path,
+) -> Result<Vec<Question>, StageError> {
+    let field = |e: FileError| StageError::bad_input(format!("spec.data.questions: {e}"));
+    let text = files
+        .read_to_string(path, MAX_QUESTIONS_BYTES)
+        .map_err(field)?;
+    let resolved = files.resolve(path).map_err(field)?;
+    let base = resolved.parent().unwrap_or(Path::new("/"));
+    parse_questions(&text, &path.display().to_string(), &|p| {
+        twin_data::import::safe_relative(p).map(|rel| ImageSource::File {
+            path: base.join(rel),
+            name: p.to_owned(),
+        })
+    })
+}
+
+/// The questions of an uploaded questions file, each image the blob uploaded for its name.
+pub(crate) fn uploaded_questions(
+    bundle: &BlobHash,
+    ctx: &StageContext,
+) -> Result<Vec<Question>, StageError> {
+    let field = format!("spec.data.uploaded ({bundle})");
+    let upload: QuestionsUpload = serde_json::from_slice(&ctx.download(bundle)?)
+        .map_err(|_| StageError::bad_input(format!("{field}: not a questions upload")))?;
+    let bytes = ctx.download(&upload.questions)?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| StageError::bad_input(format!("{field}: the questions are not UTF-8")))?;
+    parse_questions(text, &field, &|p| {
+        upload.images.get(p).map(|hash| ImageSource::Uploaded {
+            hash: *hash,
+            name: p.to_owned(),
+        })
+    })
+}
+
+/// Questions from the lines of a questions file; `image` locates an image by the name a line
+/// gives it (`None`: not one this file may name).
+fn parse_questions(
+    text: &str,
+    shown: &str,
+    image: &dyn Fn(&str) -> Option<ImageSource>,
+) -> Result<Vec<Question>, StageError> {
     let mut questions = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         if raw.trim().is_empty() {
@@ -303,12 +352,7 @@ pub(crate) fn file_questions(path: &Path) -> Result<Vec<Question>, StageError> {
             .images
             .iter()
             .map(|p| {
-                twin_data::import::safe_relative(p)
-                    .map(|rel| ImageSource::File {
-                        path: base.join(rel),
-                        name: p.clone(),
-                    })
-                    .ok_or_else(|| bad(format!("image {p:?} is not a relative path inside")))
+                image(p).ok_or_else(|| bad(format!("image {p:?} is not a relative path inside")))
             })
             .collect::<Result<_, _>>()?;
         questions.push(Question {
@@ -367,13 +411,9 @@ fn read_image(
 ) -> Result<DynamicImage, StageError> {
     let name = source.name();
     let bad = |m: String| StageError::bad_input(format!("image {name} (question {question}): {m}"));
-    let bytes = match source {
-        ImageSource::Blob { hash, .. } => fetch(hash)?,
-        ImageSource::File { path, .. } => std::fs::read(path)
-            .map(Bytes::from)
-            .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?,
-    };
-    let image = image::load_from_memory(&bytes).map_err(|e| bad(format!("cannot decode: {e}")))?;
+    let bytes =
+        fetch(source).map_err(|e| e.context(format!("image {name} (question {question})")))?;
+    let (_, image) = twin_data::decode::decode(&bytes).map_err(|e| bad(e.to_string()))?;
     let ImageSource::Blob {
         resized: (w, h), ..
     } = source
@@ -383,8 +423,20 @@ fn read_image(
     preprocessor.resize_rounded(&image, *w, *h).map_err(bad)
 }
 
-/// Reads a blob from the server's store.
-pub(crate) type Fetch<'a> = dyn Fn(&BlobHash) -> Result<Bytes, StageError> + 'a;
+/// Reads an image's bytes: a blob from the server's store, or a file under the allowed roots.
+pub(crate) type Fetch<'a> = dyn Fn(&ImageSource) -> Result<Bytes, StageError> + 'a;
+
+/// The bytes of `source`, as the job's [`Fetch`].
+fn source_bytes(source: &ImageSource, ctx: &StageContext) -> Result<Bytes, StageError> {
+    match source {
+        ImageSource::Blob { hash, .. } | ImageSource::Uploaded { hash, .. } => ctx.download(hash),
+        ImageSource::File { path, .. } => ctx
+            .files()
+            .read(path, MAX_IMAGE_BYTES)
+            .map(Bytes::from)
+            .map_err(|e| StageError::bad_input(e.to_string())),
+    }
+}
 /// Sees each engine call's answers and how many questions are done.
 pub(crate) type AfterBatch<'a> = dyn FnMut(&[Generation], usize) -> Result<(), StageError> + 'a;
 
@@ -438,7 +490,7 @@ impl Answerer<'_> {
             let mut prompts = Vec::with_capacity(chunk.len());
             for q in chunk {
                 let processor = match q.images.first() {
-                    Some(ImageSource::File { .. }) => &imported,
+                    Some(ImageSource::File { .. } | ImageSource::Uploaded { .. }) => &imported,
                     _ => checkpoint,
                 };
                 prompts.push(self.prompt(q, processor, fetch)?);
@@ -694,7 +746,8 @@ impl EvalStage {
                 let name = spec.dataset_name.as_deref().unwrap_or(reference);
                 built_questions(&dataset, name)
             }
-            EvalData::Questions(path) => file_questions(Path::new(path))?,
+            EvalData::Questions(path) => file_questions(ctx.files(), Path::new(path))?,
+            EvalData::Uploaded(bundle) => uploaded_questions(bundle, ctx)?,
         };
         select(all, &spec.subsets, spec.limit)
     }
@@ -809,7 +862,7 @@ impl Stage for EvalStage {
                     image_bounds: bounds,
                 };
                 let mut generated_tokens = 0u64;
-                let fetch = |h: &BlobHash| ctx.download(h);
+                let fetch = |s: &ImageSource| source_bytes(s, ctx);
                 answerer.answer(&todo, &fetch, &mut |batch, done| {
                     answers.extend(batch.iter().cloned());
                     generated_tokens += batch.iter().map(|g| g.tokens).sum::<u64>();
@@ -996,7 +1049,8 @@ mod tests {
         questions: &Path,
         models: &Arc<ModelCache>,
     ) -> (EvalStage, MemoryBackend, JobState) {
-        let backend = MemoryBackend::new();
+        let backend =
+            MemoryBackend::new().with_allowed_roots(&[model.parent().expect("in a directory")]);
         let read = |name: &str| std::fs::read(modules_dir().join(format!("{name}.wasm"))).unwrap();
         let pair = backend.put(read("fgvqa_pair"));
         let multi = backend.put(read("fgvqa_multi"));
@@ -1096,8 +1150,22 @@ mod tests {
         }
     }
 
-    fn no_blobs(h: &BlobHash) -> Result<Bytes, StageError> {
-        Err(StageError::bad_input(format!("no blob store here ({h})")))
+    /// A fetch with no blob store: files are read from disk.
+    fn no_blobs(s: &ImageSource) -> Result<Bytes, StageError> {
+        match s {
+            ImageSource::File { path, .. } => std::fs::read(path)
+                .map(Bytes::from)
+                .map_err(|e| StageError::bad_input(format!("cannot read: {e}"))),
+            other => Err(StageError::bad_input(format!(
+                "no blob store here ({other:?})"
+            ))),
+        }
+    }
+
+    /// A questions file read with its own directory as the allowed root.
+    fn questions_at(path: &Path) -> Result<Vec<Question>, StageError> {
+        let dir = path.parent().unwrap().canonicalize().unwrap();
+        file_questions(&AllowedRoots::new([dir]).unwrap(), path)
     }
 
     #[test]
@@ -1106,7 +1174,7 @@ mod tests {
         let ckpt = tmp.path().join("qwen");
         tiny_model(&ckpt, 1);
         let questions = select(
-            file_questions(&questions_jsonl(tmp.path())).unwrap(),
+            questions_at(&questions_jsonl(tmp.path())).unwrap(),
             &[],
             None,
         )
@@ -1311,7 +1379,7 @@ mod tests {
             line("CUB", "pairwise", "Same?", "yes", &["a.png", "bad.png"]) + "\n",
         )
         .unwrap();
-        let questions = file_questions(&tmp.path().join("q.jsonl")).unwrap();
+        let questions = questions_at(&tmp.path().join("q.jsonl")).unwrap();
         let loaded = load(ckpt.to_str().unwrap(), Device::Cpu).unwrap().0;
         let answerer = Answerer {
             model: &loaded.model,
@@ -1354,7 +1422,7 @@ mod tests {
             line("CUB", "pairwise", "Same?", "yes", &images) + "\n",
         )
         .unwrap();
-        let questions = file_questions(&path).unwrap();
+        let questions = questions_at(&path).unwrap();
         let loaded = load(ckpt.to_str().unwrap(), Device::Cpu).unwrap().0;
         let checkpoint = QwenPreprocessor::load(&ckpt).unwrap();
         assert_eq!(
@@ -1523,7 +1591,7 @@ mod tests {
     fn question_lines_are_typed_and_selected_per_subset() {
         let tmp = tempfile::tempdir().unwrap();
         let path = questions_jsonl(tmp.path());
-        let all = file_questions(&path).unwrap();
+        let all = questions_at(&path).unwrap();
         let ids: Vec<&str> = all.iter().map(|q| q.id.as_str()).collect();
         assert_eq!(ids, ["q1", "q2", "q3", "q4", "q5", "q6"]);
         assert_eq!(all[3].kind, QuestionKind::Multi);
@@ -1592,7 +1660,7 @@ mod tests {
                 format!("{}\n{bad}\n", line("x", "pairwise", "?", "yes", &["a"])),
             )
             .unwrap();
-            let err = file_questions(&p).unwrap_err();
+            let err = questions_at(&p).unwrap_err();
             assert!(err.message.contains(want), "{bad}: {err}");
         }
         // Lines without a subset are TWIN's.
@@ -1602,7 +1670,7 @@ mod tests {
             r#"{"question": "?", "answer": "no", "images": ["a", "b"]}"#,
         )
         .unwrap();
-        assert_eq!(file_questions(&p).unwrap()[0].subset, "twin");
+        assert_eq!(questions_at(&p).unwrap()[0].subset, "twin");
     }
 
     #[test]
@@ -1680,8 +1748,8 @@ mod tests {
             path: "mug/i0/0.png".into(),
             resized: (512, 384),
         };
-        let fetch = |h: &BlobHash| {
-            assert_eq!(*h, blob);
+        let fetch = |s: &ImageSource| {
+            assert_eq!(*s, source);
             Ok(Bytes::from(bytes.clone()))
         };
         let preprocessor = QwenPreprocessor::default();
@@ -1690,7 +1758,7 @@ mod tests {
         assert_eq!((img.width(), img.height()), (504, 392));
         let prepared = preprocessor.prepare(&img, "x").unwrap();
         assert_eq!(prepared.resized, (392, 504), "the processor keeps the size");
-        let missing = |_: &BlobHash| Err(StageError::unavailable("server unreachable"));
+        let missing = |_: &ImageSource| Err(StageError::unavailable("server unreachable"));
         let err = read_image(&source, "q", &preprocessor, &missing).unwrap_err();
         assert!(err.retryable, "a fetch failure stays retryable: {err}");
         assert_eq!(err.code, twin_core::FailureCode::Unavailable);

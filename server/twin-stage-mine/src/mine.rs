@@ -736,7 +736,7 @@ mod tests {
         };
 
         // Start to finish, for comparison.
-        let straight = MemoryBackend::new();
+        let straight = MemoryBackend::new().with_allowed_roots(&[tmp.path()]);
         let whole = mined(
             stage
                 .run(&spec(dataset(&straight)), &straight.context(&[]))
@@ -747,7 +747,7 @@ mod tests {
         assert_eq!(whole.pairs, 12 * 2 / 2);
 
         // The executor dies after the first batch's checkpoint (4 of 12 images)...
-        let backend = MemoryBackend::new();
+        let backend = MemoryBackend::new().with_allowed_roots(&[tmp.path()]);
         let job = spec(dataset(&backend));
         backend.cancel_after("embeddings.partial");
         let attempt = |earlier: &[twin_core::job::Artefact]| {
@@ -798,7 +798,7 @@ mod tests {
         let store_dir = tempfile::tempdir().unwrap();
         let store = Arc::new(ModelStore::open(store_dir.path(), 1 << 30).unwrap());
         let stage = MineStage::new(host, Arc::new(ModelCache::new(1 << 30)), store);
-        let backend = MemoryBackend::new();
+        let backend = MemoryBackend::new().with_allowed_roots(&[tmp.path()]);
         let job = job(serde_json::json!({
             "kind": "mine", "dataset": "d", "manifest": dataset(&backend).to_hex(),
             "model": tmp.path().to_str().unwrap(), "device": "cpu",

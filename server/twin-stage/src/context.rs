@@ -28,6 +28,7 @@ use twin_core::train::TrainRecord;
 use crate::StageError;
 use crate::backend::StageBackend;
 use crate::codec::Codec;
+use twin_files::AllowedRoots;
 
 /// Overrides [`StageContext::DEFAULT_CHECKPOINT_EVERY`] (milliseconds), for tests that need a
 /// checkpoint within seconds.
@@ -46,6 +47,8 @@ pub struct StageContext {
     cancel: Arc<AtomicBool>,
     checkpoint_every: Duration,
     plan: Mutex<Plan>,
+    /// Where paths a spec names may be read (none unless the executor is configured with roots).
+    files: Arc<AllowedRoots>,
 }
 
 #[derive(Debug, Default)]
@@ -91,7 +94,21 @@ impl StageContext {
             cancel,
             checkpoint_every: checkpoint_every_from_env(),
             plan: Mutex::new(Plan::default()),
+            files: Arc::new(AllowedRoots::none()),
         }
+    }
+
+    /// Lets the stage read paths its spec names under `roots` (see [`AllowedRoots`]).
+    #[must_use]
+    pub fn with_allowed_roots(mut self, roots: Arc<AllowedRoots>) -> Self {
+        self.files = roots;
+        self
+    }
+
+    /// The only way a stage opens a path its spec names: under the executor's allowed roots,
+    /// regular files only, every read capped.
+    pub fn files(&self) -> &AllowedRoots {
+        &self.files
     }
 
     #[must_use]

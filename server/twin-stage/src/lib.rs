@@ -22,6 +22,7 @@ pub use codec::{Codec, Json, JsonLines};
 pub use context::{CHECKPOINT_EVERY_ENV, Phase, PhaseOutput, StageContext, partial_name};
 pub use error::StageError;
 pub use model_store::{Fetch, ModelStore, ResolvedModel, StoredModel};
+pub use twin_files::{AllowedRoots, FileError};
 
 use twin_core::JobKind;
 use twin_core::event::JobOutput;

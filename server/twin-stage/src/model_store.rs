@@ -26,6 +26,7 @@ use twin_core::BlobHash;
 use twin_core::model::ModelManifest;
 
 use crate::StageError;
+use twin_files::{AllowedRoots, FileError};
 
 /// Marks a model directory as whole (also its last-use time, for eviction).
 const COMPLETE: &str = ".complete";
@@ -382,7 +383,15 @@ impl ModelStore {
                 })
             }
             None => {
-                let dir = PathBuf::from(model);
+                // A checkpoint directory on this machine: only under the executor's allowed
+                // roots, and so is every file in it (a Hugging Face snapshot's symlinks into
+                // `blobs/` included), checked before anything is hashed or loaded.
+                let files = ctx.files();
+                let dir = files
+                    .dir(Path::new(model))
+                    .map_err(|e| StageError::bad_input(format!("spec.model: {e}")))?;
+                check_tree(files, &dir, 0)
+                    .map_err(|e| StageError::bad_input(format!("spec.model: {e}")))?;
                 let manifest = self.local_manifest(&dir)?;
                 Ok(ResolvedModel {
                     dir,
@@ -423,6 +432,30 @@ impl ModelStore {
         }
         Ok(local.manifest)
     }
+}
+
+/// Every file under `dir` is a regular file under the allowed roots (a symlink counts where it
+/// points), so hashing and loading the checkpoint reads nothing else.
+fn check_tree(files: &AllowedRoots, dir: &Path, depth: usize) -> Result<(), FileError> {
+    // Checkpoint layouts are a few levels deep (a diffusers pipeline: `unet/…`).
+    const MAX_DEPTH: usize = 8;
+    let unavailable = || FileError::Unavailable {
+        path: dir.display().to_string(),
+    };
+    let entries = fs::read_dir(dir).map_err(|_| unavailable())?;
+    for entry in entries {
+        let path = entry.map_err(|_| unavailable())?.path();
+        let canonical = files.resolve(&path)?;
+        if canonical.is_dir() {
+            if depth >= MAX_DEPTH {
+                return Err(unavailable());
+            }
+            check_tree(files, &canonical, depth + 1)?;
+        } else {
+            files.check_file(&path, u64::MAX)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -38,6 +38,8 @@ pub struct MemoryBackend {
     state: Arc<Mutex<State>>,
     cancel: Arc<AtomicBool>,
     upload_delay: Duration,
+    /// The allowed roots of every context made here (none by default, as on an executor).
+    roots: Arc<crate::AllowedRoots>,
 }
 
 #[derive(Default)]
@@ -65,9 +67,19 @@ impl MemoryBackend {
         self
     }
 
+    /// Contexts made here may read paths under `roots` (each must exist).
+    #[must_use]
+    pub fn with_allowed_roots(mut self, roots: &[&std::path::Path]) -> Self {
+        let roots = crate::AllowedRoots::new(roots.iter().copied())
+            .unwrap_or_else(|e| panic!("a test's allowed roots: {e}"));
+        self.roots = Arc::new(roots);
+        self
+    }
+
     /// A context for an attempt that finds `earlier` artefacts (those of attempts before it).
     pub fn context(&self, earlier: &[Artefact]) -> StageContext {
         StageContext::new(Arc::new(self.clone()), earlier, self.cancel.clone())
+            .with_allowed_roots(self.roots.clone())
     }
 
     /// The cancel flag of every context made here.

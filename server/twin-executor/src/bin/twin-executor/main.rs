@@ -72,6 +72,19 @@ struct RunArgs {
     /// Bytes of model files the model store may hold (least recently used models evicted).
     #[arg(long, env = "TWIN_MODEL_STORE_BYTES", default_value_t = DEFAULT_MODEL_STORE_BYTES)]
     model_store_bytes: u64,
+    /// A directory whose files job specs may name by path (repeatable; `:`-separated in the
+    /// environment). None by default: specs then name uploaded blobs, which `twin submit` sends.
+    /// Symlinks count where they point; the model store and module cache are never allowed.
+    #[arg(
+        long = "allowed-root",
+        env = "TWIN_ALLOWED_ROOTS",
+        value_delimiter = ':'
+    )]
+    allowed_roots: Vec<PathBuf>,
+    /// Internal (set by `twin-server serve`): a directory never allowed even under a root (the
+    /// server's data directory, whose blobs sit at predictable paths).
+    #[arg(long = "deny-root", hide = true)]
+    deny_roots: Vec<PathBuf>,
     /// Exit after this many seconds without a job (for batch systems that bill idle time).
     #[arg(long, value_name = "SECS")]
     exit_when_idle: Option<u64>,
@@ -210,6 +223,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
              pass --module-cache",
         )?,
     };
+    let store_dir = args.model_store.unwrap_or_else(default_model_store);
+    let mut roots = twin_executor::AllowedRoots::new(&args.allowed_roots)
+        .with_context(|| "--allowed-root".to_owned())?
+        .deny(&store_dir)
+        .deny(&cache);
+    for dir in &args.deny_roots {
+        roots = roots.deny(dir);
+    }
+    if !roots.is_empty() {
+        tracing::info!(roots = ?roots.roots(), denied = ?roots.denied(), "paths in job specs are read under these roots");
+    }
     let plugins = plugin_host(cache)?;
     let config = twin_executor::ExecutorConfig {
         server: args.server,
@@ -220,8 +244,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         poll_wait: Duration::from_secs(20),
         model_cache_bytes: args.model_cache_bytes,
         exit_when_idle: args.exit_when_idle.map(Duration::from_secs),
+        allowed_roots: std::sync::Arc::new(roots),
     };
-    let store_dir = args.model_store.unwrap_or_else(default_model_store);
     let store = twin_executor::ModelStore::open(&store_dir, args.model_store_bytes)
         .map_err(|e| anyhow::anyhow!("--model-store {}: {}", store_dir.display(), e.message))?;
     let stages =
