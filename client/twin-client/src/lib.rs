@@ -268,6 +268,11 @@ impl Client {
         .await
     }
 
+    /// The log's chain head, to anchor a later `twin replay --expect-head`.
+    pub async fn log_head(&self) -> Result<twin_core::api::LogHead, ClientError> {
+        self.json(self.request(Method::GET, "/v1/log/head")).await
+    }
+
     pub async fn lineage(&self, target: &str) -> Result<Lineage, ClientError> {
         self.json(self.request(Method::GET, &format!("/v1/lineage/{target}")))
             .await

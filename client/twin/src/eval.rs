@@ -142,7 +142,10 @@ pub fn submission(args: &RunArgs) -> anyhow::Result<serde_json::Value> {
 pub async fn run(client: &Client, command: EvalCommand, json: bool) -> Result<(), Failure> {
     match command {
         EvalCommand::Run(args) => {
-            let job = client.submit(&submission(&args)?, None).await?.job;
+            let mut submission = submission(&args)?;
+            // The questions file and a model directory are on this machine: sent as blobs.
+            crate::uploads::upload_host_paths(client, &mut submission).await?;
+            let job = client.submit(&submission, None).await?.job;
             if !args.wait {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&job)?);

@@ -85,6 +85,10 @@ enum Command {
     Train(train::TrainCommand),
     /// Replay a data directory offline: verify the chain and blobs, show the state at a point.
     Replay(replay::ReplayArgs),
+    /// The server's event log: `head` prints the chain head to write down for
+    /// `replay --expect-head`.
+    #[command(subcommand)]
+    Log(replay::LogCommand),
     /// What produced a blob or a job (offline with --data-dir, else asks the server).
     Lineage {
         /// A blob's SHA-256 or a job id.
@@ -98,6 +102,17 @@ enum Command {
     /// Convert the public TWIN or FGVQA parquet files into images and an ingest manifest.
     #[command(subcommand)]
     Import(import::ImportCommand),
+}
+
+/// Runs an online command to completion.
+fn block_on(command: impl Future<Output = Result<(), Failure>>) -> Result<(), Failure> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(command),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// An error and the exit code it maps to.
@@ -127,13 +142,8 @@ fn main() -> ExitCode {
         Command::Import(command) => import::run(&command),
         Command::Modules(modules::ModulesCommand::Run(args)) => modules::run(&args),
         Command::Modules(modules::ModulesCommand::Inspect { module }) => modules::inspect(&module),
-        online_command => match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt.block_on(online::run(cli.conn, online_command)),
-            Err(e) => Err(e.into()),
-        },
+        Command::Log(command) => block_on(replay::log(cli.conn, command)),
+        online_command => block_on(online::run(cli.conn, online_command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

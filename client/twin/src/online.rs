@@ -499,6 +499,7 @@ pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
             data_dir: None,
         } => crate::replay::print_lineage(&client.lineage(&target).await?, conn.json)?,
         Command::Replay(_)
+        | Command::Log(_)
         | Command::SampleData(_)
         | Command::Import(_)
         | Command::Lineage { .. } => {

@@ -518,6 +518,28 @@ pub fn run(args: &ReplayArgs, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+#[derive(clap::Subcommand)]
+pub enum LogCommand {
+    /// Print the chain head as `SEQ:HASH`: write it down where the server cannot write, and
+    /// `twin replay --expect-head SEQ:HASH` later proves the log still holds that record.
+    Head,
+}
+
+pub async fn log(conn: crate::Conn, command: LogCommand) -> Result<(), Failure> {
+    let client = twin_client::Client::new(&conn.server, conn.token.clone())?;
+    match command {
+        LogCommand::Head => {
+            let head = client.log_head().await?;
+            if conn.json {
+                println!("{}", serde_json::to_string_pretty(&head)?);
+            } else {
+                println!("{}", head.anchor);
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn lineage(dir: &Path, target: &str, json: bool) -> Result<(), Failure> {
     let state = replay_dir(dir, false, None, None, None)?.state;
     let lineage = state.lineage(target).ok_or_else(|| Failure {

@@ -200,6 +200,19 @@ pub struct Health {
     pub version: String,
 }
 
+/// The log's chain head (`GET /v1/log/head`). Written down where the server cannot write, it
+/// lets a later audit (`twin replay --expect-head`) prove the log still holds that record: the
+/// chain alone cannot show a truncated or wholly rewritten log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LogHead {
+    /// Sequence number of the last durable record; 0 for an empty log.
+    pub seq: u64,
+    /// SHA-256 of that record, in hex (64 zeros for an empty log).
+    pub hash: String,
+    /// `<seq>:<hash>`, as `twin replay --expect-head` takes it.
+    pub anchor: String,
+}
+
 /// Body of `PUT /v1/modules/aliases/{name}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -27,8 +27,16 @@ pub struct ServerConfig {
     /// `storage_unavailable` (checked up front and every 64 MiB while receiving).
     pub storage_reserve_bytes: u64,
     pub tokens: Vec<TokenConfig>,
+    /// Host names (no ports) the server answers to besides loopback ones while no tokens are
+    /// configured: a browser page whose name was rebound to this machine is refused.
+    pub allowed_hosts: Vec<String>,
     pub workers: Option<usize>,
     pub modules: ModulesConfig,
+    /// Directories whose files job specs may name by path (an ingest's `source.dir`, an eval's
+    /// `data.questions`, a model directory). None by default: specs name uploaded blobs, which
+    /// `twin submit` sends. With roots, paths are checked at submission (400 `invalid_spec`) and
+    /// the embedded executor reads under the same roots; the data directory is never allowed.
+    pub allowed_roots: Vec<PathBuf>,
 }
 
 /// The Wasm module registry and host.
@@ -92,8 +100,10 @@ impl Default for ServerConfig {
             max_blob_bytes: 64 << 30,
             storage_reserve_bytes: 1 << 30,
             tokens: Vec::new(),
+            allowed_hosts: Vec::new(),
             workers: None,
             modules: ModulesConfig::default(),
+            allowed_roots: Vec::new(),
         }
     }
 }

@@ -130,7 +130,8 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         .context("the server bound no address")?;
     // Tests and scripts read this line to find a port chosen with `:0`.
     println!("twin-server listening on http://{bound}");
-    tracing::info!(addr = %bound, data_dir = %config.data_dir.display(), last_seq = svc.last_seq(), "serving");
+    // The chain head, for anyone anchoring audits from the log (`twin replay --expect-head`).
+    tracing::info!(addr = %bound, data_dir = %config.data_dir.display(), last_seq = svc.last_seq(), head = %head_anchor(&svc), "serving");
     let server = server.run();
     let handle = server.handle();
     let server = tokio::spawn(server);
@@ -184,9 +185,19 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         .await
         .context("http server task")?
         .context("http server");
+    // Nothing appends any more: this is the head the next start will find.
+    let head = head_anchor(&svc);
     svc.close();
-    tracing::info!("stopped");
+    tracing::info!(%head, "stopped");
     result
+}
+
+/// The log's chain head as `twin replay --expect-head` takes it, `<seq>:<hash>`.
+fn head_anchor(svc: &Service) -> String {
+    match svc.log.head() {
+        Ok(h) => format!("{}:{}", h.seq, hex::encode(h.hash)),
+        Err(e) => format!("unreadable ({e})"),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -46,6 +46,10 @@ enum Command {
         /// Lease time-to-live in milliseconds.
         #[arg(long, env = "TWIN_LEASE_TTL_MS")]
         lease_ttl_ms: Option<u64>,
+        /// A directory whose files job specs may name by path (repeatable; adds to the config's
+        /// `allowed_roots`). None by default: `twin submit` uploads instead.
+        #[arg(long = "allowed-root")]
+        allowed_roots: Vec<PathBuf>,
     },
     /// Internal: compiles one Wasm module for a parent server or executor (INPUT OUTPUT FLAGS…).
     #[command(hide = true)]
@@ -81,6 +85,7 @@ fn main() -> ExitCode {
                 no_executor,
                 executor_bin,
                 lease_ttl_ms,
+                allowed_roots,
             } => {
                 let mut cfg = match config {
                     Some(path) => ServerConfig::from_file(&path)?,
@@ -101,6 +106,7 @@ fn main() -> ExitCode {
                 if let Some(t) = lease_ttl_ms {
                     cfg.lease_ttl_ms = t;
                 }
+                cfg.allowed_roots.extend(allowed_roots);
                 twin_server::serve(cfg).await
             }
             Command::CompileModule { .. } => unreachable!("handled before the runtime starts"),

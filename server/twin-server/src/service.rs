@@ -73,6 +73,9 @@ pub struct Service {
     /// projections are frozen, `/healthz` answers 503 and appends are refused (see
     /// [`apply_batch`]).
     projection_failure: Arc<Mutex<Option<String>>>,
+    /// Where paths a submission names must lie, when the server is configured with roots
+    /// (checked at submission, [`crate::paths`]); unset or empty: not checked here.
+    allowed_roots: std::sync::OnceLock<twin_files::AllowedRoots>,
 }
 
 /// Applies one durable batch to the projections, returning the new last sequence number; `None`
@@ -182,6 +185,7 @@ impl Service {
             lease_ttl,
             plugins,
             projection_failure,
+            allowed_roots: std::sync::OnceLock::new(),
         };
         // The watch was created before the replay; bring it up to date.
         seq_tx.send_replace(seq);
@@ -313,6 +317,11 @@ impl Service {
         Err(ApiError::Conflict(format!("job/{id}")))
     }
 
+    /// Checks the paths later submissions name against `roots` (set once, at start-up).
+    pub fn set_allowed_roots(&self, roots: twin_files::AllowedRoots) {
+        let _ = self.allowed_roots.set(roots);
+    }
+
     pub async fn submit(
         &self,
         actor: &str,
@@ -320,6 +329,9 @@ impl Service {
         idempotency_key: Option<String>,
     ) -> Result<(JobState, bool), ApiError> {
         let mut submission = JobSubmission::from_json(body)?;
+        if let Some(roots) = self.allowed_roots.get() {
+            crate::paths::check(roots, &submission)?;
+        }
         if let Some(exp) = &submission.experiment {
             let known = self.read(|p| p.experiments.contains_key(exp));
             if !known {

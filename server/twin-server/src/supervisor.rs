@@ -36,6 +36,10 @@ pub struct ChildSpec {
     /// Where the child keeps registered models it fetched (beside the data, not in the user's
     /// cache: the server's data directory is what its operator sized).
     pub model_store: PathBuf,
+    /// The server's allowed roots, which the child shares, and the directories it must never
+    /// read under them (the data directory).
+    pub allowed_roots: Vec<PathBuf>,
+    pub deny_roots: Vec<PathBuf>,
 }
 
 /// Restart pacing: the first restart waits `BACKOFF_INITIAL`, doubling to `BACKOFF_MAX`; a child
@@ -108,6 +112,14 @@ impl ChildSpec {
         for l in &self.labels {
             cmd.arg("--label").arg(l);
         }
+        for r in &self.allowed_roots {
+            cmd.arg("--allowed-root").arg(r);
+        }
+        for d in &self.deny_roots {
+            cmd.arg("--deny-root").arg(d);
+        }
+        // Only the roots given here: never ones the server's environment happens to carry.
+        cmd.env_remove("TWIN_ALLOWED_ROOTS");
         // Its logs go where the server's go; it must not outlive a server that is killed.
         cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
         cmd

@@ -9,6 +9,7 @@ mod events;
 mod executors;
 mod experiments;
 mod jobs;
+mod log;
 mod models;
 mod modules;
 mod responses;
@@ -145,7 +146,8 @@ fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
             .configure(uploads::configure)
             .configure(modules::configure)
             .configure(models::configure)
-            .configure(review::configure),
+            .configure(review::configure)
+            .configure(log::configure),
     );
 }
 
