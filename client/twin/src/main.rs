@@ -13,6 +13,7 @@ mod replay;
 mod review;
 mod sample;
 mod train;
+mod uploads;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -30,6 +30,11 @@ pub struct SubmitArgs {
     /// Wait for the job to finish (exit 1 unless it succeeds).
     #[arg(long)]
     pub wait: bool,
+    /// Send the paths the spec names as they are, for executors that read them under their
+    /// `allowed_roots`, instead of uploading the files (images, manifests, question files,
+    /// model directories) and naming the blobs.
+    #[arg(long)]
+    pub no_upload: bool,
 }
 
 #[derive(Subcommand)]
@@ -343,6 +348,9 @@ pub(crate) async fn submit(
             .as_object_mut()
             .ok_or_else(|| anyhow!("the spec file must hold a table/object"))?
             .insert("experiment".into(), e.clone().into());
+    }
+    if !args.no_upload {
+        crate::uploads::upload_host_paths(client, &mut submission).await?;
     }
     let submitted = client
         .submit(&submission, args.idempotency_key.as_deref())

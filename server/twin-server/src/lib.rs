@@ -14,6 +14,7 @@ pub mod gc;
 pub mod metrics;
 pub mod mining;
 pub mod models;
+pub mod paths;
 pub mod reaper;
 pub mod service;
 pub mod supervisor;
@@ -65,6 +66,14 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         plugins.clone(),
     )
     .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
+    // Paths in specs: checked at submission under the roots, which the executor child shares.
+    let roots = twin_files::AllowedRoots::new(&config.allowed_roots)
+        .context("allowed_roots")?
+        .deny(&config.data_dir);
+    if !roots.is_empty() {
+        tracing::info!(roots = ?roots.roots(), "paths in job specs are read under these roots");
+        svc.set_allowed_roots(roots.clone());
+    }
     let mut auth = Auth::new(&config.tokens)?;
     let mut listen = config.listen;
     if auth.is_open() && !listen.ip().is_loopback() {
@@ -161,6 +170,8 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
                 labels: config.executor.labels.clone(),
                 module_cache: cache,
                 model_store: config.data_dir.join("model-store"),
+                allowed_roots: roots.roots().to_vec(),
+                deny_roots: roots.denied().to_vec(),
             };
             let grace = Duration::from_millis(config.executor.stop_grace_ms);
             Some(tokio::spawn(supervisor::supervise(
