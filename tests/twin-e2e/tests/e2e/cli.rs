@@ -73,14 +73,37 @@ fn ingest_through_the_cli_then_audit_the_log_offline() {
     // The job's own lineage, online.
     let (lineage, _) = text(&twin(&["--server", &url, "lineage", &manifest]));
     assert!(lineage.contains(&job_id), "{lineage}");
+    // The chain head, written down for the audit below.
+    let (anchor, _) = text(&twin(&["--server", &url, "log", "head"]));
+    let anchor = anchor.trim().to_owned();
+    let (anchor_seq, _) = anchor.split_once(':').unwrap();
     server.stop();
 
-    let out = twin(&["replay", "--data-dir", data.to_str().unwrap(), "--verify"]);
+    // The audit only reads the data dir: made read-only (which stops no one in CI, as root),
+    // every file keeps its bytes and modification time.
+    let before = files(&data);
+    set_writable(&data, false);
+    let out = twin(&[
+        "replay",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--verify",
+        "--expect-head",
+        &anchor,
+    ]);
+    set_writable(&data, true);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(files(&data) == before, "the replay changed the data dir");
     assert!(
-        stdout.contains("37 referenced blobs verified"),
-        "manifest + 36 images: {stdout}"
+        stdout.contains("38 referenced blobs verified"),
+        "the uploaded image list the submission names, the manifest, 36 images: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "anchor found: record {anchor_seq} has the expected hash"
+        )),
+        "{stdout}"
     );
     let out = twin(&[
         "replay",
@@ -125,6 +148,34 @@ fn ingest_through_the_cli_then_audit_the_log_offline() {
     assert!(stderr.contains("verification failed at seq 6"), "{stderr}");
 }
 
+/// Every file under `dir` with its bytes and modification time.
+fn files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>, std::time::SystemTime)> {
+    walk(dir)
+        .into_iter()
+        .map(|p| {
+            let modified = std::fs::metadata(&p).unwrap().modified().unwrap();
+            (p.clone(), std::fs::read(&p).unwrap(), modified)
+        })
+        .collect()
+}
+
+/// `chmod -R a-w` (or `u+w` back).
+fn set_writable(path: &std::path::Path, writable: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).unwrap() {
+            set_writable(&e.unwrap().path(), writable);
+        }
+    }
+    let mode = std::fs::metadata(path).unwrap().permissions().mode();
+    let mode = if writable {
+        mode | 0o200
+    } else {
+        mode & !0o222
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -156,17 +207,19 @@ fn a_missing_source_fails_the_job_without_retrying() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&tmp.path().join("data"), &[]);
     let spec = ingest_spec(tmp.path(), "ghost", &tmp.path().join("no-such-dir"));
+    // Sent as a path: the executor, which has no allowed roots, refuses it at once.
     let out = twin(&[
         "--server",
         &server.url,
         "submit",
         spec.to_str().unwrap(),
+        "--no-upload",
         "--wait",
     ]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(
-        stderr.contains("failed") && stderr.contains("is not a directory"),
+        stderr.contains("failed") && stderr.contains("upload the file instead"),
         "{stderr}"
     );
     server.stop();

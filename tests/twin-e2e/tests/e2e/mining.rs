@@ -262,6 +262,43 @@ fn mine_review_build_and_export_a_dataset() {
     // Lineage of the dataset reaches the mine job's inputs.
     let lineage = ok_json(&["--server", url, "--json", "lineage", &hash]);
     assert_eq!(lineage["job"]["id"], built["id"]);
+
+    // The audit of the whole flow: every transition legal, every candidate's, snapshot's and
+    // built row's image present, the head as served on the chain.
+    let head = ok_json(&["--server", url, "--json", "log", "head"]);
+    let anchor = head["anchor"].as_str().unwrap().to_owned();
+    let data = server.data_dir.clone();
+    server.stop();
+    let audit = |extra: &[&str]| {
+        let mut args = vec!["replay", "--data-dir", data.to_str().unwrap(), "--verify"];
+        args.extend(extra);
+        twin(&args)
+    };
+    let out = audit(&["--expect-head", &anchor]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("every job event a legal transition"),
+        "{stdout}"
+    );
+    // Without the hard-negative snapshot the server pinned, the build cannot be audited.
+    let snapshot = built["submission"]["spec"]["hard_negatives"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::remove_file(
+        data.join("blobs/sha256")
+            .join(&snapshot[..2])
+            .join(&snapshot),
+    )
+    .unwrap();
+    let out = audit(&[]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pair list {snapshot}")) && stderr.contains("not found"),
+        "{stderr}"
+    );
 }
 
 #[test]
