@@ -121,7 +121,12 @@ impl Client {
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let mut rb = self.http.request(method, format!("{}{}", self.base, path));
+        // Says this is no browser's cross-site request (the server refuses a body-less POST
+        // without it).
+        let mut rb = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .header("x-twin-client", concat!("twin/", env!("CARGO_PKG_VERSION")));
         if let Some(t) = &self.token {
             rb = rb.bearer_auth(t);
         }

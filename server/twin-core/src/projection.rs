@@ -113,8 +113,36 @@ pub struct Projections {
     pub review_versions: BTreeMap<JobId, u64>,
     /// Training runs' steps and validations, by job.
     pub training: BTreeMap<JobId, crate::train::TrainingLog>,
+    /// Who owns each shared name (see [`Registry`]): whoever pointed it first (a module or model
+    /// name), or submitted the job that first registered it (a dataset name, and a model name a
+    /// training job's checkpoint took). Only the owner or an admin may point it elsewhere.
+    #[serde(skip)]
+    pub name_owners: BTreeMap<(Registry, String), String>,
     /// Events whose stream or payload did not fit (kept so a replay can report them).
     pub anomalies: Vec<String>,
+}
+
+/// The namespaces whose names have owners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Registry {
+    Module,
+    Model,
+    /// Ingested datasets' names.
+    Dataset,
+    /// Built datasets' names.
+    BuiltDataset,
+}
+
+impl Registry {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Registry::Module => "module name",
+            Registry::Model => "model name",
+            Registry::Dataset => "dataset name",
+            Registry::BuiltDataset => "built dataset name",
+        }
+    }
 }
 
 /// What produced an artefact or a job, as far back as the record goes.
@@ -163,6 +191,25 @@ impl Projections {
         }
     }
 
+    /// The owner of a shared name, if it has been taken.
+    pub fn name_owner(&self, registry: Registry, name: &str) -> Option<&str> {
+        self.name_owners
+            .get(&(registry, name.to_owned()))
+            .map(String::as_str)
+    }
+
+    /// A dataset name goes to the submitter of the job that first registered it.
+    fn claim(&mut self, registry: Registry, name: &str, job: &JobId, actor: &str) {
+        let owner = self
+            .jobs
+            .get(job)
+            .map_or(actor, |j| j.submitted_by.as_str())
+            .to_owned();
+        self.name_owners
+            .entry((registry, name.to_owned()))
+            .or_insert(owner);
+    }
+
     /// Folds one committed event in. Events must arrive in sequence order.
     pub fn apply(&mut self, rec: &RecordedEvent) {
         self.last_seq = rec.seq;
@@ -197,6 +244,7 @@ impl Projections {
             }
             (Event::DatasetRegistered(d), Ok(StreamName::Dataset(_))) => {
                 self.note_blobs(rec, Some(&d.job));
+                self.claim(Registry::Dataset, &d.name, &d.job, &rec.actor);
                 self.datasets.insert(
                     d.id.clone(),
                     Dataset {
@@ -213,6 +261,7 @@ impl Projections {
             }
             (Event::DatasetBuilt(d), Ok(StreamName::Dataset(_))) => {
                 self.note_blobs(rec, Some(&d.job));
+                self.claim(Registry::BuiltDataset, &d.name, &d.job, &rec.actor);
                 self.built.insert(
                     d.hash,
                     BuiltDataset {
@@ -257,6 +306,9 @@ impl Projections {
                 );
             }
             (Event::ModuleAliasSet(a), Ok(StreamName::Module(_))) => {
+                self.name_owners
+                    .entry((Registry::Module, a.alias.clone()))
+                    .or_insert_with(|| rec.actor.clone());
                 self.alias_versions
                     .insert(a.alias.clone(), rec.stream_version);
                 if let Some(prev) = self.aliases.insert(a.alias.clone(), a.hash)
@@ -288,6 +340,17 @@ impl Projections {
                 );
             }
             (Event::ModelAliasSet(a), Ok(StreamName::Model(_))) => {
+                // A checkpoint's name belongs to whoever submitted the training job, not to
+                // the executor that recorded it.
+                let owner = self
+                    .models
+                    .get(&a.hash)
+                    .and_then(|m| m.model.job.as_ref())
+                    .and_then(|j| self.jobs.get(j))
+                    .map_or_else(|| rec.actor.clone(), |j| j.submitted_by.clone());
+                self.name_owners
+                    .entry((Registry::Model, a.alias.clone()))
+                    .or_insert(owner);
                 self.model_alias_versions
                     .insert(a.alias.clone(), rec.stream_version);
                 if let Some(prev) = self.model_aliases.insert(a.alias.clone(), a.hash)

@@ -49,6 +49,8 @@ pub struct TokenConfig {
 #[derive(Debug, Clone)]
 pub struct Auth {
     tokens: HashMap<[u8; 32], (String, BTreeSet<Role>)>,
+    /// Host names served besides loopback ones while auth is off (`api::browser`).
+    allowed_hosts: Vec<String>,
 }
 
 /// The token `deploy/config.example.toml` ships with, to be replaced: a server started with it
@@ -116,7 +118,19 @@ impl Auth {
                 anyhow::bail!("token `{}`: the same token is configured twice", c.name);
             }
         }
-        Ok(Self { tokens })
+        Ok(Self {
+            tokens,
+            allowed_hosts: Vec::new(),
+        })
+    }
+
+    /// Serves these host names (without ports) too while auth is off; loopback names always.
+    pub fn allow_hosts(&mut self, hosts: Vec<String>) {
+        self.allowed_hosts = hosts;
+    }
+
+    pub fn allowed_hosts(&self) -> &[String] {
+        &self.allowed_hosts
     }
 
     /// Auth is off when no token is configured.
@@ -166,6 +180,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The caller, as `actor` (what [`Self::require`] returned), for ownership checks on shared
+    /// names: admins may act on names others own.
+    pub fn claimant<'a>(&self, actor: &'a str) -> crate::service::Claimant<'a> {
+        crate::service::Claimant {
+            name: actor,
+            admin: self.roles.contains(&Role::Admin),
+        }
+    }
+
     pub fn require(&self, role: Role) -> Result<&str, ApiError> {
         let has = |r| self.roles.contains(&r);
         let ok = has(Role::Admin)

@@ -61,6 +61,20 @@ pub enum ApiError {
     UploadOffsetMismatch { id: String, expected: u64, got: u64 },
     #[error("upload {0} is busy with another request; retry when it ends")]
     UploadBusy(String),
+    #[error("{what} `{name}` belongs to `{owner}`; only they or an admin may point it elsewhere")]
+    NotOwner {
+        what: &'static str,
+        name: String,
+        owner: String,
+    },
+    /// With auth off, a Host header that is not loopback nor configured (DNS rebinding).
+    #[error(
+        "Host `{0}` is not served: with no tokens configured only loopback names and `allowed_hosts` are"
+    )]
+    HostNotAllowed(String),
+    /// A browser's request from another origin.
+    #[error("requests from origin `{0}` are refused: this API is not for web pages elsewhere")]
+    CrossOrigin(String),
     #[error("upload {id} belongs to `{owner}`; only they or an admin may use it")]
     NotUploadOwner { id: String, owner: String },
     #[error("range `{range}` is outside the blob's {len} bytes")]
@@ -106,7 +120,9 @@ impl ApiError {
             ApiError::ProjectionsFailed(_) => "projections_failed",
             ApiError::UploadOffsetMismatch { .. } => "upload_offset_mismatch",
             ApiError::UploadBusy(_) => "upload_busy",
-            ApiError::NotUploadOwner { .. } => "forbidden",
+            ApiError::NotUploadOwner { .. } | ApiError::NotOwner { .. } => "forbidden",
+            ApiError::HostNotAllowed(_) => "host_not_allowed",
+            ApiError::CrossOrigin(_) => "cross_origin",
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::Module(e) if e.is_module_fault() => e.code(),
             ApiError::Module(_) => "internal",
@@ -127,6 +143,8 @@ impl ApiError {
         ("unauthenticated", 401),
         ("bad_token", 401),
         ("forbidden", 403),
+        ("host_not_allowed", 403),
+        ("cross_origin", 403),
         ("not_found", 404),
         ("route_not_found", 404),
         ("stale_epoch", 409),

@@ -75,6 +75,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         svc.set_allowed_roots(roots.clone());
     }
     let mut auth = Auth::new(&config.tokens)?;
+    auth.allow_hosts(config.allowed_hosts.clone());
     let mut listen = config.listen;
     if auth.is_open() && !listen.ip().is_loopback() {
         listen = loopback_only(listen);

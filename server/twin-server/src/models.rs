@@ -8,13 +8,13 @@
 
 use twin_core::event::{ModelAliasSet, ModelRegistered};
 use twin_core::model::{MAX_MANIFEST_BYTES, ModelKind, ModelManifest, ModelRef, valid_model_name};
-use twin_core::projection::ModelInfo;
+use twin_core::projection::{ModelInfo, Registry};
 use twin_core::{BlobHash, Event, JobId, JobKind, StreamName};
 use twin_log::{BlobError, BlobStore};
 
 use crate::error::ApiError;
 use crate::mining::invalid;
-use crate::service::Service;
+use crate::service::{Claimant, Service};
 
 /// Config files read to tell what a model is; larger ones are not read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -25,14 +25,18 @@ impl Service {
     /// lineage. Returns the model and whether it was new.
     pub async fn register_model(
         &self,
-        actor: &str,
+        by: Claimant<'_>,
         manifest: BlobHash,
         alias: Option<String>,
         job: Option<(JobId, u64)>,
     ) -> Result<(ModelInfo, bool), ApiError> {
+        let actor = by.name;
         if let Some(a) = &alias {
             check_model_name(a)?;
         }
+        // An executor names a checkpoint for the job's submitter: whether the name is theirs
+        // to take is checked for them, not for the executor's token.
+        let mut submitter = None;
         if let Some((id, epoch)) = &job {
             let state = self.job(id)?;
             self.check_lease(&state, *epoch, actor)?;
@@ -42,6 +46,14 @@ impl Service {
                     state.kind
                 )));
             }
+            submitter = Some(state.submitted_by);
+        }
+        let owner = Claimant {
+            name: submitter.as_deref().unwrap_or(by.name),
+            admin: submitter.is_none() && by.admin,
+        };
+        if let Some(a) = &alias {
+            self.check_owner(Registry::Model, a, owner)?;
         }
         let created = !self.read(|p| p.models.contains_key(&manifest));
         if created {
@@ -66,7 +78,10 @@ impl Service {
             .await?;
         }
         let info = match alias {
-            Some(a) => self.set_model_alias(actor, &a, &manifest.to_hex()).await?,
+            Some(a) => {
+                self.set_model_alias_as(actor, owner, &a, &manifest.to_hex())
+                    .await?
+            }
             None => self.model(&manifest.to_hex())?,
         };
         Ok((info, created))
@@ -83,7 +98,19 @@ impl Service {
     /// Points model name `alias` at a registered model; one event, so atomic for readers.
     pub async fn set_model_alias(
         &self,
+        by: Claimant<'_>,
+        alias: &str,
+        hash: &str,
+    ) -> Result<ModelInfo, ApiError> {
+        self.set_model_alias_as(by.name, by, alias, hash).await
+    }
+
+    /// [`Self::set_model_alias`] recorded as `actor`, its ownership checked for `by` (an
+    /// executor naming a checkpoint for the job's submitter).
+    async fn set_model_alias_as(
+        &self,
         actor: &str,
+        by: Claimant<'_>,
         alias: &str,
         hash: &str,
     ) -> Result<ModelInfo, ApiError> {
@@ -95,7 +122,8 @@ impl Service {
         self.model(&hash.to_hex())?;
         self.point_alias(
             actor,
-            StreamName::Model(alias.to_owned()),
+            by,
+            (Registry::Model, alias),
             |p| {
                 (
                     p.model_aliases.get(alias).copied(),

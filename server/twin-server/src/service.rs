@@ -21,7 +21,7 @@ use tokio::sync::{Notify, watch};
 use twin_core::api::{Capabilities, CreateExperiment, EventsPage, LeaseGrant, LeaseRequest};
 use twin_core::event::{ExperimentCreated, JobOutput, ModuleAliasSet, ModuleRegistered};
 use twin_core::job::{self, JobCommand, JobState};
-use twin_core::projection::ModuleInfo;
+use twin_core::projection::{ModuleInfo, Registry};
 use twin_core::spec::JobSpec;
 use twin_core::train::TrainRecord;
 use twin_core::{
@@ -76,6 +76,14 @@ pub struct Service {
     /// Where paths a submission names must lie, when the server is configured with roots
     /// (checked at submission, [`crate::paths`]); unset or empty: not checked here.
     allowed_roots: std::sync::OnceLock<twin_files::AllowedRoots>,
+}
+
+/// Who acts on a shared name (see [`Registry`]): the name's owner to be, and whether they may
+/// act on names others own.
+#[derive(Debug, Clone, Copy)]
+pub struct Claimant<'a> {
+    pub name: &'a str,
+    pub admin: bool,
 }
 
 /// Applies one durable batch to the projections, returning the new last sequence number; `None`
@@ -324,13 +332,23 @@ impl Service {
 
     pub async fn submit(
         &self,
-        actor: &str,
+        by: Claimant<'_>,
         body: serde_json::Value,
         idempotency_key: Option<String>,
     ) -> Result<(JobState, bool), ApiError> {
+        let actor = by.name;
         let mut submission = JobSubmission::from_json(body)?;
         if let Some(roots) = self.allowed_roots.get() {
             crate::paths::check(roots, &submission)?;
+        }
+        // A job that would register a dataset under a name someone else owns is refused now,
+        // not when it has done its work.
+        match &submission.spec {
+            JobSpec::Ingest(spec) => self.check_owner(Registry::Dataset, &spec.dataset, by)?,
+            JobSpec::BuildDataset(spec) => {
+                self.check_owner(Registry::BuiltDataset, &spec.name, by)?
+            }
+            _ => {}
         }
         if let Some(exp) = &submission.experiment {
             let known = self.read(|p| p.experiments.contains_key(exp));
@@ -449,12 +467,14 @@ impl Service {
     /// points `alias` at it. Nothing is stored or logged unless the module loads.
     pub async fn add_module(
         &self,
-        actor: &str,
+        by: Claimant<'_>,
         bytes: bytes::Bytes,
         alias: Option<String>,
     ) -> Result<(ModuleInfo, bool), ApiError> {
+        let actor = by.name;
         if let Some(a) = &alias {
             check_module_name(a)?;
+            self.check_alias_rights(a, by)?;
         }
         let hash = BlobHash::of(&bytes);
         let created = !self.read(|p| p.modules.contains_key(&hash));
@@ -489,7 +509,7 @@ impl Service {
             .await?;
         }
         let info = match alias {
-            Some(a) => self.set_module_alias(actor, &a, &hash.to_hex()).await?,
+            Some(a) => self.set_module_alias(by, &a, &hash.to_hex()).await?,
             None => self.module(&hash.to_hex())?,
         };
         Ok((info, created))
@@ -506,19 +526,21 @@ impl Service {
     /// Points registry name `alias` at a registered module; one event, so atomic for readers.
     pub async fn set_module_alias(
         &self,
-        actor: &str,
+        by: Claimant<'_>,
         alias: &str,
         hash: &str,
     ) -> Result<ModuleInfo, ApiError> {
         check_module_name(alias)?;
+        self.check_alias_rights(alias, by)?;
         let hash: BlobHash = hash.parse().map_err(|_| ApiError::InvalidId {
             what: "module hash",
             value: hash.chars().take(80).collect(),
         })?;
         self.module(&hash.to_hex())?;
         self.point_alias(
-            actor,
-            StreamName::Module(alias.to_owned()),
+            by.name,
+            by,
+            (Registry::Module, alias),
             |p| {
                 (
                     p.aliases.get(alias).copied(),
@@ -536,6 +558,41 @@ impl Service {
         )
         .await?;
         self.module(&hash.to_hex())
+    }
+
+    /// Refuses `by` a shared name that someone else owns, unless `by` is an admin.
+    pub(crate) fn check_owner(
+        &self,
+        registry: Registry,
+        name: &str,
+        by: Claimant<'_>,
+    ) -> Result<(), ApiError> {
+        if by.admin {
+            return Ok(());
+        }
+        match self.read(|p| p.name_owner(registry, name).map(str::to_owned)) {
+            Some(owner) if owner != by.name => Err(ApiError::NotOwner {
+                what: registry.as_str(),
+                name: name.to_owned(),
+                owner,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The eval stage's default scorers grade every benchmark run: only an admin points them.
+    fn check_alias_rights(&self, alias: &str, by: Claimant<'_>) -> Result<(), ApiError> {
+        let default = [
+            twin_core::eval::DEFAULT_PAIR_SCORER,
+            twin_core::eval::DEFAULT_MULTI_SCORER,
+        ];
+        if default.contains(&alias) && !by.admin {
+            return Err(ApiError::Forbidden {
+                name: by.name.to_owned(),
+                role: "admin",
+            });
+        }
+        Ok(())
     }
 
     /// Appends the first event of a content-addressed stream (`module/<hash>`, `model/<hash>`).
@@ -563,16 +620,24 @@ impl Service {
     pub(crate) async fn point_alias(
         &self,
         actor: &str,
-        stream: StreamName,
+        by: Claimant<'_>,
+        (registry, name): (Registry, &str),
         current: impl Fn(&Projections) -> (Option<BlobHash>, Option<u64>),
         event: impl Fn(Option<BlobHash>) -> Event,
         hash: BlobHash,
     ) -> Result<(), ApiError> {
+        let stream = match registry {
+            Registry::Model => StreamName::Model(name.to_owned()),
+            _ => StreamName::Module(name.to_owned()),
+        };
         for _ in 0..8 {
             let (previous, version) = self.read(&current);
             if previous == Some(hash) {
                 return Ok(());
             }
+            // Checked on every try: a name first taken by someone else since the last one is
+            // theirs (its first event moved the version, so the append below would conflict).
+            self.check_owner(registry, name, by)?;
             let expected = match version {
                 Some(v) => Expected::Version(v),
                 None => Expected::NoStream,

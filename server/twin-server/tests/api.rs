@@ -137,7 +137,9 @@ async fn unknown_and_malformed_ids_and_routes() {
     assert_error(
         &call!(
             h,
-            TestRequest::post().uri("/v1/jobs/01aaaaaaaaaaaaaaaaaaaaaaaa/cancel")
+            TestRequest::post()
+                .uri("/v1/jobs/01aaaaaaaaaaaaaaaaaaaaaaaa/cancel")
+                .insert_header(("x-twin-client", "test"))
         ),
         404,
         "not_found",
@@ -985,7 +987,14 @@ async fn another_tokens_command_never_lands_on_a_lease_granted_concurrently() {
     let svc = h.svc.clone();
     for round in 0..150 {
         let (job, _) = svc
-            .submit("boss", ingest(&format!("d{round}")), None)
+            .submit(
+                twin_server::service::Claimant {
+                    name: "boss",
+                    admin: false,
+                },
+                ingest(&format!("d{round}")),
+                None,
+            )
             .await
             .unwrap();
         let id = job.id.to_string();
@@ -1032,4 +1041,66 @@ async fn another_tokens_command_never_lands_on_a_lease_granted_concurrently() {
         .await
         .unwrap();
     }
+}
+
+/// A web page cannot use the visitor's browser against an open (no tokens) server: a rebound
+/// name is not served, a foreign Origin is refused, and a POST must be one a browser only sends
+/// after a preflight (JSON, another non-form content type, or `X-Twin-Client` without a body).
+#[actix_web::test]
+async fn browser_borne_requests_are_refused() {
+    let h = harness(&[]);
+    let id = submit_with(&h, json!({})).await;
+
+    let rebound = TestRequest::get()
+        .uri("/v1/jobs")
+        .insert_header(("host", "evil.example:7878"));
+    assert_error(&call!(h, rebound), 403, "host_not_allowed", "evil.example");
+    for host in ["127.0.0.1:7878", "localhost:7878", "[::1]:7878"] {
+        let ok = TestRequest::get()
+            .uri("/v1/jobs")
+            .insert_header(("host", host));
+        assert_eq!(call!(h, ok).0, 200, "{host}");
+    }
+
+    let cancel = |content_type: Option<&str>| {
+        let mut r = TestRequest::post()
+            .uri(&format!("/v1/jobs/{id}/cancel"))
+            .insert_header(("host", "127.0.0.1:7878"));
+        if let Some(c) = content_type {
+            r = r
+                .insert_header(("content-type", c))
+                .set_payload("reason=csrf");
+        }
+        r
+    };
+    for simple in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ] {
+        assert_error(
+            &call!(h, cancel(Some(simple))),
+            400,
+            "invalid_body",
+            "Content-Type",
+        );
+    }
+    assert_error(
+        &call!(h, cancel(None)),
+        400,
+        "invalid_body",
+        "x-twin-client",
+    );
+    let foreign = cancel(None)
+        .insert_header(("x-twin-client", "t"))
+        .insert_header(("origin", "https://evil.example"));
+    assert_error(&call!(h, foreign), 403, "cross_origin", "evil.example");
+    assert_eq!(h.svc.get_job(&id).unwrap().status.as_str(), "queued");
+
+    let same_origin = cancel(None)
+        .insert_header(("x-twin-client", "t"))
+        .insert_header(("origin", "http://127.0.0.1:7878"));
+    let got = call!(h, same_origin);
+    assert_eq!(got.0, 200, "{}", got.1);
+    assert_eq!(got.1["status"], "cancelled");
 }

@@ -36,6 +36,8 @@ fn open_service(dir: &std::path::Path) -> Arc<Service> {
 fn auth() -> Arc<Auth> {
     let configs: Vec<TokenConfig> = [
         ("alice", "a", "submit"),
+        ("bob", "b", "submit"),
+        ("executors", "e", "execute"),
         ("root", "r", "admin"),
         ("reader", "x", "read"),
     ]
@@ -343,4 +345,162 @@ async fn collection_takes_only_what_nothing_names_and_only_for_an_admin() {
     for kept in [weights, m, image, listing] {
         assert!(svc.blobs.contains(&kept), "{kept} was named and must stay");
     }
+}
+
+/// Shared names have owners: whoever took a model name first (or, for a dataset name, submitted
+/// the job that registered it) keeps it; others are refused unless they are admins.
+#[actix_web::test]
+async fn only_a_names_owner_or_an_admin_points_it_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open_service(dir.path());
+    let app = test::init_service(api::app(svc.clone(), auth(), LIMITS)).await;
+    let model = |seed: u8| {
+        let weights = vec![seed; 16];
+        let manifest = ModelManifest::new(vec![file("model.safetensors", &weights)]).unwrap();
+        (manifest.to_bytes(), weights)
+    };
+    let mut hashes = Vec::new();
+    for seed in [1, 2] {
+        let (manifest, weights) = model(seed);
+        put_blob!(app, weights);
+        hashes.push(put_blob!(app, manifest));
+    }
+    let as_ = |token: &str, method: &str, uri: &str, body: Value| {
+        let req = match method {
+            "put" => TestRequest::put(),
+            _ => TestRequest::post(),
+        };
+        req.uri(uri)
+            .insert_header(bearer(token))
+            .set_json(body)
+            .to_request()
+    };
+    let got = call!(
+        app,
+        as_(
+            "a",
+            "post",
+            "/v1/models",
+            json!({"manifest": hashes[0], "name": "qwen"})
+        )
+    );
+    assert_eq!(got.0, StatusCode::CREATED, "{}", got.1);
+
+    let got = call!(
+        app,
+        as_("b", "post", "/v1/models", json!({"manifest": hashes[1]}))
+    );
+    assert_eq!(got.0, StatusCode::CREATED, "{}", got.1);
+
+    // Bob may neither repoint alice's name nor take it with a registration.
+    let alias = json!({"hash": hashes[1]});
+    let got = call!(
+        app,
+        as_("b", "put", "/v1/models/aliases/qwen", alias.clone())
+    );
+    assert_eq!(got.0, StatusCode::FORBIDDEN, "{}", got.1);
+    assert_eq!(got.1["error"]["code"], "forbidden");
+    let msg = got.1["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("model name `qwen` belongs to `alice`"),
+        "{msg}"
+    );
+    let got = call!(
+        app,
+        as_(
+            "b",
+            "post",
+            "/v1/models",
+            json!({"manifest": hashes[1], "name": "qwen"})
+        )
+    );
+    assert_eq!(got.0, StatusCode::FORBIDDEN, "{}", got.1);
+    assert_eq!(svc.read(|p| p.model_aliases["qwen"]), hashes[0]);
+    // His own name is his; alice may repoint hers; an admin may repoint anyone's.
+    let got = call!(
+        app,
+        as_("b", "put", "/v1/models/aliases/bobs", alias.clone())
+    );
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    let got = call!(
+        app,
+        as_("a", "put", "/v1/models/aliases/qwen", alias.clone())
+    );
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    let got = call!(
+        app,
+        as_(
+            "r",
+            "put",
+            "/v1/models/aliases/bobs",
+            json!({"hash": hashes[0]})
+        )
+    );
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+    // The admin's repointing does not make the name the admin's.
+    let got = call!(
+        app,
+        as_("b", "put", "/v1/models/aliases/bobs", alias.clone())
+    );
+    assert_eq!(got.0, StatusCode::OK, "{}", got.1);
+
+    // A dataset name goes to whoever submitted the job that registered it.
+    let ingest = |name: &str| json!({"spec": {"kind": "ingest", "dataset": name, "source": {"dir": "/data"}}});
+    let got = call!(app, as_("a", "post", "/v1/jobs", ingest("shoes")));
+    assert_eq!(got.0, StatusCode::CREATED, "{}", got.1);
+    let id = got.1["id"].as_str().unwrap().to_owned();
+    let got = call!(
+        app,
+        as_(
+            "e",
+            "post",
+            "/v1/executors/lease",
+            json!({"executor": "x", "capabilities": {"kinds": ["ingest"]}})
+        )
+    );
+    assert_eq!(got.1["epoch"], 1, "{}", got.1);
+    let listing = put_blob!(app, b"{}\n".to_vec());
+    let output = json!({"kind": "ingest", "manifest": listing, "images": 1, "instances": 1,
+                        "categories": 1, "rejected": [], "rejected_total": 0});
+    let got = call!(
+        app,
+        as_(
+            "e",
+            "post",
+            &format!("/v1/jobs/{id}/complete"),
+            json!({"epoch": 1, "output": output})
+        )
+    );
+    assert_eq!(got.1["status"], "succeeded", "{}", got.1);
+    let got = call!(app, as_("b", "post", "/v1/jobs", ingest("shoes")));
+    assert_eq!(got.0, StatusCode::FORBIDDEN, "{}", got.1);
+    let msg = got.1["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("dataset name `shoes` belongs to `alice`"),
+        "{msg}"
+    );
+    for token in ["a", "r"] {
+        let got = call!(app, as_(token, "post", "/v1/jobs", ingest("shoes")));
+        assert_eq!(got.0, StatusCode::CREATED, "{token}: {}", got.1);
+    }
+
+    // The eval stage's default scorers are an admin's to point.
+    let got = call!(
+        app,
+        as_(
+            "a",
+            "put",
+            "/v1/modules/aliases/fgvqa-pair",
+            json!({"hash": hashes[0]})
+        )
+    );
+    assert_eq!(got.0, StatusCode::FORBIDDEN, "{}", got.1);
+    assert!(
+        got.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`admin`"),
+        "{}",
+        got.1
+    );
 }

@@ -55,7 +55,9 @@ async fn submit(
             )
         }
     };
-    let (job, replayed) = svc.submit(actor, body.into_inner(), key).await?;
+    let (job, replayed) = svc
+        .submit(caller.claimant(actor), body.into_inner(), key)
+        .await?;
     let mut resp = if replayed {
         HttpResponse::Ok()
     } else {

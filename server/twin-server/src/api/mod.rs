@@ -5,6 +5,7 @@
 //! (`tests/api.rs` also checks every route macro in this directory against it).
 
 mod blobs;
+pub mod browser;
 mod events;
 mod executors;
 mod experiments;
@@ -190,5 +191,6 @@ pub fn app(
                 .limit(usize::try_from(limits.max_blob_bytes).unwrap_or(usize::MAX)),
         )
         .default_service(web::to(no_route))
+        .wrap(from_fn(browser::guard))
         .wrap(from_fn(observe))
 }

@@ -58,7 +58,7 @@ async fn register(
         }
     };
     let (info, created) = svc
-        .register_model(actor, body.manifest, body.name, job)
+        .register_model(caller.claimant(actor), body.manifest, body.name, job)
         .await?;
     let mut resp = if created {
         HttpResponse::Created()
@@ -118,7 +118,9 @@ async fn alias(
     body: web::Json<AliasBody>,
 ) -> Result<HttpResponse, ApiError> {
     let actor = caller.require(Role::Submit)?;
-    let info = svc.set_model_alias(actor, &name, &body.hash).await?;
+    let info = svc
+        .set_model_alias(caller.claimant(actor), &name, &body.hash)
+        .await?;
     Ok(HttpResponse::Ok().json(info))
 }
 

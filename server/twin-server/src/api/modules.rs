@@ -64,7 +64,11 @@ async fn add(
         body.extend_from_slice(&chunk);
     }
     let (info, created) = svc
-        .add_module(actor, body.freeze(), query.into_inner().name)
+        .add_module(
+            caller.claimant(actor),
+            body.freeze(),
+            query.into_inner().name,
+        )
         .await?;
     let mut resp = if created {
         HttpResponse::Created()
@@ -124,6 +128,8 @@ async fn alias(
     body: web::Json<AliasBody>,
 ) -> Result<HttpResponse, ApiError> {
     let actor = caller.require(Role::Submit)?;
-    let info = svc.set_module_alias(actor, &name, &body.hash).await?;
+    let info = svc
+        .set_module_alias(caller.claimant(actor), &name, &body.hash)
+        .await?;
     Ok(HttpResponse::Ok().json(info))
 }

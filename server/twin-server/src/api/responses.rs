@@ -71,8 +71,9 @@ error_responses! {
     BadRequest = 400, "The request is malformed or refused";
     /// No or an unknown bearer token (only when tokens are configured).
     Unauthorized = 401, "No or an unknown bearer token";
-    /// The caller's token lacks the role.
-    Forbidden = 403, "The token lacks the role";
+    /// The caller's token lacks the role, the name is another's, or a browser request from
+    /// elsewhere (`api::browser`).
+    Forbidden = 403, "Refused: the token lacks the role, the name belongs to someone else, or the request came through a browser from elsewhere";
     /// The id in the path names nothing.
     NotFound = 404, "Nothing by that id";
     /// The request conflicts with the current state.
