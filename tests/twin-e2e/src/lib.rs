@@ -148,6 +148,11 @@ impl ExecutorProcess {
                 std::env::temp_dir().join(format!("twin-e2e-model-store-{}", std::process::id())),
             );
         }
+        if !args.contains(&"--allowed-root") {
+            // Tests name images and checkpoints in their temporary directories by path; an
+            // executor reads no paths without roots.
+            cmd.arg("--allowed-root").arg(std::env::temp_dir());
+        }
         let child = cmd
             .args(["--server", server, "--name", name])
             .args(args)

@@ -35,7 +35,7 @@ async fn a_stage_that_aborts_its_executor_is_failed_as_executor_lost_and_the_ser
     // The child inherits the fault: every ingest aborts the executor process that runs it.
     let mut server = Server::start_with_env(
         &tmp.path().join("data"),
-        &[],
+        &["--allowed-root", tmp.path().to_str().unwrap()],
         &[("TWIN_FAULT_ABORT_IN", "ingest")],
     );
     let client = Client::new(&server.url, None).unwrap();
@@ -184,7 +184,11 @@ async fn a_stopping_server_has_its_executor_child_hand_the_job_back() {
     let images = tmp.path().join("images");
     small_sample(&images);
     let data = tmp.path().join("data");
-    let server = Server::start_with_env(&data, &[], &[("TWIN_FAULT_STALL_IN", "ingest")]);
+    let server = Server::start_with_env(
+        &data,
+        &["--allowed-root", tmp.path().to_str().unwrap()],
+        &[("TWIN_FAULT_STALL_IN", "ingest")],
+    );
     let client = Client::new(&server.url, None).unwrap();
     let spec = json!({
         "retry": {"max_attempts": 1},
@@ -202,7 +206,7 @@ async fn a_stopping_server_has_its_executor_child_hand_the_job_back() {
     // SIGTERM to the server: its child hands the job back before the API goes away.
     server.stop();
 
-    let server = Server::start(&data, &[]);
+    let server = Server::start(&data, &["--allowed-root", tmp.path().to_str().unwrap()]);
     let client = Client::new(&server.url, None).unwrap();
     let done = wait_for(
         &client,

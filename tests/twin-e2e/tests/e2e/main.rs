@@ -7,6 +7,7 @@ mod crash;
 mod disk;
 mod eval;
 mod executor;
+mod files;
 mod leases;
 mod mining;
 mod model;
