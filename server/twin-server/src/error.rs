@@ -214,6 +214,29 @@ impl From<SpecError> for ApiError {
     }
 }
 
+/// Free text a caller writes into the log (a review note, a description, a reason): capped so
+/// that no field can fill an event, whatever the JSON body limit is.
+pub fn check_text(field: &str, text: &str, max_bytes: usize) -> Result<(), ApiError> {
+    if text.len() > max_bytes {
+        return Err(ApiError::InvalidBody(format!(
+            "{field}: {} bytes, over the limit of {max_bytes}",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The caps [`check_text`] applies.
+pub mod text_limits {
+    pub const REVIEW_NOTE: usize = 2_000;
+    pub const EXPERIMENT_DESCRIPTION: usize = 4_000;
+    pub const CANCEL_REASON: usize = 500;
+    pub const PROGRESS_MESSAGE: usize = 1_000;
+    /// A progress report's counters: how many, and each name's length.
+    pub const PROGRESS_COUNTERS: usize = 256;
+    pub const COUNTER_NAME: usize = 64;
+}
+
 impl From<Rejection> for ApiError {
     fn from(e: Rejection) -> Self {
         ApiError::Rejected(e)

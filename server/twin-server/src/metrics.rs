@@ -5,7 +5,10 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
     Registry, TextEncoder, exponential_buckets,
 };
-use twin_core::{FailureCode, Projections};
+use std::collections::BTreeMap;
+
+use twin_core::FailureCode;
+use twin_core::job::JobStatus;
 use twin_log::{BatchStats, LogObserver};
 
 pub struct Metrics {
@@ -109,8 +112,10 @@ impl Metrics {
     }
 
     /// The text exposition, with the job gauges refreshed from the projections.
-    pub fn render(&self, projections: &Projections) -> String {
-        for (status, n) in projections.count_by_status() {
+    /// The text exposition, with the job counts taken beforehand (`Projections::count_by_status`
+    /// under the projections' read lock), so the lock is not held while encoding.
+    pub fn render(&self, jobs_by_status: BTreeMap<JobStatus, usize>) -> String {
+        for (status, n) in jobs_by_status {
             self.jobs
                 .with_label_values(&[status.as_str()])
                 .set(n as i64);

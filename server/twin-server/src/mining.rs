@@ -360,6 +360,7 @@ impl Service {
                 "at most {MAX_REVIEW_PAIRS} verdicts per request"
             )));
         }
+        crate::error::check_text("note", &body.note, crate::error::text_limits::REVIEW_NOTE)?;
         let note = match (&body.by_filter, body.note.is_empty()) {
             (Some(b), true) => format!("bulk: filter {} keep={}", b.filter, b.keep),
             _ => body.note.clone(),

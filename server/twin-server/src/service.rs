@@ -32,7 +32,7 @@ use twin_log::{
     AppendRequest, Appended, BlobStore, Expected, Idempotency, Log, LogConfig, StoredRecord,
 };
 
-use crate::error::ApiError;
+use crate::error::{ApiError, check_text, text_limits};
 use crate::metrics::{LogMetrics, Metrics};
 
 pub fn now_ms() -> Millis {
@@ -666,6 +666,9 @@ impl Service {
         reason: Option<String>,
     ) -> Result<JobState, ApiError> {
         let id = parse_job_id(id)?;
+        if let Some(r) = &reason {
+            check_text("reason", r, text_limits::CANCEL_REASON)?;
+        }
         let reason = reason.unwrap_or_else(|| format!("cancelled by {actor}"));
         self.execute(&id, actor, None, |_| JobCommand::Cancel {
             reason: reason.clone(),
@@ -678,6 +681,11 @@ impl Service {
         actor: &str,
         body: CreateExperiment,
     ) -> Result<twin_core::projection::Experiment, ApiError> {
+        check_text(
+            "description",
+            &body.description,
+            text_limits::EXPERIMENT_DESCRIPTION,
+        )?;
         let id: ExperimentId = body.name.parse().map_err(|_| {
             ApiError::InvalidBody(format!(
                 "name: `{}` must be 1 to 64 characters from a-z, 0-9, `-` and `_`",

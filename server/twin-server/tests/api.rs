@@ -834,7 +834,7 @@ async fn a_failure_code_reaches_the_attempt_the_event_and_the_metrics() {
     assert_eq!(failure["data"]["code"], "module_error");
     assert_eq!(failure["data"]["detail"], "guest_trap");
 
-    let metrics = h.svc.read(|p| h.svc.metrics.render(p));
+    let metrics = h.svc.metrics.render(h.svc.read(|p| p.count_by_status()));
     assert!(
         metrics.contains(r#"twin_attempt_failures_total{code="module_error"} 1"#),
         "{metrics}"
@@ -914,7 +914,7 @@ async fn a_dead_executors_leases_expire_at_once_and_the_third_loss_is_final() {
     let last = events.last().unwrap();
     assert_eq!(last["type"], "job_lease_expired");
     assert_eq!(last["data"]["retry_at"], Value::Null);
-    let metrics = h.svc.read(|p| h.svc.metrics.render(p));
+    let metrics = h.svc.metrics.render(h.svc.read(|p| p.count_by_status()));
     assert!(
         metrics.contains(r#"twin_attempt_failures_total{code="executor_lost"} 4"#),
         "{metrics}"
@@ -1103,4 +1103,36 @@ async fn browser_borne_requests_are_refused() {
     let got = call!(h, same_origin);
     assert_eq!(got.0, 200, "{}", got.1);
     assert_eq!(got.1["status"], "cancelled");
+}
+
+/// `/metrics` is unauthenticated: a request line must not be able to mint new series.
+#[actix_web::test]
+async fn unknown_methods_share_one_metrics_label() {
+    let h = harness(&[]);
+    for method in ["FOO", "BAR", "BAZ"] {
+        let m = actix_web::http::Method::from_bytes(method.as_bytes()).unwrap();
+        call!(h, TestRequest::default().method(m).uri("/v1/jobs"));
+    }
+    let metrics = h.svc.metrics.render(h.svc.read(|p| p.count_by_status()));
+    for method in ["FOO", "BAR", "BAZ"] {
+        assert!(!metrics.contains(method), "{method} became a label");
+    }
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+}
+
+/// Free text written into the log is capped, the field named; nothing is recorded.
+#[actix_web::test]
+async fn free_text_is_capped() {
+    let h = harness(&[]);
+    let long = "x".repeat(4_001);
+    let exp = TestRequest::post()
+        .uri("/v1/experiments")
+        .set_json(json!({"name": "e", "description": long}));
+    assert_error(&call!(h, exp), 400, "invalid_body", "description");
+    let id = submit_with(&h, json!({})).await;
+    let cancel = TestRequest::post()
+        .uri(&format!("/v1/jobs/{id}/cancel"))
+        .set_json(json!({"reason": "y".repeat(501)}));
+    assert_error(&call!(h, cancel), 400, "invalid_body", "reason");
+    assert_eq!(h.svc.get_job(&id).unwrap().status.as_str(), "queued");
 }

@@ -12,7 +12,7 @@ use crate::api::responses::{
     BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
 };
 use crate::auth::{Caller, Role};
-use crate::error::ApiError;
+use crate::error::{ApiError, text_limits};
 use crate::service::{Service, now_ms};
 
 pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
@@ -120,6 +120,17 @@ async fn progress(
             "fraction: must be within [0, 1]".into(),
         ));
     }
+    if b.counters.len() > text_limits::PROGRESS_COUNTERS
+        || b.counters
+            .keys()
+            .any(|k| k.len() > text_limits::COUNTER_NAME)
+    {
+        return Err(ApiError::InvalidBody(format!(
+            "counters: at most {} of them, names of at most {} bytes",
+            text_limits::PROGRESS_COUNTERS,
+            text_limits::COUNTER_NAME
+        )));
+    }
     if b.counters.values().any(|v| !v.is_finite()) {
         return Err(ApiError::InvalidBody(
             "counters: values must be finite".into(),
@@ -127,7 +138,9 @@ async fn progress(
     }
     let cmd = JobCommand::Progress {
         epoch: b.epoch,
-        message: b.message,
+        // An executor's words, kept (shortened) rather than refused: a report is not worth
+        // failing over.
+        message: truncate_utf8(b.message, text_limits::PROGRESS_MESSAGE),
         fraction: b.fraction,
         counters: b.counters,
     };

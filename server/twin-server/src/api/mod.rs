@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::http::Method;
 use actix_web::middleware::{Next, from_fn};
 use actix_web::{App, Error, HttpRequest, HttpResponse, error::JsonPayloadError, web};
 use utoipa::OpenApi;
@@ -102,7 +103,17 @@ async fn observe(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let started = Instant::now();
-    let method = req.method().to_string();
+    // A fixed label set: any token in the request line would otherwise become a new series.
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let metrics = req
         .app_data::<web::Data<Service>>()
@@ -110,7 +121,7 @@ async fn observe(
     let res = next.call(req).await?;
     if let Some(m) = metrics {
         m.http_seconds
-            .with_label_values(&[&method, &route, res.status().as_str()])
+            .with_label_values(&[method, &route, res.status().as_str()])
             .observe(started.elapsed().as_secs_f64());
     }
     Ok(res)

@@ -51,7 +51,8 @@ async fn healthz(svc: web::Data<Service>) -> Result<web::Json<Health>, ApiError>
 )]
 #[get("/metrics")]
 async fn metrics(svc: web::Data<Service>) -> HttpResponse {
-    let text = svc.read(|p| svc.metrics.render(p));
+    let counts = svc.read(|p| p.count_by_status());
+    let text = svc.metrics.render(counts);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(text)
