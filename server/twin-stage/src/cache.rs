@@ -76,6 +76,12 @@ fn directory_fingerprint(dir: &Path) -> String {
         .flatten()
         .flatten()
         .filter_map(|e| {
+            // Hidden files are no part of a checkpoint (models leave them out), and the model
+            // store's `.complete` marker is touched at every use: counting it would make each
+            // job that uses a stored model miss the cache.
+            if e.file_name().to_string_lossy().starts_with('.') {
+                return None;
+            }
             let meta = e.metadata().ok().filter(|m| m.is_file())?;
             let modified = meta
                 .modified()

@@ -165,9 +165,11 @@ fn bad_training_submissions_are_refused_naming_the_field() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&tmp.path().join("data"), &["--no-executor"]);
     let url = server.url.clone();
+    // `--no-upload` sends a model path as it is (uploading would register it), so the server's
+    // own refusal of a path is what is seen.
     let refused = |spec: serde_json::Value, field: &str| {
         let file = write(tmp.path(), "bad.json", spec);
-        let out = twin(&["--server", &url, "train", "submit", &file]);
+        let out = twin(&["--server", &url, "train", "submit", &file, "--no-upload"]);
         let (_, stderr) = text(&out);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains(field), "{field} not named in: {stderr}");
