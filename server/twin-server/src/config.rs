@@ -1,10 +1,13 @@
 //! Server configuration: a TOML file, overridden by command-line flags and `TWIN_*` variables.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use twin_core::JobKind;
 
 use crate::auth::TokenConfig;
 
@@ -37,6 +40,14 @@ pub struct ServerConfig {
     /// `twin submit` sends. With roots, paths are checked at submission (400 `invalid_spec`) and
     /// the embedded executor reads under the same roots; the data directory is never allowed.
     pub allowed_roots: Vec<PathBuf>,
+    /// Seconds one attempt of a job of a kind may run (from its lease) before it fails with
+    /// `timeout`, by kind (`eval = 7200`); 0 turns a kind's limit off. Kinds not named keep the
+    /// defaults of [`ServerConfig::job_timeouts`].
+    pub job_timeouts_s: BTreeMap<JobKind, u64>,
+    /// PEM certificate chain and private key: with both set the API is served over HTTPS only
+    /// (see [`crate::tls`]).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The Wasm module registry and host.
@@ -104,6 +115,9 @@ impl Default for ServerConfig {
             workers: None,
             modules: ModulesConfig::default(),
             allowed_roots: Vec::new(),
+            job_timeouts_s: BTreeMap::new(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -114,6 +128,24 @@ impl ServerConfig {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    /// The runtime limit of each kind: a day for every kind but `train` (a run takes what it
+    /// takes; its checkpoints make a cancel cheap), then `job_timeouts_s` on top.
+    pub fn job_timeouts(&self) -> BTreeMap<JobKind, Duration> {
+        let mut limits: BTreeMap<JobKind, Duration> = JobKind::ALL
+            .into_iter()
+            .filter(|k| *k != JobKind::Train)
+            .map(|k| (k, Duration::from_secs(24 * 3600)))
+            .collect();
+        for (kind, secs) in &self.job_timeouts_s {
+            if *secs == 0 {
+                limits.remove(kind);
+            } else {
+                limits.insert(*kind, Duration::from_secs(*secs));
+            }
+        }
+        limits
     }
 
     pub fn lease_ttl(&self) -> Duration {
@@ -135,6 +167,22 @@ mod tests {
         // Its executor token is the placeholder, there to be replaced before the server starts.
         let refused = crate::auth::check_token_strength(&cfg.tokens).unwrap_err();
         assert!(refused.to_string().contains("placeholder"), "{refused}");
+    }
+
+    #[test]
+    fn job_timeouts_default_to_a_day_but_for_training_and_are_overridden_by_kind() {
+        let cfg: ServerConfig =
+            toml::from_str("[job_timeouts_s]\neval = 60\nmine = 0\ntrain = 7200").unwrap();
+        let limits = cfg.job_timeouts();
+        assert_eq!(limits[&JobKind::Eval], Duration::from_secs(60));
+        assert_eq!(limits[&JobKind::Train], Duration::from_secs(7200));
+        assert!(!limits.contains_key(&JobKind::Mine));
+        assert_eq!(limits[&JobKind::Ingest], Duration::from_secs(86_400));
+        assert!(
+            !ServerConfig::default()
+                .job_timeouts()
+                .contains_key(&JobKind::Train)
+        );
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         tracing::info!(roots = ?roots.roots(), "paths in job specs are read under these roots");
         svc.set_allowed_roots(roots.clone());
     }
+    svc.set_job_timeouts(config.job_timeouts());
     let mut auth = Auth::new(&config.tokens)?;
     auth.allow_hosts(config.allowed_hosts.clone());
     let mut listen = config.listen;

@@ -25,7 +25,7 @@ use twin_core::projection::{ModuleInfo, Registry};
 use twin_core::spec::JobSpec;
 use twin_core::train::TrainRecord;
 use twin_core::{
-    BlobHash, Event, ExperimentId, FailureCode, JobId, JobSubmission, Millis, Projections,
+    BlobHash, Event, ExperimentId, FailureCode, JobId, JobKind, JobSubmission, Millis, Projections,
     StreamName,
 };
 use twin_log::{
@@ -76,6 +76,9 @@ pub struct Service {
     /// Where paths a submission names must lie, when the server is configured with roots
     /// (checked at submission, [`crate::paths`]); unset or empty: not checked here.
     allowed_roots: std::sync::OnceLock<twin_files::AllowedRoots>,
+    /// How long one attempt of a job of each kind may hold its lease (absent: no limit); set
+    /// once, at start-up.
+    job_timeouts: std::sync::OnceLock<BTreeMap<JobKind, Duration>>,
 }
 
 /// Who acts on a shared name (see [`Registry`]): the name's owner to be, and whether they may
@@ -194,6 +197,7 @@ impl Service {
             plugins,
             projection_failure,
             allowed_roots: std::sync::OnceLock::new(),
+            job_timeouts: std::sync::OnceLock::new(),
         };
         // The watch was created before the replay; bring it up to date.
         seq_tx.send_replace(seq);
@@ -323,6 +327,12 @@ impl Service {
             }
         }
         Err(ApiError::Conflict(format!("job/{id}")))
+    }
+
+    /// Fails an attempt that has held its lease longer than its kind's limit (set once, at
+    /// start-up; see [`Self::reap`]).
+    pub fn set_job_timeouts(&self, limits: BTreeMap<JobKind, Duration>) {
+        let _ = self.job_timeouts.set(limits);
     }
 
     /// Checks the paths later submissions name against `roots` (set once, at start-up).
@@ -983,7 +993,54 @@ impl Service {
                 expired += 1;
             }
         }
-        expired
+        expired + self.time_out().await
+    }
+
+    /// Fails every attempt that has run past its kind's limit, with `timeout` and no retry: a
+    /// retry would spend the same budget again. The executor learns it at its next heartbeat
+    /// (the lease is gone) and stops the stage.
+    async fn time_out(&self) -> usize {
+        let Some(limits) = self.job_timeouts.get().filter(|l| !l.is_empty()) else {
+            return 0;
+        };
+        let now = now_ms();
+        let over: Vec<(JobId, u64, JobKind, Duration)> = self.read(|p| {
+            p.jobs
+                .values()
+                .filter(|j| j.status.is_held())
+                .filter_map(|j| {
+                    let limit = *limits.get(&j.kind)?;
+                    let a = j.attempts.last().filter(|a| a.epoch == j.epoch)?;
+                    let ran = u128::try_from(now.saturating_sub(a.leased_at)).unwrap_or(0);
+                    (ran > limit.as_millis()).then(|| (j.id.clone(), j.epoch, j.kind, limit))
+                })
+                .collect()
+        });
+        let mut failed = 0;
+        for (id, epoch, kind, limit) in over {
+            let error = format!(
+                "the attempt ran past the {kind} limit of {limit:?} (job_timeouts_s.{kind} in the \
+                 server's config)"
+            );
+            let fail = |_: &JobState| JobCommand::Fail {
+                epoch,
+                error: error.clone(),
+                retryable: false,
+                code: FailureCode::Timeout,
+                detail: None,
+                now: now_ms(),
+            };
+            match self.execute(&id, "system", None, fail).await {
+                Ok(_) => {
+                    tracing::warn!(job = %id, epoch, %kind, limit_s = limit.as_secs(), "job timed out");
+                    failed += 1;
+                }
+                // It ended, or was re-leased, meanwhile.
+                Err(ApiError::Rejected(_)) => {}
+                Err(e) => tracing::warn!(job = %id, error = %e, "timing out a job failed"),
+            }
+        }
+        failed
     }
 
     /// Expires at once every lease the executor named `executor` holds, and returns those jobs.

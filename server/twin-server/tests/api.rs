@@ -1136,3 +1136,31 @@ async fn free_text_is_capped() {
     assert_error(&call!(h, cancel), 400, "invalid_body", "reason");
     assert_eq!(h.svc.get_job(&id).unwrap().status.as_str(), "queued");
 }
+
+/// A job kind's runtime limit: an attempt holding its lease past it fails with `timeout`, not
+/// retried; other kinds, and jobs within their limit, are left alone.
+#[actix_web::test]
+async fn an_attempt_past_its_kinds_limit_fails_with_timeout() {
+    let h = harness(&[]);
+    h.svc
+        .set_job_timeouts([(twin_core::JobKind::Ingest, Duration::from_millis(300))].into());
+    let id = submit_with(&h, json!({})).await;
+    let lease = call!(h, lease_req("x"));
+    assert_eq!(lease.1["epoch"], 1, "{}", lease.1);
+    h.svc.reap().await;
+    assert_eq!(h.svc.get_job(&id).unwrap().status.as_str(), "leased");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    h.svc.reap().await;
+    let job = h.svc.get_job(&id).unwrap();
+    assert_eq!(job.status.as_str(), "failed");
+    let attempt = job.attempts.last().unwrap();
+    assert_eq!(attempt.code, Some(twin_core::FailureCode::Timeout));
+    assert!(
+        attempt
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("ingest limit of 300ms"),
+        "{attempt:?}"
+    );
+}
