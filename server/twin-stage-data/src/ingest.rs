@@ -596,7 +596,7 @@ mod tests {
         assert_eq!(reasons["c/i/link.png"], outside);
         assert_eq!(reasons["c/i/fifo.png"], "not a regular file");
         // And the symlinked directory case: a `dir` source that is a link out of the root.
-        std::os::unix::fs::symlink(&outside, root.join("away")).expect("symlink");
+        std::os::unix::fs::symlink(outside, root.join("away")).expect("symlink");
         let (_, out) = ingest(serde_json::json!({"dir": root.join("away")}), roots(&root));
         assert!(out.expect_err("refused").message.contains(outside));
     }
