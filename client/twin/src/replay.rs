@@ -526,7 +526,11 @@ pub enum LogCommand {
 }
 
 pub async fn log(conn: crate::Conn, command: LogCommand) -> Result<(), Failure> {
-    let client = twin_client::Client::new(&conn.server, conn.token.clone())?;
+    let client = twin_client::Client::with_ca_file(
+        &conn.server,
+        conn.token.clone(),
+        conn.ca_file.as_deref(),
+    )?;
     match command {
         LogCommand::Head => {
             let head = client.log_head().await?;
@@ -704,13 +708,29 @@ mod tests {
         assert_eq!(got.anchored, Some((2, 1)), "the hash alone is found too");
     }
 
+    /// Copies a closed data directory as it is: a log frozen at one point of its history.
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let dst = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &dst);
+            } else {
+                std::fs::copy(entry.path(), dst).unwrap();
+            }
+        }
+    }
+
     #[test]
     fn a_log_truncated_before_its_anchor_fails() {
         let tmp = tempfile::tempdir().unwrap();
-        let head = append(&tmp.path().join("a"), &[ingest(), leased(), started()]);
-        // The same history without its last record.
-        let truncated = tmp.path().join("b");
-        append(&truncated, &[ingest(), leased()]);
+        let log = tmp.path().join("log");
+        append(&log, &[ingest(), leased()]);
+        // What someone who drops the tail leaves: the same first two records, byte for byte.
+        let truncated = tmp.path().join("truncated");
+        copy_dir(&log, &truncated);
+        let head = append(&log, &[started()]);
         assert!(
             replay(&truncated, true, None).is_ok(),
             "the chain alone holds"
@@ -729,25 +749,36 @@ mod tests {
     #[test]
     fn a_log_rewritten_at_its_anchor_fails() {
         let tmp = tempfile::tempdir().unwrap();
-        let head = append(&tmp.path().join("a"), &[ingest(), leased(), started()]);
-        // Rewritten from scratch, validly chained, then grown: record 3 is not the one anchored.
-        let rewritten = tmp.path().join("b");
-        append(&rewritten, &[ingest(), leased(), started()]);
-        append(
-            &rewritten,
-            &[on_job(Event::JobLeaseReleased(
-                twin_core::event::JobLeaseReleased {
-                    epoch: 1,
-                    reason: "x".into(),
-                },
-            ))],
-        );
+        let log = tmp.path().join("log");
+        append(&log, &[ingest(), leased()]);
+        let rewritten = tmp.path().join("rewritten");
+        copy_dir(&log, &rewritten);
+        let head = append(&log, &[started()]);
+        // The same first two records, then another third, validly chained, and more after it.
+        let released = on_job(Event::JobLeaseReleased(
+            twin_core::event::JobLeaseReleased {
+                epoch: 1,
+                reason: "x".into(),
+            },
+        ));
+        append(&rewritten, &[released, leased_again()]);
         assert!(
             replay(&rewritten, true, None).is_ok(),
             "the chain alone holds"
         );
         let err = replay(&rewritten, true, Some(&anchor(head))).err().unwrap();
         assert!(err.contains("rewritten: record 3 has hash"), "{err}");
+        let err = replay(&rewritten, true, Some(&hex::encode(head.hash)))
+            .err()
+            .unwrap();
+        assert!(err.contains("is not on the chain"), "{err}");
+    }
+
+    fn leased_again() -> (StreamName, Event) {
+        on_job(Event::JobLeased(JobLeased {
+            epoch: 2,
+            executor: "e".into(),
+        }))
     }
 
     #[test]
@@ -771,6 +802,16 @@ mod tests {
         );
         let got = replay(tmp.path(), false, None).unwrap();
         assert_eq!(got.state.anomalies.len(), 1, "{:?}", got.state.anomalies);
+
+        // A job submitted on another job's stream.
+        let elsewhere = tmp.path().join("elsewhere");
+        let (_, submission) = ingest();
+        append(
+            &elsewhere,
+            &[(StreamName::Job("j2".parse().unwrap()), submission)],
+        );
+        let err = replay(&elsewhere, true, None).err().unwrap();
+        assert!(err.contains("job j1 submitted on stream job/j2"), "{err}");
     }
 
     /// Every file under `dir` with its bytes and modification time.
