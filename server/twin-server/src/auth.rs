@@ -180,6 +180,11 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Whether the caller holds `role` (or one that implies it).
+    pub fn has(&self, role: Role) -> bool {
+        self.require(role).is_ok()
+    }
+
     /// The caller, as `actor` (what [`Self::require`] returned), for ownership checks on shared
     /// names: admins may act on names others own.
     pub fn claimant<'a>(&self, actor: &'a str) -> crate::service::Claimant<'a> {

@@ -72,6 +72,9 @@ pub enum ApiError {
         "Host `{0}` is not served: with no tokens configured only loopback names and `allowed_hosts` are"
     )]
     HostNotAllowed(String),
+    /// Too many long polls or event streams held (`waiters`).
+    #[error("{0}; retry when one ends")]
+    TooManyWaiters(String),
     /// A browser's request from another origin.
     #[error("requests from origin `{0}` are refused: this API is not for web pages elsewhere")]
     CrossOrigin(String),
@@ -122,6 +125,7 @@ impl ApiError {
             ApiError::UploadBusy(_) => "upload_busy",
             ApiError::NotUploadOwner { .. } | ApiError::NotOwner { .. } => "forbidden",
             ApiError::HostNotAllowed(_) => "host_not_allowed",
+            ApiError::TooManyWaiters(_) => "too_many_waiters",
             ApiError::CrossOrigin(_) => "cross_origin",
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::Module(e) if e.is_module_fault() => e.code(),
@@ -159,6 +163,7 @@ impl ApiError {
         ("payload_too_large", 413),
         ("module_too_large", 413),
         ("range_not_satisfiable", 416),
+        ("too_many_waiters", 429),
         ("not_wasm", 422),
         ("invalid_module", 422),
         ("compile_timeout", 422),

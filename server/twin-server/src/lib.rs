@@ -20,6 +20,7 @@ pub mod service;
 pub mod supervisor;
 pub mod telemetry;
 pub mod train;
+pub mod waiters;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

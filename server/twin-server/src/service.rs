@@ -76,6 +76,8 @@ pub struct Service {
     /// Where paths a submission names must lie, when the server is configured with roots
     /// (checked at submission, [`crate::paths`]); unset or empty: not checked here.
     allowed_roots: std::sync::OnceLock<twin_files::AllowedRoots>,
+    /// Held long polls and event streams, bounded (see [`crate::waiters`]).
+    pub waiters: Arc<crate::waiters::Waiters>,
     /// How long one attempt of a job of each kind may hold its lease (absent: no limit); set
     /// once, at start-up.
     job_timeouts: std::sync::OnceLock<BTreeMap<JobKind, Duration>>,
@@ -198,6 +200,10 @@ impl Service {
             projection_failure,
             allowed_roots: std::sync::OnceLock::new(),
             job_timeouts: std::sync::OnceLock::new(),
+            waiters: crate::waiters::Waiters::new(
+                crate::waiters::Waiters::GLOBAL,
+                crate::waiters::Waiters::PER_TOKEN,
+            ),
         };
         // The watch was created before the replay; bring it up to date.
         seq_tx.send_replace(seq);

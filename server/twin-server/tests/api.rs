@@ -1164,3 +1164,56 @@ async fn an_attempt_past_its_kinds_limit_fails_with_timeout() {
         "{attempt:?}"
     );
 }
+
+/// Long polls are bounded per token for tokens without the execute role, and in all; a fleet of
+/// executors sharing one token is bounded by the global limit only.
+#[actix_web::test]
+async fn long_polls_are_bounded_per_reading_token_but_not_per_executor_token() {
+    let h = harness(&[
+        ("viewer", "view-secret", &["read"]),
+        ("fleet", "fleet-secret", &["execute"]),
+    ]);
+    h.svc.waiters.set_limits(3, 1);
+    let app = test::init_service(api::app(h.svc.clone(), h.auth.clone(), LIMITS)).await;
+    let poll = |token: &str| {
+        TestRequest::get()
+            .uri("/v1/events?from=1000&wait_ms=400")
+            .insert_header(("authorization", format!("Bearer {token}")))
+            .to_request()
+    };
+    let lease = || {
+        TestRequest::post()
+            .uri("/v1/executors/lease")
+            .insert_header(("authorization", "Bearer fleet-secret"))
+            .set_json(
+                json!({"executor": "x", "capabilities": {"kinds": ["ingest"]}, "wait_ms": 400}),
+            )
+            .to_request()
+    };
+    let (first, second) = futures_util::join!(
+        test::call_service(&app, poll("view-secret")),
+        test::call_service(&app, poll("view-secret"))
+    );
+    assert_eq!(first.status(), 200);
+    assert_eq!(second.status(), 429);
+    let body: Value = test::read_body_json(second).await;
+    assert_eq!(body["error"]["code"], "too_many_waiters");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`viewer`")
+    );
+
+    // Two executors on one token wait side by side; a fourth wait is over the global limit.
+    let (a, b, c, d) = futures_util::join!(
+        test::call_service(&app, lease()),
+        test::call_service(&app, lease()),
+        test::call_service(&app, poll("view-secret")),
+        test::call_service(&app, lease())
+    );
+    let statuses = [a.status(), b.status(), c.status()].map(|s| s.as_u16());
+    assert_eq!(statuses, [204, 204, 200]);
+    assert_eq!(d.status(), 429);
+    assert_eq!(h.svc.waiters.held(), 0, "every slot is given back");
+}

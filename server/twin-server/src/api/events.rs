@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use twin_core::api::EventsPage;
 
-use crate::api::responses::{BadRequest, Forbidden, Unauthorized};
+use crate::api::responses::{BadRequest, Forbidden, TooManyRequests, Unauthorized};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::service::Service;
@@ -34,7 +34,7 @@ struct PageQuery {
     tag = "events",
     operation_id = "events_page",
     params(PageQuery),
-    responses((status = 200, body = EventsPage), BadRequest, Unauthorized, Forbidden)
+    responses((status = 200, body = EventsPage), BadRequest, Unauthorized, Forbidden, TooManyRequests)
 )]
 #[get("/events")]
 async fn events_page(
@@ -44,6 +44,11 @@ async fn events_page(
 ) -> Result<web::Json<EventsPage>, ApiError> {
     caller.require(Role::Read)?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(60_000));
+    let _slot = if wait.is_zero() {
+        None
+    } else {
+        Some(svc.waiters.acquire(&caller)?)
+    };
     let limit = q.limit.unwrap_or(500).clamp(1, 5_000);
     svc.events(q.from.unwrap_or(1), q.prefix.as_deref(), limit, wait)
         .await
@@ -66,7 +71,7 @@ struct StreamQuery {
     params(StreamQuery),
     responses(
         (status = 200, content_type = "text/event-stream", body = String),
-        BadRequest, Unauthorized, Forbidden
+        BadRequest, Unauthorized, Forbidden, TooManyRequests
     )
 )]
 #[get("/events/stream")]
@@ -76,11 +81,14 @@ async fn stream(
     q: web::Query<StreamQuery>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Read)?;
+    // Held by the task that feeds the stream, so freed when the client goes away.
+    let slot = svc.waiters.acquire(&caller)?;
     let svc = svc.into_inner();
     let from = q.from.unwrap_or_else(|| svc.last_seq() + 1);
     let prefix = q.prefix.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
+        let _slot = slot;
         let mut from = from;
         loop {
             let page = match svc

@@ -9,7 +9,8 @@ use twin_core::api::{
 use twin_core::job::{JobCommand, JobState};
 
 use crate::api::responses::{
-    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable,
+    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, TooManyRequests, Unauthorized,
+    Unavailable,
 };
 use crate::auth::{Caller, Role};
 use crate::error::{ApiError, text_limits};
@@ -35,7 +36,7 @@ pub fn configure(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
     request_body = LeaseRequest,
     responses(
         (status = 200, body = LeaseGrant), (status = 204, description = "no job came"),
-        BadRequest, Unauthorized, Forbidden, PayloadTooLarge, Unavailable
+        BadRequest, Unauthorized, Forbidden, PayloadTooLarge, TooManyRequests, Unavailable
     )
 )]
 #[post("/executors/lease")]
@@ -45,7 +46,13 @@ async fn lease(
     body: web::Json<LeaseRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let actor = caller.require(Role::Execute)?;
-    Ok(match svc.lease(actor, body.into_inner()).await? {
+    let body = body.into_inner();
+    let _slot = if body.wait_ms == 0 {
+        None
+    } else {
+        Some(svc.waiters.acquire(&caller)?)
+    };
+    Ok(match svc.lease(actor, body).await? {
         Some(grant) => HttpResponse::Ok().json(grant),
         None => HttpResponse::NoContent().finish(),
     })

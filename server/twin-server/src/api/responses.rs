@@ -82,6 +82,8 @@ error_responses! {
     PayloadTooLarge = 413, "Too large";
     /// A `Range` outside the blob.
     RangeNotSatisfiable = 416, "The range is outside the blob (`Content-Range: bytes */<length>`)";
+    /// Too many long polls or event streams held, by the server or by this token.
+    TooManyRequests = 429, "Too many waiting requests; retry when one ends";
     /// A module upload the server refused to register.
     Unprocessable = 422, "The module was refused";
     /// The log or blob store could not make a change durable; retry later.
