@@ -44,6 +44,10 @@ pub struct ServerConfig {
     /// `timeout`, by kind (`eval = 7200`); 0 turns a kind's limit off. Kinds not named keep the
     /// defaults of [`ServerConfig::job_timeouts`].
     pub job_timeouts_s: BTreeMap<JobKind, u64>,
+    /// Long polls and event streams held at once, in all and per token without the `execute`
+    /// role (429 `too_many_waiters` beyond).
+    pub max_waiters: usize,
+    pub max_waiters_per_token: usize,
     /// PEM certificate chain and private key: with both set the API is served over HTTPS only
     /// (see [`crate::tls`]).
     pub tls_cert: Option<PathBuf>,
@@ -116,6 +120,8 @@ impl Default for ServerConfig {
             modules: ModulesConfig::default(),
             allowed_roots: Vec::new(),
             job_timeouts_s: BTreeMap::new(),
+            max_waiters: crate::waiters::Waiters::GLOBAL,
+            max_waiters_per_token: crate::waiters::Waiters::PER_TOKEN,
             tls_cert: None,
             tls_key: None,
         }

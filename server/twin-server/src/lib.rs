@@ -76,6 +76,8 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         svc.set_allowed_roots(roots.clone());
     }
     svc.set_job_timeouts(config.job_timeouts());
+    svc.waiters
+        .set_limits(config.max_waiters, config.max_waiters_per_token);
     let mut auth = Auth::new(&config.tokens)?;
     auth.allow_hosts(config.allowed_hosts.clone());
     let mut listen = config.listen;
