@@ -9,6 +9,7 @@ mod transfer;
 
 pub use transfer::TransferEvent;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,6 +38,8 @@ pub enum ClientError {
     Transport { url: String, source: reqwest::Error },
     #[error("unexpected answer from {url}: {message}")]
     Protocol { url: String, message: String },
+    #[error("CA file {path}: {message}")]
+    CaFile { path: PathBuf, message: String },
 }
 
 impl ClientError {
@@ -53,6 +56,20 @@ impl ClientError {
             ClientError::Api { status, .. } => Some(*status),
             _ => None,
         }
+    }
+
+    /// The message followed by its causes, `: `-separated (what anyhow's `{:#}` prints), for
+    /// logs: a transport error's own text names only the URL, its causes say why (a refused
+    /// connection, a certificate not trusted).
+    pub fn with_causes(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        text
     }
 }
 
@@ -98,7 +115,23 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
+        Self::with_ca_file(base, token, None)
+    }
+
+    /// A client that also trusts the certificates in the PEM file `ca_file` (a private CA's),
+    /// besides the public roots it trusts anyway.
+    pub fn with_ca_file(
+        base: &str,
+        token: Option<String>,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, ClientError> {
+        let mut builder = reqwest::Client::builder().use_rustls_tls();
+        if let Some(path) = ca_file {
+            for ca in read_ca_file(path)? {
+                builder = builder.add_root_certificate(ca);
+            }
+        }
+        let http = builder
             .connect_timeout(Duration::from_secs(10))
             // Idle connections are dropped well before the server's keep-alive (actix: 5 s)
             // closes them: reusing one the server is closing fails the request ("error sending
@@ -513,5 +546,51 @@ impl Client {
     /// once and the attempt counts against no limit.
     pub async fn release(&self, id: &str, body: &ReleaseBody) -> Result<JobState, ClientError> {
         self.job_call(id, "release", body).await
+    }
+}
+
+/// The certificates of a PEM file, at least one.
+fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, ClientError> {
+    let fail = |message: String| ClientError::CaFile {
+        path: path.to_owned(),
+        message,
+    };
+    let pem = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| fail(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(fail("holds no PEM certificate".into()));
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_transport_error_with_its_causes_says_why() {
+        // Port 1 on loopback: nothing listens there, the connection is refused at once.
+        let client = Client::new("http://127.0.0.1:1", None).expect("a plain client builds");
+        let err = client.health().await.expect_err("nothing listens");
+        assert!(matches!(err, ClientError::Transport { .. }), "{err}");
+        let text = err.with_causes();
+        assert!(text.starts_with(&err.to_string()), "{text}");
+        assert!(text.to_lowercase().contains("refused"), "{text}");
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate\n").expect("write");
+        let err = Client::with_ca_file("https://127.0.0.1:1", None, Some(&path)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&path.display().to_string()) && text.contains("no PEM certificate"),
+            "{text}"
+        );
+        let missing = dir.path().join("absent.pem");
+        let err = Client::with_ca_file("https://127.0.0.1:1", None, Some(&missing)).unwrap_err();
+        assert!(err.to_string().contains("absent.pem"), "{err}");
     }
 }

@@ -87,7 +87,7 @@ fn transient(e: &ClientError) -> bool {
         // Another PATCH of the session is still in flight (a broken one the server has not
         // noticed yet), or the request raced a restart.
         ClientError::Api { code, .. } => code == "upload_busy",
-        ClientError::Protocol { .. } => false,
+        ClientError::Protocol { .. } | ClientError::CaFile { .. } => false,
     }
 }
 

@@ -42,6 +42,9 @@ pub struct Conn {
     /// Bearer token.
     #[arg(long, global = true, env = "TWIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM file of a private CA to trust for an https server (besides the public roots).
+    #[arg(long, global = true, env = "TWIN_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,

@@ -373,7 +373,7 @@ pub(crate) async fn submit(
 }
 
 pub async fn run(conn: Conn, command: Command) -> Result<(), Failure> {
-    let client = Client::new(&conn.server, conn.token.clone())?;
+    let client = Client::with_ca_file(&conn.server, conn.token.clone(), conn.ca_file.as_deref())?;
     match command {
         Command::Submit(args) => {
             return submit(&client, load_spec(&args.file)?, &args, conn.json).await;

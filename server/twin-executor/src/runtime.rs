@@ -15,6 +15,7 @@
 //! `TWIN_FAULT_ABORT_IN` and `TWIN_FAULT_STALL_IN` (see `twin_stage::fault`) act where a stage is
 //! invoked.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -34,6 +35,8 @@ use twin_stage::{
 pub struct ExecutorConfig {
     pub server: String,
     pub token: Option<String>,
+    /// A private CA (PEM) to trust for an https server, besides the public roots.
+    pub ca_file: Option<PathBuf>,
     /// Recorded in every lease; unique among running executors.
     pub name: String,
     pub gpus: u32,
@@ -54,6 +57,7 @@ impl Default for ExecutorConfig {
         Self {
             server: "http://127.0.0.1:7878".into(),
             token: None,
+            ca_file: None,
             name: "executor".into(),
             gpus: 0,
             labels: Vec::new(),
@@ -88,7 +92,11 @@ pub struct Executor {
 
 impl Executor {
     pub fn new(config: ExecutorConfig, stages: Vec<Arc<dyn Stage>>) -> Result<Self, ClientError> {
-        let client = Client::new(&config.server, config.token.clone())?;
+        let client = Client::with_ca_file(
+            &config.server,
+            config.token.clone(),
+            config.ca_file.as_deref(),
+        )?;
         Ok(Self {
             config,
             client,
@@ -141,7 +149,7 @@ impl Executor {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "lease request failed");
+                    tracing::warn!(error = %e.with_causes(), retry_in_ms = backoff.as_millis() as u64, "lease request failed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.changed() => break,

@@ -19,6 +19,7 @@ pub mod reaper;
 pub mod service;
 pub mod supervisor;
 pub mod telemetry;
+pub mod tls;
 pub mod train;
 pub mod waiters;
 
@@ -44,9 +45,20 @@ fn loopback_only(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// The loopback address of `addr`'s family.
+fn loopback_of(addr: SocketAddr) -> std::net::IpAddr {
+    match addr {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+    }
+}
+
 /// Runs the server until SIGINT/SIGTERM, then stops the executor and closes the log.
 pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     auth::check_token_strength(&config.tokens)?;
+    // Read before anything starts: a wrong path or key stops the server here, naming the file.
+    let tls = tls::TlsFiles::from_config(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
+    let tls_config = tls.as_ref().map(tls::TlsFiles::server_config).transpose()?;
     let metrics = Arc::new(metrics::Metrics::new());
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
@@ -88,6 +100,9 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         tracing::warn!(
             "no tokens configured: authentication is off and the server listens on loopback only"
         );
+    }
+    if tls::exposed_in_clear(listen, tls.as_ref()) {
+        tracing::warn!(%listen, "listening beyond loopback without TLS: tokens and data cross the network in clear; set tls_cert and tls_key (--tls-cert, --tls-key)");
     }
     let executor_program = if config.embedded_executor {
         let program = match &config.executor.program {
@@ -134,16 +149,40 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     if let Some(w) = config.workers {
         server = server.workers(w);
     }
-    let server = server
-        .bind(listen)
-        .with_context(|| format!("binding {listen}"))?;
+    let server = match tls_config {
+        Some(tls_config) => server.bind_rustls_0_23(listen, tls_config),
+        None => server.bind(listen),
+    }
+    .with_context(|| format!("binding {listen}"))?;
     let bound = server
         .addrs()
         .first()
         .copied()
         .context("the server bound no address")?;
+    // The executor child's way in. With TLS it gets a plain listener of its own on loopback (an
+    // ephemeral port): it then needs no certificate naming 127.0.0.1 nor a CA bundle, which a
+    // publicly signed certificate for the head node's name would not give it. Loopback traffic
+    // never leaves the machine and other users cannot read it; the child still sends its token.
+    let (server, child_addr) = match (&tls, executor_program.is_some()) {
+        (Some(_), true) => {
+            let loopback = SocketAddr::new(loopback_of(listen), 0);
+            let server = server
+                .bind(loopback)
+                .with_context(|| format!("binding {loopback} for the executor child"))?;
+            let plain = server
+                .addrs_with_scheme()
+                .into_iter()
+                .find(|(_, scheme)| *scheme == "http")
+                .map(|(addr, _)| addr)
+                .context("the executor child's listener bound no address")?;
+            tracing::info!(addr = %plain, "the executor child reaches the server on this loopback listener");
+            (server, plain)
+        }
+        _ => (server, loopback_only(bound)),
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     // Tests and scripts read this line to find a port chosen with `:0`.
-    println!("twin-server listening on http://{bound}");
+    println!("twin-server listening on {scheme}://{bound}");
     // The chain head, for anyone anchoring audits from the log (`twin replay --expect-head`).
     tracing::info!(addr = %bound, data_dir = %config.data_dir.display(), last_seq = svc.last_seq(), head = %head_anchor(&svc), "serving");
     let server = server.run();
@@ -168,7 +207,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
             };
             let child = supervisor::ChildSpec {
                 program,
-                server: format!("http://{}", loopback_only(bound)),
+                server: format!("http://{child_addr}"),
                 name: config.executor.name.clone(),
                 token_file,
                 gpus: config.executor.gpus,

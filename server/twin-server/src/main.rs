@@ -50,6 +50,12 @@ enum Command {
         /// `allowed_roots`). None by default: `twin submit` uploads instead.
         #[arg(long = "allowed-root")]
         allowed_roots: Vec<PathBuf>,
+        /// PEM certificate chain to serve HTTPS with (with --tls-key; config `tls_cert`).
+        #[arg(long, env = "TWIN_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of that certificate (config `tls_key`).
+        #[arg(long, env = "TWIN_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Internal: compiles one Wasm module for a parent server or executor (INPUT OUTPUT FLAGS…).
     #[command(hide = true)]
@@ -86,6 +92,8 @@ fn main() -> ExitCode {
                 executor_bin,
                 lease_ttl_ms,
                 allowed_roots,
+                tls_cert,
+                tls_key,
             } => {
                 let mut cfg = match config {
                     Some(path) => ServerConfig::from_file(&path)?,
@@ -107,6 +115,10 @@ fn main() -> ExitCode {
                     cfg.lease_ttl_ms = t;
                 }
                 cfg.allowed_roots.extend(allowed_roots);
+                if tls_cert.is_some() {
+                    cfg.tls_cert = tls_cert;
+                    cfg.tls_key = tls_key;
+                }
                 twin_server::serve(cfg).await
             }
             Command::CompileModule { .. } => unreachable!("handled before the runtime starts"),

@@ -13,6 +13,7 @@ mod mining;
 mod model;
 mod models;
 mod modules;
+mod tls;
 mod train;
 
 use std::path::{Path, PathBuf};

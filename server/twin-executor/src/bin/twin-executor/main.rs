@@ -48,6 +48,9 @@ struct RunArgs {
     /// A file holding the execute token (mode 0600 or stricter); none when auth is off.
     #[arg(long, env = "TWIN_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM file of a private CA to trust for an https server (besides the public roots).
+    #[arg(long, env = "TWIN_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Name recorded in leases, unique among running executors (default: executor-<host>-<pid>).
     #[arg(long)]
     name: Option<String>,
@@ -238,6 +241,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = twin_executor::ExecutorConfig {
         server: args.server,
         token,
+        ca_file: args.ca_file,
         name,
         gpus: args.gpus.unwrap_or_else(detected_gpus),
         labels: args.labels,
