@@ -16,6 +16,13 @@ if cargo tree -p twin-server -e normal --prefix none --locked |
     echo "twin-server must not depend on the crates above" >&2
     exit 1
 fi
+# TLS is rustls on ring everywhere (ARCHITECTURE.md, HTTP API): aws-lc-rs or OpenSSL would add a
+# C build of minutes to every fresh machine.
+if cargo tree --workspace -e normal,build --prefix none --locked |
+    grep -E '^(aws-lc-sys|aws-lc-rs|openssl-sys|native-tls) '; then
+    echo "the workspace must not depend on the TLS crates above" >&2
+    exit 1
+fi
 # The end-to-end tests start the real binaries, and the plugin tests load the Wasm components:
 # build both first.
 cargo build --workspace --bins --locked
