@@ -120,6 +120,9 @@ impl ChildSpec {
         }
         // Only the roots given here: never ones the server's environment happens to carry.
         cmd.env_remove("TWIN_ALLOWED_ROOTS");
+        // It talks plain HTTP to a loopback listener (see `serve`): a CA file meant for clients
+        // of this server's HTTPS, perhaps unreadable to it, is none of its business.
+        cmd.env_remove("TWIN_CA_FILE");
         // Its logs go where the server's go; it must not outlive a server that is killed.
         cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
         cmd
