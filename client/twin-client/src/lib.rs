@@ -106,11 +106,21 @@ pub struct Submitted {
     pub replayed: bool,
 }
 
+/// The longest an executor's job call (start, heartbeat, progress, artefacts, complete, fail,
+/// release) may take: each is one small append, so a call this slow means a wedged server or
+/// network, and the executor's retry and lease logic should take over rather than hang.
+pub const EXECUTOR_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The longest wait for the next bytes of a response.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
+
 #[derive(Debug, Clone)]
 pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// [`EXECUTOR_CALL_TIMEOUT`] unless changed with [`Client::with_call_timeout`].
+    call_timeout: Duration,
 }
 
 impl Client {
@@ -137,6 +147,9 @@ impl Client {
             // closes them: reusing one the server is closing fails the request ("error sending
             // request"), which cost an executor a whole attempt after a long model load.
             .pool_idle_timeout(Duration::from_secs(2))
+            // No overall timeout (a transfer of tens of gigabytes must not be cut off), but a
+            // server that stops sending mid-response is given up on.
+            .read_timeout(READ_TIMEOUT)
             .build()
             .map_err(|source| ClientError::Transport {
                 url: base.to_owned(),
@@ -146,6 +159,7 @@ impl Client {
             base: base.trim_end_matches('/').to_owned(),
             token,
             http,
+            call_timeout: EXECUTOR_CALL_TIMEOUT,
         })
     }
 
@@ -493,6 +507,12 @@ impl Client {
             })
     }
 
+    /// Bounds each executor job call by `timeout` instead of [`EXECUTOR_CALL_TIMEOUT`].
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
     async fn job_call<B: Serialize, T: DeserializeOwned>(
         &self,
         id: &str,
@@ -501,7 +521,8 @@ impl Client {
     ) -> Result<T, ClientError> {
         self.json(
             self.request(Method::POST, &format!("/v1/jobs/{id}/{verb}"))
-                .json(body),
+                .json(body)
+                .timeout(self.call_timeout),
         )
         .await
     }
@@ -566,6 +587,34 @@ fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_executor_call_to_a_server_that_never_answers_times_out() {
+        // Accepts connections and reads nothing back: a wedged server.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let client = Client::new(&format!("http://{addr}"), None)
+            .unwrap()
+            .with_call_timeout(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let err = client
+            .heartbeat("01j00000000000000000000000", 1)
+            .await
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(matches!(err, ClientError::Transport { .. }), "{err}");
+        held.abort();
+    }
 
     #[tokio::test]
     async fn a_transport_error_with_its_causes_says_why() {

@@ -17,7 +17,7 @@ use twin_core::mine::{
 use twin_core::projection::Review;
 use twin_core::score::Grants;
 use twin_core::{BlobHash, Event, JobId, SpecError, StreamName};
-use twin_log::Expected;
+use twin_log::{BlobStore, Expected};
 
 use crate::error::ApiError;
 use crate::service::{Service, parse_job_id};
@@ -241,14 +241,20 @@ impl Service {
     }
 
     fn read_candidates(&self, output: &MineOutput) -> Result<Vec<Candidate>, ApiError> {
-        let bytes = self.blobs.read(&output.candidates)?;
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|e| ApiError::internal("candidates blob is not UTF-8", e))?;
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()
-            .map_err(|e| ApiError::internal("candidates blob does not parse", e))
+        parse_candidates(&self.blobs, &output.candidates)
+    }
+
+    /// [`Self::read_candidates`] on a blocking thread: a candidate file runs to tens of
+    /// megabytes, and reading and parsing it on an async worker would stall every request that
+    /// worker serves.
+    async fn read_candidates_off_worker(
+        &self,
+        output: &MineOutput,
+    ) -> Result<Vec<Candidate>, ApiError> {
+        let (blobs, hash) = (self.blobs.clone(), output.candidates);
+        tokio::task::spawn_blocking(move || parse_candidates(&blobs, &hash))
+            .await
+            .map_err(|e| ApiError::internal("candidates task", e))?
     }
 
     /// A mine job's candidates with their review status, filtered and paged.
@@ -312,7 +318,7 @@ impl Service {
     ) -> Result<ReviewOutcome, ApiError> {
         let id = parse_job_id(job)?;
         let (state, output) = self.mine_result(&id)?;
-        let candidates = self.read_candidates(&output)?;
+        let candidates = self.read_candidates_off_worker(&output).await?;
         let kept: BTreeMap<&str, &Candidate> = candidates
             .iter()
             .filter(|c| c.kept)
@@ -418,6 +424,17 @@ impl Service {
 struct JobSpecRef {
     manifest: Option<BlobHash>,
     auto_accept: Option<String>,
+}
+
+fn parse_candidates(blobs: &BlobStore, hash: &BlobHash) -> Result<Vec<Candidate>, ApiError> {
+    let bytes = blobs.read(hash)?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| ApiError::internal("candidates blob is not UTF-8", e))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ApiError::internal("candidates blob does not parse", e))
 }
 
 fn mine_spec(state: &JobState) -> JobSpecRef {

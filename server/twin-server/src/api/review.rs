@@ -31,7 +31,13 @@ async fn candidates(
     query: web::Query<CandidateQuery>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Read)?;
-    Ok(HttpResponse::Ok().json(svc.list_candidates(&id, &query)?))
+    // Off the async worker: the candidate file is read and parsed whole (see
+    // `Service::read_candidates_off_worker`).
+    let svc = svc.into_inner();
+    let page = web::block(move || svc.list_candidates(&id, &query))
+        .await
+        .map_err(|e| ApiError::internal("candidates task", e))??;
+    Ok(HttpResponse::Ok().json(page))
 }
 
 /// Accepts or rejects candidates, by id or every pending one a filter kept. One
