@@ -6,8 +6,9 @@
 //! symlinks count where they lead; the data directory never) is refused at once with 400
 //! `invalid_spec` naming the field, rather than failing later on an executor. Without roots there
 //! is nothing to check against: the executor refuses the path when it runs the job, and specs
-//! are meant to name uploaded blobs (`twin submit` uploads). The manifest's own lines are not
-//! read here; the executor checks each against its roots as it reads it.
+//! are meant to name uploaded blobs (`twin submit` uploads). A manifest is read here too (capped)
+//! and each line's image checked the same way, so a manifest reaching out of the roots is refused
+//! whole at submission; the executor checks each line again as it reads it.
 
 use std::path::Path;
 
@@ -20,6 +21,8 @@ use crate::error::ApiError;
 
 /// The largest manifest or questions file accepted by path (as the stages cap their reads).
 const MAX_LISTING_BYTES: u64 = 128 << 20;
+/// The largest image a manifest line may name (as the ingest stage caps its reads).
+const MAX_IMAGE_BYTES: u64 = 256 << 20;
 
 /// What kind of thing a field names.
 enum Expect {
@@ -65,12 +68,40 @@ pub fn check(roots: &AllowedRoots, submission: &JobSubmission) -> Result<(), Api
             Expect::Directory => roots.dir(path).map(drop),
             Expect::File => roots.check_file(path, MAX_LISTING_BYTES).map(drop),
         };
-        checked.map_err(|e: FileError| {
+        let invalid = |message: String| {
             ApiError::InvalidSpec(SpecError::Invalid {
                 field: field.to_owned(),
-                message: e.to_string(),
+                message,
             })
-        })?;
+        };
+        checked.map_err(|e: FileError| invalid(e.to_string()))?;
+        if field == "spec.source.manifest" {
+            check_manifest_lines(roots, path).map_err(invalid)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every line of a manifest under the roots names a regular file under them (relative paths
+/// against the manifest's directory); the first that does not, by line number. Lines that are
+/// not manifest lines are left to the stage, which reports them.
+fn check_manifest_lines(roots: &AllowedRoots, manifest: &Path) -> Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        path: String,
+    }
+    let text = roots
+        .read_to_string(manifest, MAX_LISTING_BYTES)
+        .map_err(|e| e.to_string())?;
+    let resolved = roots.resolve(manifest).map_err(|e| e.to_string())?;
+    let base = resolved.parent().unwrap_or(Path::new("/"));
+    for (n, raw) in text.lines().enumerate() {
+        let Ok(line) = serde_json::from_str::<Line>(raw) else {
+            continue;
+        };
+        roots
+            .check_file(&base.join(&line.path), MAX_IMAGE_BYTES)
+            .map_err(|e| format!("line {}: {e}", n + 1))?;
     }
     Ok(())
 }
@@ -101,6 +132,23 @@ mod tests {
         std::fs::create_dir_all(root.join("imgs")).unwrap();
         std::fs::create_dir_all(&data).unwrap();
         std::fs::write(root.join("m.jsonl"), b"").unwrap();
+        std::fs::write(root.join("imgs/a.png"), b"png").unwrap();
+        let lines = |paths: &[&str]| {
+            paths
+                .iter()
+                .map(|p| {
+                    serde_json::json!({"path": p, "instance": "i", "category": "c"}).to_string()
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        std::fs::write(root.join("good.jsonl"), lines(&["imgs/a.png"])).unwrap();
+        std::fs::write(
+            root.join("reaching.jsonl"),
+            lines(&["imgs/a.png", "/etc/hostname"]),
+        )
+        .unwrap();
+        std::fs::write(root.join("dotdot.jsonl"), lines(&["../../outside.png"])).unwrap();
         std::fs::write(data.join("blob"), b"").unwrap();
         std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
         let roots = AllowedRoots::new([&root]).unwrap().deny(&data);
@@ -109,6 +157,10 @@ mod tests {
         let manifest = |p: &Path| ingest(serde_json::json!({"manifest": p}));
         assert_eq!(check_spec(&roots, dir(&root.join("imgs"))), Ok(()));
         assert_eq!(check_spec(&roots, manifest(&root.join("m.jsonl"))), Ok(()));
+        assert_eq!(
+            check_spec(&roots, manifest(&root.join("good.jsonl"))),
+            Ok(())
+        );
         let refused = [
             (dir(Path::new("/etc")), "spec.source.dir"),
             (dir(&root.join("etc")), "spec.source.dir"),
@@ -116,6 +168,11 @@ mod tests {
             (manifest(Path::new("/dev/zero")), "spec.source.manifest"),
             (manifest(&data.join("blob")), "spec.source.manifest"),
             (manifest(&root.join("imgs")), "spec.source.manifest"),
+            (
+                manifest(&root.join("reaching.jsonl")),
+                "spec.source.manifest",
+            ),
+            (manifest(&root.join("dotdot.jsonl")), "spec.source.manifest"),
             (
                 serde_json::json!({"kind": "eval", "model": "/opt/qwen",
                     "data": {"questions": root.join("m.jsonl")}}),

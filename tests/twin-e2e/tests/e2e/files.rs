@@ -1,7 +1,6 @@
 //! Files a spec names: with no allowed roots (the default) `twin submit` uploads them and the
-//! job runs; with roots, a path outside them, a device, a FIFO or a symlink out is refused at
-//! submission naming the field, a manifest line outside them is rejected unread, and the server
-//! stays up throughout.
+//! job runs; with roots, a path outside them, a device, a FIFO, a symlink out or a manifest line
+//! reaching out is refused at submission naming the field, and the server stays up throughout.
 
 use std::time::{Duration, Instant};
 
@@ -140,23 +139,30 @@ async fn paths_outside_the_roots_devices_and_fifos_are_refused_and_the_server_st
         assert!(e.to_string().contains(field), "{spec}: {e}");
     }
     assert!(started.elapsed() < Duration::from_secs(5));
-    // A manifest under the root whose lines reach out of it: those lines are rejected unread,
-    // the one image inside is ingested.
+    // A manifest under the root whose lines reach out of it is refused whole, naming the line
+    // (the executor also rejects such a line unread when only it has roots: a unit test).
     let inside = first_image(&images);
     let manifest = root.join("m.jsonl");
     let line =
         |p: &std::path::Path| json!({"path": p, "instance": "i", "category": "c"}).to_string();
-    std::fs::write(
-        &manifest,
-        [
-            line(&inside),
-            line(std::path::Path::new("/etc/hostname")),
-            line(std::path::Path::new("/dev/zero")),
-            line(&blob_path),
-        ]
-        .join("\n"),
-    )
-    .unwrap();
+    for outside in [
+        std::path::Path::new("/etc/hostname"),
+        std::path::Path::new("/dev/zero"),
+        blob_path.as_path(),
+    ] {
+        std::fs::write(&manifest, [line(&inside), line(outside)].join("\n")).unwrap();
+        let e = client
+            .submit(&ingest(json!({"manifest": manifest})), None)
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code(), Some("invalid_spec"), "{e}");
+        assert!(
+            e.to_string().contains("spec.source.manifest") && e.to_string().contains("line 2"),
+            "{e}"
+        );
+    }
+    // The same manifest with only the image inside is ingested.
+    std::fs::write(&manifest, line(&inside)).unwrap();
     let id = client
         .submit(&ingest(json!({"manifest": manifest})), None)
         .await
@@ -170,17 +176,7 @@ async fn paths_outside_the_roots_devices_and_fifos_are_refused_and_the_server_st
     .await;
     assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
     let out = serde_json::to_value(&done.result).unwrap();
-    assert_eq!(
-        (out["images"].clone(), out["rejected_total"].clone()),
-        (json!(1), json!(3)),
-        "{out:#}"
-    );
-    for r in out["rejected"].as_array().unwrap() {
-        assert_eq!(
-            r["error"], "not a readable path under the allowed roots",
-            "{r}"
-        );
-    }
+    assert_eq!(out["images"], 1, "{out:#}");
     // The server is up and a directory under the root still ingests.
     let id = client
         .submit(&ingest(json!({"dir": images})), None)
