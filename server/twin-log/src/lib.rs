@@ -1,8 +1,8 @@
 //! The event log on sled (hash-chained, group-committed, fsynced) and the content-addressed blob store.
 //!
 //! API boundary: this is the only crate that imports sled. Callers hand it already-encoded
-//! payloads ([`NewEvent`]) and get back [`StoredRecord`]s; what the payloads mean is
-//! `twin-core`'s business.
+//! payloads ([`NewEvent`]) and get back [`StoredRecord`]s; what the payloads mean, and the
+//! record's stored format and chain check (`twin_core::record`), are `twin-core`'s business.
 
 pub mod blob;
 mod reader;
@@ -12,10 +12,10 @@ mod writer;
 
 pub use blob::{BlobError, BlobStore, BlobWriter};
 pub use reader::{Head, LogReader};
-pub use record::{ChainError, GENESIS_HASH, StoredRecord, new_event};
+pub use record::{ChainError, GENESIS_HASH, Idempotency, StoredRecord, new_event};
 pub use writer::{
-    AppendError, AppendRequest, Appended, BatchStats, Expected, Idempotency, Log, LogConfig,
-    LogObserver, MAX_PAYLOAD_BYTES, NewEvent, OpenError,
+    AppendError, AppendRequest, Appended, BatchStats, Expected, Log, LogConfig, LogObserver,
+    MAX_PAYLOAD_BYTES, NewEvent, OpenError,
 };
 
 use std::path::{Path, PathBuf};

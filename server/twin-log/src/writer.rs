@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
-use crate::record::{self, ChainError, GENESIS_HASH, StoredRecord};
+use crate::record::{self, ChainError, GENESIS_HASH, Idempotency, StoredRecord};
 use crate::sled_files::{self, BlobFiles};
 
 pub(crate) const LOG_TREE: &str = "events";
@@ -62,13 +62,6 @@ pub enum Expected {
     /// The stream must not exist yet.
     NoStream,
     Version(u64),
-}
-
-/// An idempotency key (scoped to the request's actor) and the digest of the request it guards.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Idempotency {
-    pub key: String,
-    pub digest: [u8; 32],
 }
 
 #[derive(Debug, Clone)]

@@ -13,8 +13,9 @@
 //!    one at a time, hashing them as it goes, and copies each tensor into its variable, which
 //!    converts dtype (bf16 checkpoint → f32 on CPU) and device on the way.
 //!
-//! The safetensors format is parsed here rather than through the `safetensors` crate: only the
-//! header is needed up front, and each failure can then name the file and the tensor.
+//! The safetensors format is parsed by twin-core (`twin_core::safetensors`, where it is fuzzed
+//! without libtorch) rather than through the `safetensors` crate: only the header is needed up
+//! front, and each failure can then name the file and the tensor.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -25,6 +26,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
+use twin_core::safetensors::{self, Dtype};
 
 use crate::MlError;
 
@@ -34,9 +36,6 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
 /// A sharded checkpoint's index: `{"weight_map": {tensor name: shard file name}}`.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
-
-/// Headers larger than this are refused rather than allocated (the safetensors crate's limit).
-const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Where a tensor lives and what it is, from its file's header.
 #[derive(Debug, Clone, PartialEq)]
@@ -319,121 +318,71 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>, MlError> {
     Ok(index.weight_map)
 }
 
-#[derive(Deserialize)]
-struct RawEntry {
-    dtype: String,
-    shape: Vec<u64>,
-    data_offsets: [u64; 2],
-}
-
-fn kind_of(dtype: &str) -> Option<Kind> {
-    Some(match dtype {
-        "F64" => Kind::Double,
-        "F32" => Kind::Float,
-        "F16" => Kind::Half,
-        "BF16" => Kind::BFloat16,
-        "I64" => Kind::Int64,
-        "I32" => Kind::Int,
-        "I16" => Kind::Int16,
-        "I8" => Kind::Int8,
-        "U8" => Kind::Uint8,
-        "BOOL" => Kind::Bool,
-        _ => return None,
-    })
+fn kind_of(dtype: Dtype) -> Kind {
+    match dtype {
+        Dtype::F64 => Kind::Double,
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::Bool => Kind::Bool,
+    }
 }
 
 fn dtype_of(kind: Kind) -> Option<&'static str> {
-    Some(match kind {
-        Kind::Double => "F64",
-        Kind::Float => "F32",
-        Kind::Half => "F16",
-        Kind::BFloat16 => "BF16",
-        Kind::Int64 => "I64",
-        Kind::Int => "I32",
-        Kind::Int16 => "I16",
-        Kind::Int8 => "I8",
-        Kind::Uint8 => "U8",
-        Kind::Bool => "BOOL",
-        _ => return None,
-    })
+    Some(
+        match kind {
+            Kind::Double => Dtype::F64,
+            Kind::Float => Dtype::F32,
+            Kind::Half => Dtype::F16,
+            Kind::BFloat16 => Dtype::BF16,
+            Kind::Int64 => Dtype::I64,
+            Kind::Int => Dtype::I32,
+            Kind::Int16 => Dtype::I16,
+            Kind::Int8 => Dtype::I8,
+            Kind::Uint8 => Dtype::U8,
+            Kind::Bool => Dtype::Bool,
+            _ => return None,
+        }
+        .as_str(),
+    )
 }
 
 /// Reads one file's header: its length and its tensors, each checked to lie inside the file.
+/// The parsing is twin-core's (`twin_core::safetensors`, fuzzed); this reads the bytes.
 fn read_header(path: &Path, file: usize) -> Result<(u64, BTreeMap<String, TensorInfo>), MlError> {
     let mut f = File::open(path).map_err(|e| MlError::io(path, e))?;
     let len = f.metadata().map_err(|e| MlError::io(path, e))?.len();
-    if len < 8 {
-        return Err(MlError::corrupt(
-            path,
-            format!("{len} bytes is too short for a safetensors header"),
-        ));
-    }
     let mut prefix = [0u8; 8];
-    f.read_exact(&mut prefix)
-        .map_err(|e| MlError::io(path, e))?;
-    let header_len = u64::from_le_bytes(prefix);
-    if header_len > MAX_HEADER_BYTES || header_len > len - 8 {
-        return Err(MlError::corrupt(
-            path,
-            format!(
-                "truncated or not safetensors: the header claims {header_len} bytes, the file holds {len}"
-            ),
-        ));
+    if len >= 8 {
+        f.read_exact(&mut prefix)
+            .map_err(|e| MlError::io(path, e))?;
     }
+    let header_len =
+        safetensors::header_len(len, &prefix).map_err(|e| MlError::corrupt(path, e.0))?;
     let mut header = vec![0u8; header_len as usize];
     f.read_exact(&mut header)
         .map_err(|e| MlError::io(path, e))?;
-    let entries: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| MlError::corrupt(path, format!("the header is not valid JSON: {e}")))?;
-    let data_start = 8 + header_len;
-    let data_len = len - data_start;
-    let mut tensors = BTreeMap::new();
-    for (name, entry) in entries {
-        if name == "__metadata__" {
-            continue;
-        }
-        let raw: RawEntry = serde_json::from_value(entry)
-            .map_err(|e| MlError::corrupt(path, format!("tensor `{name}`: {e}")))?;
-        let dtype = kind_of(&raw.dtype).ok_or_else(|| {
-            MlError::corrupt(
-                path,
-                format!("tensor `{name}` has unsupported dtype {}", raw.dtype),
-            )
-        })?;
-        let numel = raw
-            .shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d));
-        let bytes = numel.and_then(|n| n.checked_mul(dtype.elt_size_in_bytes() as u64));
-        let [begin, end] = raw.data_offsets;
-        if bytes.is_none() || end < begin || Some(end - begin) != bytes {
-            return Err(MlError::corrupt(
-                path,
-                format!(
-                    "tensor `{name}`: data offsets {begin}..{end} do not fit shape {:?} of {}",
-                    raw.shape, raw.dtype
-                ),
-            ));
-        }
-        if end > data_len {
-            return Err(MlError::corrupt(
-                path,
-                format!(
-                    "truncated: tensor `{name}` ends at byte {end} of the data, the file holds {data_len} bytes of data"
-                ),
-            ));
-        }
-        tensors.insert(
-            name,
-            TensorInfo {
-                dtype,
-                shape: raw.shape.iter().map(|&d| d as i64).collect(),
+    let entries =
+        safetensors::parse_header(len, &header).map_err(|e| MlError::corrupt(path, e.0))?;
+    let tensors = entries
+        .into_iter()
+        .map(|(name, entry)| {
+            let info = TensorInfo {
+                dtype: kind_of(entry.dtype),
+                shape: entry.shape,
                 file,
-                start: (data_start + begin) as usize,
-                end: (data_start + end) as usize,
-            },
-        );
-    }
+                // Inside a file of `len` bytes, which is in memory when the range is used.
+                start: entry.range.start as usize,
+                end: entry.range.end as usize,
+            };
+            (name, info)
+        })
+        .collect();
     Ok((len, tensors))
 }
 

@@ -54,6 +54,12 @@ fn stderr_suffix(stderr: &str) -> String {
     }
 }
 
+impl From<twin_core::module_output::BadOutput> for PluginError {
+    fn from(e: twin_core::module_output::BadOutput) -> Self {
+        PluginError::BadOutput(e.0)
+    }
+}
+
 impl PluginError {
     /// A stable snake_case name for the variant, used in API error bodies and events.
     pub fn code(&self) -> &'static str {

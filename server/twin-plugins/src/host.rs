@@ -30,6 +30,7 @@ use crate::clock::{self, FixedClock};
 use crate::compile::{self, CompileSlots, Compiler};
 use crate::types::{CandidatePair, Descriptor, ModuleKind, QuestionType, RewardScore, Rollout};
 use crate::{PluginError, Verdict, module_hash};
+use twin_core::module_output;
 
 /// How often the engine's epoch advances: the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -53,16 +54,10 @@ pub const MAX_TRANSFER_BYTES: usize = 16 << 20;
 const MAX_WASI_RESOURCES: usize = 4096;
 /// Bytes a table element counts against an instance's memory budget (a function reference).
 const TABLE_ELEMENT_BYTES: u64 = std::mem::size_of::<usize>() as u64;
-/// Caps on what a module returns, beyond [`MAX_TRANSFER_BYTES`]. A descriptor is recorded in the
-/// log (events are capped at 96 KiB); components and reasons are kept with every score and verdict.
-const MAX_NAME_BYTES: usize = 128;
-const MAX_VERSION_BYTES: usize = 64;
-const MAX_SUMMARY_BYTES: usize = 1024;
-const MAX_SCHEMA_BYTES: usize = 32 * 1024;
-const MAX_COMPONENTS: usize = 64;
-const MAX_REASON_BYTES: usize = 1024;
-/// Guest error messages are cut to this many bytes: they become a job's failure detail.
-const MAX_MESSAGE_BYTES: usize = 4096;
+// Caps on what a module returns, beyond [`MAX_TRANSFER_BYTES`], and the checks that apply them
+// live in `twin_core::module_output`, where they are fuzzed without wasmtime. A descriptor is
+// recorded in the log (events are capped at 96 KiB); components and reasons are kept with every
+// score and verdict; guest error messages become a job's failure detail.
 
 /// Resource limits of one call (one batch).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -713,12 +708,7 @@ impl Host {
             Ok(result) => result?,
             Err(e) => return Err(classify(&mut store, &limits, &stderr, e)),
         };
-        if values.len() != batch_len {
-            return Err(PluginError::BadOutput(format!(
-                "{} {what} for a batch of {batch_len}",
-                values.len()
-            )));
-        }
+        module_output::check_count(values.len(), batch_len, what)?;
         let fuel_used = if self.config.consume_fuel {
             limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0))
         } else {
@@ -885,44 +875,17 @@ fn classify(
     }
 }
 
+/// The plain values of a component's score, checked (`twin_core::module_output`).
 fn check_score(
     index: usize,
     s: reward::twin::plugin::types::RewardScore,
 ) -> Result<RewardScore, PluginError> {
-    if !s.score.is_finite() {
-        return Err(PluginError::BadOutput(format!(
-            "score {} of rollout {index} is not finite",
-            s.score
-        )));
-    }
-    if s.components.len() > MAX_COMPONENTS {
-        return Err(PluginError::BadOutput(format!(
-            "rollout {index} has {} score components, over the limit of {MAX_COMPONENTS}",
-            s.components.len()
-        )));
-    }
-    let mut components = std::collections::BTreeMap::new();
-    for c in s.components {
-        if c.name.len() > MAX_NAME_BYTES {
-            return Err(PluginError::BadOutput(format!(
-                "a score component name of rollout {index} is {} bytes, over the limit of \
-                 {MAX_NAME_BYTES}",
-                c.name.len()
-            )));
-        }
-        if !c.value.is_finite() {
-            return Err(PluginError::BadOutput(format!(
-                "component {:?} of rollout {index} is {}",
-                c.name, c.value
-            )));
-        }
-        if c.name.is_empty() || components.insert(c.name.clone(), c.value).is_some() {
-            return Err(PluginError::BadOutput(format!(
-                "component name {:?} of rollout {index} is empty or repeated",
-                c.name
-            )));
-        }
-    }
+    let components = s
+        .components
+        .into_iter()
+        .map(|c| (c.name, c.value))
+        .collect();
+    let components = module_output::check_score(index, s.score, components)?;
     Ok(RewardScore {
         score: s.score,
         components,
@@ -933,14 +896,7 @@ fn check_verdict(
     index: usize,
     v: reward::twin::plugin::types::Verdict,
 ) -> Result<Verdict, PluginError> {
-    if let Some(reason) = &v.reason
-        && reason.len() > MAX_REASON_BYTES
-    {
-        return Err(PluginError::BadOutput(format!(
-            "the reason of verdict {index} is {} bytes, over the limit of {MAX_REASON_BYTES}",
-            reason.len()
-        )));
-    }
+    module_output::check_verdict(index, v.reason.as_deref())?;
     Ok(Verdict {
         keep: v.keep,
         reason: v.reason,
@@ -949,39 +905,18 @@ fn check_verdict(
 
 /// Checks what `describe` returned: it is stored in the registry and the log as it is.
 fn check_descriptor(d: &Descriptor) -> Result<(), PluginError> {
-    for (field, value, limit) in [
-        ("name", &d.name, MAX_NAME_BYTES),
-        ("version", &d.version, MAX_VERSION_BYTES),
-        ("summary", &d.summary, MAX_SUMMARY_BYTES),
-        ("parameters-schema", &d.parameters_schema, MAX_SCHEMA_BYTES),
-    ] {
-        if value.len() > limit {
-            return Err(PluginError::BadOutput(format!(
-                "describe: {field} is {} bytes, over the limit of {limit}",
-                value.len()
-            )));
-        }
-    }
-    serde_json::from_str::<serde_json::Value>(&d.parameters_schema).map_err(|e| {
-        PluginError::BadOutput(format!("describe: parameters-schema is not JSON: {e}"))
+    module_output::check_descriptor(module_output::DescriptorText {
+        name: &d.name,
+        version: &d.version,
+        summary: &d.summary,
+        parameters_schema: &d.parameters_schema,
     })?;
-    if d.name.trim().is_empty() {
-        return Err(PluginError::BadOutput("describe: empty name".into()));
-    }
     Ok(())
 }
 
-/// `message` cut to [`MAX_MESSAGE_BYTES`] (at a character boundary), marked when cut.
-fn cut(mut message: String) -> String {
-    if message.len() > MAX_MESSAGE_BYTES {
-        let mut end = MAX_MESSAGE_BYTES;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        message.truncate(end);
-        message.push_str(" […]");
-    }
-    message
+/// `message` cut to `MAX_MESSAGE_BYTES` (at a character boundary), marked when cut.
+fn cut(message: String) -> String {
+    module_output::cut_message(message)
 }
 
 fn to_wit_rollout(r: &Rollout) -> reward::twin::plugin::types::Rollout {
@@ -1032,6 +967,7 @@ fn from_wit_descriptor(d: &reward::twin::plugin::types::Descriptor) -> Descripto
 #[cfg(test)]
 mod tests {
     use super::*;
+    use twin_core::module_output::{MAX_MESSAGE_BYTES, MAX_SCHEMA_BYTES, MAX_SUMMARY_BYTES};
 
     fn instantiate(host: &Host, limits: &Limits, wat: &str) -> Result<(), PluginError> {
         let component = Component::new(&host.engine, wat::parse_str(wat).expect("valid WAT"))
