@@ -29,19 +29,37 @@ cargo +nightly fuzz build --fuzz-dir fuzz
 # New inputs go to a scratch directory named first, so the committed corpus stays as it is.
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-crashed=()
-for target in "${targets[@]}"; do
-    mkdir -p "$scratch/$target"
+# Targets run side by side, one per core (libFuzzer uses one): CI's two cores fuzz two at once.
+run_target() {
+    local target=$1 started rc=0
     started=$(date +%s)
+    mkdir -p "$scratch/$target"
     # -timeout: an input that takes 10 s is a hang, reported as a crash; libFuzzer's memory
     # limit (2 GB, also per allocation) turns a huge allocation into one too.
-    if cargo +nightly fuzz run --fuzz-dir fuzz "$target" "$scratch/$target" "fuzz/corpus/$target" \
+    cargo +nightly fuzz run --fuzz-dir fuzz "$target" "$scratch/$target" "fuzz/corpus/$target" \
         -- -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-        >"$scratch/$target.log" 2>&1; then
-        echo "fuzz: $target: no crash in $(($(date +%s) - started)) s" \
-            "($(grep -E '^stat::number_of_executed_units' "$scratch/$target.log" | awk '{print $2}') runs)"
+        >"$scratch/$target.log" 2>&1 || rc=$?
+    echo "$rc $(($(date +%s) - started))" >"$scratch/$target.status"
+}
+parallel=$(nproc)
+for target in "${targets[@]}"; do
+    while (($(jobs -rp | wc -l) >= parallel)); do
+        wait -n || true
+    done
+    run_target "$target" &
+done
+wait
+crashed=()
+for target in "${targets[@]}"; do
+    read -r rc took <"$scratch/$target.status"
+    if ((rc == 0)); then
+        runs=$(grep -E '^stat::number_of_executed_units' "$scratch/$target.log" | awk '{print $2}')
+        echo "fuzz: $target: no crash in $took s ($runs runs)"
     else
-        tail -n 60 "$scratch/$target.log"
+        # What went wrong (a panic's message, a sanitizer's report) sits above a long backtrace.
+        grep -E -A 2 "panicked at|ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)" \
+            "$scratch/$target.log" | head -n 12 || true
+        tail -n 25 "$scratch/$target.log"
         artifact=$(ls -t "fuzz/artifacts/$target"/* 2>/dev/null | head -n 1 || true)
         echo "fuzz: $target CRASHED; input: ${artifact:-(none written: see the log above)}" >&2
         echo "fuzz: reproduce with: cargo +nightly fuzz run --fuzz-dir fuzz $target $artifact" >&2
