@@ -345,7 +345,7 @@ fn chunked(url: &str, head: &str, mut body: impl FnMut(&mut dyn FnMut(&[u8]) -> 
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         s,
-        "{head}\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        "{head}\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut send = |part: &[u8]| -> bool {
