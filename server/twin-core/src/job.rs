@@ -701,8 +701,13 @@ mod tests {
         s
     }
 
-    fn submitted(max_attempts: u32) -> Event {
-        Event::JobSubmitted(JobSubmitted {
+    /// Job `j1`, an ingest allowed `max_attempts`; shared with `check`'s tests.
+    pub(super) fn submitted(max_attempts: u32) -> Event {
+        Event::JobSubmitted(submission(max_attempts))
+    }
+
+    pub(super) fn submission(max_attempts: u32) -> JobSubmitted {
+        JobSubmitted {
             id: "j1".parse().expect("valid id"),
             submission: JobSubmission {
                 experiment: None,
@@ -718,10 +723,10 @@ mod tests {
                     source: IngestSource::Dir("/x".into()),
                 }),
             },
-        })
+        }
     }
 
-    fn leased(epoch: u64) -> Event {
+    pub(super) fn leased(epoch: u64) -> Event {
         Event::JobLeased(JobLeased {
             epoch,
             executor: "gpu-1".into(),

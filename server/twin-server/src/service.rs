@@ -83,6 +83,15 @@ pub struct Service {
     job_timeouts: std::sync::OnceLock<BTreeMap<JobKind, Duration>>,
 }
 
+/// A job an executor holds, as the reaper sees it.
+struct HeldJob {
+    id: JobId,
+    epoch: u64,
+    kind: JobKind,
+    /// When the current attempt's lease was granted.
+    leased_at: Option<Millis>,
+}
+
 /// Who acts on a shared name (see [`Registry`]): the name's owner to be, and whether they may
 /// act on names others own.
 #[derive(Debug, Clone, Copy)]
@@ -966,17 +975,30 @@ impl Service {
     /// get one first, so no job can stay held for ever.
     pub async fn reap(&self) -> usize {
         let now = Instant::now();
-        let held: Vec<(JobId, u64)> = self.read(|p| {
+        // One scan of the held jobs serves both the lease deadlines and the runtime limits.
+        let held: Vec<HeldJob> = self.read(|p| {
             p.jobs
                 .values()
                 .filter(|j| j.status.is_held())
-                .map(|j| (j.id.clone(), j.epoch))
+                .map(|j| HeldJob {
+                    id: j.id.clone(),
+                    epoch: j.epoch,
+                    kind: j.kind,
+                    leased_at: j
+                        .attempts
+                        .last()
+                        .filter(|a| a.epoch == j.epoch)
+                        .map(|a| a.leased_at),
+                })
                 .collect()
         });
         let lapsed: Vec<(JobId, u64)> = {
             let mut leases = self.leases.lock();
-            for (id, epoch) in held {
-                let entry = leases.entry(id).or_insert((epoch, now + self.lease_ttl));
+            for HeldJob { id, epoch, .. } in &held {
+                let epoch = *epoch;
+                let entry = leases
+                    .entry(id.clone())
+                    .or_insert((epoch, now + self.lease_ttl));
                 if entry.0 < epoch {
                     *entry = (epoch, now + self.lease_ttl);
                 }
@@ -999,31 +1021,33 @@ impl Service {
                 expired += 1;
             }
         }
-        expired + self.time_out().await
+        expired + self.time_out(&held).await
     }
 
     /// Fails every attempt that has run past its kind's limit, with `timeout` and no retry: a
     /// retry would spend the same budget again. The executor learns it at its next heartbeat
     /// (the lease is gone) and stops the stage.
-    async fn time_out(&self) -> usize {
+    async fn time_out(&self, held: &[HeldJob]) -> usize {
         let Some(limits) = self.job_timeouts.get().filter(|l| !l.is_empty()) else {
             return 0;
         };
         let now = now_ms();
-        let over: Vec<(JobId, u64, JobKind, Duration)> = self.read(|p| {
-            p.jobs
-                .values()
-                .filter(|j| j.status.is_held())
-                .filter_map(|j| {
-                    let limit = *limits.get(&j.kind)?;
-                    let a = j.attempts.last().filter(|a| a.epoch == j.epoch)?;
-                    let ran = u128::try_from(now.saturating_sub(a.leased_at)).unwrap_or(0);
-                    (ran > limit.as_millis()).then(|| (j.id.clone(), j.epoch, j.kind, limit))
-                })
-                .collect()
+        let over = held.iter().filter_map(|j| {
+            let limit = *limits.get(&j.kind)?;
+            let ran = u128::try_from(now.saturating_sub(j.leased_at?)).unwrap_or(0);
+            (ran > limit.as_millis()).then_some((j, limit))
         });
         let mut failed = 0;
-        for (id, epoch, kind, limit) in over {
+        for (
+            &HeldJob {
+                ref id,
+                epoch,
+                kind,
+                ..
+            },
+            limit,
+        ) in over
+        {
             let error = format!(
                 "the attempt ran past the {kind} limit of {limit:?} (job_timeouts_s.{kind} in the \
                  server's config)"
@@ -1036,7 +1060,7 @@ impl Service {
                 detail: None,
                 now: now_ms(),
             };
-            match self.execute(&id, "system", None, fail).await {
+            match self.execute(id, "system", None, fail).await {
                 Ok(_) => {
                     tracing::warn!(job = %id, epoch, %kind, limit_s = limit.as_secs(), "job timed out");
                     failed += 1;

@@ -155,40 +155,10 @@ fn result_kind(result: &JobResult) -> JobKind {
 mod tests {
     use super::*;
     use crate::event::{
-        IngestOutput, IngestResult, JobAttemptFailed, JobCancelRequested, JobLeased, JobStarted,
-        JobSubmitted, JobSucceeded,
+        IngestOutput, IngestResult, JobAttemptFailed, JobCancelRequested, JobStarted, JobSucceeded,
     };
     use crate::failure::FailureCode;
-    use crate::spec::{
-        IngestSource, IngestSpec, JobSpec, JobSubmission, Requirements, RetryPolicy,
-    };
-
-    fn submitted(max_attempts: u32) -> JobSubmitted {
-        JobSubmitted {
-            id: "j1".parse().expect("valid id"),
-            submission: JobSubmission {
-                experiment: None,
-                priority: 0,
-                requirements: Requirements::default(),
-                retry: RetryPolicy {
-                    max_attempts,
-                    backoff_initial_ms: 100,
-                    backoff_max_ms: 1000,
-                },
-                spec: JobSpec::Ingest(IngestSpec {
-                    dataset: "d".into(),
-                    source: IngestSource::Dir("/x".into()),
-                }),
-            },
-        }
-    }
-
-    fn leased(epoch: u64) -> Event {
-        Event::JobLeased(JobLeased {
-            epoch,
-            executor: "gpu-1".into(),
-        })
-    }
+    use crate::job::tests::{leased, submission, submitted};
 
     fn started(epoch: u64) -> Event {
         Event::JobStarted(JobStarted { epoch })
@@ -225,7 +195,7 @@ mod tests {
     /// Given a job allowed `max_attempts` and the events after its submission (each checked as it
     /// is applied), `event` is legal, or illegal for a reason containing `expect`.
     fn check(max_attempts: u32, history: &[Event], event: Event, expect: Option<&str>) {
-        let mut state = JobState::from_submitted(&submitted(max_attempts), "alice", 0);
+        let mut state = JobState::from_submitted(&submission(max_attempts), "alice", 0);
         for e in history {
             state
                 .check(e)
@@ -320,11 +290,6 @@ mod tests {
 
     #[test]
     fn a_second_submission_is_illegal() {
-        check(
-            1,
-            &[],
-            Event::JobSubmitted(submitted(1)),
-            Some("already submitted"),
-        );
+        check(1, &[], submitted(1), Some("already submitted"));
     }
 }

@@ -10,28 +10,12 @@ use twin_e2e::{ExecutorProcess, Server, text, twin};
 
 use crate::wait_for;
 
-fn small_sample(dir: &std::path::Path) {
-    crate::sample(
-        dir,
-        &[
-            "--categories",
-            "2",
-            "--instances",
-            "2",
-            "--views",
-            "2",
-            "--size",
-            "32",
-        ],
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_that_aborts_its_executor_is_failed_as_executor_lost_and_the_server_keeps_serving()
 {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
-    small_sample(&images);
+    crate::small_sample(&images);
     // The child inherits the fault: every ingest aborts the executor process that runs it.
     let mut server = Server::start_with_env(
         &tmp.path().join("data"),
@@ -83,7 +67,7 @@ async fn a_stage_that_aborts_its_executor_is_failed_as_executor_lost_and_the_ser
 async fn sigterm_hands_the_job_back_counting_no_attempt() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
-    small_sample(&images);
+    crate::small_sample(&images);
     let server = Server::start(&tmp.path().join("data"), &["--no-executor"]);
     let client = Client::new(&server.url, None).unwrap();
     // One attempt only: if the hand-back counted, the job could not run again.
@@ -182,7 +166,7 @@ async fn an_idle_executor_exits_when_asked_and_a_bad_input_code_reaches_the_cli(
 async fn a_stopping_server_has_its_executor_child_hand_the_job_back() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
-    small_sample(&images);
+    crate::small_sample(&images);
     let data = tmp.path().join("data");
     let server = Server::start_with_env(
         &data,

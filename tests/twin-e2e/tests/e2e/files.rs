@@ -11,22 +11,6 @@ use twin_e2e::{Server, ingest_spec, text, twin};
 
 use crate::wait_for;
 
-fn small_sample(dir: &std::path::Path) {
-    crate::sample(
-        dir,
-        &[
-            "--categories",
-            "2",
-            "--instances",
-            "2",
-            "--views",
-            "2",
-            "--size",
-            "32",
-        ],
-    );
-}
-
 /// The first image of a `<category>/<instance>/<image>` tree.
 fn first_image(dir: &std::path::Path) -> std::path::PathBuf {
     let first_dir = |d: &std::path::Path| {
@@ -51,7 +35,7 @@ fn first_image(dir: &std::path::Path) -> std::path::PathBuf {
 async fn twin_submit_uploads_an_ingest_dir_to_a_server_with_no_roots() {
     let tmp = tempfile::tempdir().unwrap();
     let images = tmp.path().join("images");
-    small_sample(&images);
+    crate::small_sample(&images);
     let server = Server::start(&tmp.path().join("data"), &[]);
     let spec = ingest_spec(tmp.path(), "uploaded", &images);
     let out = twin(&[
@@ -87,9 +71,9 @@ async fn paths_outside_the_roots_devices_and_fifos_are_refused_and_the_server_st
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     let images = root.join("images");
-    small_sample(&images);
+    crate::small_sample(&images);
     let outside = tmp.path().join("outside");
-    small_sample(&outside);
+    crate::small_sample(&outside);
     std::os::unix::fs::symlink(&outside, root.join("away")).unwrap();
     let fifo = root.join("fifo.jsonl");
     assert!(
@@ -163,32 +147,24 @@ async fn paths_outside_the_roots_devices_and_fifos_are_refused_and_the_server_st
     }
     // The same manifest with only the image inside is ingested.
     std::fs::write(&manifest, line(&inside)).unwrap();
-    let id = client
-        .submit(&ingest(json!({"manifest": manifest})), None)
-        .await
-        .unwrap()
-        .job
-        .id
-        .to_string();
-    let done = wait_for(&client, &id, Duration::from_secs(30), "the ingest", |j| {
-        j.status.is_terminal()
-    })
-    .await;
+    let done = ingest_to_the_end(&client, ingest(json!({"manifest": manifest}))).await;
     assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
     let out = serde_json::to_value(&done.result).unwrap();
     assert_eq!(out["images"], 1, "{out:#}");
     // The server is up and a directory under the root still ingests.
-    let id = client
-        .submit(&ingest(json!({"dir": images})), None)
-        .await
-        .unwrap()
-        .job
-        .id
-        .to_string();
-    let done = wait_for(&client, &id, Duration::from_secs(30), "the ingest", |j| {
-        j.status.is_terminal()
-    })
-    .await;
+    let done = ingest_to_the_end(&client, ingest(json!({"dir": images}))).await;
     assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
     server.stop();
+}
+
+/// Submits `spec` and waits (30 s at most) for the job to end.
+async fn ingest_to_the_end(
+    client: &twin_client::Client,
+    spec: serde_json::Value,
+) -> twin_core::job::JobState {
+    let id = client.submit(&spec, None).await.unwrap().job.id.to_string();
+    wait_for(client, &id, Duration::from_secs(30), "the ingest", |j| {
+        j.status.is_terminal()
+    })
+    .await
 }

@@ -23,6 +23,23 @@ use twin_client::Client;
 use twin_core::job::JobState;
 use twin_e2e::{text, twin};
 
+/// A small tree (2 categories × 2 instances × 2 views of 32 px): enough for an ingest, quick.
+pub fn small_sample(dir: &Path) {
+    sample(
+        dir,
+        &[
+            "--categories",
+            "2",
+            "--instances",
+            "2",
+            "--views",
+            "2",
+            "--size",
+            "32",
+        ],
+    );
+}
+
 /// Generates a sample image set with the CLI.
 pub fn sample(dir: &Path, args: &[&str]) {
     let mut all = vec!["sample-data", dir.to_str().unwrap()];
