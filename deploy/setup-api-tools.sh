@@ -27,5 +27,5 @@ if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${pins
 fi
 rm -rf "$venv"
 "$python" -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check "${pins[@]}"
+"$venv/bin/pip" install --quiet --no-cache-dir --disable-pip-version-check "${pins[@]}"
 printf '%s' "${pins[*]}" >"$stamp"

@@ -10,8 +10,10 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 if ! .venv/bin/python -c 'import torch, transformers, pyarrow; assert torch.__version__.startswith("2.11.0")' 2>/dev/null; then
-    .venv/bin/pip install --quiet --upgrade pip
-    .venv/bin/pip install --quiet -r deploy/requirements-ml.txt
+    .venv/bin/pip install --quiet --no-cache-dir --upgrade pip
+    # No download cache: the CUDA wheels are about 3 GB, already unpacked into .venv, and a CI
+    # disk filled once.
+    .venv/bin/pip install --quiet --no-cache-dir -r deploy/requirements-ml.txt
 fi
 torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 ln -sfn "$torch_dir" .venv/libtorch

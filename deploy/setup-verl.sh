@@ -13,5 +13,5 @@ verl_pins=(verl==0.9.1 tensordict==0.10.0 pyvers==0.2.3 cloudpickle==3.1.2 codet
     charset-normalizer==3.5.2)
 if ! PYTHONPATH=.venv/verl .venv/bin/python -c 'import verl.trainer.ppo.core_algos, verl; import charset_normalizer; assert verl.__version__ == "0.9.1"' 2>/dev/null; then
     rm -rf .venv/verl
-    .venv/bin/pip install --quiet --no-deps --target .venv/verl "${verl_pins[@]}"
+    .venv/bin/pip install --quiet --no-cache-dir --no-deps --target .venv/verl "${verl_pins[@]}"
 fi
