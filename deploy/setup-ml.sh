@@ -9,7 +9,8 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import torch, transformers, pyarrow; assert torch.__version__.startswith("2.11.0")' 2>/dev/null; then
+if ! .venv/bin/python -c 'import importlib.metadata as m, torch, transformers, pyarrow
+assert torch.__version__.startswith("2.11.0"); m.version("nvidia-cuda-crt")' 2>/dev/null; then
     .venv/bin/pip install --quiet --no-cache-dir --upgrade pip
     # No download cache: the CUDA wheels are about 3 GB, already unpacked into .venv, and a CI
     # disk filled once.

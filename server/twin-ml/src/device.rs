@@ -39,7 +39,7 @@ fn driver_present() -> bool {
 }
 
 #[allow(unsafe_code)]
-fn load_cuda_backend() -> Result<(), String> {
+pub(crate) fn load_cuda_backend() -> Result<(), String> {
     // SAFETY: libtorch_cuda's initialisers only register CUDA kernels and hooks with the libtorch
     // already loaded in this process; the handle is leaked so the library is never unloaded
     // while its registrations are live.

@@ -3,6 +3,7 @@
 //! imports tch.
 
 pub mod clip;
+pub mod cuda_graph;
 pub mod device;
 pub mod error;
 pub mod index;

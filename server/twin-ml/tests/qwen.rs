@@ -14,9 +14,9 @@ use std::path::Path;
 use image::{DynamicImage, Rgb, RgbImage};
 use twin_ml::MlError;
 use twin_ml::qwen::{
-    ChatTemplate, Completion, EngineOptions, FinishReason, GenerationRequest, Message,
-    PreparedPrompt, QwenPreprocessor, QwenProcessor, QwenTokenizer, QwenVl, QwenVlConfig,
-    REPRODUCIBLE_MARGIN, SamplingParams, generate,
+    ChatTemplate, Completion, DecodeMode, DecodePath, EngineOptions, FinishReason,
+    GenerationRequest, GenerationStats, Message, PreparedPrompt, QwenPreprocessor, QwenProcessor,
+    QwenTokenizer, QwenVl, QwenVlConfig, REPRODUCIBLE_MARGIN, SamplingParams, generate,
 };
 use twin_ml::tch::{Device, Kind, Tensor};
 use twin_ml::weights::{read_safetensors, write_safetensors};
@@ -42,11 +42,14 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_on(Device::Cpu, Kind::Float)
+}
+
+fn setup_on(device: Device, kind: Kind) -> Setup {
     let config = QwenVlConfig::tiny();
     // Larger-than-default weights give peaked distributions, so greedy choices have clear
     // margins and batched/unbatched rounding cannot flip them.
-    let model =
-        QwenVl::init_random_scaled(config.clone(), 7, Device::Cpu, Kind::Float, 25.0).unwrap();
+    let model = QwenVl::init_random_scaled(config.clone(), 7, device, kind, 25.0).unwrap();
     let preprocessor = QwenPreprocessor {
         max_pixels: 28 * 28 * 64,
         ..QwenPreprocessor::default()
@@ -220,6 +223,126 @@ fn the_same_batch_twice_gives_identical_output() {
         let second = run(&s, &all, 3, &params);
         // Bit for bit: tokens, log-probabilities and margins.
         assert_eq!(first, second, "{params:?}");
+    }
+}
+
+/// Three prompts of different lengths, three samples each, finishing after 12, 5 and 9 tokens
+/// (greedy, sampled, greedy): the batch drops finished rows twice, so the fixed-shape path runs
+/// 9 rows, then 6 padded to a bucket of 8, then 3 padded to 4.
+fn decode_probe(s: &Setup, decode: DecodeMode) -> (Vec<Vec<Completion>>, GenerationStats) {
+    let prompts = s.prompts();
+    let params = [
+        SamplingParams::greedy(12, Vec::new()),
+        SamplingParams {
+            temperature: SAMPLED_TEMPERATURE,
+            top_p: 0.9,
+            max_new_tokens: 5,
+            seed: 3,
+            ..SamplingParams::default()
+        },
+        SamplingParams::greedy(9, Vec::new()),
+    ];
+    let requests: Vec<GenerationRequest<'_>> = prompts
+        .iter()
+        .zip(&params)
+        .map(|(prompt, params)| GenerationRequest {
+            prompt,
+            samples: 3,
+            params,
+        })
+        .collect();
+    let options = EngineOptions {
+        decode,
+        ..EngineOptions::default()
+    };
+    generate(&s.model, &requests, &options).unwrap()
+}
+
+const PROBE_TEMPERATURES: [f64; 3] = [0.0, SAMPLED_TEMPERATURE, 0.0];
+
+#[test]
+fn the_fixed_shape_step_that_cuda_graphs_capture_keeps_the_engines_promise() {
+    // What a CUDA graph replays, run eagerly: attention over the whole cache under a mask, the
+    // column from a device tensor, rows padded to buckets and packed when they finish.
+    let s = setup();
+    let (eager, eager_stats) = decode_probe(&s, DecodeMode::Eager);
+    let (fixed, fixed_stats) = decode_probe(&s, DecodeMode::Static);
+    assert_eq!(eager_stats.decode_path, Some(DecodePath::Eager));
+    assert_eq!(fixed_stats.decode_path, Some(DecodePath::Static));
+    assert_eq!(fixed_stats.decode_steps, eager_stats.decode_steps);
+    for (i, (a, b)) in eager.iter().zip(&fixed).enumerate() {
+        for (j, (a, b)) in a.iter().zip(b).enumerate() {
+            assert_reproducible(
+                a,
+                b,
+                PROBE_TEMPERATURES[i],
+                &format!("request {i} sample {j}"),
+            );
+        }
+    }
+    let lengths: Vec<usize> = fixed.iter().map(|r| r[0].tokens.len()).collect();
+    assert_eq!(lengths, [12, 5, 9]);
+    assert_mostly_clear(fixed.iter().flatten(), SAMPLED_CLEAR_SHARE);
+}
+
+#[test]
+fn cuda_graphs_asked_for_without_cuda_fall_back_to_eager_and_say_why() {
+    let s = setup();
+    let (eager, _) = decode_probe(&s, DecodeMode::Eager);
+    let (asked, stats) = decode_probe(&s, DecodeMode::Graphs);
+    // The eager path itself, so bit for bit.
+    assert_eq!(asked, eager);
+    assert_eq!(stats.decode_path, Some(DecodePath::Eager));
+    assert_eq!((stats.graph_captures, stats.graph_replays), (0, 0));
+    let why = stats
+        .graph_fallback
+        .expect("the reason graphs were not used");
+    assert!(why.contains("not a CUDA device"), "{why}");
+    // The default asks for nothing: eager on the CPU, nothing to report.
+    let (_, auto) = decode_probe(&s, DecodeMode::Auto);
+    assert_eq!(auto.decode_path, Some(DecodePath::Eager));
+    assert_eq!(auto.graph_fallback, None);
+}
+
+#[test]
+fn on_a_gpu_cuda_graphs_replay_the_fixed_shape_step_exactly() {
+    // Runs where a CUDA device is present (deploy/gpu-check.sh carries this binary to one);
+    // everywhere else the fallback test above covers the graph path's absence.
+    if !twin_ml::cuda_available() {
+        eprintln!("skipped: no CUDA device ({})", twin_ml::device::describe());
+        return;
+    }
+    twin_ml::cuda_graph::set_tf32(false).unwrap();
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let s = setup_on(Device::Cuda(0), kind);
+        let (fixed, _) = decode_probe(&s, DecodeMode::Static);
+        let (graphs, stats) = decode_probe(&s, DecodeMode::Graphs);
+        assert_eq!(stats.graph_fallback, None, "{kind:?}");
+        assert_eq!(stats.decode_path, Some(DecodePath::Graphs), "{kind:?}");
+        // Buckets of 9, 8 and 4 rows.
+        assert_eq!(stats.graph_captures, 3, "{kind:?}");
+        assert_eq!(stats.graph_replays, stats.decode_steps, "{kind:?}");
+        // The same kernels on the same memory: bit for bit.
+        assert_eq!(graphs, fixed, "{kind:?}");
+        let (eager, _) = decode_probe(&s, DecodeMode::Eager);
+        if kind == Kind::Float {
+            for (i, (a, b)) in eager.iter().zip(&graphs).enumerate() {
+                for (j, (a, b)) in a.iter().zip(b).enumerate() {
+                    assert_reproducible(a, b, PROBE_TEMPERATURES[i], &format!("cuda {i}/{j}"));
+                }
+            }
+        } else {
+            // bf16 logits are 2^-8 apart relative to their size, far coarser than the f32
+            // margin rule: report how far graphs and eager agree instead.
+            let agree: usize = eager
+                .iter()
+                .flatten()
+                .zip(graphs.iter().flatten())
+                .map(|(a, b)| a.divergence(b).map_or(a.tokens.len(), |d| d.index))
+                .sum();
+            let total: usize = eager.iter().flatten().map(|c| c.tokens.len()).sum();
+            eprintln!("bf16: graphs and eager agree on {agree} of {total} tokens before parting");
+        }
     }
 }
 

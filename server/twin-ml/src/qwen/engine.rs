@@ -13,6 +13,7 @@
 //!    left padding aligns them); positions continue each prompt's own 3-D index. Rows that
 //!    finish (a stop token, or their token budget) are dropped from the batch once a quarter of
 //!    it has finished, so finished sequences stop costing compute and nothing is recomputed.
+//!    On a GPU the step runs as CUDA graphs, one per bucket of rows (the `decode` module).
 //!
 //! Sampling follows transformers' order — temperature, then top-k, then top-p — and draws by
 //! inverting the cumulative distribution with one uniform number per row and step from that
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::chat::PreparedPrompt;
+use super::decode::{DecodeMode, DecodePath, Decoder};
 use super::model::{QwenVl, torch_call};
 use super::preprocess::PreparedImage;
 use super::text::{KvCache, TextMask};
@@ -207,6 +209,8 @@ pub struct EngineOptions {
     /// attention scores of a whole batch of long prompts would not fit in memory on the CPU's
     /// math path, and larger passes gain nothing once the matrices are this big.
     pub prefill_tokens: usize,
+    /// How decode steps run: CUDA graphs on a GPU by default (the `decode` module).
+    pub decode: DecodeMode,
 }
 
 impl Default for EngineOptions {
@@ -215,6 +219,7 @@ impl Default for EngineOptions {
             max_batch_rows: 64,
             max_context: None,
             prefill_tokens: 4096,
+            decode: DecodeMode::Auto,
         }
     }
 }
@@ -232,6 +237,15 @@ pub struct GenerationStats {
     pub vision_seconds: f64,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    /// What the last batch's decode steps ran as.
+    pub decode_path: Option<DecodePath>,
+    /// CUDA graphs captured (one per batch and bucket of rows) and replayed, and the seconds
+    /// captures took (inside `decode_seconds`).
+    pub graph_captures: usize,
+    pub graph_replays: usize,
+    pub capture_seconds: f64,
+    /// Why graphs were asked for ([`DecodeMode::Graphs`]) but not used, or stopped being used.
+    pub graph_fallback: Option<String>,
 }
 
 /// Generates completions for every request: `result[i]` holds request `i`'s `samples`
@@ -440,7 +454,7 @@ fn run_batch(
     }
     let row_prompt = Tensor::from_slice(&row_prompt).to_device(device);
     let capacity = width + max_new;
-    let (mut cache, mut prefix_valid, mut logits) = torch_call(|| {
+    let (cache, prefix_valid, mut logits) = torch_call(|| {
         tch::no_grad(|| -> Result<_, MlError> {
             let mut cache = KvCache::new(text_config, rows.len() as i64, capacity, kind, device)?;
             for (dst, src) in cache
@@ -463,6 +477,16 @@ fn run_batch(
     let padded = lengths.iter().any(|&l| l != width);
 
     // 4. Decode.
+    let mut decoder = Decoder::new(
+        model,
+        options.decode,
+        cache,
+        prefix_valid,
+        width,
+        padded,
+        stats,
+    )?;
+    stats.decode_path = Some(decoder.path());
     // `active[j]` is the index into `rows` of the cache's row j.
     let mut active: Vec<usize> = (0..rows.len()).collect();
     let mut finished_since_compaction = 0;
@@ -517,17 +541,10 @@ fn run_batch(
                 .filter(|(_, j)| rows[**j].finish.is_none())
                 .map(|(k, _)| k as i64)
                 .collect();
-            let keep_t = Tensor::from_slice(&keep).to_device(device);
-            torch_call(|| {
-                tch::no_grad(|| {
-                    cache.select_rows(&keep_t);
-                    prefix_valid = prefix_valid.index_select(0, &keep_t);
-                })
-            })?;
+            decoder.keep_rows(&keep)?;
             active = keep.iter().map(|&k| active[k as usize]).collect();
             finished_since_compaction = 0;
         }
-        let column = width + step;
         let last_tokens: Vec<i64> = active
             .iter()
             .map(|&j| *rows[j].tokens.last().expect("one token per step"))
@@ -536,35 +553,7 @@ fn run_batch(
             .iter()
             .map(|&j| rows[j].next_position + step)
             .collect();
-        let n = active.len() as i64;
-        logits = torch_call(|| {
-            tch::no_grad(|| {
-                let ids = Tensor::from_slice(&last_tokens)
-                    .to_device(device)
-                    .view([n, 1]);
-                let embeds = model.text.embed(&ids);
-                let pos = Tensor::from_slice(&positions)
-                    .to_device(device)
-                    .view([1, n, 1])
-                    .expand([3, n, 1], false);
-                let hidden = if padded {
-                    let generated = Tensor::ones([n, step + 1], (Kind::Bool, device));
-                    let mask =
-                        Tensor::cat(&[&prefix_valid, &generated], 1).view([n, 1, 1, column + 1]);
-                    model.text.forward(
-                        &embeds,
-                        &pos,
-                        TextMask::Explicit(&mask),
-                        Some((&mut cache, column)),
-                    )
-                } else {
-                    model
-                        .text
-                        .forward(&embeds, &pos, TextMask::Causal, Some((&mut cache, column)))
-                };
-                model.text.logits(&hidden.select(1, 0))
-            })
-        })?;
+        logits = decoder.step(model, &last_tokens, &positions, step, stats)?;
         step += 1;
         stats.decode_steps += 1;
     }

@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod decode;
 pub mod engine;
 mod layers;
 pub mod model;
@@ -19,6 +20,7 @@ pub mod vision;
 
 pub use chat::{ChatTemplate, Message, Part, PreparedPrompt, QwenProcessor, QwenTokenizer};
 pub use config::QwenVlConfig;
+pub use decode::{DecodeMode, DecodePath};
 pub use engine::{
     Completion, Divergence, EngineOptions, FinishReason, GenerationRequest, GenerationStats,
     REPRODUCIBLE_MARGIN, SamplingParams, generate,

@@ -95,6 +95,17 @@ impl KvCache {
     }
 }
 
+/// Where a forward pass with a cache writes its keys and values, and what it attends over.
+#[derive(Clone, Copy)]
+pub(crate) enum CacheSlot<'a> {
+    /// Columns `start..start + L`; the queries attend over columns `0..start + L`.
+    At(i64),
+    /// The column held by a one-element i64 device tensor, for one query per row; the query
+    /// attends over the cache's whole capacity under the explicit mask. No shape depends on
+    /// the step, and the column never reaches the host, so a CUDA graph can capture the pass.
+    Static(&'a Tensor),
+}
+
 /// Which keys each query may attend to.
 pub enum TextMask<'a> {
     /// Every earlier position and itself, no padding anywhere.
@@ -235,13 +246,47 @@ impl TextModel {
         embeds: &Tensor,
         positions: &Tensor,
         mask: TextMask<'_>,
-        mut cache: Option<(&mut KvCache, i64)>,
+        cache: Option<(&mut KvCache, i64)>,
+    ) -> Tensor {
+        self.forward_slot(
+            embeds,
+            positions,
+            mask,
+            cache.map(|(c, start)| (c, CacheSlot::At(start))),
+        )
+    }
+
+    /// [`TextModel::forward`] for one token per row written at the column `column` (a
+    /// one-element i64 tensor on the model's device) holds, attending over the whole cache
+    /// under `mask` `[B, 1, 1, capacity]`: the fixed-shape decode step a CUDA graph captures.
+    pub(crate) fn forward_static(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+        column: &Tensor,
+    ) -> Tensor {
+        self.forward_slot(
+            embeds,
+            positions,
+            TextMask::Explicit(mask),
+            Some((cache, CacheSlot::Static(column))),
+        )
+    }
+
+    fn forward_slot(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        mask: TextMask<'_>,
+        mut cache: Option<(&mut KvCache, CacheSlot<'_>)>,
     ) -> Tensor {
         let (cos, sin) = self.rotary(positions, embeds.kind());
         let mut x = embeds.shallow_clone();
         for i in 0..self.layers.len() {
             let cache = cache.as_mut().map(|(c, s)| (&mut **c, *s));
-            x = self.layer(i, &x, &cos, &sin, &mask, cache);
+            x = self.layer_slot(i, &x, &cos, &sin, &mask, cache);
         }
         self.final_norm(&x)
     }
@@ -261,6 +306,19 @@ impl TextModel {
         sin: &Tensor,
         mask: &TextMask<'_>,
         cache: Option<(&mut KvCache, i64)>,
+    ) -> Tensor {
+        let cache = cache.map(|(c, start)| (c, CacheSlot::At(start)));
+        self.layer_slot(i, x, cos, sin, mask, cache)
+    }
+
+    fn layer_slot(
+        &self,
+        i: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &TextMask<'_>,
+        cache: Option<(&mut KvCache, CacheSlot<'_>)>,
     ) -> Tensor {
         let layer = &self.layers[i];
         let h = layer.input_layernorm.forward(x);
@@ -283,7 +341,7 @@ impl TextModel {
         cos: &Tensor,
         sin: &Tensor,
         mask: &TextMask<'_>,
-        cache: Option<(&mut KvCache, i64)>,
+        cache: Option<(&mut KvCache, CacheSlot<'_>)>,
         layer: usize,
     ) -> Tensor {
         let (b, l) = (x.size()[0], x.size()[1]);
@@ -292,13 +350,25 @@ impl TextModel {
         let k = rotate(&heads(a.k_proj.forward(x), a.kv_heads), cos, sin);
         let v = heads(a.v_proj.forward(x), a.kv_heads);
         let (k, v, start) = match cache {
-            Some((cache, start)) => {
+            Some((cache, CacheSlot::At(start))) => {
                 cache.k[layer].narrow(2, start, l).copy_(&k);
                 cache.v[layer].narrow(2, start, l).copy_(&v);
                 (
                     cache.k[layer].narrow(2, 0, start + l),
                     cache.v[layer].narrow(2, 0, start + l),
                     start,
+                )
+            }
+            Some((cache, CacheSlot::Static(column))) => {
+                // `index_copy_` takes the column from device memory; `narrow` would bake the
+                // step's column into the kernel's arguments.
+                let _ = cache.k[layer].index_copy_(2, column, &k);
+                let _ = cache.v[layer].index_copy_(2, column, &v);
+                // `start` only picks the mask variant, and the mask here is explicit.
+                (
+                    cache.k[layer].shallow_clone(),
+                    cache.v[layer].shallow_clone(),
+                    0,
                 )
             }
             None => (k, v, 0),
