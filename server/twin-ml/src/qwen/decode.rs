@@ -39,8 +39,8 @@ use crate::cuda_graph::CudaGraph;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DecodeMode {
-    /// CUDA graphs on a CUDA device where the shim loads ([`crate::cuda_graph`]), eager
-    /// otherwise.
+    /// CUDA graphs on a CUDA device where the shim loads ([`crate::cuda_graph`]) unless
+    /// `TWIN_CUDA_GRAPHS=0`, eager otherwise.
     #[default]
     Auto,
     /// One eager forward pass per step over the cache's filled columns.
@@ -90,6 +90,7 @@ impl Decoder {
         };
         let graphs = match mode {
             DecodeMode::Eager => return Ok(eager(cache, prefix_valid)),
+            DecodeMode::Auto if graphs_turned_off() => return Ok(eager(cache, prefix_valid)),
             DecodeMode::Static => None,
             DecodeMode::Auto | DecodeMode::Graphs => match graphs_on(model.device()) {
                 Ok(index) => Some(index),
@@ -139,6 +140,12 @@ impl Decoder {
             Decoder::Static(_) => DecodePath::Static,
         }
     }
+}
+
+/// `TWIN_CUDA_GRAPHS=0` turns the default's graphs off in this process (an escape hatch should a
+/// driver or libtorch build mishandle them); an explicit [`DecodeMode::Graphs`] still asks.
+fn graphs_turned_off() -> bool {
+    std::env::var_os("TWIN_CUDA_GRAPHS").is_some_and(|v| v == "0")
 }
 
 /// The CUDA device index graphs would run on, or why there are none.
