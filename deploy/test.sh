@@ -40,6 +40,13 @@ fixtures="$PWD/target/parity-fixtures"
 rm -rf "$fixtures"
 .venv/bin/python tests/fixtures/make_parity_fixtures.py "$fixtures"
 TWIN_PARITY_FIXTURES=$fixtures cargo test --workspace --locked --test parity
+# The bf16 path against transformers in bf16, on the CPU (about 15 s to make; the GPU's run is
+# deploy/gpu-check.sh's). Removed afterwards: the set is another 130 MB of disk.
+bf16_fixtures="$PWD/target/parity-fixtures-bf16"
+rm -rf "$bf16_fixtures"
+.venv/bin/python tests/fixtures/make_parity_fixtures.py --device cpu --dtype bfloat16 "$bf16_fixtures"
+TWIN_PARITY_FIXTURES=$bf16_fixtures cargo test --workspace --locked --test parity
+rm -rf "$bf16_fixtures"
 # The GRPO trainer's core against verl 0.9.1 (installed into .venv/verl by setup-ml.sh) and
 # PyTorch's AdamW, on fixtures written afresh (the committed ones ran above).
 grpo_fixtures="$PWD/target/grpo-fixtures"

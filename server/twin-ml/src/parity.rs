@@ -7,8 +7,9 @@
 //!
 //! - `meta.json`: [`FixtureMeta`]: the model `kind` (which [`Runner`] runs it), the `outputs`
 //!   to compare, the `tolerance` (max abs diff, default 1e-4, per-output overrides in
-//!   `tolerances`), the `images` in batch order, and `expect`: `"match"`, or `"mismatch"` for a
-//!   fixture built to fail (it proves the harness can);
+//!   `tolerances`), the `images` in batch order, `expect`: `"match"`, or `"mismatch"` for a
+//!   fixture built to fail (it proves the harness can), and the `dtype` and `device` the
+//!   reference computed the expected outputs in (absent: f32 on the CPU);
 //! - the checkpoint itself: `config.json`, `model.safetensors` or shards with their index,
 //!   `preprocessor_config.json` when images are preprocessed;
 //! - `images/*.png`: raw images, preprocessed by our preprocessor (so preprocessing is under
@@ -16,6 +17,10 @@
 //! - `inputs.safetensors`: other inputs (`input_ids`, `attention_mask`, or `pixel_values`
 //!   when there are no images);
 //! - `expected.safetensors`: the reference's outputs, by output name.
+//!
+//! [`run_fixture`] runs our model in f32; [`run_fixture_as`] in a chosen kind on a chosen device
+//! (f32 on a GPU against the CPU-made fixtures, bf16 against a bf16 fixture set made by
+//! transformers in bf16 on the same device). Outputs are compared in f64 whatever the kind.
 //!
 //! A new model kind plugs in by implementing [`Runner`] and adding it to [`runners`].
 
@@ -37,6 +42,36 @@ pub const EXPECTED_FILE: &str = "expected.safetensors";
 
 /// Default largest absolute difference for f32 on the CPU, for outputs of magnitude ~1.
 pub const DEFAULT_TOLERANCE: f64 = 1e-4;
+
+/// The precision a fixture's expected outputs were computed in (`meta.json`'s `dtype`), and so
+/// the kind our model is run in against them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FixtureDtype {
+    #[default]
+    Float32,
+    Bfloat16,
+}
+
+impl FixtureDtype {
+    pub fn kind(self) -> Kind {
+        match self {
+            FixtureDtype::Float32 => Kind::Float,
+            FixtureDtype::Bfloat16 => Kind::BFloat16,
+        }
+    }
+}
+
+/// The name `meta.json` and reports use for a kind: `float32`, `bfloat16`.
+pub fn dtype_name(kind: Kind) -> String {
+    match kind {
+        Kind::Float => "float32".to_owned(),
+        Kind::BFloat16 => "bfloat16".to_owned(),
+        Kind::Half => "float16".to_owned(),
+        Kind::Double => "float64".to_owned(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
 
 /// Whether a fixture's outputs should agree with the reference.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -81,8 +116,9 @@ pub struct FixtureMeta {
     #[serde(default)]
     pub greedy_new_tokens: Option<usize>,
     /// Smallest top-1 − top-2 logit gap over those steps. Required with `greedy_new_tokens` and
-    /// at least 1e-3 (the gap at the engine's `REPRODUCIBLE_MARGIN`): below it, another
-    /// machine's rounding could flip a token and the comparison would pass or fail by a near tie.
+    /// at least 1e-3 (the gap at the engine's `REPRODUCIBLE_MARGIN`) and twice the logits'
+    /// tolerance: below either, another machine's rounding or logits within their tolerance
+    /// could flip a token and the comparison would pass or fail by a near tie.
     #[serde(default)]
     pub greedy_min_margin: Option<f64>,
     /// Preprocessing fixtures: the size each image was resized to (informational).
@@ -91,10 +127,29 @@ pub struct FixtureMeta {
     /// Images the reference refused, with its error text.
     #[serde(default)]
     pub refused: Vec<serde_json::Value>,
+    /// The precision the reference computed `expected.safetensors` in (stored as f32 whatever
+    /// it is); a bf16 fixture's model outputs carry bf16 `tolerances`.
+    #[serde(default)]
+    pub dtype: FixtureDtype,
+    /// Where the reference ran: `"cpu"` (the default) or `"cuda"`. Informational: a fixture
+    /// can be run on any device.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".to_owned()
 }
 
 fn default_tolerance() -> f64 {
     DEFAULT_TOLERANCE
+}
+
+impl FixtureMeta {
+    /// The tolerance output `name` is compared with: its entry in `tolerances`, else `tolerance`.
+    pub fn tolerance_of(&self, name: &str) -> f64 {
+        *self.tolerances.get(name).unwrap_or(&self.tolerance)
+    }
 }
 
 /// An opened fixture directory.
@@ -111,15 +166,24 @@ impl Fixture {
             .map_err(|e| MlError::config(&path, e.to_string()))?;
         if meta.greedy_new_tokens.is_some() {
             let margin = meta.greedy_min_margin;
-            // A top-2 gap; the engine's margins are half of one.
-            let wanted = 2.0 * f64::from(crate::qwen::REPRODUCIBLE_MARGIN);
+            // A top-2 gap; the engine's margins are half of one. And where the logits may differ
+            // from the reference's by up to their tolerance (bf16 fixtures: ~1), a gap below
+            // twice that could flip while every logit is within tolerance.
+            let logits_tolerance = ["logits", "last_logits"]
+                .iter()
+                .filter(|name| meta.outputs.iter().any(|o| o == *name))
+                .map(|name| meta.tolerance_of(name))
+                .fold(0.0, f64::max);
+            let wanted =
+                (2.0 * f64::from(crate::qwen::REPRODUCIBLE_MARGIN)).max(2.0 * logits_tolerance);
             if margin.is_none_or(|m| m.is_nan() || m < wanted) {
                 let margin = margin.map_or("none".to_owned(), |m| m.to_string());
                 return Err(MlError::config(
                     &path,
                     format!(
                         "greedy_new_tokens needs greedy_min_margin ≥ {wanted} (got {margin}): \
-                         greedy tokens with a closer call could flip on another machine"
+                         greedy tokens with a closer call could flip on another machine or \
+                         with logits within their tolerance"
                     ),
                 ));
             }
@@ -175,7 +239,15 @@ impl Fixture {
 pub trait Runner {
     /// The `kind` in `meta.json` this runner handles.
     fn kind(&self) -> &'static str;
-    fn run(&self, fixture: &Fixture, device: Device) -> Result<BTreeMap<String, Tensor>, MlError>;
+    /// Runs the model loaded on `device` with `dtype` as its floating-point kind (runners
+    /// without a model ignore both). Outputs may be in any kind on any device: the harness
+    /// brings them to the CPU and compares them in f64.
+    fn run(
+        &self,
+        fixture: &Fixture,
+        device: Device,
+        dtype: Kind,
+    ) -> Result<BTreeMap<String, Tensor>, MlError>;
 }
 
 /// The runners the harness knows, one per model kind.
@@ -187,7 +259,7 @@ pub fn runners() -> Vec<Box<dyn Runner>> {
     ]
 }
 
-/// CLIP: loads the fixture as a checkpoint with [`ClipModel::load`]. Produces `pixel_values`
+/// CLIP: loads the fixture as a checkpoint with [`ClipModel::load_as`]. Produces `pixel_values`
 /// (our preprocessing of the images), `image_embeds` (from `image_features`),
 /// `vision_image_embeds` (the same from `vision_forward`), `vision_last_hidden_state`,
 /// `vision_pooler_output`, and with `input_ids` in the inputs (and a text tower)
@@ -200,8 +272,14 @@ impl Runner for ClipRunner {
         "clip"
     }
 
-    fn run(&self, fixture: &Fixture, device: Device) -> Result<BTreeMap<String, Tensor>, MlError> {
-        let model = ClipModel::load(&fixture.dir, device)?;
+    fn run(
+        &self,
+        fixture: &Fixture,
+        device: Device,
+        dtype: Kind,
+    ) -> Result<BTreeMap<String, Tensor>, MlError> {
+        // Not `ClipModel::load`, which picks bf16 on CUDA: an f32 run on a GPU must be f32.
+        let model = ClipModel::load_as(&fixture.dir, device, dtype)?;
         let inputs = fixture.inputs()?;
         let mut out = BTreeMap::new();
         let pixel_values = if fixture.meta.images.is_empty() {
@@ -243,9 +321,14 @@ impl Runner for QwenRunner {
         "qwen2_5_vl"
     }
 
-    fn run(&self, fixture: &Fixture, device: Device) -> Result<BTreeMap<String, Tensor>, MlError> {
+    fn run(
+        &self,
+        fixture: &Fixture,
+        device: Device,
+        dtype: Kind,
+    ) -> Result<BTreeMap<String, Tensor>, MlError> {
         use crate::qwen::{QwenAssets, QwenVl, SamplingParams, generate};
-        let model = QwenVl::load_as(&fixture.dir, device, Kind::Float)?;
+        let model = QwenVl::load_as(&fixture.dir, device, dtype)?;
         let assets = QwenAssets::load(&fixture.dir, model.config())?;
         let (messages, image_files) = chat_from_meta(fixture)?;
         let images = image_files
@@ -333,7 +416,12 @@ impl Runner for QwenPreprocessRunner {
         "qwen2_5_vl_preprocess"
     }
 
-    fn run(&self, fixture: &Fixture, _device: Device) -> Result<BTreeMap<String, Tensor>, MlError> {
+    fn run(
+        &self,
+        fixture: &Fixture,
+        _device: Device,
+        _dtype: Kind,
+    ) -> Result<BTreeMap<String, Tensor>, MlError> {
         let pre = crate::qwen::QwenPreprocessor::load(&fixture.dir)?;
         let mut out = BTreeMap::new();
         let mut grids = Vec::new();
@@ -437,7 +525,13 @@ impl OutputComparison {
 #[derive(Debug, Clone)]
 pub struct FixtureReport {
     pub fixture: String,
+    /// The model kind (`meta.json`'s `kind`).
     pub kind: String,
+    /// Where our model ran (`cpu`, `cuda:0`) and in what (`float32`, `bfloat16`).
+    pub device: String,
+    pub dtype: String,
+    /// The precision of the expected outputs (`meta.json`'s `dtype`).
+    pub reference_dtype: FixtureDtype,
     pub expect: Expectation,
     pub outputs: Vec<OutputComparison>,
 }
@@ -455,6 +549,11 @@ impl FixtureReport {
             Expectation::Mismatch => !self.all_within_tolerance(),
         }
     }
+
+    /// One output's comparison, by name.
+    pub fn output(&self, name: &str) -> Option<&OutputComparison> {
+        self.outputs.iter().find(|o| o.name == name)
+    }
 }
 
 impl fmt::Display for FixtureReport {
@@ -466,8 +565,8 @@ impl fmt::Display for FixtureReport {
         };
         writeln!(
             f,
-            "{} ({}, expect {:?}): {verdict}",
-            self.fixture, self.kind, self.expect
+            "{} ({}, {} on {}, expect {:?}): {verdict}",
+            self.fixture, self.kind, self.dtype, self.device, self.expect
         )?;
         for o in &self.outputs {
             let status = if o.within_tolerance() {
@@ -481,9 +580,11 @@ impl fmt::Display for FixtureReport {
                     "  {:<26} shape {ours:?} but expected {expected:?}",
                     o.name
                 )?,
+                // The tolerance as written in meta.json (1e-4 prints as 0.0001, a bf16 one as
+                // 0.0557), not rounded to one digit.
                 None => writeln!(
                     f,
-                    "  {:<26} {:?} max |diff| {:.3e} {status} tolerance {:.0e}",
+                    "  {:<26} {:?} max |diff| {:.3e} {status} tolerance {}",
                     o.name, o.shape, o.max_abs_diff, o.tolerance
                 )?,
             }
@@ -492,10 +593,27 @@ impl fmt::Display for FixtureReport {
     }
 }
 
-/// Runs one fixture: opens it, runs its kind's runner on `device` and compares every output
-/// `meta.json` names. An `Err` means the fixture could not be run at all (a broken fixture, a
-/// model that failed to load), never that outputs differ: that is in the report.
+/// Runs one fixture in f32: opens it, runs its kind's runner on `device` and compares every
+/// output `meta.json` names. An `Err` means the fixture could not be run at all (a broken
+/// fixture, a model that failed to load), never that outputs differ: that is in the report.
 pub fn run_fixture(dir: &Path, device: Device) -> Result<FixtureReport, MlError> {
+    run_fixture_as(dir, device, Kind::Float)
+}
+
+/// [`run_fixture`] with the model in `dtype` (its floating-point kind: `Kind::Float` or
+/// `Kind::BFloat16`). Each output is compared with the fixture's own tolerance, whatever
+/// precision the fixture was made in: a bf16 fixture carries bf16 tolerances, and running an f32
+/// fixture in bf16 is expected to fail them. Greedy tokens are compared exactly, like every
+/// integer output.
+pub fn run_fixture_as(dir: &Path, device: Device, dtype: Kind) -> Result<FixtureReport, MlError> {
+    if !matches!(
+        dtype,
+        Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double
+    ) {
+        return Err(MlError::Invalid(format!(
+            "a model runs in a floating-point kind, not {dtype:?}"
+        )));
+    }
     let fixture = Fixture::open(dir)?;
     let runners = runners();
     let runner = runners
@@ -510,7 +628,7 @@ pub fn run_fixture(dir: &Path, device: Device) -> Result<FixtureReport, MlError>
                 known.join(", ")
             ))
         })?;
-    let ours = runner.run(&fixture, device)?;
+    let ours = runner.run(&fixture, device, dtype)?;
     let expected = fixture.expected()?;
     let mut outputs = Vec::new();
     for name in &fixture.meta.outputs {
@@ -526,16 +644,21 @@ pub fn run_fixture(dir: &Path, device: Device) -> Result<FixtureReport, MlError>
         let theirs = expected
             .get(name)
             .ok_or_else(|| missing("is not in expected.safetensors"))?;
-        let tolerance = *fixture
-            .meta
-            .tolerances
-            .get(name)
-            .unwrap_or(&fixture.meta.tolerance);
+        // Integer outputs (token ids, grids, positions, greedy tokens) are compared exactly
+        // whatever tolerance meta.json gives, in bf16 as in f32.
+        let tolerance = if theirs.is_floating_point() {
+            fixture.meta.tolerance_of(name)
+        } else {
+            0.0
+        };
         outputs.push(compare(name, mine, theirs, tolerance));
     }
     Ok(FixtureReport {
         fixture: fixture.name(),
         kind: fixture.meta.kind.clone(),
+        device: crate::device::name(device),
+        dtype: dtype_name(dtype),
+        reference_dtype: fixture.meta.dtype,
         expect: fixture.meta.expect,
         outputs,
     })

@@ -2,9 +2,11 @@
 //!
 //! Every fixture directory under `$TWIN_PARITY_FIXTURES` (default: the repository's
 //! `tests/fixtures/parity`, made by `tests/fixtures/make_parity_fixtures.py`) is run through
-//! `twin_ml::parity` on the CPU in f32; each output's largest absolute difference is printed
-//! (`cargo test -p twin-ml --test parity -- --nocapture` shows them). The broken-checkpoint
-//! tests copy a fixture and damage the copy one way each.
+//! `twin_ml::parity` on the CPU in the precision it was made in (f32, or bf16 for a set made with
+//! `--dtype bfloat16`, which deploy/test.sh also runs); each output's largest absolute difference
+//! is printed (`cargo test -p twin-ml --test parity -- --nocapture` shows them). Without Python,
+//! the bf16 path is run against the committed f32 CLIP fixtures. The broken-checkpoint tests copy
+//! a fixture and damage the copy one way each.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 use twin_ml::MlError;
 use twin_ml::clip::{ClipConfig, ClipModel, ClipPreprocessor};
-use twin_ml::parity::{Expectation, fixture_dirs, run_fixture};
+use twin_ml::parity::{
+    Expectation, Fixture, FixtureDtype, fixture_dirs, run_fixture, run_fixture_as,
+};
 use twin_ml::tch::{Device, Kind, Tensor};
 use twin_ml::weights::{read_safetensors, write_safetensors};
 
@@ -36,8 +40,15 @@ fn every_fixture_matches_the_reference_unless_built_to_mismatch() {
     assert!(!dirs.is_empty(), "no fixtures under {}", root.display());
     let mut unexpected = Vec::new();
     for dir in &dirs {
-        let report =
-            run_fixture(dir, Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        // In the precision the fixture was made in: a bf16 set (made with `--device cpu --dtype
+        // bfloat16`) runs in bf16 against its bf16 tolerances.
+        let dtype = Fixture::open(dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .meta
+            .dtype
+            .kind();
+        let report = run_fixture_as(dir, Device::Cpu, dtype)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         println!("{report}");
         if !report.as_expected() {
             unexpected.push(report.fixture.clone());
@@ -89,6 +100,87 @@ fn a_fixture_comparing_greedy_tokens_must_show_they_are_clear_choices() {
     // A clear fixture gets as far as loading its (missing) model.
     let err = run_fixture(dir.path(), Device::Cpu).unwrap_err();
     assert!(!err.to_string().contains("greedy_min_margin"), "{err}");
+}
+
+#[test]
+fn a_greedy_margin_must_also_clear_twice_the_logits_tolerance() {
+    // Logits allowed to move by 0.5 each could swap two tokens 1.0 apart or less: with such a
+    // tolerance (a bf16 fixture's are about 1) the greedy tokens need a wider margin.
+    let dir = tempfile::tempdir().unwrap();
+    let meta = |margin: f64| {
+        serde_json::json!({
+            "kind": "qwen2_5_vl", "outputs": ["logits", "greedy_tokens"],
+            "tolerances": {"logits": 0.5}, "greedy_new_tokens": 32, "greedy_min_margin": margin,
+            "dtype": "bfloat16", "device": "cuda",
+        })
+    };
+    std::fs::write(dir.path().join("meta.json"), meta(0.9).to_string()).unwrap();
+    let err = Fixture::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("greedy_min_margin ≥ 1"), "{err}");
+    std::fs::write(dir.path().join("meta.json"), meta(1.0).to_string()).unwrap();
+    let fixture = Fixture::open(dir.path()).unwrap();
+    assert_eq!(fixture.meta.dtype, FixtureDtype::Bfloat16);
+    assert_eq!(fixture.meta.device, "cuda");
+    assert_eq!(fixture.meta.dtype.kind(), Kind::BFloat16);
+}
+
+#[test]
+fn a_fixture_without_a_dtype_is_f32_from_the_cpu_and_an_unknown_dtype_is_refused() {
+    let fixture = Fixture::open(&default_fixture("clip_model")).unwrap();
+    assert_eq!(fixture.meta.dtype, FixtureDtype::Float32);
+    assert_eq!(fixture.meta.device, "cpu");
+    let dir = tempfile::tempdir().unwrap();
+    let meta = serde_json::json!({"kind": "clip", "outputs": [], "dtype": "float16"});
+    std::fs::write(dir.path().join("meta.json"), meta.to_string()).unwrap();
+    let err = Fixture::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("float16"), "{err}");
+}
+
+/// tests/fixtures/parity_reference.py's BF16_RELATIVE: a bf16 output's tolerance is this times
+/// the reference output's largest magnitude.
+const BF16_RELATIVE: f64 = 1.0 / 16.0;
+
+#[test]
+fn in_bf16_on_the_cpu_clip_stays_within_bf16_tolerances_and_outside_f32_ones() {
+    // The committed fixtures are f32 references: our model in bf16 must be within the tolerance
+    // a bf16 fixture set states (here against f32, which the same rounding errors make about as
+    // far as transformers in bf16), and must fail the f32 tolerance, which proves the kind
+    // really changed (ClipModel::load would pick f32 on the CPU).
+    for name in [
+        "clip_model",
+        "clip_model_sharded",
+        "clip_vision_with_projection",
+        "clip_vision_bare",
+    ] {
+        let dir = default_fixture(name);
+        let expected = Fixture::open(&dir).unwrap().expected().unwrap();
+        let report = run_fixture_as(&dir, Device::Cpu, Kind::BFloat16).unwrap();
+        println!("{report}");
+        assert_eq!(
+            (report.dtype.as_str(), report.device.as_str()),
+            ("bfloat16", "cpu")
+        );
+        assert!(
+            !report.all_within_tolerance(),
+            "{name}: bf16 within f32 tolerances: {report}"
+        );
+        for o in &report.outputs {
+            if o.name == "pixel_values" {
+                // Preprocessing never sees the model's kind.
+                assert_eq!(o.max_abs_diff, 0.0, "{name}: {report}");
+                continue;
+            }
+            let scale = expected[&o.name].abs().max().double_value(&[]);
+            let tolerance = BF16_RELATIVE * scale;
+            assert!(
+                o.max_abs_diff <= tolerance,
+                "{name}.{}: {:.3e} > bf16 tolerance {tolerance:.3e}",
+                o.name,
+                o.max_abs_diff
+            );
+            assert!(o.max_abs_diff > 0.0, "{name}.{}: bit-equal to f32", o.name);
+        }
+    }
 }
 
 #[test]

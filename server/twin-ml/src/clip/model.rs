@@ -476,13 +476,13 @@ impl std::fmt::Debug for ClipModel {
 const VISION_PREFIX: &str = "vision_model.";
 
 impl ClipModel {
-    /// Builds the variables for `config` on `device` in its compute kind, all zero.
-    fn build(config: ClipConfig, device: Device) -> Result<ClipModel, MlError> {
+    /// Builds the variables for `config` on `device` in `kind`, all zero.
+    fn build(config: ClipConfig, device: Device, kind: Kind) -> Result<ClipModel, MlError> {
         config
             .validate()
             .map_err(|m| MlError::Invalid(format!("CLIP config: {m}")))?;
         let mut vs = nn::VarStore::new(device);
-        vs.set_kind(crate::device::compute_kind(device));
+        vs.set_kind(kind);
         let root = vs.root();
         let vision = VisionTransformer::new(&root / "vision_model", &config.vision);
         let visual_projection = (config.architecture != ClipArchitecture::Vision).then(|| {
@@ -525,9 +525,15 @@ impl ClipModel {
     /// `device`, in bf16 on CUDA and f32 on the CPU. Every tensor is checked (present, right
     /// shape) before the model is returned.
     pub fn load(dir: &Path, device: Device) -> Result<ClipModel, MlError> {
+        ClipModel::load_as(dir, device, crate::device::compute_kind(device))
+    }
+
+    /// [`ClipModel::load`] in a chosen kind: bf16 on the CPU or f32 on a GPU, for benchmarks
+    /// and parity checks that hold the kind fixed across devices.
+    pub fn load_as(dir: &Path, device: Device, kind: Kind) -> Result<ClipModel, MlError> {
         let checkpoint = Checkpoint::open(dir)?;
         let config = ClipConfig::from_file(&checkpoint.config_path())?;
-        ClipModel::from_checkpoint(&checkpoint, config, device)
+        ClipModel::from_checkpoint(&checkpoint, config, device, kind)
     }
 
     /// Like [`ClipModel::load`] but only the image tower and its projection, whatever the
@@ -535,15 +541,21 @@ impl ClipModel {
     pub fn load_vision(dir: &Path, device: Device) -> Result<ClipModel, MlError> {
         let checkpoint = Checkpoint::open(dir)?;
         let config = ClipConfig::from_file(&checkpoint.config_path())?.vision_only();
-        ClipModel::from_checkpoint(&checkpoint, config, device)
+        ClipModel::from_checkpoint(
+            &checkpoint,
+            config,
+            device,
+            crate::device::compute_kind(device),
+        )
     }
 
     fn from_checkpoint(
         checkpoint: &Checkpoint,
         config: ClipConfig,
         device: Device,
+        kind: Kind,
     ) -> Result<ClipModel, MlError> {
-        let mut model = ClipModel::build(config, device)?;
+        let mut model = ClipModel::build(config, device, kind)?;
         // Decided by the keys rather than the declared class: a bare vision tower's keys have
         // no `vision_model.` prefix, every other layout's do.
         let prefixed = checkpoint.contains("vision_model.embeddings.class_embedding");
@@ -570,7 +582,7 @@ impl ClipModel {
         device: Device,
     ) -> Result<ClipModel, MlError> {
         use rand::SeedableRng;
-        let mut model = ClipModel::build(config, device)?;
+        let mut model = ClipModel::build(config, device, crate::device::compute_kind(device))?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
