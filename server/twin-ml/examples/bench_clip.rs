@@ -1,19 +1,28 @@
-//! Benchmark of the CLIP image path, f32 on the CPU: the ViT-B/32 vision tower + projection on
-//! one `[batch, 3, 224, 224]` tensor (median of `--reps` runs after `--warmup`), both through
+//! Benchmark of the CLIP image path: the vision tower + projection of ViT-B/32 (`--arch b32`,
+//! the default) or ViT-L/14 (`--arch l14`) on one `[batch, 3, 224, 224]` tensor already on the
+//! device in the model's kind (median of `--reps` runs after `--warmup`), both through
 //! `image_features` (what callers use: the last layer computes the class token only) and through
-//! `vision_forward` (every output, like transformers' forward); and preprocessing throughput on
-//! 640×480 images, all of them per `preprocess_batch` call.
+//! `vision_forward` (every output, like transformers' forward); and, unless `--forward-only`,
+//! preprocessing throughput on 640×480 images, all of them per `preprocess_batch` call. Runs on
+//! `--device cpu` (the default) or `cuda`, in `--dtype f32` or `bf16` (default `auto`: the
+//! device's compute kind, bf16 on CUDA and f32 on the CPU, as `ClipModel::load` picks); on CUDA
+//! the clock starts and stops after `tch::Cuda::synchronize`, so images/s = batch / median
+//! seconds of finished work.
 //!
 //! With `--workdir` (what `deploy/bench-clip.sh` passes) it uses what
 //! `bench/clip_reference.py` left there, the same weights, input batch and PNGs transformers
-//! was timed on, and first checks that the embeddings and pixel values agree with transformers'.
-//! Without it, a seeded random model and generated images are used.
+//! was timed on, and first checks that the embeddings (raw, and L2-normalised: the parity
+//! number) and pixel values agree with transformers', both computed in the same dtype. Without
+//! it, a seeded random model and generated images are used.
 //!
 //! ```text
 //! cargo run --release -p twin-ml --example bench_clip -- [--workdir DIR] [--threads 2] [--batch 8]
-//!     [--reps 7] [--warmup 2] [--preprocess-rounds 4]
+//!     [--reps 7] [--warmup 2] [--preprocess-rounds 4] [--device cpu|cuda] [--dtype auto|f32|bf16]
+//!     [--arch b32|l14] [--forward-only]
 //! ```
-//! Prints a human summary and one line `RESULT {json}`.
+//! Prints a human summary and one line `RESULT {json}`; on CUDA with peak GPU memory from NVML
+//! and the driver's free memory (`examples/common/gpu_memory.rs`: tch cannot read libtorch's
+//! allocator statistics).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,6 +32,9 @@ use twin_ml::clip::{ClipConfig, ClipModel, ClipPreprocessor};
 use twin_ml::tch::{self, Device, Kind, Tensor};
 use twin_ml::weights::read_safetensors;
 
+#[path = "common/gpu_memory.rs"]
+mod gpu_memory;
+
 struct Args {
     workdir: Option<PathBuf>,
     threads: i32,
@@ -30,6 +42,11 @@ struct Args {
     reps: usize,
     warmup: usize,
     preprocess_rounds: usize,
+    cuda: bool,
+    /// `None`: the device's compute kind (bf16 on CUDA, f32 on the CPU).
+    kind: Option<Kind>,
+    arch: String,
+    forward_only: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -40,11 +57,35 @@ fn parse_args() -> anyhow::Result<Args> {
         reps: 7,
         warmup: 2,
         preprocess_rounds: 8,
+        cuda: false,
+        kind: None,
+        arch: "b32".into(),
+        forward_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
+            "--device" => {
+                args.cuda = match value()?.as_str() {
+                    "cpu" => false,
+                    "cuda" => true,
+                    other => bail!("--device {other}: cpu or cuda"),
+                }
+            }
+            "--dtype" => {
+                args.kind = match value()?.as_str() {
+                    "f32" => Some(Kind::Float),
+                    "bf16" => Some(Kind::BFloat16),
+                    "auto" => None,
+                    other => bail!("--dtype {other}: f32, bf16 or auto"),
+                }
+            }
+            "--arch" => {
+                args.arch = value()?;
+                arch_config(&args.arch)?;
+            }
+            "--forward-only" => args.forward_only = true,
             "--workdir" => args.workdir = Some(PathBuf::from(value()?)),
             "--threads" => args.threads = value()?.parse()?,
             "--batch" => args.batch = value()?.parse()?,
@@ -58,6 +99,38 @@ fn parse_args() -> anyhow::Result<Args> {
         bail!("--reps, --batch and --threads must be positive");
     }
     Ok(args)
+}
+
+/// The image tower and projection of `--arch`.
+fn arch_config(arch: &str) -> anyhow::Result<ClipConfig> {
+    Ok(match arch {
+        "b32" => ClipConfig::vit_b32().vision_only(),
+        "l14" => ClipConfig::vit_l14().vision_only(),
+        other => bail!("--arch {other}: b32 or l14"),
+    })
+}
+
+fn dtype_name(kind: Kind) -> &'static str {
+    if kind == Kind::BFloat16 {
+        "bf16"
+    } else {
+        "f32"
+    }
+}
+
+/// Waits until the work queued on `device` is done, so a clock read after it times finished
+/// work: CUDA kernels run asynchronously, CPU ones have finished when their call returns.
+fn synchronize(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+/// L2-normalised rows in f32 (CLIP compares embeddings by cosine).
+fn normalized(embeds: &Tensor) -> Tensor {
+    let e = embeds.to_kind(Kind::Float);
+    let norm = e.norm_scalaropt_dim(2, [-1], true);
+    e / norm
 }
 
 fn median_ms(mut samples: Vec<f64>) -> f64 {
@@ -105,25 +178,51 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    // Before anything touches CUDA, so the sampler's baseline is other processes' memory only.
+    let sampler = args.cuda.then(gpu_memory::GpuMemory::start);
     tch::set_num_threads(args.threads);
+    let device = if args.cuda {
+        twin_ml::device::select(twin_ml::DeviceRequest::Cuda)?
+    } else {
+        Device::Cpu
+    };
     let command: Vec<String> = std::env::args().skip(1).collect();
     println!(
         "command: cargo run --release -p twin-ml --example bench_clip -- {}",
         command.join(" ")
     );
     println!(
-        "machine: {} ({} logical CPUs), libtorch threads {}",
+        "machine: {} ({} logical CPUs), libtorch threads {}, device {}",
         cpu_model(),
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
-        tch::get_num_threads()
+        tch::get_num_threads(),
+        twin_ml::device::describe()
     );
+    let arch = arch_config(&args.arch)?;
+    let kind = args
+        .kind
+        .unwrap_or_else(|| twin_ml::device::compute_kind(device));
 
     let (model, preprocessor, pixel_values, images, reference) = match &args.workdir {
         Some(dir) => {
             let model_dir = dir.join("model");
-            let model = ClipModel::load(&model_dir, Device::Cpu)?;
+            let model = ClipModel::load_as(&model_dir, device, kind)?;
+            let (ours, wanted) = (&model.config().vision, &arch.vision);
+            if (ours.hidden_size, ours.num_hidden_layers, ours.patch_size)
+                != (
+                    wanted.hidden_size,
+                    wanted.num_hidden_layers,
+                    wanted.patch_size,
+                )
+            {
+                bail!(
+                    "{} is not --arch {}: pass the arch the reference was run with",
+                    model_dir.display(),
+                    args.arch
+                );
+            }
             let preprocessor = ClipPreprocessor::load(&model_dir)?;
             let reference: std::collections::BTreeMap<String, Tensor> =
                 read_safetensors(&dir.join("reference.safetensors"))?
@@ -133,24 +232,33 @@ fn main() -> anyhow::Result<()> {
                 .get("pixel_values")
                 .context("reference lacks pixel_values")?
                 .shallow_clone();
-            let mut paths: Vec<PathBuf> = std::fs::read_dir(dir.join("images"))?
-                .map(|e| e.map(|e| e.path()))
-                .collect::<Result<_, _>>()?;
-            paths.sort();
-            let images = paths
-                .iter()
-                .map(|p| image::open(p).with_context(|| p.display().to_string()))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let images = if args.forward_only {
+                Vec::new()
+            } else {
+                let mut paths: Vec<PathBuf> = std::fs::read_dir(dir.join("images"))?
+                    .map(|e| e.map(|e| e.path()))
+                    .collect::<Result<_, _>>()?;
+                paths.sort();
+                paths
+                    .iter()
+                    .map(|p| image::open(p).with_context(|| p.display().to_string()))
+                    .collect::<anyhow::Result<Vec<_>>>()?
+            };
             (model, preprocessor, pixel_values, images, Some(reference))
         }
         None => {
-            let model =
-                ClipModel::init_random(ClipConfig::vit_b32().vision_only(), 0, Device::Cpu)?;
+            // Seeded random weights in f32, saved and loaded back so the model computes in
+            // the kind asked for on the device asked for, as with a workdir.
+            let scratch = tempfile::tempdir()?;
+            ClipModel::init_random(arch, 0, Device::Cpu)?.save_pretrained(scratch.path())?;
+            let model = ClipModel::load_as(scratch.path(), device, kind)?;
+            let size = model.config().vision.image_size;
             tch::manual_seed(1);
-            let pixel_values = Tensor::randn([args.batch, 3, 224, 224], (Kind::Float, Device::Cpu));
+            let pixel_values =
+                Tensor::randn([args.batch, 3, size, size], (Kind::Float, Device::Cpu));
             (
                 model,
-                ClipPreprocessor::clip_default(224),
+                ClipPreprocessor::clip_default(size as usize),
                 pixel_values,
                 generated_images(8),
                 None,
@@ -159,17 +267,26 @@ fn main() -> anyhow::Result<()> {
     };
     let pixel_values = pixel_values.narrow(0, 0, args.batch.min(pixel_values.size()[0]));
     let batch = pixel_values.size()[0];
+    // Timed on pixels already on the device in the model's kind, as the reference times them.
+    let model_pixels = pixel_values.to_device(device).to_kind(model.kind());
 
     let mut parity = serde_json::Map::new();
     if let Some(reference) = &reference {
-        let ours = model.image_features(&pixel_values)?;
+        let ours = model.image_features(&model_pixels)?;
         let theirs = reference
             .get("image_embeds")
-            .context("reference lacks image_embeds")?;
-        let d = max_abs_diff(&ours, &theirs.narrow(0, 0, batch));
-        println!("parity: image_embeds max |diff| vs transformers {d:.3e}");
+            .context("reference lacks image_embeds")?
+            .narrow(0, 0, batch)
+            .to_device(device);
+        let d = max_abs_diff(&ours, &theirs);
+        let dn = max_abs_diff(&normalized(&ours), &normalized(&theirs));
+        println!(
+            "parity ({}): image_embeds max |diff| vs transformers {d:.3e}, normalised {dn:.3e}",
+            dtype_name(model.kind())
+        );
         parity.insert("image_embeds_max_abs_diff".into(), d.into());
-        if let Some(expected) = reference.get("image_pixel_values") {
+        parity.insert("normalized_embeds_max_abs_diff".into(), dn.into());
+        if let (Some(expected), false) = (reference.get("image_pixel_values"), images.is_empty()) {
             let d = max_abs_diff(&preprocessor.preprocess_batch(&images)?, expected);
             println!(
                 "parity: pixel_values of the 640x480 images max |diff| vs transformers {d:.3e}"
@@ -180,35 +297,46 @@ fn main() -> anyhow::Result<()> {
 
     // The two paths alternate within each repetition so machine noise hits both alike.
     for _ in 0..args.warmup {
-        let _ = model.image_features(&pixel_values)?;
-        let _ = model.vision_forward(&pixel_values)?;
+        let _ = model.image_features(&model_pixels)?;
+        let _ = model.vision_forward(&model_pixels)?;
     }
     let (mut samples, mut full_samples) =
         (Vec::with_capacity(args.reps), Vec::with_capacity(args.reps));
     for _ in 0..args.reps {
+        synchronize(device);
         let start = Instant::now();
-        let out = model.image_features(&pixel_values)?;
-        // Reading one value makes sure the work is done, not just queued.
-        let _ = out.double_value(&[0, 0]);
+        let out = model.image_features(&model_pixels)?;
+        synchronize(device);
         samples.push(start.elapsed().as_secs_f64() * 1e3);
+        drop(out);
         let start = Instant::now();
-        let out = model.vision_forward(&pixel_values)?;
-        let _ = out.image_embeds.double_value(&[0, 0]);
+        let out = model.vision_forward(&model_pixels)?;
+        synchronize(device);
         full_samples.push(start.elapsed().as_secs_f64() * 1e3);
+        drop(out);
     }
     let forward_ms = median_ms(samples.clone());
     let full_forward_ms = median_ms(full_samples.clone());
 
-    let _ = preprocessor.preprocess_batch(&images[..1])?;
-    let start = Instant::now();
-    for _ in 0..args.preprocess_rounds {
-        let _ = preprocessor.preprocess_batch(&images)?;
-    }
-    let preprocessed = args.preprocess_rounds * images.len();
-    let preprocess_per_s = preprocessed as f64 / start.elapsed().as_secs_f64();
+    let preprocess = if args.forward_only {
+        None
+    } else {
+        let _ = preprocessor.preprocess_batch(&images[..1])?;
+        let start = Instant::now();
+        for _ in 0..args.preprocess_rounds {
+            let _ = preprocessor.preprocess_batch(&images)?;
+        }
+        let preprocessed = args.preprocess_rounds * images.len();
+        Some((
+            preprocessed,
+            preprocessed as f64 / start.elapsed().as_secs_f64(),
+        ))
+    };
 
     println!(
-        "forward (image_features): batch {batch}, median {forward_ms:.1} ms over {} reps ({:.1} images/s); samples {:?}",
+        "forward (image_features): {} {}, batch {batch}, median {forward_ms:.1} ms over {} reps ({:.1} images/s); samples {:?}",
+        args.arch,
+        dtype_name(model.kind()),
         args.reps,
         batch as f64 / forward_ms * 1e3,
         samples
@@ -224,24 +352,40 @@ fn main() -> anyhow::Result<()> {
             .map(|s| (s * 10.0).round() / 10.0)
             .collect::<Vec<_>>()
     );
-    println!(
-        "preprocess: {preprocess_per_s:.1} images/s ({preprocessed} images of 640x480, {} per call)",
-        images.len()
-    );
-    let result = serde_json::json!({
+    if let Some((preprocessed, per_s)) = preprocess {
+        println!(
+            "preprocess: {per_s:.1} images/s ({preprocessed} images of 640x480, {} per call)",
+            images.len()
+        );
+    }
+    let mut result = serde_json::json!({
         "side": "twin-ml",
+        "device": if args.cuda { "cuda" } else { "cpu" },
+        "dtype": dtype_name(model.kind()),
+        "arch": args.arch,
         "threads": tch::get_num_threads(),
         "batch": batch,
         "reps": args.reps,
         "forward_ms_median": forward_ms,
         "forward_ms_all": samples,
         "forward_images_per_s": batch as f64 / forward_ms * 1e3,
+        // Image embeddings per second: image_features is how this crate computes them.
+        "images_per_s": batch as f64 / forward_ms * 1e3,
         "full_forward_ms_median": full_forward_ms,
         "full_forward_ms_all": full_samples,
-        "preprocess_images_per_s": preprocess_per_s,
-        "preprocess_images": preprocessed,
+        "full_forward_images_per_s": batch as f64 / full_forward_ms * 1e3,
         "parity": parity,
     });
+    if let Some((preprocessed, per_s)) = preprocess {
+        result["preprocess_images_per_s"] = per_s.into();
+        result["preprocess_images"] = preprocessed.into();
+    }
+    if let (Some(fields), Some(object)) = (
+        gpu_memory::fields(sampler).as_object(),
+        result.as_object_mut(),
+    ) {
+        object.extend(fields.clone());
+    }
     println!("RESULT {result}");
     Ok(())
 }
