@@ -11,13 +11,18 @@
 #                                          # checks the plumbing before GPU time is spent on it
 #   deploy/gpu-check.sh summary OUT        # OUT/summary.md again from OUT/results.jsonl
 #
+# gpu-bin/ is git-ignored: copy it to the GPU machine beside the checkout (or name it where a
+# remote-run tool takes extra paths), then `deploy/gpu-check.sh run OUT` there, in one call.
+#
 # The GPU machine runs the binaries against its own libtorch (python3's torch, the same 2.11 the
 # project links), makes fixtures and reference runs with its own transformers through the
 # in-repository scripts, and needs nothing else. Results are appended to OUT/results.jsonl the
 # moment each is measured (one JSON object per line: part, status, what was measured), so a run
 # cut short still reports what it finished; OUT/log.txt has every part's output and
 # OUT/summary.md the tables BENCHMARKS.md takes. Environment: PYTHON (python3; .venv/bin/python
-# with --cpu-smoke), DEADLINE_S (360), BIN_DIR (gpu-bin).
+# with --cpu-smoke), DEADLINE_S (360), BIN_DIR (gpu-bin), PARTS (a subset of "env parity graphs
+# rollouts clip train"), WORK_DIR (kept, so a second run on the same machine reuses fixtures and
+# checkpoints; a fresh temporary directory, removed at the end, by default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 script="$PWD/deploy/gpu-check.sh"
@@ -74,8 +79,9 @@ record() {
     echo "{\"part\": \"$part\", \"status\": \"$status\"$fields}" >>"$out/results.jsonl"
 }
 
-# Runs a program, tees its output into the log, and records each `RESULT {json}` line it prints
-# at once, tagged with the part and side.
+# Runs a program, tees its output into the log, and records each result line it prints at once,
+# tagged with the part and side: `RESULT {json}`, or qwen_reference.py's `{"kind": "result", …}`
+# (deploy/bench-qwen.sh reads that form).
 measure() {
     local part=$1 side=$2
     shift 2
@@ -84,6 +90,7 @@ measure() {
     "$@" 2>&1 | tee -a "$out/log.txt" | while IFS= read -r line; do
         case $line in
         RESULT\ *) record "$part" measured side "\"$side\"" result "${line#RESULT }" ;;
+        '{"kind": "result"'*) record "$part" measured side "\"$side\"" result "$line" ;;
         esac
     done
 }
@@ -126,7 +133,8 @@ part_parity() {
         --fixtures tests/fixtures/parity --fixtures "$work/parity-f32" \
         --bf16-fixtures "$work/parity-bf16" --out "$work/parity.json"
     local rc=$?
-    [ -f "$work/parity.json" ] && record parity report report "$(cat "$work/parity.json")"
+    [ -f "$work/parity.json" ] && record parity report report \
+        "$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))' "$work/parity.json")"
     return $rc
 }
 
@@ -138,7 +146,7 @@ part_graphs() {
 }
 
 part_rollouts() {
-    local preset=3b device=cuda dtype=bf16 batches=(8 32) tokens=128 repeats=2
+    local preset=3b device=cuda dtype=bf16 batches=(8 32) tokens=128 repeats=1
     if ((smoke)); then
         preset=small device=cpu dtype=f32 batches=(2 4) tokens=4 repeats=1
     fi
@@ -157,35 +165,44 @@ part_rollouts() {
 }
 
 part_clip() {
-    local device=cuda dtype=bf16 batch=512 reps=5
+    local device=cuda dtype=bf16 batch=512 reps=3
     if ((smoke)); then
-        device=cpu dtype=f32 batch=4 reps=1
+        device=cpu dtype=f32 batch=2 reps=1
     fi
     local arch
     for arch in b32 l14; do
         mkdir -p "$work/clip-$arch"
         measure clip transformers "$python" server/twin-ml/bench/clip_reference.py --workdir "$work/clip-$arch" \
             --arch "$arch" --device "$device" --dtype "$dtype" --batch "$batch" --reps "$reps" \
-            --forward-only || return 1
+            --warmup 1 --forward-only || return 1
         measure clip twin-ml "$bin_dir/bench_clip" --workdir "$work/clip-$arch" --arch "$arch" \
-            --device "$device" --dtype "$dtype" --batch "$batch" --reps "$reps" --forward-only || return 1
+            --device "$device" --dtype "$dtype" --batch "$batch" --reps "$reps" --warmup 1 \
+            --forward-only || return 1
     done
 }
 
 part_train() {
-    local preset=3b device=cuda
-    ((smoke)) && preset=small device=cpu
+    local preset=3b device=cuda steps=2
+    ((smoke)) && preset=small device=cpu steps=1
+    # The rollouts part's checkpoint has the same shape: link it rather than build another.
+    local reuse=()
+    [ -f "$work/qwen/config.json" ] && reuse=(--weights-from "$work/qwen")
     "$python" server/twin-ml/bench/train_step_reference.py --preset "$preset" --device "$device" \
-        --save "$work/train" >>"$out/log.txt" 2>&1 || return 1
+        --save "$work/train" "${reuse[@]}" >>"$out/log.txt" 2>&1 || return 1
     measure train transformers "$python" server/twin-ml/bench/train_step_reference.py --model "$work/train" \
-        --device "$device" --checkpointing on --steps 2 --warmup 1 || return 1
+        --device "$device" --checkpointing on --steps "$steps" --warmup 1 || return 1
     measure train twin-ml "$bin_dir/bench_train_step" --model "$work/train" --device "$device" \
-        --checkpointing on --steps 2 --warmup 1
+        --checkpointing on --steps "$steps" --warmup 1
 }
 
 # Runs one part under `timeout` in a child of this script, recording how it ended.
 run_part() {
     local part=$1 cap=$2 min=$3
+    if [[ " $parts " != *" $part "* ]]; then
+        return
+    fi
+    # The CPU is far slower than the GPU at the same parts, even at toy sizes.
+    ((smoke)) && cap=$((cap * 4)) min=$((min * 4))
     local left=$((deadline - $(date +%s) - 15))
     ((cap > left)) && cap=$left
     if ((cap < min)); then
@@ -212,11 +229,20 @@ run() {
     out=$(cd "$out" && pwd)
     [ -x "$bin_dir/bench_qwen" ] || die "no binaries in $bin_dir: run 'deploy/gpu-check.sh build' first"
     rm -f "$out/results.jsonl" "$out/log.txt" "$out/summary.md"
-    work=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+    # WORK_DIR keeps fixtures and checkpoints for a second run on the same (warm) machine, e.g.
+    # PARTS="train" after a first run ran out of time.
+    work=${WORK_DIR:-}
+    if [ -n "$work" ]; then
+        mkdir -p "$work"
+    else
+        work=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+    fi
+    parts=${PARTS:-env parity graphs rollouts clip train}
+    [[ " $parts " == *" env "* ]] || parts="env $parts"
     python=${PYTHON:-python3}
     ((smoke)) && python=${PYTHON:-.venv/bin/python}
     deadline=$(($(date +%s) + ${DEADLINE_S:-360}))
-    export python out work smoke bin_dir
+    export python out work smoke bin_dir parts
     if ((!smoke)); then
         # The machine's own libtorch; libtorch_cuda is loaded by name at start-up (device.rs),
         # which TWIN_LOAD_CUDA allows even where /proc has no NVIDIA driver entry (gVisor).
@@ -226,15 +252,15 @@ run() {
     fi
     export PYTHONUNBUFFERED=1
     # name, cap (s), least useful time (s): in priority order.
-    run_part env 20 5
-    run_part parity 70 20
-    run_part graphs 40 10
-    run_part rollouts 170 60
+    run_part env 15 5
+    run_part parity 60 20
+    run_part graphs 30 10
+    run_part rollouts 150 60
     run_part clip 60 20
-    run_part train 90 40
+    run_part train 150 60
     record synthesis skipped reason '"DreamBooth synthesis is not built yet"'
     summary "$out"
-    rm -rf "$work"
+    [ -n "${WORK_DIR:-}" ] || rm -rf "$work"
 }
 
 # --- summary ------------------------------------------------------------------------------------
@@ -244,7 +270,12 @@ summary() {
 import json, sys
 from statistics import median
 
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+rows = []
+for line in open(sys.argv[1]):
+    try:
+        rows.append(json.loads(line))
+    except ValueError:
+        rows.append({"part": "?", "status": "unparsed line", "line": line[:200]})
 env = next((r for r in rows if r["part"] == "env" and "device" in r), {})
 print(f"device: {env.get('device', '?')}; torch/transformers/python {env.get('torch_transformers_python', '?')}; "
       f"commit {env.get('commit', '?')}\n")

@@ -211,7 +211,16 @@ def save(args):
     torch.manual_seed(args.seed)
     config = qr.preset_config(args.preset)
     device = torch.device(args.device)
-    if args.preset == "small":
+    if args.weights_from:
+        # The rollout benchmark's checkpoint of the same preset (deploy/gpu-check.sh): building
+        # and saving another 3B model would cost the GPU run a minute.
+        dtype = torch.float32 if args.preset == "small" else torch.bfloat16
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            args.weights_from, attn_implementation="sdpa", dtype=dtype).to(device).eval()
+        if model.config.text_config.hidden_size != config.text_config.hidden_size or \
+                model.config.text_config.num_hidden_layers != config.text_config.num_hidden_layers:
+            raise SystemExit(f"--weights-from {args.weights_from} is not the {args.preset} shape")
+    elif args.preset == "small":
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa",
                                                                 dtype=torch.float32).to(device).eval()
     else:
@@ -255,7 +264,16 @@ def save(args):
     batch["old_log_prob"] = current
     batch["ref_log_prob"] = current.clone()
     out = Path(args.save)
-    model.save_pretrained(out)
+    if args.weights_from:
+        # Links to the checkpoint's files rather than a second copy of several GB.
+        out.mkdir(parents=True, exist_ok=True)
+        for source in Path(args.weights_from).resolve().iterdir():
+            if source.suffix in (".safetensors", ".json") and source.name != "batch.safetensors":
+                link = out / source.name
+                link.unlink(missing_ok=True)
+                link.symlink_to(source)
+    else:
+        model.save_pretrained(out)
     save_file({k: v.contiguous() for k, v in batch.items()}, str(out / "batch.safetensors"))
     log(f"saved {out}: {args.preset}, {sum(p.numel() for p in model.parameters())} parameters in "
         f"{model.dtype}, {args.batch} x ({args.prompt_tokens} prompt + {args.response_tokens} response) "
@@ -393,6 +411,8 @@ def main():
     p.add_argument("--train-vision", choices=["on", "off"], default="on",
                    help="--model: off freezes the vision tower")
     p.add_argument("--preset", choices=sorted(qr.PRESETS), default="small", help="--save: the model's shape")
+    p.add_argument("--weights-from", help="--save: link this checkpoint of the preset's shape (qwen_reference.py --save) "
+                   "instead of building and saving a new random model")
     p.add_argument("--loss", choices=["auto", "verl", "inline"], default="auto",
                    help="the loss's code: verl's core_algos (auto: when importable) or the inline copy")
     p.add_argument("--images", type=int, help="--save: 448x448 images per prompt, 1 (small), 2 (3b)")
