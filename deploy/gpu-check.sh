@@ -12,7 +12,9 @@
 #   deploy/gpu-check.sh summary OUT        # OUT/summary.md again from OUT/results.jsonl
 #
 # gpu-bin/ is git-ignored: copy it to the GPU machine beside the checkout (or name it where a
-# remote-run tool takes extra paths), then `deploy/gpu-check.sh run OUT` there, in one call.
+# remote-run tool takes extra paths), then `deploy/gpu-check.sh run OUT` there, in one call. With
+# WORK_DIR set, a second call on the same machine can finish what the deadline cut, reusing the
+# fixtures and the 3B checkpoint: `PARTS="clip train" WORK_DIR=… deploy/gpu-check.sh run OUT`.
 #
 # The GPU machine runs the binaries against its own libtorch (python3's torch, the same 2.11 the
 # project links), makes fixtures and reference runs with its own transformers through the
@@ -22,7 +24,8 @@
 # OUT/summary.md the tables BENCHMARKS.md takes. Environment: PYTHON (python3; .venv/bin/python
 # with --cpu-smoke), DEADLINE_S (360), BIN_DIR (gpu-bin), PARTS (a subset of "env parity graphs
 # rollouts clip train"), WORK_DIR (kept, so a second run on the same machine reuses fixtures and
-# checkpoints; a fresh temporary directory, removed at the end, by default).
+# checkpoints; a fresh temporary directory, removed at the end, by default), TRAIN_ARGS (added to
+# both sides of the training step, e.g. "--train-vision off" where the 3B step does not fit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 script="$PWD/deploy/gpu-check.sh"
@@ -189,10 +192,12 @@ part_train() {
     [ -f "$work/qwen/config.json" ] && reuse=(--weights-from "$work/qwen")
     "$python" server/twin-ml/bench/train_step_reference.py --preset "$preset" --device "$device" \
         --save "$work/train" "${reuse[@]}" >>"$out/log.txt" 2>&1 || return 1
+    local extra
+    read -r -a extra <<<"${TRAIN_ARGS:-}"
     measure train transformers "$python" server/twin-ml/bench/train_step_reference.py --model "$work/train" \
-        --device "$device" --checkpointing on --steps "$steps" --warmup 1 || return 1
+        --device "$device" --checkpointing on --steps "$steps" --warmup 1 "${extra[@]}" || return 1
     measure train twin-ml "$bin_dir/bench_train_step" --model "$work/train" --device "$device" \
-        --checkpointing on --steps "$steps" --warmup 1
+        --checkpointing on --steps "$steps" --warmup 1 "${extra[@]}"
 }
 
 # Runs one part under `timeout` in a child of this script, recording how it ended.
@@ -256,7 +261,7 @@ run() {
     run_part parity 60 20
     run_part graphs 30 10
     run_part rollouts 150 60
-    run_part clip 60 20
+    run_part clip 75 20
     run_part train 150 60
     record synthesis skipped reason '"DreamBooth synthesis is not built yet"'
     summary "$out"
