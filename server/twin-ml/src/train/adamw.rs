@@ -161,9 +161,7 @@ impl AdamW {
     }
 
     /// [`step`](Self::step) with the gradients given, one f32 tensor per parameter in order,
-    /// rather than read from the parameters: mixed precision computes them on the model's bf16
-    /// weights and hands them to the f32 master weights ([`super::MasterWeights`]). Clipping
-    /// scales `grads` in place.
+    /// rather than read from the parameters. Clipping scales `grads` in place.
     pub fn step_with_gradients(
         &mut self,
         lr: f64,
@@ -176,7 +174,23 @@ impl AdamW {
                 self.slots.len()
             )));
         }
-        for (slot, grad) in self.slots.iter().zip(grads) {
+        self.step_with_gradient_source(lr, |i| Ok(grads[i].shallow_clone()))
+    }
+
+    /// [`step`](Self::step) with each parameter's f32 gradient made on demand by `gradient(i)`
+    /// (twice per step: once for the global norm, once for the update), so only one exists at
+    /// a time beyond what the caller holds. Mixed precision computes gradients on the model's
+    /// bf16 weights and converts them here for the f32 masters ([`super::MasterWeights`]):
+    /// converting all of them first would hold a second, f32, copy of every gradient (14 GiB
+    /// for a 3B model). The result is bit for bit that of converting them all first: the same
+    /// per-tensor norms, coefficient and updates in the same order.
+    pub fn step_with_gradient_source(
+        &mut self,
+        lr: f64,
+        mut gradient: impl FnMut(usize) -> Result<Tensor, MlError>,
+    ) -> Result<StepOutcome, MlError> {
+        let mut checked = |i: usize, slot: &Slot| -> Result<Tensor, MlError> {
+            let grad = gradient(i)?;
             if grad.kind() != Kind::Float || grad.size() != slot.param.size() {
                 return Err(MlError::Invalid(format!(
                     "AdamW: the gradient of `{}` is {:?} {:?}, expected Float {:?}",
@@ -186,8 +200,14 @@ impl AdamW {
                     slot.param.size()
                 )));
             }
+            Ok(grad)
+        };
+        let mut norms = Vec::with_capacity(self.slots.len());
+        for (i, slot) in self.slots.iter().enumerate() {
+            let grad = checked(i, slot)?;
+            norms.push(torch_call(|| grad_norm(&grad))?);
         }
-        let total = torch_call(|| total_grad_norm(grads))?;
+        let total = torch_call(|| norm_of_norms(&norms))?;
         let grad_norm = torch_call(|| total.double_value(&[]))?;
         if !grad_norm.is_finite() {
             self.skipped += 1;
@@ -196,19 +216,25 @@ impl AdamW {
                 applied: false,
             });
         }
-        if let Some(max_norm) = self.config.max_grad_norm {
-            torch_call(|| scale_to_norm(grads, &total, max_norm))?;
-        }
+        let coefficient = match self.config.max_grad_norm {
+            Some(max_norm) => Some(torch_call(|| clip_coefficient(&total, max_norm))?),
+            None => None,
+        };
         self.step += 1;
         let config = self.config;
         let step = self.step;
-        torch_call(|| {
-            tch::no_grad(|| {
-                for (slot, grad) in self.slots.iter_mut().zip(grads) {
-                    adamw_update(slot, grad, lr, step, &config);
-                }
-            })
-        })?;
+        for i in 0..self.slots.len() {
+            let grad = checked(i, &self.slots[i])?;
+            let slot = &mut self.slots[i];
+            torch_call(|| {
+                tch::no_grad(|| {
+                    if let Some(c) = &coefficient {
+                        let _ = grad.shallow_clone().g_mul_(c);
+                    }
+                    adamw_update(slot, &grad, lr, step, &config);
+                })
+            })?;
+        }
         Ok(StepOutcome {
             grad_norm,
             applied: true,
@@ -346,27 +372,35 @@ fn adamw_update(slot: &mut Slot, grad: &Tensor, lr: f64, step: u64, config: &Ada
     let _ = param.addcdiv_(&(&*exp_avg * -step_size), &denom);
 }
 
-/// The 2-norm of all gradients together, as `clip_grad_norm_` computes it on the CPU: each
-/// gradient's norm, then the norm of those norms.
-fn total_grad_norm(grads: &[Tensor]) -> Tensor {
-    if grads.is_empty() {
-        return Tensor::from(0f32);
-    }
-    let norms: Vec<Tensor> = grads
-        .iter()
-        .map(|g| {
-            g.flatten(0, -1)
-                .linalg_norm(2.0, None::<&[i64]>, false, None::<Kind>)
-        })
-        .collect();
-    Tensor::stack(&norms, 0).linalg_norm(2.0, None::<&[i64]>, false, None::<Kind>)
+/// One gradient's 2-norm, as `clip_grad_norm_` computes it on the CPU.
+fn grad_norm(grad: &Tensor) -> Tensor {
+    grad.flatten(0, -1)
+        .linalg_norm(2.0, None::<&[i64]>, false, None::<Kind>)
 }
 
-/// Scales gradients in place by `min(1, max_norm / (norm + 1e-6))`, `clip_grad_norm_`'s
-/// coefficient computed the way PyTorch's `float / tensor` does it (a reciprocal, then a
-/// product).
+/// The 2-norm of all gradients together from their own norms (`clip_grad_norm_`'s order).
+fn norm_of_norms(norms: &[Tensor]) -> Tensor {
+    if norms.is_empty() {
+        return Tensor::from(0f32);
+    }
+    Tensor::stack(norms, 0).linalg_norm(2.0, None::<&[i64]>, false, None::<Kind>)
+}
+
+/// The 2-norm of all gradients together: each gradient's norm, then the norm of those norms.
+fn total_grad_norm(grads: &[Tensor]) -> Tensor {
+    let norms: Vec<Tensor> = grads.iter().map(grad_norm).collect();
+    norm_of_norms(&norms)
+}
+
+/// `min(1, max_norm / (norm + 1e-6))`, `clip_grad_norm_`'s coefficient computed the way
+/// PyTorch's `float / tensor` does it (a reciprocal, then a product).
+fn clip_coefficient(total: &Tensor, max_norm: f64) -> Tensor {
+    ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0)
+}
+
+/// Scales gradients in place by [`clip_coefficient`].
 fn scale_to_norm(grads: &[Tensor], total: &Tensor, max_norm: f64) {
-    let coefficient = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+    let coefficient = clip_coefficient(total, max_norm);
     tch::no_grad(|| {
         for grad in grads {
             let _ = grad.shallow_clone().g_mul_(&coefficient);

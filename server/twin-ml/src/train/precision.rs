@@ -63,15 +63,19 @@ impl MasterWeights {
             .iter()
             .map(|(name, weight, _)| {
                 let grad = weight.grad();
-                if !grad.defined() {
-                    return Err(MlError::Invalid(format!(
+                if grad.defined() {
+                    Ok(grad)
+                } else {
+                    Err(MlError::Invalid(format!(
                         "mixed precision: weight `{name}` has no gradient"
-                    )));
+                    )))
                 }
-                torch_call(|| grad.to_kind(Kind::Float))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let outcome = optimizer.step_with_gradients(lr, &grads)?;
+        // Converted one at a time as the optimizer asks: an f32 copy of every gradient at once
+        // would cost as much memory again as the masters' gradients.
+        let outcome = optimizer
+            .step_with_gradient_source(lr, |i| torch_call(|| grads[i].to_kind(Kind::Float)))?;
         if outcome.applied {
             self.masters_to_model()?;
         }
