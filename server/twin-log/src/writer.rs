@@ -212,6 +212,29 @@ pub struct Log {
     shared: Arc<Shared>,
 }
 
+/// Waits (up to 5 s) until nothing in this process holds sled's lock on `dir` any more.
+/// Dropping the database does not close its data file at once: sled's I/O threads may still
+/// hold clones of it for a moment, and with them the lock, so a reopen straight after `close`
+/// (a test's replay, an in-process restart) was refused now and then as "locked".
+fn wait_for_release(dir: &Path) {
+    let Ok(data) = File::open(dir.join("db")) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match data.try_lock() {
+            Ok(()) => return,
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %dir.display(), "sled still holds the log's lock after closing");
+                return;
+            }
+        }
+    }
+}
+
 pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, OpenError> {
     std::fs::create_dir_all(dir).map_err(|e| OpenError::Io(dir.to_owned(), e))?;
     // Blobs whose names a power cut lost must be back before sled's recovery looks for them,
@@ -504,6 +527,7 @@ impl Writer {
             let _ = t.join();
         }
         *self.shared.storage.write() = None;
+        wait_for_release(&self.config.dir);
         tracing::debug!("log writer stopped");
         if let Some(done) = closing {
             let _ = done.send(());
